@@ -1,0 +1,1 @@
+"""Contracts and shared math: the Method base class, the registry, gradients, solvers."""

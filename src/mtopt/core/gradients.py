@@ -1,0 +1,42 @@
+"""Per-task gradients: the ``K × N`` matrix every gradient-based method starts from.
+
+``jacobian(losses, inputs)`` returns one row per loss, the gradient with respect to ``inputs``
+(shared parameters for ``Need.PARAM_GRADS``, the representation for ``Need.REP_GRADS``) flattened
+and concatenated. Inputs that a loss does not reach get zeros in its row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """Stack ``∇_{inputs} ℓ_k`` for each loss into a ``K × Σ numel`` matrix (graph retained)."""
+    if not inputs:
+        raise ValueError("no inputs to differentiate with respect to")
+    dtype, device = inputs[0].dtype, inputs[0].device
+    sizes = [t.numel() for t in inputs]
+    out = torch.zeros(len(losses), sum(sizes), dtype=dtype, device=device)
+    for k, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        offset = 0
+        for g, n in zip(grads, sizes, strict=True):
+            if g is not None:
+                out[k, offset : offset + n] = g.reshape(-1)
+            offset += n
+    return out
+
+
+def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Set ``p.grad`` of each parameter from consecutive slices of ``flat`` (accumulating)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat gradient has {flat.numel()} entries, parameters need {offset}")

@@ -1,0 +1,191 @@
+"""The contract every multi-task method implements.
+
+A method declares what it *needs* from a training step (:class:`Need`), receives exactly that in a
+:class:`MethodInput`, and answers with an :class:`Aggregation`: the effective per-task weights
+``w`` such that the shared update is ``d = Σ_k w_k g_k`` (``g_k`` the per-task gradients the method
+was given), and/or an explicit ``direction``. The engine (:mod:`mtopt.step`) turns that into
+``.grad`` values; a method never touches a model.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+HEAD_POLICIES = ("raw", "weighted")
+
+
+class Need(enum.Flag):
+    """What a method needs from a step; combine with ``|``.
+
+    - ``LOSSES``: the per-task loss values (every method gets them).
+    - ``PARAM_GRADS``: per-task gradients of the shared parameters, a ``K × D`` matrix.
+    - ``REP_GRADS``: per-task gradients of the shared representation ``z`` (flattened over batch
+      and features), a ``K × numel(z)`` matrix; the closure must return ``features=z``.
+    - ``CLOSURE``: the method re-runs the forward itself (sequential or bilevel methods).
+    """
+
+    LOSSES = enum.auto()
+    PARAM_GRADS = enum.auto()
+    REP_GRADS = enum.auto()
+    CLOSURE = enum.auto()
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    """How an inner solver ended. ``converged=False`` is always also logged by the engine."""
+
+    name: str
+    converged: bool
+    iterations: int
+    status: str = "ok"
+    message: str = ""
+
+
+@dataclass
+class MethodInput:
+    """What the engine hands a method for one step.
+
+    Attributes:
+        losses: detached per-task losses, shape ``(K,)``.
+        task_names: the K task names, in the order of ``losses``.
+        grads: per-task gradients (rows), ``(K, N)``, when the method needs them: of the shared
+            parameters (``Need.PARAM_GRADS``) or of the representation (``Need.REP_GRADS``).
+        step: index of this step (0-based) in the optimizer's life.
+    """
+
+    losses: Tensor
+    task_names: tuple[str, ...]
+    grads: Tensor | None = None
+    step: int = 0
+    _gramian: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.losses.shape[0])
+
+    def gramian(self) -> Tensor:
+        """``M = G Gᵀ`` (``K × K``), computed once per step."""
+        if self._gramian is None:
+            if self.grads is None:
+                raise RuntimeError("this method did not declare a gradient need; no Gramian")
+            self._gramian = self.grads @ self.grads.T
+        return self._gramian
+
+
+@dataclass
+class Aggregation:
+    """A method's answer for one step.
+
+    Attributes:
+        weights: effective weights ``w`` with ``d = Σ_k w_k g_k`` (shape ``(K,)``); for
+            loss-only methods they weight the losses. ``None`` when the method has no natural
+            weights (it must then give ``direction``).
+        direction: explicit shared update in the space of ``MethodInput.grads``; overrides
+            ``Gᵀw`` when given.
+        solver: the inner solver's report, if the method has one.
+        extras: anything else worth logging (e.g. the min-norm simplex weights).
+    """
+
+    weights: Tensor | None
+    direction: Tensor | None = None
+    solver: SolverReport | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of every multi-task method.
+
+    Subclasses set ``name`` and ``needs``, take their hyperparameters as keyword-only arguments of
+    ``__init__`` (with the papers' defaults) and store each one as an attribute of the same name,
+    then implement :meth:`aggregate`. ``head_policy`` says what task-specific parameters receive:
+    ``raw`` (head k gets ``∇ℓ_k``) or ``weighted`` (head k gets ``w_k ∇ℓ_k``).
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[Need] = Need.LOSSES
+    default_head_policy: ClassVar[str] = "weighted"
+
+    def __init__(self, *, head_policy: str | None = None) -> None:
+        policy = self.default_head_policy if head_policy is None else head_policy
+        if policy not in HEAD_POLICIES:
+            raise ValueError(
+                f"{self.name}: head_policy must be one of {HEAD_POLICIES}, got {head_policy!r}"
+            )
+        self.head_policy = policy
+
+    # -- hyperparameters -------------------------------------------------------------------
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """Valid hyperparameter names and their defaults (``inspect.Parameter.empty``: required)."""
+        out: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                    out[p.name] = p.default
+        if "head_policy" in out:  # shown last, with the class's own default
+            del out["head_policy"]
+            out["head_policy"] = cls.default_head_policy
+        return out
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return {k: _plain(getattr(self, k)) for k in self.hyperparameters()}
+
+    # -- the step ----------------------------------------------------------------------------
+    def aggregate(self, inputs: MethodInput) -> Aggregation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- state, like torch.optim ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters plus whatever state the method carries across steps."""
+        return {"name": self.name, "hparams": self.hparams, "state": self._get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("name") != self.name:
+            raise ValueError(
+                f"state_dict is for method {state_dict.get('name')!r}, not {self.name!r}"
+            )
+        if state_dict.get("hparams") != self.hparams:
+            raise ValueError(
+                f"{self.name}: state_dict hyperparameters {state_dict.get('hparams')} differ "
+                f"from this instance's {self.hparams}"
+            )
+        self._set_state(state_dict.get("state", {}))
+
+    def _get_state(self) -> dict[str, Any]:
+        return {}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name} is stateless but got state {sorted(state)}")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({args})"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def check_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise a ValueError naming the method, the option and the valid choices."""
+    if value not in choices:
+        raise ValueError(f"{method}: {name} must be one of {choices}, got {value!r}")
+
+
+def uniform(k: int, like: Tensor) -> Tensor:
+    return torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)

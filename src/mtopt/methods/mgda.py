@@ -1,0 +1,150 @@
+r"""MGDA and MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+NeurIPS 2018; Désidéri 2012).
+
+MGDA takes the min-norm element of the convex hull of the (optionally normalised) task gradients,
+
+.. math::  w^* = \arg\min_{w \in \Delta^K} \Big\| \sum_k w_k \, g_k / n_k \Big\|^2 ,
+
+a common descent direction whenever one exists (KKT: :math:`g_i^\top d \ge \|d\|^2`, equality on
+the support), and the zero vector at a Pareto-stationary point.
+
+Normalisers :math:`n_k` (``normalization``): ``l2`` :math:`\|g_k\|`; ``loss`` :math:`\ell_k`;
+``loss+`` :math:`\ell_k\|g_k\|`; ``none`` 1. ``loss`` and ``loss+`` require positive losses. A zero
+gradient is not normalised (as in Gama & Grassi); the solver then returns ``d = 0`` and says so.
+
+How :math:`w^*` is applied (``apply_to``; the sources disagree, METHODS.md §8, §28.2):
+``raw_losses`` (Sener's script, nash-mtl; default) uses :math:`d = \sum w^*_k g_k`, i.e.
+back-propagates :math:`\sum w^*_k \ell_k`; ``normalized_grads`` (LibMTL param mode, Gama's MGDA)
+uses :math:`d = \sum w^*_k g_k / n_k`. The logged ``weights`` are the effective ones (``w*`` or
+``w*/n``) so that ``d = Gᵀw`` always; the simplex weights are in ``extras["simplex_weights"]``.
+
+Defaults: ``normalization="loss+"`` (Sener's ``sample.json`` and Gama & Grassi), ``solver="pgd"``
+(the projected-gradient solver Sener's training script calls), 250 iterations, stop at
+:math:`\|\Delta w\|_1 < 10^{-5}`, Sener's 0.001/0.999 clamp; ``solver="wolfe"`` is exact
+(see :mod:`mtopt.core.min_norm`). Heads: weighted by ``w`` (Sener, nash-mtl); LibMTL and Gama
+use ``raw``.
+
+MGDA-UB applies the same solver to the per-task gradients of the shared *representation*
+:math:`r_k = \nabla_z \ell_k` (flattened over batch and features), then back-propagates
+:math:`\sum w_k \ell_k` through the encoder: minimising :math:`\|\sum w_k r_k\|` minimises an upper
+bound of :math:`\|\sum w_k g_k\|` at the cost of K head-only backward passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
+from mtopt.core.min_norm import SOLVERS, min_norm_weights
+from mtopt.core.registry import register
+
+NORMALIZATIONS = ("l2", "loss", "loss+", "none")
+APPLY_TO = ("raw_losses", "normalized_grads")
+
+
+def gradient_normalizers(
+    kind: str, losses: Tensor, sq_norms: Tensor, method: str, task_names: tuple[str, ...]
+) -> Tensor:
+    """Per-task normalisers ``n_k`` of METHODS.md §8 (1 where a gradient is zero)."""
+    if kind in ("loss", "loss+"):
+        bad = [f"{t}={v:.6g}" for t, v in zip(task_names, losses.tolist(), strict=True) if v <= 0]
+        if bad:
+            raise ValueError(
+                f"{method}: normalization={kind!r} divides by the loss and needs positive losses; "
+                f"got {', '.join(bad)} (use 'l2' or 'none' for such losses)"
+            )
+    norms = sq_norms.clamp_min(0).sqrt()
+    if kind == "l2":
+        n = norms
+    elif kind == "loss":
+        n = losses.clone()
+    elif kind == "loss+":
+        n = losses * norms
+    else:
+        n = torch.ones_like(losses)
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
+@register
+class MGDA(Method):
+    """MGDA on the per-task gradients of the shared parameters (see the module docstring)."""
+
+    name = "mgda"
+    needs = Need.PARAM_GRADS
+    default_head_policy = "weighted"
+
+    def __init__(
+        self,
+        *,
+        normalization: str = "loss+",
+        solver: str = "pgd",
+        apply_to: str = "raw_losses",
+        max_iter: int = 250,
+        tol: float = 1e-5,
+        pair_clamp: float = 1e-3,
+        head_policy: str | None = None,
+    ) -> None:
+        super().__init__(head_policy=head_policy)
+        check_choice(self.name, "normalization", normalization, NORMALIZATIONS)
+        check_choice(self.name, "solver", solver, SOLVERS)
+        check_choice(self.name, "apply_to", apply_to, APPLY_TO)
+        if int(max_iter) < 0:
+            raise ValueError(f"{self.name}: max_iter must be ≥ 0, got {max_iter}")
+        if not tol > 0:
+            raise ValueError(f"{self.name}: tol must be > 0, got {tol}")
+        if not 0.0 <= pair_clamp < 0.5:
+            raise ValueError(f"{self.name}: pair_clamp must be in [0, 0.5), got {pair_clamp}")
+        self.normalization = normalization
+        self.solver = solver
+        self.apply_to = apply_to
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.pair_clamp = float(pair_clamp)
+
+    def aggregate(self, inputs: MethodInput) -> Aggregation:
+        gram = inputs.gramian().detach().to(torch.float64).cpu()
+        losses = inputs.losses.detach().to(torch.float64).cpu()
+        n = gradient_normalizers(
+            self.normalization, losses, torch.diagonal(gram), self.name, inputs.task_names
+        )
+        result = min_norm_weights(
+            (gram / torch.outer(n, n)).numpy(),
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            clamp=self.pair_clamp,
+        )
+        simplex = torch.from_numpy(np.ascontiguousarray(result.weights))
+        effective = simplex / n if self.apply_to == "normalized_grads" else simplex
+        report = SolverReport(
+            name=f"min_norm/{self.solver}",
+            converged=result.converged,
+            iterations=result.iterations,
+            status=result.status,
+            message=_message(result.status, inputs.task_names, simplex),
+        )
+        like = inputs.grads if inputs.grads is not None else inputs.losses
+        return Aggregation(
+            weights=effective.to(dtype=like.dtype, device=like.device),
+            solver=report,
+            extras={"simplex_weights": simplex.tolist(), "normalizers": n.tolist()},
+        )
+
+
+@register
+class MGDAUB(MGDA):
+    """MGDA-UB: MGDA on the gradients of the shared representation (see the module docstring)."""
+
+    name = "mgda_ub"
+    needs = Need.REP_GRADS
+
+
+def _message(status: str, names: tuple[str, ...], simplex: Tensor) -> str:
+    if status == "zero_gradient":
+        task = names[int(torch.argmax(simplex))]
+        return f"task {task!r} has a zero gradient: the min-norm direction is d = 0"
+    if status == "max_iter":
+        return "min-norm solver hit max_iter before reaching tol; weights are approximate"
+    return ""

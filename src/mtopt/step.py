@@ -1,0 +1,340 @@
+r"""``MultiTaskOptimizer``: one engine that runs every method in a plain PyTorch loop.
+
+Per step: call the closure (per-task losses, plus the shared representation when the method needs
+it), compute exactly what the method declared (:class:`~mtopt.core.method.Need`), ask the method
+for weights and/or a direction, write ``.grad`` of the shared parameters (``d``) and of the
+task-specific parameters (``Σ_k c_k ∇ℓ_k`` with ``c = w`` under the ``weighted`` head policy and
+``c = 1`` under ``raw``), step the base optimizer and return a :class:`StepInfo`.
+
+Shared parameters are those passed as ``shared``; every other parameter of the base optimizer is
+task-specific. Methods that need representation gradients assume the losses depend on the shared
+parameters only through ``features``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtopt.core.gradients import jacobian, write_flat_grad
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
+from mtopt.core.registry import make
+
+logger = logging.getLogger("mtopt")
+
+
+@dataclass
+class Losses:
+    """What a closure returns: per-task losses (a name → loss mapping or a sequence) and,
+    for representation-level methods, the shared representation ``features`` they depend on."""
+
+    losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor
+    features: Tensor | None = None
+
+
+@dataclass
+class StepInfo:
+    """The record of one step.
+
+    Attributes:
+        step: 0-based index of the step.
+        losses: task name → loss value before the update.
+        weights: the method's effective weights (``d = Σ w_k g_k``), or ``None``.
+        task_names: names in the order of ``weights``.
+        solver: the inner solver's report (``None`` if the method has no solver).
+        times: seconds per phase: ``forward``, ``gradients``, ``method``, ``backward``,
+            ``optimizer``, ``total``.
+        extras: method-specific values worth logging.
+    """
+
+    step: int
+    losses: dict[str, float]
+    weights: Tensor | None
+    task_names: tuple[str, ...]
+    solver: SolverReport | None
+    times: dict[str, float]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def weight_dict(self) -> dict[str, float] | None:
+        if self.weights is None:
+            return None
+        return dict(zip(self.task_names, self.weights.tolist(), strict=True))
+
+
+Closure = Callable[[], "Losses | Mapping[str, Tensor] | Sequence[Tensor] | Tensor"]
+
+
+class MultiTaskOptimizer:
+    """Wrap a ``torch.optim`` optimizer so that each step balances several task losses.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over all trainable parameters.
+        method: a registered method name (see :func:`mtopt.methods`) or a ``Method`` instance.
+        shared: the shared parameters (the encoder's). ``None``: every optimized parameter.
+        tasks: optional task names (or their number) to check every step's losses against;
+            otherwise fixed by the first step.
+        **hparams: the method's hyperparameters when ``method`` is a name.
+
+    Example::
+
+        mto = MultiTaskOptimizer(torch.optim.Adam(model.parameters()), "mgda_ub",
+                                 shared=model.encoder.parameters())
+        info = mto.step(lambda: Losses({"a": la, "b": lb}, features=z))
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        method: str | Method = "unitary",
+        shared: Iterable[Tensor] | None = None,
+        *,
+        tasks: Sequence[str] | int | None = None,
+        **hparams: Any,
+    ) -> None:
+        if isinstance(method, Method):
+            if hparams:
+                raise ValueError(
+                    f"hyperparameters {sorted(hparams)} given with a Method instance; "
+                    "set them on the instance instead"
+                )
+            self.method = method
+        else:
+            self.method = make(method, **hparams)
+        self.optimizer = optimizer
+        optimized = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        optimized_ids = {id(p) for p in optimized}
+        if shared is None:
+            self.shared = optimized
+        else:
+            self.shared = [p for p in shared if p.requires_grad]
+            missing = [i for i, p in enumerate(self.shared) if id(p) not in optimized_ids]
+            if missing:
+                raise ValueError(
+                    f"shared parameters at positions {missing} are not in the optimizer's "
+                    "param_groups; they would never be updated"
+                )
+        if not self.shared:
+            raise ValueError("no shared parameter requires grad")
+        shared_ids = {id(p) for p in self.shared}
+        self.task_params = [p for p in optimized if id(p) not in shared_ids]
+        if isinstance(tasks, int):
+            tasks = [str(i) for i in range(tasks)]
+        self.task_names: tuple[str, ...] | None = tuple(tasks) if tasks is not None else None
+        self.step_count = 0
+
+    # ------------------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Closure) -> StepInfo:
+        """One multi-task step; the closure runs the forward pass and returns the losses."""
+        times: dict[str, float] = {}
+        clock = time.perf_counter()
+        start = clock
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            times[phase] = now - clock
+            clock = now
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            names, losses, features = self._unpack(closure())
+        lap("forward")
+
+        needs = self.method.needs
+        grads = None
+        if Need.PARAM_GRADS in needs:
+            grads = jacobian(losses, self.shared)
+        elif Need.REP_GRADS in needs:
+            if features is None:
+                raise ValueError(
+                    f"method {self.method.name!r} needs the shared representation: return "
+                    "mtopt.Losses(losses, features=z) from the closure"
+                )
+            if not features.requires_grad:
+                raise ValueError("features must be part of the autograd graph (requires_grad)")
+            grads = jacobian(losses, [features])
+        lap("gradients")
+
+        stacked = torch.stack([loss.detach() for loss in losses])
+        inputs = MethodInput(stacked, names, grads=grads, step=self.step_count)
+        agg = self.method.aggregate(inputs)
+        self._check_aggregation(agg, inputs)
+        lap("method")
+
+        self._write_grads(agg, losses, grads, features)
+        lap("backward")
+        self.optimizer.step()
+        lap("optimizer")
+        times["total"] = time.perf_counter() - start
+
+        if agg.solver is not None and not agg.solver.converged:
+            logger.warning(
+                "step %d: %s solver %s did not converge (%s after %d iterations): %s",
+                self.step_count,
+                self.method.name,
+                agg.solver.name,
+                agg.solver.status,
+                agg.solver.iterations,
+                agg.solver.message,
+            )
+        info = StepInfo(
+            step=self.step_count,
+            losses=dict(zip(names, stacked.tolist(), strict=True)),
+            weights=None if agg.weights is None else agg.weights.detach().cpu(),
+            task_names=names,
+            solver=agg.solver,
+            times=times,
+            extras=agg.extras,
+        )
+        self.step_count += 1
+        return info
+
+    # ------------------------------------------------------------------------------------------
+    def _unpack(self, out: Any) -> tuple[tuple[str, ...], list[Tensor], Tensor | None]:
+        features = None
+        if isinstance(out, Losses):
+            features, out = out.features, out.losses
+        if isinstance(out, Mapping):
+            names = tuple(str(k) for k in out)
+            values = list(out.values())
+        elif isinstance(out, Tensor):
+            if out.dim() != 1:
+                raise ValueError(
+                    f"a loss tensor must have shape (K,), got {tuple(out.shape)}; "
+                    "or return a dict / list of scalar losses"
+                )
+            values = list(out.unbind(0))
+            names = self.task_names or tuple(str(i) for i in range(len(values)))
+        elif isinstance(out, Sequence):
+            values = list(out)
+            names = self.task_names or tuple(str(i) for i in range(len(values)))
+        else:
+            raise TypeError(
+                "the closure must return mtopt.Losses, a dict of task losses, a sequence of "
+                f"losses or a 1-D tensor; got {type(out).__name__}"
+            )
+        if not values:
+            raise ValueError("the closure returned no losses")
+        if self.task_names is None:
+            self.task_names = names
+        elif len(values) != len(self.task_names):
+            raise ValueError(
+                f"expected {len(self.task_names)} losses (tasks {list(self.task_names)}), "
+                f"got {len(values)}"
+            )
+        elif names != self.task_names:
+            raise ValueError(f"expected tasks {list(self.task_names)}, got {list(names)}")
+        losses: list[Tensor] = []
+        for name, loss in zip(names, values, strict=True):
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss of task {name!r} is a {type(loss).__name__}, not a tensor")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)} "
+                    "(reduce it over the batch first)"
+                )
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"loss of task {name!r} does not require grad: it does not depend on any "
+                    "trainable parameter"
+                )
+            losses.append(loss.reshape(()))
+        values_now = torch.stack([loss.detach() for loss in losses])
+        if not bool(torch.isfinite(values_now).all()):
+            bad = [
+                f"{n}={v}"
+                for n, v in zip(names, values_now.tolist(), strict=True)
+                if v != v or v in (float("inf"), float("-inf"))
+            ]
+            raise ValueError(f"non-finite loss(es): {', '.join(bad)}")
+        return names, losses, features
+
+    def _check_aggregation(self, agg: Aggregation, inputs: MethodInput) -> None:
+        name = self.method.name
+        if agg.weights is None and agg.direction is None:
+            raise RuntimeError(f"method {name!r} returned neither weights nor a direction")
+        if agg.weights is not None:
+            if agg.weights.shape != (inputs.num_tasks,):
+                raise RuntimeError(
+                    f"method {name!r} returned weights of shape {tuple(agg.weights.shape)} "
+                    f"for {inputs.num_tasks} tasks"
+                )
+            if not bool(torch.isfinite(agg.weights).all()):
+                raise FloatingPointError(
+                    f"method {name!r} produced non-finite weights {agg.weights.tolist()}"
+                )
+        if agg.direction is not None and inputs.grads is None:
+            raise RuntimeError(f"method {name!r} returned a direction without gradient inputs")
+        if agg.weights is None and self.method.head_policy == "weighted" and self.task_params:
+            raise RuntimeError(
+                f"method {name!r} has no weights, so the 'weighted' head policy is undefined"
+            )
+
+    def _write_grads(
+        self,
+        agg: Aggregation,
+        losses: list[Tensor],
+        grads: Tensor | None,
+        features: Tensor | None,
+    ) -> None:
+        w = agg.weights
+        head_coeffs = None
+        if self.task_params:
+            head_coeffs = w if self.method.head_policy == "weighted" else torch.ones(len(losses))
+
+        if grads is None:  # loss-only: back-propagate Σ w_k ℓ_k
+            assert w is not None
+            total = _weighted_sum(losses, w)
+            if head_coeffs is None or head_coeffs is w:
+                total.backward()
+            else:
+                torch.autograd.backward(total, inputs=self.shared, retain_graph=True)
+                torch.autograd.backward(_weighted_sum(losses, head_coeffs), inputs=self.task_params)
+            return
+
+        direction = agg.direction
+        if direction is None:
+            assert w is not None
+            direction = w.to(grads.dtype) @ grads
+        if Need.PARAM_GRADS in self.method.needs:
+            write_flat_grad(self.shared, direction.detach())
+        else:  # representation gradients: push d through the encoder once
+            assert features is not None
+            torch.autograd.backward(
+                features,
+                grad_tensors=direction.detach().view_as(features),
+                inputs=self.shared,
+                retain_graph=head_coeffs is not None,
+            )
+        if head_coeffs is not None:
+            torch.autograd.backward(_weighted_sum(losses, head_coeffs), inputs=self.task_params)
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "step": self.step_count,
+            "task_names": None if self.task_names is None else list(self.task_names),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.method.load_state_dict(state_dict["method"])
+        self.step_count = int(state_dict["step"])
+        names = state_dict.get("task_names")
+        self.task_names = None if names is None else tuple(names)
+
+
+def _weighted_sum(losses: list[Tensor], coeffs: Tensor) -> Tensor:
+    c = coeffs.detach().to(device=losses[0].device, dtype=losses[0].dtype)
+    return (torch.stack(losses) * c).sum()
