@@ -1,0 +1,83 @@
+r"""Comparison metrics of the evaluation protocol (METHODS.md §26.1-26.2).
+
+Metric tables are nested mappings ``{task: {metric: value}}``; ``lower_is_better`` has the same
+shape with booleans.
+
+* :func:`delta_m` — Gama & Grassi's per-task form (higher is better):
+  :math:`\Delta_m = \frac{100}{N}\sum_i \frac1{M_i}\sum_j (-1)^{l_{ij}}
+  \frac{M_{i,j} - M_{b,i,j}}{M_{b,i,j}}`, with :math:`l_{ij}=1` when lower is better.
+* :func:`delta_m_flat` — the flat per-metric average of Vandenhende et al. / Nash-MTL, with the
+  same sign convention here (higher is better; Nash-MTL's QM9 code reports its negative).
+* :func:`mean_rank` — rank methods per metric column (1 = best, ties get the average rank),
+  average within a task, then over tasks (lower is better).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+Table = Mapping[str, Mapping[str, float]]
+Directions = Mapping[str, Mapping[str, bool]]
+
+
+def _relative_changes(values: Table, reference: Table, lower_is_better: Directions):
+    for task, metrics in lower_is_better.items():
+        if task not in values or task not in reference:
+            raise KeyError(f"task {task!r} missing from the values or the reference")
+        row = []
+        for metric, lower in metrics.items():
+            base = reference[task][metric]
+            if base == 0:
+                raise ZeroDivisionError(f"reference {task}/{metric} is 0: Δm is undefined")
+            sign = -1.0 if lower else 1.0
+            row.append(sign * (values[task][metric] - base) / abs(base))
+        yield task, row
+
+
+def delta_m(values: Table, reference: Table, lower_is_better: Directions) -> float:
+    """Per-task Δm in percent (Gama & Grassi's Δ_mtm; higher is better)."""
+    per_task = [sum(r) / len(r) for _, r in _relative_changes(values, reference, lower_is_better)]
+    if not per_task:
+        raise ValueError("Δm needs at least one task")
+    return 100.0 * sum(per_task) / len(per_task)
+
+
+def delta_m_flat(values: Table, reference: Table, lower_is_better: Directions) -> float:
+    """Flat per-metric Δm in percent (every metric counts once; higher is better)."""
+    flat = [c for _, r in _relative_changes(values, reference, lower_is_better) for c in r]
+    if not flat:
+        raise ValueError("Δm needs at least one metric")
+    return 100.0 * sum(flat) / len(flat)
+
+
+def average_ranks(values: list[float], lower_is_better: bool) -> list[float]:
+    """Ranks starting at 1 for the best value; ties share the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i] if lower_is_better else -values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def mean_rank(results: Mapping[str, Table], lower_is_better: Directions) -> dict[str, float]:
+    """Mean rank (MR) of each method over the compared set ``{method: table}``."""
+    methods = list(results)
+    if not methods:
+        raise ValueError("mean rank needs at least one method")
+    per_task_sums = {m: 0.0 for m in methods}
+    for task, metrics in lower_is_better.items():
+        task_ranks = {m: 0.0 for m in methods}
+        for metric, lower in metrics.items():
+            column = [results[m][task][metric] for m in methods]
+            for m, r in zip(methods, average_ranks(column, lower), strict=True):
+                task_ranks[m] += r / len(metrics)
+        for m in methods:
+            per_task_sums[m] += task_ranks[m]
+    n_tasks = len(lower_is_better)
+    return {m: per_task_sums[m] / n_tasks for m in methods}

@@ -1,0 +1,149 @@
+"""Compare methods on one problem against single-task references (§26.1-26.3).
+
+1. Single-task references: one run per task (and seed) with unitary scalarization on that task
+   alone; each metric keeps its best validation epoch; values are means over seeds.
+2. Each method: one run per seed, selected on validation Δm against the references.
+3. Table: mean test metrics per method, test Δm (per-task form, higher is better) mean ± std over
+   seeds, and the mean rank (MR) over the compared methods.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mtopt.evaluation.metrics import delta_m, mean_rank
+from mtopt.experiments.store import RunStore
+from mtopt.experiments.train import Callback, RunConfig, mean_table, parse_method_spec, train_run
+from mtopt.problems import Problem, get_problem
+
+RunHook = Callable[[str, RunConfig, bool], Callback | None]
+
+
+@dataclass
+class MethodRow:
+    label: str
+    test: dict[str, dict[str, float]]
+    delta_m: float | None
+    delta_m_std: float | None
+    mean_rank: float | None
+    step_seconds: float
+    seeds: int
+    solver_failures: int = 0
+
+
+@dataclass
+class Comparison:
+    problem: str
+    directions: dict[str, dict[str, bool]]
+    reference: dict[str, dict[str, dict[str, float]]]
+    rows: list[MethodRow] = field(default_factory=list)
+    base: dict[str, Any] = field(default_factory=dict)
+
+
+def run_or_load(
+    store: RunStore,
+    config: RunConfig,
+    problem: Problem,
+    references: Any,
+    hook: RunHook | None,
+    label: str,
+) -> dict[str, Any]:
+    cached = store.get(config.key())
+    callback = hook(label, config, cached is not None) if hook else None
+    if cached is not None:
+        return cached
+    result = train_run(config, references=references, problem=problem, callback=callback)
+    store.put(result)
+    return result
+
+
+def single_task_references(
+    problem: Problem,
+    base: RunConfig,
+    seeds: Sequence[int],
+    store: RunStore,
+    hook: RunHook | None = None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
+    """``({"val": table, "test": table}, median seconds per step)`` from single-task runs."""
+    val_tables, test_tables, step_times = {}, {}, []
+    for task in problem.task_names:
+        vals, tests = [], []
+        for seed in seeds:
+            config = replace(base, method="unitary", hparams={}, tasks=(task,), seed=seed)
+            result = run_or_load(store, config, problem, None, hook, f"single-task {task}")
+            vals.append({task: result["val"][task]})
+            tests.append({task: result["test"][task]})
+            step_times.append(result["step_seconds_median"])
+        val_tables.update(mean_table(vals))
+        test_tables.update(mean_table(tests))
+    return {"val": val_tables, "test": test_tables}, statistics.median(step_times)
+
+
+def compare(
+    problem_name: str,
+    method_specs: Sequence[str],
+    base: RunConfig,
+    seeds: Sequence[int],
+    store: RunStore,
+    hook: RunHook | None = None,
+    problem: Problem | None = None,
+) -> Comparison:
+    problem = problem if problem is not None else get_problem(problem_name)
+    base = replace(base, problem=problem_name, tasks=None)
+    directions = problem.lower_is_better()
+    refs, stl_step = single_task_references(problem, base, seeds, store, hook)
+    comparison = Comparison(problem_name, directions, refs, base=base.to_dict())
+    comparison.rows.append(
+        MethodRow("single-task", refs["test"], 0.0, 0.0, None, stl_step, len(seeds))
+    )
+    for spec in method_specs:
+        name, hparams = parse_method_spec(spec)
+        tests, deltas, step_times, failures = [], [], [], 0
+        for seed in seeds:
+            config = replace(base, method=name, hparams=hparams, seed=seed)
+            result = run_or_load(store, config, problem, refs, hook, spec)
+            tests.append(result["test"])
+            deltas.append(delta_m(result["test"], refs["test"], directions))
+            step_times.append(result["step_seconds_median"])
+            failures += result["solver_failures"]
+        comparison.rows.append(
+            MethodRow(
+                label=spec,
+                test=mean_table(tests),
+                delta_m=statistics.fmean(deltas),
+                delta_m_std=statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
+                mean_rank=None,
+                step_seconds=statistics.median(step_times),
+                seeds=len(seeds),
+                solver_failures=failures,
+            )
+        )
+    methods = {row.label: row.test for row in comparison.rows[1:]}
+    if methods:
+        ranks = mean_rank(methods, directions)
+        for row in comparison.rows[1:]:
+            row.mean_rank = ranks[row.label]
+    return comparison
+
+
+def format_table(comparison: Comparison) -> str:
+    """A markdown table of the comparison."""
+    columns = [(t, m, lo) for t, ms in comparison.directions.items() for m, lo in ms.items()]
+    header = ["method"] + [f"{t} {m} {'↓' if lo else '↑'}" for t, m, lo in columns]
+    header += ["Δm % ↑", "MR ↓", "ms/step"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in comparison.rows:
+        cells = [row.label] + [f"{row.test[t][m]:.4f}" for t, m, _ in columns]
+        if row.delta_m is None:
+            cells.append("—")
+        elif row.label == "single-task":
+            cells.append("0 (ref.)")
+        else:
+            cells.append(f"{row.delta_m:+.2f} ± {row.delta_m_std:.2f}")
+        cells.append("—" if row.mean_rank is None else f"{row.mean_rank:.2f}")
+        cells.append(f"{1000 * row.step_seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

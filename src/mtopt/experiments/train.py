@@ -1,0 +1,239 @@
+"""Train one run with best-validation-epoch selection (Gama & Grassi's protocol, §26.3).
+
+A multi-task run keeps the epoch with the best *validation* Δm against single-task references and
+evaluates that epoch's model once on test. A single-task run (one task) keeps, for each metric,
+the epoch with the best validation value of that metric. Optimiser: Adam, with an optional
+per-epoch exponential learning-rate decay (γ = 0.95 in the paper's MNIST setting).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import mtopt
+from mtopt.evaluation.metrics import delta_m
+from mtopt.problems import Problem, evaluate, get_problem
+from mtopt.step import Losses, MultiTaskOptimizer
+
+References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {"val"|"test": {task: {metric}}}
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; its :meth:`key` identifies stored results."""
+
+    problem: str
+    method: str = "unitary"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    tasks: tuple[str, ...] | None = None
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    batch_size: int = 256
+    lr_decay: float | None = 0.95
+    seed: int = 1
+    train_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            self.tasks = tuple(self.tasks)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be ≥ 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tasks"] = None if self.tasks is None else list(self.tasks)
+        return d
+
+    def key(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that orders the training batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train_run(
+    config: RunConfig,
+    references: References | None = None,
+    problem: Problem | None = None,
+    callback: Callback | None = None,
+) -> dict[str, Any]:
+    """Train, select the best validation epoch(s), evaluate on test; return a JSON-able record."""
+    problem = problem if problem is not None else get_problem(config.problem)
+    tasks = config.tasks if config.tasks is not None else problem.task_names
+    for t in tasks:
+        problem.task(t)  # validates the name
+    directions = {t: problem.lower_is_better()[t] for t in tasks}
+    if len(tasks) > 1 and (references is None or "val" not in references):
+        raise ValueError(
+            "a multi-task run selects its best-validation-Δm epoch and needs single-task "
+            "references (run the single-task runs first, e.g. with `mtopt compare`)"
+        )
+
+    generator = seed_everything(config.seed)
+    splits = problem.splits()
+    train, val, test = splits["train"].subset(config.train_subset), splits["val"], splits["test"]
+    model = problem.make_model(tasks, dropout=config.dropout)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = (
+        torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+        if config.lr_decay
+        else None
+    )
+    mto = MultiTaskOptimizer(
+        optimizer, config.method, shared=model.encoder.parameters(), tasks=tasks, **config.hparams
+    )
+    specs = [problem.task(t) for t in tasks]
+
+    criteria: dict[str, Callable[[dict], float]] = {}
+    if len(tasks) > 1:
+        assert references is not None
+        criteria["delta_m"] = lambda val_m: delta_m(val_m, references["val"], directions)
+    else:
+        for metric, lower in directions[tasks[0]].items():
+            criteria[metric] = lambda val_m, m=metric, lo=lower: (
+                (-1 if lo else 1) * val_m[tasks[0]][m]
+            )
+    best: dict[str, dict[str, Any]] = {}
+
+    history = []
+    step_times: list[float] = []
+    solver_failures = 0
+    started = time.perf_counter()
+    n_batches = (len(train) + config.batch_size - 1) // config.batch_size
+    for epoch in range(config.epochs):
+        model.train()
+        loss_sums = dict.fromkeys(tasks, 0.0)
+        weight_sum: torch.Tensor | None = None
+        n_weighted = 0
+        for i, batch in enumerate(train.batches(config.batch_size, True, generator)):
+
+            def closure(batch=batch):
+                z, outputs = model(batch["x"])
+                return Losses({s.name: s.loss(outputs[s.name], batch) for s in specs}, features=z)
+
+            info = mto.step(closure)
+            step_times.append(info.times["total"])
+            for t, v in info.losses.items():
+                loss_sums[t] += v
+            if info.weights is not None:
+                w = info.weights.double()
+                weight_sum = w if weight_sum is None else weight_sum + w
+                n_weighted += 1
+            if info.solver is not None and not info.solver.converged:
+                solver_failures += 1
+            if callback is not None:
+                callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
+        val_metrics = evaluate(model, problem, val)
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": {t: s / n_batches for t, s in loss_sums.items()},
+            "val": val_metrics,
+            "mean_weights": None if weight_sum is None else (weight_sum / n_weighted).tolist(),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        for name, score_fn in criteria.items():
+            score = score_fn(val_metrics)
+            record[f"score_{name}"] = score
+            if name not in best or score > best[name]["score"]:
+                best[name] = {
+                    "epoch": epoch,
+                    "score": score,
+                    "state": copy.deepcopy(model.state_dict()),
+                }
+        history.append(record)
+        if scheduler is not None:
+            scheduler.step()
+        if callback is not None:
+            callback("epoch", record)
+
+    val_best: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    test_best: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    selection = {}
+    for name, chosen in best.items():
+        model.load_state_dict(chosen["state"])
+        test_metrics = evaluate(model, problem, test)
+        val_metrics = history[chosen["epoch"]]["val"]
+        selection[name] = {"epoch": chosen["epoch"], "val_score": chosen["score"]}
+        for t in tasks:
+            metrics = directions[t] if name == "delta_m" else {name: None}
+            for m in metrics:
+                val_best[t][m] = val_metrics[t][m]
+                test_best[t][m] = test_metrics[t][m]
+
+    result: dict[str, Any] = {
+        "key": config.key(),
+        "config": config.to_dict(),
+        "method_repr": repr(mto.method),
+        "tasks": list(tasks),
+        "history": history,
+        "selection": selection,
+        "val": val_best,
+        "test": test_best,
+        "solver_failures": solver_failures,
+        "seconds": time.perf_counter() - started,
+        "step_seconds_median": statistics.median(step_times),
+        "mtopt_version": mtopt.__version__,
+        "torch_version": torch.__version__,
+    }
+    if len(tasks) > 1 and references is not None:
+        result["val_delta_m"] = delta_m(val_best, references["val"], directions)
+        if "test" in references:
+            result["test_delta_m"] = delta_m(test_best, references["test"], directions)
+    return result
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"mgda:normalization=l2:solver=wolfe"`` → ``("mgda", {...})``; lists as ``0.1/0.9``."""
+    name, *pairs = spec.split(":")
+    hparams: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
+        hparams[key] = _parse_value(value)
+    return name.strip(), hparams
+
+
+def _parse_value(text: str) -> Any:
+    if "/" in text:
+        return [_parse_value(t) for t in text.split("/")]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def mean_table(tables: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Element-wise mean of ``{task: {metric: value}}`` tables."""
+    first = tables[0]
+    return {t: {m: statistics.fmean(tab[t][m] for tab in tables) for m in first[t]} for t in first}
