@@ -91,6 +91,7 @@ def compare(
     hook: RunHook | None = None,
     problem: Problem | None = None,
 ) -> Comparison:
+    parsed = [(spec, *parse_method_spec(spec)) for spec in method_specs]  # fail fast on typos
     problem = problem if problem is not None else get_problem(problem_name)
     base = replace(base, problem=problem_name, tasks=None)
     directions = problem.lower_is_better()
@@ -99,8 +100,7 @@ def compare(
     comparison.rows.append(
         MethodRow("single-task", refs["test"], 0.0, 0.0, None, stl_step, len(seeds))
     )
-    for spec in method_specs:
-        name, hparams = parse_method_spec(spec)
+    for spec, name, hparams in parsed:
         tests, deltas, step_times, failures = [], [], [], 0
         for seed in seeds:
             config = replace(base, method=name, hparams=hparams, seed=seed)

@@ -46,6 +46,7 @@ class RunConfig:
     lr_decay: float | None = 0.95
     seed: int = 1
     train_subset: int | None = None
+    eval_subset: int | None = None
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
@@ -97,7 +98,9 @@ def train_run(
 
     generator = seed_everything(config.seed)
     splits = problem.splits()
-    train, val, test = splits["train"].subset(config.train_subset), splits["val"], splits["test"]
+    train = splits["train"].subset(config.train_subset)
+    val = splits["val"].subset(config.eval_subset)
+    test = splits["test"].subset(config.eval_subset)
     model = problem.make_model(tasks, dropout=config.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = (
@@ -209,7 +212,10 @@ def train_run(
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"mgda:normalization=l2:solver=wolfe"`` → ``("mgda", {...})``; lists as ``0.1/0.9``."""
+    """``"mgda:normalization=l2:solver=wolfe"`` → ``("mgda", {...})``; lists as ``0.1/0.9``.
+
+    The method is built once here, so an unknown name or hyperparameter fails before any training.
+    """
     name, *pairs = spec.split(":")
     hparams: dict[str, Any] = {}
     for pair in pairs:
@@ -217,7 +223,9 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if not sep or not key:
             raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
         hparams[key] = _parse_value(value)
-    return name.strip(), hparams
+    name = name.strip()
+    mtopt.make(name, **hparams)
+    return name, hparams
 
 
 def _parse_value(text: str) -> Any:

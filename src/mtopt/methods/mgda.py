@@ -69,7 +69,7 @@ def gradient_normalizers(
 
 @register
 class MGDA(Method):
-    """MGDA on the per-task gradients of the shared parameters (see the module docstring)."""
+    """MGDA (Sener & Koltun 2018): min-norm combination of the shared-parameter task gradients."""
 
     name = "mgda"
     needs = Need.PARAM_GRADS
@@ -135,7 +135,7 @@ class MGDA(Method):
 
 @register
 class MGDAUB(MGDA):
-    """MGDA-UB: MGDA on the gradients of the shared representation (see the module docstring)."""
+    """MGDA-UB (Sener & Koltun 2018): the min-norm weights of the representation gradients."""
 
     name = "mgda_ub"
     needs = Need.REP_GRADS

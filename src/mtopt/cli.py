@@ -1,0 +1,285 @@
+"""``mtopt``: train | compare | methods | data.
+
+The CLI owns the terminal (tables, progress bars); the library prints nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for `make run` on 2 CPU cores; says so in the printed header.
+    "quick": {"epochs": 3, "train_subset": 10_000, "seeds": 1},
+    # Gama & Grassi's MNIST budget (their lr/dropout grid is a sweep, not a preset).
+    "paper": {"epochs": 100, "train_subset": None, "seeds": 10},
+}
+DEFAULT_COMPARE_METHODS = "unitary:reduction=mean,mgda,mgda_ub"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"mtopt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtopt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("methods", help="list the registered methods and their hyperparameters")
+    m.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("data", help="fetch data sets into the cache")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="fetch a data set (mnist)")
+    f.add_argument("dataset", choices=["mnist"])
+    f.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
+    f.set_defaults(func=cmd_data_fetch)
+
+    t = sub.add_parser("train", help="train one method (single-task references run first)")
+    _run_options(t)
+    t.add_argument("--method", default="unitary")
+    t.add_argument(
+        "--hp", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter"
+    )
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--out", type=Path, help="write the run record as JSON here")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compare", help="compare methods against single-task references")
+    _run_options(c)
+    c.add_argument(
+        "--methods",
+        default=DEFAULT_COMPARE_METHODS,
+        help="comma-separated specs NAME[:KEY=VALUE...], lists as a/b, "
+        "e.g. 'unitary,mgda:normalization=l2,fixed:weights=0.1/0.9'",
+    )
+    c.add_argument("--seeds", type=int, help="number of seeds (run i uses seed 1 + i)")
+    c.add_argument("--out", type=Path, help="write the comparison as JSON here")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--problem", default="multi_mnist/cl_rr")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named budget; flags override it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-subset", type=int, help="train on the first N training samples")
+    p.add_argument(
+        "--eval-subset", type=int, help="validate and test on the first N samples of each split"
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr-decay", type=float, default=0.95, help="per-epoch γ; 0 disables")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
+    p.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _base_config(args: argparse.Namespace):
+    from mtopt.experiments.train import RunConfig
+
+    preset = PRESETS.get(args.preset or "", {})
+    epochs = args.epochs if args.epochs is not None else preset.get("epochs", 10)
+    subset = args.train_subset if args.train_subset is not None else preset.get("train_subset")
+    eval_subset = args.eval_subset if args.eval_subset is not None else preset.get("eval_subset")
+    return RunConfig(
+        problem=args.problem,
+        epochs=epochs,
+        lr=args.lr,
+        dropout=args.dropout,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        lr_decay=args.lr_decay or None,
+        train_subset=subset,
+        eval_subset=eval_subset,
+    )
+
+
+def _problem(args: argparse.Namespace):
+    from mtopt.problems import get_problem
+
+    kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
+    return get_problem(args.problem, **kwargs)
+
+
+def _progress_hook(quiet: bool):
+    from tqdm import tqdm
+
+    def hook(label: str, config, cached: bool):
+        if cached:
+            if not quiet:
+                print(f"  {label} (seed {config.seed}): finished earlier, reusing", file=sys.stderr)
+            return None
+        if quiet:
+            return None
+        # disable=None: a live bar on a terminal, nothing in logs and CI (the "done" line stays)
+        bar = tqdm(
+            desc=f"  {label} (seed {config.seed})", leave=False, file=sys.stderr, disable=None
+        )
+
+        def callback(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "step":
+                if not bar.disable and bar.total is None:
+                    bar.reset(total=payload["batches"] * config.epochs)
+                bar.update(1)
+            else:
+                scores = {k[6:]: f"{v:.4g}" for k, v in payload.items() if k.startswith("score_")}
+                bar.set_postfix(epoch=payload["epoch"] + 1, **scores)
+                if payload["epoch"] + 1 == config.epochs:
+                    bar.close()
+                    print(f"  {label} (seed {config.seed}): done", file=sys.stderr)
+
+        return callback
+
+    return hook
+
+
+def _header(args: argparse.Namespace, base, seeds: int) -> str:
+    subset = f"the first {base.train_subset:,} of" if base.train_subset else "all"
+    lines = [
+        f"mtopt {args.command} — {args.problem}",
+        f"  training on {subset} the training images for {base.epochs} epoch(s), "
+        f"{seeds} seed(s), Adam lr {base.lr}, batch {base.batch_size}, dropout {base.dropout}",
+    ]
+    if base.eval_subset:
+        lines.append(
+            f"  validation and test on the first {base.eval_subset:,} images of each split"
+        )
+    if args.preset == "quick":
+        lines.append(
+            "  QUICK PRESET: a smoke-scale comparison (training subset, few epochs, one seed),"
+            " not the paper's protocol (100 epochs, lr/dropout grid, 10 seeds)."
+        )
+    lines.append("  selection: best validation epoch (Δm vs single-task for multi-task runs)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    import mtopt
+    from mtopt.core.registry import method_class
+
+    for name in mtopt.methods():
+        cls = method_class(name)
+        doc = (inspect.getdoc(cls) or "").splitlines()[0]
+        needs = "|".join(n.name for n in type(cls.needs) if n in cls.needs)
+        hps = ", ".join(
+            f"{k}=<required>" if v is inspect.Parameter.empty else f"{k}={v!r}"
+            for k, v in cls.hyperparameters().items()
+        )
+        print(f"{name:10s} needs {needs:12s} {doc}\n{'':10s} {hps}")
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from mtopt.problems.mnist_data import load_mnist
+
+    start = time.perf_counter()
+    arrays = load_mnist(args.data_dir)
+    print(
+        f"MNIST ready: {arrays.train_images.shape[0]:,} train + {arrays.test_images.shape[0]:,} "
+        f"test images from {arrays.source} ({time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtopt.experiments.compare import run_or_load, single_task_references
+    from mtopt.experiments.store import RunStore
+    from mtopt.experiments.train import parse_method_spec
+
+    base = _base_config(args)
+    bad = [item for item in args.hp if "=" not in item]
+    if bad:
+        raise ValueError(f"--hp expects KEY=VALUE, got {bad}")
+    method, hparams = parse_method_spec(":".join([args.method, *args.hp]))
+    problem = _problem(args)
+    store = RunStore(args.run_dir)
+    hook = _progress_hook(args.quiet)
+    print(_header(args, base, 1))
+    refs = None
+    if len(problem.task_names) > 1:
+        refs, _ = single_task_references(problem, base, [args.seed], store, hook)
+    config = replace(base, method=method, hparams=hparams, seed=args.seed)
+    result = run_or_load(store, config, problem, refs, hook, method)
+    selection = result["selection"]
+    print(f"\n{result['method_repr']}  (run {result['key']}, {result['seconds']:.0f} s)")
+    for name, sel in selection.items():
+        epoch, score = sel["epoch"] + 1, sel["val_score"]
+        print(f"  selected on {name}: epoch {epoch}, validation score {score:.4f}")
+    for task, metrics in result["test"].items():
+        shown = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items())
+        print(f"  test {task}: {shown}")
+    if "test_delta_m" in result:
+        print(f"  test Δm vs single-task: {result['test_delta_m']:+.2f} % (higher is better)")
+    if result["solver_failures"]:
+        print(f"  WARNING: the solver did not converge on {result['solver_failures']} step(s)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"  record written to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mtopt.experiments.compare import compare, format_table
+    from mtopt.experiments.store import RunStore
+
+    started = time.perf_counter()
+    base = _base_config(args)
+    preset = PRESETS.get(args.preset or "", {})
+    n_seeds = args.seeds if args.seeds is not None else preset.get("seeds", 1)
+    seeds = [1 + i for i in range(n_seeds)]
+    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    print(_header(args, base, n_seeds))
+    print(f"  methods: {', '.join(specs)}; results kept in {args.run_dir}/runs")
+    comparison = compare(
+        args.problem,
+        specs,
+        base,
+        seeds,
+        RunStore(args.run_dir),
+        hook=_progress_hook(args.quiet),
+        problem=_problem(args),
+    )
+    print()
+    print(format_table(comparison))
+    print(
+        "\nΔm: Gama & Grassi's per-task relative change vs single-task test metrics, in %, "
+        "higher is better (mean ± std over seeds). MR: mean rank over the compared methods, "
+        "lower is better. ms/step: median wall time of one training step."
+    )
+    failures = {r.label: r.solver_failures for r in comparison.rows if r.solver_failures}
+    if failures:
+        print(f"WARNING: solver did not converge on some steps: {failures}")
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(_comparison_dict(comparison), indent=1))
+        print(f"comparison written to {args.out}")
+    return 0
+
+
+def _comparison_dict(comparison) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(comparison)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

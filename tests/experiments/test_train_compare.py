@@ -1,0 +1,137 @@
+"""Training with best-validation selection, comparisons, resumability, determinism, CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from mtopt.cli import main
+from mtopt.experiments.compare import compare, format_table
+from mtopt.experiments.store import RunStore
+from mtopt.experiments.train import RunConfig, parse_method_spec, train_run
+from mtopt.problems.multi_mnist import MultiMNIST
+
+TINY = {"epochs": 2, "train_subset": 512, "batch_size": 128, "eval_subset": 500}
+
+
+@pytest.fixture(scope="module")
+def problems(mnist):
+    return {v: MultiMNIST(v, mnist=mnist) for v in ("cl_cr", "cl_rr", "rl_rr")}
+
+
+def test_parse_method_spec():
+    assert parse_method_spec("mgda") == ("mgda", {})
+    assert parse_method_spec("mgda:normalization=l2:max_iter=10:tol=1e-6") == (
+        "mgda",
+        {"normalization": "l2", "max_iter": 10, "tol": 1e-6},
+    )
+    assert parse_method_spec("fixed:weights=0.1/0.9") == ("fixed", {"weights": [0.1, 0.9]})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method_spec("mgda:l2")
+
+
+def test_run_config_validates_and_hashes():
+    a = RunConfig(problem="multi_mnist/cl_rr")
+    assert a.key() == RunConfig(problem="multi_mnist/cl_rr").key()
+    assert a.key() != replace(a, seed=2).key()
+    with pytest.raises(ValueError, match="dropout"):
+        RunConfig(problem="p", dropout=1.0)
+
+
+@pytest.mark.slow
+def test_multitask_run_needs_references(problems):
+    with pytest.raises(ValueError, match="single-task"):
+        train_run(RunConfig(problem="multi_mnist/cl_rr", **TINY), problem=problems["cl_rr"])
+
+
+@pytest.mark.slow
+def test_single_task_run_selects_best_validation_epoch_per_metric(problems):
+    config = RunConfig(problem="multi_mnist/cl_rr", tasks=("CL",), **TINY)
+    result = train_run(config, problem=problems["cl_rr"])
+    accs = [h["val"]["CL"]["acc"] for h in result["history"]]
+    chosen = result["selection"]["acc"]["epoch"]
+    assert accs[chosen] == max(accs)
+    assert result["val"]["CL"]["acc"] == max(accs)
+    assert 0.0 <= result["test"]["CL"]["acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(problems):
+    config = RunConfig(problem="multi_mnist/cl_rr", tasks=("RR",), seed=7, **TINY)
+    a = train_run(config, problem=problems["cl_rr"])
+    b = train_run(config, problem=problems["cl_rr"])
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a["test"] == b["test"]
+    c = train_run(replace(config, seed=8), problem=problems["cl_rr"])
+    assert c["history"][-1]["train_loss"] != a["history"][-1]["train_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["cl_cr", "cl_rr", "rl_rr"])
+def test_end_to_end_comparison_per_variant(problems, variant, tmp_path):
+    """A few steps of every input class on every variant, then the Δm / MR table."""
+    base = RunConfig(
+        problem=f"multi_mnist/{variant}",
+        epochs=1,
+        train_subset=256,
+        batch_size=128,
+        eval_subset=500,
+    )
+    seen = []
+
+    def hook(label, config, cached):
+        seen.append((label, cached))
+        return None
+
+    store = RunStore(tmp_path)
+    methods = ["unitary:reduction=mean", "mgda", "mgda_ub:normalization=l2"]
+    result = compare(f"multi_mnist/{variant}", methods, base, [1], store, hook, problems[variant])
+    assert [r.label for r in result.rows] == ["single-task", *methods]
+    for row in result.rows[1:]:
+        assert row.delta_m is not None and row.mean_rank is not None
+        assert 1.0 <= row.mean_rank <= len(methods)
+    assert sum(r.mean_rank for r in result.rows[1:]) == pytest.approx(
+        len(methods) * (len(methods) + 1) / 2
+    )
+    table = format_table(result)
+    assert "Δm % ↑" in table and "MR ↓" in table
+    assert all(not cached for _, cached in seen)
+    # resumable: a second comparison over the same store retrains nothing
+    seen.clear()
+    again = compare(f"multi_mnist/{variant}", methods, base, [1], store, hook, problems[variant])
+    assert seen and all(cached for _, cached in seen)
+    assert [r.delta_m for r in again.rows] == [r.delta_m for r in result.rows]
+
+
+@pytest.mark.slow
+def test_cli_train_writes_a_record(tmp_path, capsys, mnist):
+    out = tmp_path / "run.json"
+    code = main(
+        [
+            "train", "--problem", "multi_mnist/cl_rr", "--method", "mgda_ub",
+            "--hp", "normalization=l2", "--epochs", "1",
+            "--train-subset", "256", "--eval-subset", "500",
+            "--run-dir", str(tmp_path), "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["config"]["method"] == "mgda_ub"
+    assert record["config"]["hparams"] == {"normalization": "l2"}
+    assert "test_delta_m" in record
+    assert "test Δm" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["train", "--method", "nope", "--epochs", "1", "--quiet"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--methods", "unitary,mgda:bogus=1", "--quiet"]) == 2
+    assert "unknown hyperparameter(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_cli_methods_lists_hyperparameters(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "mgda_ub" in out and "normalization='loss+'" in out and "weights=<required>" in out
