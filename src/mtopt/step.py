@@ -49,7 +49,7 @@ class StepInfo:
         task_names: names in the order of ``weights``.
         solver: the inner solver's report (``None`` if the method has no solver).
         times: seconds per phase: ``forward``, ``gradients``, ``method``, ``backward``,
-            ``optimizer``, ``total``.
+            ``optimizer`` (``after_step`` for ``Need.CLOSURE`` methods), ``total``.
         extras: method-specific values worth logging.
     """
 
@@ -166,6 +166,11 @@ class MultiTaskOptimizer:
 
         stacked = torch.stack([loss.detach() for loss in losses])
         inputs = MethodInput(stacked, names, grads=grads, step=self.step_count)
+        if Need.CLOSURE in needs:
+            # under torch.no_grad() the re-evaluated losses need not be part of a graph
+            inputs.evaluate = lambda: torch.stack(
+                self._unpack(closure(), require_grad=torch.is_grad_enabled())[1]
+            )
         agg = self.method.aggregate(inputs)
         self._check_aggregation(agg, inputs)
         lap("method")
@@ -174,6 +179,10 @@ class MultiTaskOptimizer:
         lap("backward")
         self.optimizer.step()
         lap("optimizer")
+        extras = dict(agg.extras)
+        if Need.CLOSURE in needs:
+            extras.update(self.method.after_step(inputs))
+            lap("after_step")
         times["total"] = time.perf_counter() - start
 
         if agg.solver is not None and not agg.solver.converged:
@@ -193,13 +202,15 @@ class MultiTaskOptimizer:
             task_names=names,
             solver=agg.solver,
             times=times,
-            extras=agg.extras,
+            extras=extras,
         )
         self.step_count += 1
         return info
 
     # ------------------------------------------------------------------------------------------
-    def _unpack(self, out: Any) -> tuple[tuple[str, ...], list[Tensor], Tensor | None]:
+    def _unpack(
+        self, out: Any, require_grad: bool = True
+    ) -> tuple[tuple[str, ...], list[Tensor], Tensor | None]:
         features = None
         if isinstance(out, Losses):
             features, out = out.features, out.losses
@@ -242,7 +253,7 @@ class MultiTaskOptimizer:
                     f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)} "
                     "(reduce it over the batch first)"
                 )
-            if not loss.requires_grad:
+            if require_grad and not loss.requires_grad:
                 raise ValueError(
                     f"loss of task {name!r} does not require grad: it does not depend on any "
                     "trainable parameter"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,12 +58,16 @@ class MethodInput:
         grads: per-task gradients (rows), ``(K, N)``, when the method needs them: of the shared
             parameters (``Need.PARAM_GRADS``) or of the representation (``Need.REP_GRADS``).
         step: index of this step (0-based) in the optimizer's life.
+        evaluate: for methods that declare ``Need.CLOSURE``: re-runs the user's closure on the
+            same batch and returns the validated per-task losses (a ``(K,)`` tensor that is still
+            part of the autograd graph); ``None`` otherwise.
     """
 
     losses: Tensor
     task_names: tuple[str, ...]
     grads: Tensor | None = None
     step: int = 0
+    evaluate: Callable[[], Tensor] | None = None
     _gramian: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -143,6 +148,12 @@ class Method:
     # -- the step ----------------------------------------------------------------------------
     def aggregate(self, inputs: MethodInput) -> Aggregation:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def after_step(self, inputs: MethodInput) -> dict[str, Any]:
+        """Called once the base optimizer has stepped, for methods that declare
+        ``Need.CLOSURE`` (e.g. a post-step update from the new losses of the same batch, which
+        ``inputs.evaluate()`` provides). Returns values to merge into ``StepInfo.extras``."""
+        return {}
 
     # -- state, like torch.optim ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
