@@ -58,7 +58,8 @@ def assert_min_norm_kkt_gram(M, w, rtol: float, support_atol: float = 0.0) -> No
     dd = float(w @ Mw)
     worst = float((Mw - dd).min())
     assert worst >= -tol, (
-        f"descent violated: min_i g_iᵀd - ‖d‖² = {worst:.3e} < -{tol:.3e}; w={w}, Mw={Mw}, ‖d‖²={dd}"
+        f"descent violated: min_i g_iᵀd - ‖d‖² = {worst:.3e} < -{tol:.3e}; "
+        f"w={w}, Mw={Mw}, ‖d‖²={dd}"
     )
     support = w > support_atol
     if support.any():

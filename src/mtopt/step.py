@@ -109,6 +109,12 @@ class MultiTaskOptimizer:
         self.optimizer = optimizer
         optimized = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         optimized_ids = {id(p) for p in optimized}
+        if shared is None and Need.REP_GRADS in self.method.needs:
+            raise ValueError(
+                f"method {self.method.name!r} works on the shared representation: pass "
+                "shared=<the encoder's parameters> so the heads are told apart (with shared=None "
+                "every parameter would count as shared and the heads would never train)"
+            )
         if shared is None:
             self.shared = optimized
         else:

@@ -2,8 +2,9 @@ r"""Min-norm point of the convex hull of K vectors, given their Gram matrix.
 
 Solves :math:`w^* = \arg\min_{w\in\Delta^K} w^\top M w` with :math:`M = G G^\top`, so that
 :math:`d = G^\top w^*` is the min-norm element of :math:`\mathrm{conv}\{g_1..g_K\}`
-(Désidéri 2012; Sener & Koltun 2018). Everything runs in float64 on the ``K × K`` matrix, with a
-hard iteration bound, and reports how it ended.
+(Désidéri 2012; Sener & Koltun 2018). The solvers run in float64 on the ``K × K`` matrix (callers
+convert it; the Gramian itself is accumulated in the gradients' dtype), with a hard iteration
+bound, and report how they ended.
 
 Two solvers, both started from Sener & Koltun's best pair:
 
@@ -63,7 +64,10 @@ class MinNormResult:
 
 def project_onto_simplex(v: np.ndarray) -> np.ndarray:
     """Euclidean projection of ``v`` onto ``{w ≥ 0, Σw = 1}`` (sort-based, O(K log K))."""
+    # The projection commutes with adding a constant to every entry; shifting so that max(v) = 0
+    # keeps the test below exact for the largest entry (for |v| ≳ 1e16 it failed by cancellation).
     v = np.asarray(v, dtype=np.float64)
+    v = v - v.max()
     u = np.sort(v)[::-1]
     css = np.cumsum(u) - 1.0
     ks = np.arange(1, v.size + 1)
@@ -105,9 +109,14 @@ def _pgd_candidate(M: np.ndarray, w: np.ndarray) -> np.ndarray:
     r = -(M @ w)
     r_tilde = r - r.mean()
     neg, pos = r_tilde < 0, r_tilde > 0
-    ratios = np.concatenate([-w[neg] / r_tilde[neg], (1.0 - w[pos]) / r_tilde[pos]])
-    ratios = ratios[ratios > _MIN_STEP]
-    t = min(1.0, float(ratios.min())) if ratios.size else 1.0
+    to_zero = -w[neg] / r_tilde[neg]
+    to_one = (1.0 - w[pos]) / r_tilde[pos]
+    to_zero, to_one = to_zero[to_zero > _MIN_STEP], to_one[to_one > _MIN_STEP]
+    # Sener's rule: the nearest boundary, 1 only when no coordinate heads to 0 (not capped at 1:
+    # a cap makes the step, hence the ‖Δw‖₁ stop, depend on the scale of M).
+    t = float(to_zero.min()) if to_zero.size else 1.0
+    if to_one.size:
+        t = min(t, float(to_one.min()))
     return project_onto_simplex(w + t * r_tilde)
 
 
