@@ -135,6 +135,10 @@ class MultiTaskOptimizer:
         self.step_count = 0
 
     # ------------------------------------------------------------------------------------------
+    def end_epoch(self) -> None:
+        """Call once at the end of every training epoch; forwarded to the method."""
+        self.method.end_epoch()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -155,6 +155,10 @@ class Method:
         ``inputs.evaluate()`` provides). Returns values to merge into ``StepInfo.extras``."""
         return {}
 
+    def end_epoch(self) -> None:
+        """Told by :meth:`MultiTaskOptimizer.end_epoch` when a training epoch is over
+        (epoch-based methods such as DWA's original form use it; others ignore it)."""
+
     # -- state, like torch.optim ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters plus whatever state the method carries across steps."""

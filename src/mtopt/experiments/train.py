@@ -152,6 +152,7 @@ def train_run(
                 solver_failures += 1
             if callback is not None:
                 callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
+        mto.end_epoch()
         val_metrics = evaluate(model, problem, val)
         record: dict[str, Any] = {
             "epoch": epoch,

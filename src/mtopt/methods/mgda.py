@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
 from mtopt.core.min_norm import SOLVERS, min_norm_weights
 from mtopt.core.registry import register
@@ -49,12 +50,8 @@ def gradient_normalizers(
 ) -> Tensor:
     """Per-task normalisers ``n_k`` of METHODS.md §8 (1 where a gradient is zero)."""
     if kind in ("loss", "loss+"):
-        bad = [f"{t}={v:.6g}" for t, v in zip(task_names, losses.tolist(), strict=True) if v <= 0]
-        if bad:
-            raise ValueError(
-                f"{method}: normalization={kind!r} divides by the loss and needs positive losses; "
-                f"got {', '.join(bad)} (use 'l2' or 'none' for such losses)"
-            )
+        why = f"normalization={kind!r} divides by the loss (use 'l2' or 'none' otherwise) and"
+        require_positive_losses(method, losses, task_names, why)
     norms = sq_norms.clamp_min(0).sqrt()
     if kind == "l2":
         n = norms

@@ -1,0 +1,21 @@
+"""Input checks shared by methods: clear errors that name the method, the task and the value."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def require_positive_losses(
+    method: str, losses: Tensor, task_names: tuple[str, ...], why: str, offset: float = 0.0
+) -> None:
+    """Raise ``ValueError`` if any ``losses[k] + offset`` is not strictly positive."""
+    bad = [
+        f"{t}={v:.6g}"
+        for t, v in zip(task_names, losses.tolist(), strict=True)
+        if not v + offset > 0
+    ]
+    if bad:
+        shift = f" + {offset:g}" if offset else ""
+        raise ValueError(
+            f"{method}: {why} needs loss{shift} > 0 for every task; got {', '.join(bad)}"
+        )
