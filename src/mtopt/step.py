@@ -79,6 +79,10 @@ class MultiTaskOptimizer:
         shared: the shared parameters (the encoder's). ``None``: every optimized parameter.
         tasks: optional task names (or their number) to check every step's losses against;
             otherwise fixed by the first step.
+        loss_types: optional loss type per task ("regression", "classification", "l1"), for
+            methods whose rule depends on it (typed UW).
+        max_grad_norm: if set, clip the norm of the shared parameters' gradient to it before the
+            optimizer step (FAMO's and Nash-MTL's reference training loops do).
         **hparams: the method's hyperparameters when ``method`` is a name.
 
     Example::
@@ -95,6 +99,8 @@ class MultiTaskOptimizer:
         shared: Iterable[Tensor] | None = None,
         *,
         tasks: Sequence[str] | int | None = None,
+        loss_types: Sequence[str] | None = None,
+        max_grad_norm: float | None = None,
         **hparams: Any,
     ) -> None:
         if isinstance(method, Method):
@@ -132,6 +138,10 @@ class MultiTaskOptimizer:
         if isinstance(tasks, int):
             tasks = [str(i) for i in range(tasks)]
         self.task_names: tuple[str, ...] | None = tuple(tasks) if tasks is not None else None
+        self.loss_types = None if loss_types is None else tuple(loss_types)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
         self.step_count = 0
 
     # ------------------------------------------------------------------------------------------
@@ -175,7 +185,9 @@ class MultiTaskOptimizer:
         lap("gradients")
 
         stacked = torch.stack([loss.detach() for loss in losses])
-        inputs = MethodInput(stacked, names, grads=grads, step=self.step_count)
+        inputs = MethodInput(
+            stacked, names, grads=grads, step=self.step_count, loss_types=self.loss_types
+        )
         if Need.CLOSURE in needs:
             # under torch.no_grad() the re-evaluated losses need not be part of a graph
             inputs.evaluate = lambda: torch.stack(
@@ -186,6 +198,8 @@ class MultiTaskOptimizer:
         lap("method")
 
         self._write_grads(agg, losses, grads, features)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.shared, self.max_grad_norm)
         lap("backward")
         self.optimizer.step()
         lap("optimizer")

@@ -58,6 +58,8 @@ class MethodInput:
         grads: per-task gradients (rows), ``(K, N)``, when the method needs them: of the shared
             parameters (``Need.PARAM_GRADS``) or of the representation (``Need.REP_GRADS``).
         step: index of this step (0-based) in the optimizer's life.
+        loss_types: each task's loss type ("regression", "classification", "l1") when the user
+            declared them (``MultiTaskOptimizer(..., loss_types=...)``), else ``None``.
         evaluate: for methods that declare ``Need.CLOSURE``: re-runs the user's closure on the
             same batch and returns the validated per-task losses (a ``(K,)`` tensor that is still
             part of the autograd graph); ``None`` otherwise.
@@ -68,6 +70,7 @@ class MethodInput:
     grads: Tensor | None = None
     step: int = 0
     evaluate: Callable[[], Tensor] | None = None
+    loss_types: tuple[str, ...] | None = None
     _gramian: Tensor | None = field(default=None, repr=False)
 
     @property

@@ -108,10 +108,15 @@ def train_run(
         if config.lr_decay
         else None
     )
-    mto = MultiTaskOptimizer(
-        optimizer, config.method, shared=model.encoder.parameters(), tasks=tasks, **config.hparams
-    )
     specs = [problem.task(t) for t in tasks]
+    mto = MultiTaskOptimizer(
+        optimizer,
+        config.method,
+        shared=model.encoder.parameters(),
+        tasks=tasks,
+        loss_types=[s.loss_type for s in specs],
+        **config.hparams,
+    )
 
     criteria: dict[str, Callable[[dict], float]] = {}
     if len(tasks) > 1:

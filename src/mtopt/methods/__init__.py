@@ -1,13 +1,25 @@
 """All registered methods; importing this package registers them."""
 
 from mtopt.core.registry import make, method_class, method_names
+from mtopt.methods.dwa import DynamicWeightAverage
+from mtopt.methods.famo import FAMO
+from mtopt.methods.learned_scales import IMTLL, UncertaintyWeighting
+from mtopt.methods.log_losses import GeometricLoss, ScaleInvariant
 from mtopt.methods.mgda import MGDA, MGDAUB
+from mtopt.methods.rlw import RandomLossWeighting
 from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
 
 __all__ = [
+    "FAMO",
+    "IMTLL",
     "MGDA",
     "MGDAUB",
+    "DynamicWeightAverage",
     "FixedWeights",
+    "GeometricLoss",
+    "RandomLossWeighting",
+    "ScaleInvariant",
+    "UncertaintyWeighting",
     "UnitaryScalarization",
     "make",
     "method_class",
