@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -135,3 +136,19 @@ def test_cli_methods_lists_hyperparameters(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "mgda_ub" in out and "normalization='loss+'" in out and "weights=<required>" in out
+
+
+@pytest.mark.slow
+def test_every_registered_method_runs_through_compare(problems, tmp_path):
+    """Each registered method (fixed needs its weights) runs a few steps in `compare`."""
+    import mtopt
+
+    specs = [m if m != "fixed" else "fixed:weights=0.3/0.7" for m in mtopt.methods()]
+    specs += ["uw:variant=typed", "dwa:mode=window:window=2", "rlw:distribution=dirichlet"]
+    base = RunConfig(problem="multi_mnist/cl_rr", **{**TINY, "epochs": 3, "train_subset": 256})
+    result = compare(
+        "multi_mnist/cl_rr", specs, base, [1], RunStore(tmp_path), None, problems["cl_rr"]
+    )
+    assert [r.label for r in result.rows[1:]] == specs
+    for row in result.rows[1:]:
+        assert math.isfinite(row.delta_m) and row.solver_failures == 0

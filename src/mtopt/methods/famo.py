@@ -21,6 +21,7 @@ with an error naming the task). Heads: weighted.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,7 +109,10 @@ class FAMO(Method):
         if self.logits is None:
             return {}
         assert self._opt is not None
-        return {"logits": self.logits.detach().tolist(), "optimizer": self._opt.state_dict()}
+        return {
+            "logits": self.logits.detach().tolist(),
+            "optimizer": copy.deepcopy(self._opt.state_dict()),
+        }
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if not state:

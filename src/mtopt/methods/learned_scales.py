@@ -23,6 +23,7 @@ The scalars and their optimizer state are part of ``state_dict``. Heads: weighte
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,14 +87,17 @@ class LearnedScales(Method):
         self._opt.step()
         return Aggregation(
             weights.to(inputs.losses.dtype),
-            extras={"scales": self.scales.detach().tolist(), "objective": float(value)},
+            extras={"scales": self.scales.detach().tolist(), "objective": float(value.detach())},
         )
 
     def _get_state(self) -> dict[str, Any]:
         if self.scales is None:
             return {}
         assert self._opt is not None
-        return {"scales": self.scales.detach().tolist(), "optimizer": self._opt.state_dict()}
+        return {
+            "scales": self.scales.detach().tolist(),
+            "optimizer": copy.deepcopy(self._opt.state_dict()),
+        }
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if not state:
