@@ -1,0 +1,94 @@
+"""Cross-checks against TorchJD 0.18 (MIT; a dev dependency) on the same inputs.
+
+Scaling conventions: TorchJD's scalarizers are modules returning the scalar loss; our methods
+return the effective weights ``∂L/∂ℓ``, so we compare against autograd of TorchJD's scalar.
+TorchJD's MGDA is Frank-Wolfe from the uniform point that stops when the step falls below 1e-3; ours
+(``solver="wolfe"``) is exact, so ours must reach a norm no larger than theirs and the two must
+agree to TorchJD's tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtopt
+from mtopt.core.method import MethodInput
+from mtopt.core.min_norm import min_norm_weights
+
+torchjd = pytest.importorskip("torchjd")
+from torchjd import aggregation as tjd_aggregation  # noqa: E402
+from torchjd import scalarization as tjd_scalarization  # noqa: E402
+
+losses_st = st.lists(st.floats(1e-2, 1e2), min_size=2, max_size=5)
+
+
+def torchjd_weights(scalarizer, losses: list[float]) -> torch.Tensor:
+    values = torch.tensor(losses, dtype=torch.float32, requires_grad=True)
+    (grad,) = torch.autograd.grad(scalarizer(values), values)
+    return grad.double()
+
+
+def set_scales(method, scales: list[float]) -> None:
+    method._ensure(len(scales))
+    with torch.no_grad():
+        method.scales.copy_(torch.tensor(scales, dtype=torch.float64))
+
+
+def our_weights(method, losses):
+    out = method.aggregate(
+        MethodInput(torch.tensor(losses, dtype=torch.float64), tuple("abcde"[: len(losses)]))
+    )
+    return out.weights
+
+
+@settings(max_examples=40, deadline=None)
+@given(losses_st, st.lists(st.floats(-2, 2), min_size=5, max_size=5))
+def test_uw_matches_torchjd(losses, scales):
+    s = scales[: len(losses)]
+    theirs = tjd_scalarization.UW(len(losses))
+    with torch.no_grad():
+        theirs.log_var.copy_(torch.tensor(s))
+    ours = mtopt.make("uw")
+    set_scales(ours, s)
+    torch.testing.assert_close(
+        our_weights(ours, losses), torchjd_weights(theirs, losses), rtol=1e-5, atol=0
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(losses_st, st.lists(st.floats(-2, 2), min_size=5, max_size=5))
+def test_imtl_l_matches_torchjd(losses, scales):
+    s = scales[: len(losses)]
+    theirs = tjd_scalarization.IMTLL(len(losses))
+    with torch.no_grad():
+        theirs.log_scale.copy_(torch.tensor(s))
+    ours = mtopt.make("imtl_l")
+    set_scales(ours, s)
+    torch.testing.assert_close(
+        our_weights(ours, losses), torchjd_weights(theirs, losses), rtol=1e-5, atol=0
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(losses_st)
+def test_gls_matches_torchjd_geometric_mean(losses):
+    theirs = torchjd_weights(tjd_scalarization.GeometricMean(), losses)
+    torch.testing.assert_close(our_weights(mtopt.make("gls"), losses), theirs, rtol=1e-5, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_mgda_matches_torchjd(k, d, seed):
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(k, d)) * np.exp(rng.normal(size=(k, 1)))
+    M = G @ G.T
+    theirs = tjd_aggregation.MGDAWeighting()(torch.tensor(M)).double().numpy()
+    ours = min_norm_weights(M, solver="wolfe").weights
+    scale = float(np.diag(M).max())
+    cost_ours, cost_theirs = float(ours @ M @ ours), float(theirs @ M @ theirs)
+    assert cost_ours <= cost_theirs + 1e-9 * scale
+    assert cost_theirs - cost_ours <= 1e-2 * scale
