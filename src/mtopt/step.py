@@ -152,8 +152,18 @@ class MultiTaskOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Closure) -> StepInfo:
-        """One multi-task step; the closure runs the forward pass and returns the losses."""
+    def step(self, closure: Closure, meta_closure: Closure | None = None) -> StepInfo:
+        """One multi-task step; the closure runs the forward pass and returns the losses.
+
+        ``meta_closure`` (only for methods that declare ``Need.META_BATCH``) returns the losses on
+        a second batch drawn by the caller (see the method's ``meta_split``).
+        """
+        needs = self.method.needs
+        if Need.META_BATCH in needs and meta_closure is None:
+            raise ValueError(
+                f"method {self.method.name!r} needs a meta batch: call "
+                f"step(closure, meta_closure=...) with losses on a {self.method.meta_split!r} batch"
+            )
         times: dict[str, float] = {}
         clock = time.perf_counter()
         start = clock
@@ -169,7 +179,6 @@ class MultiTaskOptimizer:
             names, losses, features = self._unpack(closure())
         lap("forward")
 
-        needs = self.method.needs
         grads = None
         if Need.PARAM_GRADS in needs:
             grads = jacobian(losses, self.shared)
@@ -192,6 +201,12 @@ class MultiTaskOptimizer:
             # under torch.no_grad() the re-evaluated losses need not be part of a graph
             inputs.evaluate = lambda: torch.stack(
                 self._unpack(closure(), require_grad=torch.is_grad_enabled())[1]
+            )
+            inputs.parameters = self.shared + self.task_params
+            inputs.optimizer = self.optimizer
+        if meta_closure is not None and Need.META_BATCH in needs:
+            inputs.evaluate_meta = lambda: torch.stack(
+                self._unpack(meta_closure(), require_grad=torch.is_grad_enabled())[1]
             )
         agg = self.method.aggregate(inputs)
         self._check_aggregation(agg, inputs)

@@ -145,6 +145,7 @@ def test_every_registered_method_runs_through_compare(problems, tmp_path):
 
     specs = [m if m != "fixed" else "fixed:weights=0.3/0.7" for m in mtopt.methods()]
     specs += ["uw:variant=typed", "dwa:mode=window:window=2", "rlw:distribution=dirichlet"]
+    specs += ["auto_lambda:meta_split=val", "go4align:num_groups=2"]
     base = RunConfig(problem="multi_mnist/cl_rr", **{**TINY, "epochs": 3, "train_subset": 256})
     result = compare(
         "multi_mnist/cl_rr", specs, base, [1], RunStore(tmp_path), None, problems["cl_rr"]

@@ -307,3 +307,62 @@ def test_max_grad_norm_clips_the_shared_gradient():
     mto = mtopt.MultiTaskOptimizer(torch.optim.SGD([theta], lr=0.0), "unitary", max_grad_norm=1.0)
     mto.step(lambda: [10 * theta.sum(), 10 * theta.sum()])
     assert theta.grad.norm().item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------- GO4Align
+def brute_force_kmeans_cost(values, groups):
+    """Least within-group SSE over all partitions of the sorted values into contiguous groups."""
+    import itertools
+
+    x = sorted(values)
+    best = math.inf
+    for cuts in itertools.combinations(range(1, len(x)), min(groups, len(x)) - 1):
+        bounds = [0, *cuts, len(x)]
+        cost = 0.0
+        for a, b in itertools.pairwise(bounds):
+            seg = x[a:b]
+            m = sum(seg) / len(seg)
+            cost += sum((v - m) ** 2 for v in seg)
+        best = min(best, cost)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-10, 10), min_size=1, max_size=7), st.integers(1, 4))
+def test_kmeans_1d_is_globally_optimal(values, groups):
+    from mtopt.methods.go4align import kmeans_1d
+
+    labels = kmeans_1d(np.array(values), groups)
+    cost = 0.0
+    for g in set(labels.tolist()):
+        seg = [v for v, lab in zip(values, labels, strict=True) if lab == g]
+        m = sum(seg) / len(seg)
+        cost += sum((v - m) ** 2 for v in seg)
+    assert cost <= brute_force_kmeans_cost(values, groups) + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.01, 10.0), min_size=2, max_size=6))
+def test_go4align_one_group_shares_one_weight_and_k_groups_keep_omega(losses):
+    one = mtopt.make("go4align").aggregate(inputs(losses))
+    omega = torch.tensor(one.extras["go4align_omega"], dtype=torch.float64)
+    torch.testing.assert_close(one.weights, torch.full_like(omega, float(omega.mean())))
+    k = mtopt.make("go4align", num_groups=len(losses)).aggregate(inputs(losses))
+    torch.testing.assert_close(
+        k.weights, torch.tensor(k.extras["go4align_omega"], dtype=torch.float64)
+    )
+
+
+def test_go4align_equal_losses_keep_p_uniform_and_weights_one():
+    method = mtopt.make("go4align", eta=0.5, num_groups=2)
+    for _ in range(5):
+        w = method.aggregate(inputs([0.3, 0.3, 0.3])).weights
+    torch.testing.assert_close(method.p, torch.full((3,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(w, torch.ones(3, dtype=torch.float64))
+
+
+def test_go4align_robust_update_shifts_mass_away_from_high_loss():
+    method = mtopt.make("go4align", eta=0.1)
+    method.aggregate(inputs([1.0, 5.0]))
+    expected = torch.tensor([math.exp(-0.1), math.exp(-0.5)], dtype=torch.float64)
+    torch.testing.assert_close(method.p, expected / expected.sum())

@@ -28,13 +28,18 @@ class Need(enum.Flag):
     - ``PARAM_GRADS``: per-task gradients of the shared parameters, a ``K × D`` matrix.
     - ``REP_GRADS``: per-task gradients of the shared representation ``z`` (flattened over batch
       and features), a ``K × numel(z)`` matrix; the closure must return ``features=z``.
-    - ``CLOSURE``: the method re-runs the forward itself (sequential or bilevel methods).
+    - ``CLOSURE``: the method re-runs the forward itself (sequential or bilevel methods); it
+      gets ``MethodInput.evaluate``, the optimized ``parameters`` and the base ``optimizer``.
+    - ``META_BATCH``: the method also needs the losses on a second ("meta") batch: pass
+      ``step(closure, meta_closure=...)``; the method's ``meta_split`` says which split the
+      trainer draws it from.
     """
 
     LOSSES = enum.auto()
     PARAM_GRADS = enum.auto()
     REP_GRADS = enum.auto()
     CLOSURE = enum.auto()
+    META_BATCH = enum.auto()
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class MethodInput:
         step: index of this step (0-based) in the optimizer's life.
         loss_types: each task's loss type ("regression", "classification", "l1") when the user
             declared them (``MultiTaskOptimizer(..., loss_types=...)``), else ``None``.
+        evaluate_meta: for ``Need.META_BATCH`` methods: the per-task losses on the meta batch.
+        parameters, optimizer: for ``Need.CLOSURE`` methods: every optimized parameter (shared
+            and task-specific) and the base optimizer (its lr, momentum, weight decay).
         evaluate: for methods that declare ``Need.CLOSURE``: re-runs the user's closure on the
             same batch and returns the validated per-task losses (a ``(K,)`` tensor that is still
             part of the autograd graph); ``None`` otherwise.
@@ -71,6 +79,9 @@ class MethodInput:
     step: int = 0
     evaluate: Callable[[], Tensor] | None = None
     loss_types: tuple[str, ...] | None = None
+    evaluate_meta: Callable[[], Tensor] | None = None
+    parameters: list[Tensor] | None = None
+    optimizer: Any = None
     _gramian: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -118,6 +129,8 @@ class Method:
     name: ClassVar[str] = ""
     needs: ClassVar[Need] = Need.LOSSES
     default_head_policy: ClassVar[str] = "weighted"
+    #: For ``Need.META_BATCH`` methods: the data split the meta batch is drawn from.
+    meta_split: str | None = None
 
     def __init__(self, *, head_policy: str | None = None) -> None:
         policy = self.default_head_policy if head_policy is None else head_policy

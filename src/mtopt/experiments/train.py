@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import mtopt
+from mtopt.core.method import Need
 from mtopt.evaluation.metrics import delta_m
 from mtopt.problems import Problem, evaluate, get_problem
 from mtopt.step import Losses, MultiTaskOptimizer
@@ -128,6 +129,10 @@ def train_run(
                 (-1 if lo else 1) * val_m[tasks[0]][m]
             )
     best: dict[str, dict[str, Any]] = {}
+    meta_batches = None
+    if Need.META_BATCH in mto.method.needs:
+        meta_split = {"train": train, "val": val}[str(mto.method.meta_split)]
+        meta_batches = _endless(meta_split, config.batch_size, config.seed + 1)
 
     history = []
     step_times: list[float] = []
@@ -145,7 +150,15 @@ def train_run(
                 z, outputs = model(batch["x"])
                 return Losses({s.name: s.loss(outputs[s.name], batch) for s in specs}, features=z)
 
-            info = mto.step(closure)
+            meta_closure = None
+            if meta_batches is not None:
+                meta_batch = next(meta_batches)
+
+                def meta_closure(meta=meta_batch):
+                    _, outputs = model(meta["x"])
+                    return {s.name: s.loss(outputs[s.name], meta) for s in specs}
+
+            info = mto.step(closure, meta_closure=meta_closure)
             step_times.append(info.times["total"])
             for t, v in info.losses.items():
                 loss_sums[t] += v
@@ -215,6 +228,13 @@ def train_run(
         if "test" in references:
             result["test_delta_m"] = delta_m(test_best, references["test"], directions)
     return result
+
+
+def _endless(split, batch_size: int, seed: int):
+    """Shuffled batches of a split, epoch after epoch, from their own generator."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from split.batches(batch_size, True, generator)
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -1,8 +1,10 @@
 """All registered methods; importing this package registers them."""
 
 from mtopt.core.registry import make, method_class, method_names
+from mtopt.methods.auto_lambda import AutoLambda
 from mtopt.methods.dwa import DynamicWeightAverage
 from mtopt.methods.famo import FAMO
+from mtopt.methods.go4align import GO4Align
 from mtopt.methods.learned_scales import IMTLL, UncertaintyWeighting
 from mtopt.methods.log_losses import GeometricLoss, ScaleInvariant
 from mtopt.methods.mgda import MGDA, MGDAUB
@@ -14,8 +16,10 @@ __all__ = [
     "IMTLL",
     "MGDA",
     "MGDAUB",
+    "AutoLambda",
     "DynamicWeightAverage",
     "FixedWeights",
+    "GO4Align",
     "GeometricLoss",
     "RandomLossWeighting",
     "ScaleInvariant",
