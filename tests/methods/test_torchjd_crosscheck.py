@@ -92,3 +92,38 @@ def test_mgda_matches_torchjd(k, d, seed):
     cost_ours, cost_theirs = float(ours @ M @ ours), float(theirs @ M @ theirs)
     assert cost_ours <= cost_theirs + 1e-9 * scale
     assert cost_theirs - cost_ours <= 1e-2 * scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 4), st.integers(0, 2**31 - 1))
+def test_dwa_epoch_mode_matches_torchjd(k, seed):
+    """Same loss stream, same epoch boundaries: identical weights (we add a 1e-8 guard)."""
+    rng = np.random.default_rng(seed)
+    theirs = tjd_scalarization.DWA()
+    ours = mtopt.make("dwa")
+    for _epoch in range(4):
+        for _batch in range(3):
+            losses = rng.uniform(0.1, 3.0, size=k).tolist()
+            expected = torchjd_weights(theirs, losses)
+            torch.testing.assert_close(our_weights(ours, losses), expected, rtol=1e-6, atol=0)
+        theirs.step()
+        ours.end_epoch()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 4), st.sampled_from([1e-2, 1e-3, 0.0]), st.integers(0, 2**31 - 1))
+def test_famo_matches_torchjd(k, gamma, seed):
+    """Same (loss, post-step loss) stream: same weights at every step (TorchJD in float64)."""
+    rng = np.random.default_rng(seed)
+    theirs = tjd_scalarization.FAMO(k, weight_decay=gamma).double()
+    ours = mtopt.make("famo", gamma=gamma)
+    for _ in range(6):
+        before = rng.uniform(0.1, 3.0, size=k).tolist()
+        after = (np.array(before) * rng.uniform(0.5, 1.1, size=k)).tolist()
+        values = torch.tensor(before, dtype=torch.float64, requires_grad=True)
+        (expected,) = torch.autograd.grad(theirs(values), values)
+        inp = MethodInput(torch.tensor(before, dtype=torch.float64), tuple("abcd"[:k]))
+        torch.testing.assert_close(ours.aggregate(inp).weights, expected, rtol=1e-9, atol=1e-12)
+        theirs.update(torch.tensor(after, dtype=torch.float64))
+        inp.evaluate = lambda a=after: torch.tensor(a, dtype=torch.float64)
+        ours.after_step(inp)
