@@ -45,32 +45,22 @@ def our_weights(method, losses):
     return out.weights
 
 
+@pytest.mark.parametrize(
+    ("name", "torchjd_class", "attribute"),
+    [("uw", "UW", "log_var"), ("imtl_l", "IMTLL", "log_scale")],
+)
 @settings(max_examples=40, deadline=None)
-@given(losses_st, st.lists(st.floats(-2, 2), min_size=5, max_size=5))
-def test_uw_matches_torchjd(losses, scales):
+@given(losses=losses_st, scales=st.lists(st.floats(-2, 2), min_size=5, max_size=5))
+def test_learned_scales_match_torchjd(name, torchjd_class, attribute, losses, scales):
+    """Same learned scalars ⇒ same effective weights (UW: ½e^{-s}; IMTL-L: e^{s})."""
     s = scales[: len(losses)]
-    theirs = tjd_scalarization.UW(len(losses))
+    theirs = getattr(tjd_scalarization, torchjd_class)(len(losses))
     with torch.no_grad():
-        theirs.log_var.copy_(torch.tensor(s))
-    ours = mtopt.make("uw")
+        getattr(theirs, attribute).copy_(torch.tensor(s))
+    ours = mtopt.make(name)
     set_scales(ours, s)
-    torch.testing.assert_close(
-        our_weights(ours, losses), torchjd_weights(theirs, losses), rtol=1e-5, atol=0
-    )
-
-
-@settings(max_examples=40, deadline=None)
-@given(losses_st, st.lists(st.floats(-2, 2), min_size=5, max_size=5))
-def test_imtl_l_matches_torchjd(losses, scales):
-    s = scales[: len(losses)]
-    theirs = tjd_scalarization.IMTLL(len(losses))
-    with torch.no_grad():
-        theirs.log_scale.copy_(torch.tensor(s))
-    ours = mtopt.make("imtl_l")
-    set_scales(ours, s)
-    torch.testing.assert_close(
-        our_weights(ours, losses), torchjd_weights(theirs, losses), rtol=1e-5, atol=0
-    )
+    expected = torchjd_weights(theirs, losses)
+    torch.testing.assert_close(our_weights(ours, losses), expected, rtol=1e-5, atol=0)
 
 
 @settings(max_examples=40, deadline=None)

@@ -26,7 +26,6 @@ Heads: weighted by :math:`\lambda`. Cost: about three extra forward and two extr
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
 from mtopt.core.registry import register
+from mtopt.core.task_vector import TaskVector
 
 META_SPLITS = ("train", "val")
 
@@ -66,16 +66,23 @@ class AutoLambda(Method):
         self.meta_lr_scale = None if meta_lr_scale is None else float(meta_lr_scale)
         self.meta_split = meta_split
         self.nonnegative = bool(nonnegative)
-        self.lambdas: Tensor | None = None
-        self._opt: torch.optim.Optimizer | None = None
+        self._model_lr = 1.0
+        self._vector = TaskVector(
+            "auto_lambda", self.init, lambda ps: torch.optim.Adam(ps, lr=self._meta_lr())
+        )
+
+    def _meta_lr(self) -> float:
+        return self.meta_lr if self.meta_lr_scale is None else self.meta_lr_scale * self._model_lr
+
+    @property
+    def lambdas(self) -> Tensor | None:
+        """The learned task weights ``λ`` (``None`` before the first step)."""
+        return self._vector.value
 
     def _ensure(self, k: int, model_lr: float) -> None:
-        if self.lambdas is None:
-            self.lambdas = torch.full((k,), self.init, dtype=torch.float64, requires_grad=True)
-            lr = self.meta_lr if self.meta_lr_scale is None else self.meta_lr_scale * model_lr
-            self._opt = torch.optim.Adam([self.lambdas], lr=lr)
-        elif self.lambdas.numel() != k:
-            raise ValueError(f"auto_lambda: built for {self.lambdas.numel()} tasks, got {k}")
+        if self._vector.value is None:
+            self._model_lr = float(model_lr)
+        self._vector.ensure(k)
 
     def meta_gradient(self, inputs: MethodInput) -> Tensor:
         """``∇_λ`` of the meta loss after a virtual step (finite-difference Hessian product).
@@ -127,11 +134,9 @@ class AutoLambda(Method):
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         assert inputs.optimizer is not None
         self._ensure(inputs.num_tasks, float(inputs.optimizer.param_groups[0]["lr"]))
-        assert self.lambdas is not None and self._opt is not None
+        assert self.lambdas is not None
         grad = self.meta_gradient(inputs)
-        self._opt.zero_grad(set_to_none=True)
-        self.lambdas.grad = grad.to(self.lambdas.dtype)
-        self._opt.step()
+        self._vector.step(grad)
         if self.nonnegative:
             with torch.no_grad():
                 self.lambdas.clamp_(min=0.0)
@@ -139,21 +144,13 @@ class AutoLambda(Method):
         return Aggregation(weights, extras={"meta_gradient": grad.tolist()})
 
     def _get_state(self) -> dict[str, Any]:
-        if self.lambdas is None:
-            return {}
-        assert self._opt is not None
-        state = copy.deepcopy(self._opt.state_dict())
-        return {"lambdas": self.lambdas.detach().tolist(), "optimizer": state}
+        state = self._vector.state()
+        return {**state, "model_lr": self._model_lr} if state else {}
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        if not state:
-            self.lambdas, self._opt = None, None
-            return
-        self._ensure(len(state["lambdas"]), model_lr=1.0)
-        assert self.lambdas is not None and self._opt is not None
-        with torch.no_grad():
-            self.lambdas.copy_(torch.tensor(state["lambdas"], dtype=torch.float64))
-        self._opt.load_state_dict(state["optimizer"])
+        state = dict(state)
+        self._model_lr = float(state.pop("model_lr", 1.0))
+        self._vector.load(state)
 
 
 def _virtual_step_terms(optimizer: Any, params: list[Tensor]) -> list[tuple]:

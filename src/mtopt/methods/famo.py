@@ -21,7 +21,6 @@ with an error naming the task). Heads: weighted.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
+from mtopt.core.task_vector import TaskVector
 
 _OFFSET = 1e-8
 
@@ -58,16 +58,18 @@ class FAMO(Method):
         self.gamma = float(gamma)
         self.lr = float(lr)
         self.min_losses = None if min_losses is None else tuple(float(v) for v in min_losses)
-        self.logits: Tensor | None = None
-        self._opt: torch.optim.Optimizer | None = None
+        self._vector = TaskVector(
+            "famo", 0.0, lambda ps: torch.optim.Adam(ps, lr=self.lr, weight_decay=self.gamma)
+        )
         self._previous: Tensor | None = None
 
+    @property
+    def logits(self) -> Tensor | None:
+        """The logits ``ξ`` (``None`` before the first step)."""
+        return self._vector.value
+
     def _ensure(self, k: int) -> None:
-        if self.logits is None:
-            self.logits = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-            self._opt = torch.optim.Adam([self.logits], lr=self.lr, weight_decay=self.gamma)
-        elif self.logits.numel() != k:
-            raise ValueError(f"famo: built for {self.logits.numel()} tasks, got {k}")
+        self._vector.ensure(k)
         if self.min_losses is not None and len(self.min_losses) != k:
             raise ValueError(f"famo: {len(self.min_losses)} min_losses for {k} tasks")
 
@@ -93,33 +95,18 @@ class FAMO(Method):
 
     def after_step(self, inputs: MethodInput) -> dict[str, Any]:
         assert inputs.evaluate is not None and self._previous is not None
-        assert self.logits is not None and self._opt is not None
+        assert self.logits is not None
         with torch.no_grad():
             new = self._shifted(inputs.evaluate(), inputs.task_names)
         delta = torch.log(self._previous) - torch.log(new)
         with torch.enable_grad():
             z = torch.softmax(self.logits, dim=0)
             (grad,) = torch.autograd.grad(z, self.logits, grad_outputs=delta)
-        self._opt.zero_grad(set_to_none=True)
-        self.logits.grad = grad
-        self._opt.step()
+        self._vector.step(grad)
         return {"famo_delta": delta.tolist()}
 
     def _get_state(self) -> dict[str, Any]:
-        if self.logits is None:
-            return {}
-        assert self._opt is not None
-        return {
-            "logits": self.logits.detach().tolist(),
-            "optimizer": copy.deepcopy(self._opt.state_dict()),
-        }
+        return self._vector.state()
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        if not state:
-            self.logits, self._opt = None, None
-            return
-        self._ensure(len(state["logits"]))
-        assert self.logits is not None and self._opt is not None
-        with torch.no_grad():
-            self.logits.copy_(torch.tensor(state["logits"], dtype=torch.float64))
-        self._opt.load_state_dict(state["optimizer"])
+        self._vector.load(state)

@@ -23,7 +23,6 @@ The scalars and their optimizer state are part of ``state_dict``. Heads: weighte
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
 from mtopt.core.registry import register
+from mtopt.core.task_vector import TaskVector
 
 OPTIMIZERS = ("adam", "sgd")
 UW_VARIANTS = ("common", "typed")
@@ -60,54 +60,38 @@ class LearnedScales(Method):
         self.init = float(init)
         self.lr = float(lr)
         self.optimizer = optimizer
-        self.scales: Tensor | None = None
-        self._opt: torch.optim.Optimizer | None = None
+        cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        self._vector = TaskVector(self.name, self.init, lambda ps: cls(ps, lr=self.lr))
+
+    @property
+    def scales(self) -> Tensor | None:
+        """The learned scalars ``s`` (``None`` before the first step)."""
+        return self._vector.value
 
     # subclasses: the objective, differentiable in both arguments
     def objective(self, s: Tensor, losses: Tensor, inputs: MethodInput) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _ensure(self, k: int) -> None:
-        if self.scales is None:
-            self.scales = torch.full((k,), self.init, dtype=torch.float64, requires_grad=True)
-            cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
-            self._opt = cls([self.scales], lr=self.lr)
-        elif self.scales.numel() != k:
-            raise ValueError(f"{self.name}: built for {self.scales.numel()} tasks, got {k}")
+        self._vector.ensure(k)
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
-        self._ensure(inputs.num_tasks)
-        assert self.scales is not None and self._opt is not None
+        scales = self._vector.ensure(inputs.num_tasks)
         losses = inputs.losses.detach().to(torch.float64).cpu().requires_grad_(True)
-        self._opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            value = self.objective(self.scales, losses, inputs)
-            weights, grad_s = torch.autograd.grad(value, [losses, self.scales])
-        self.scales.grad = grad_s
-        self._opt.step()
+            value = self.objective(scales, losses, inputs)
+            weights, grad_s = torch.autograd.grad(value, [losses, scales])
+        self._vector.step(grad_s)
         return Aggregation(
             weights.to(inputs.losses.dtype),
-            extras={"scales": self.scales.detach().tolist(), "objective": float(value.detach())},
+            extras={"scales": scales.detach().tolist(), "objective": float(value.detach())},
         )
 
     def _get_state(self) -> dict[str, Any]:
-        if self.scales is None:
-            return {}
-        assert self._opt is not None
-        return {
-            "scales": self.scales.detach().tolist(),
-            "optimizer": copy.deepcopy(self._opt.state_dict()),
-        }
+        return self._vector.state()
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        if not state:
-            self.scales, self._opt = None, None
-            return
-        self._ensure(len(state["scales"]))
-        assert self.scales is not None and self._opt is not None
-        with torch.no_grad():
-            self.scales.copy_(torch.tensor(state["scales"], dtype=torch.float64))
-        self._opt.load_state_dict(state["optimizer"])
+        self._vector.load(state)
 
 
 @register
