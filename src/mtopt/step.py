@@ -324,7 +324,14 @@ class MultiTaskOptimizer:
                 )
         if agg.direction is not None and inputs.grads is None:
             raise RuntimeError(f"method {name!r} returned a direction without gradient inputs")
-        if agg.weights is None and self.method.head_policy == "weighted" and self.task_params:
+        if agg.head_weights is not None and not bool(torch.isfinite(agg.head_weights).all()):
+            raise FloatingPointError(f"method {name!r} produced non-finite head weights")
+        if (
+            agg.weights is None
+            and agg.head_weights is None
+            and self.method.head_policy == "weighted"
+            and self.task_params
+        ):
             raise RuntimeError(
                 f"method {name!r} has no weights, so the 'weighted' head policy is undefined"
             )
@@ -339,7 +346,12 @@ class MultiTaskOptimizer:
         w = agg.weights
         head_coeffs = None
         if self.task_params:
-            head_coeffs = w if self.method.head_policy == "weighted" else torch.ones(len(losses))
+            if agg.head_weights is not None:
+                head_coeffs = agg.head_weights
+            elif self.method.head_policy == "weighted":
+                head_coeffs = w
+            else:
+                head_coeffs = torch.ones(len(losses))
 
         if grads is None:  # loss-only: back-propagate Σ w_k ℓ_k
             assert w is not None

@@ -109,12 +109,16 @@ class Aggregation:
             ``Gᵀw`` when given.
         solver: the inner solver's report, if the method has one.
         extras: anything else worth logging (e.g. the min-norm simplex weights).
+        head_weights: coefficients ``c`` for the task-specific parameters (they receive
+            ``Σ c_k ∇ℓ_k``) when the method defines them itself (hybrid IMTL: ``e^{s_k}``);
+            overrides the head policy.
     """
 
     weights: Tensor | None
     direction: Tensor | None = None
     solver: SolverReport | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    head_weights: Tensor | None = None
 
 
 class Method:

@@ -2,25 +2,34 @@
 
 from mtopt.core.registry import make, method_class, method_names
 from mtopt.methods.auto_lambda import AutoLambda
+from mtopt.methods.cagrad import CAGrad
 from mtopt.methods.dwa import DynamicWeightAverage
+from mtopt.methods.edm import EDM
 from mtopt.methods.famo import FAMO
 from mtopt.methods.go4align import GO4Align
+from mtopt.methods.imtl import IMTL, IMTLG
 from mtopt.methods.learned_scales import IMTLL, UncertaintyWeighting
 from mtopt.methods.log_losses import GeometricLoss, ScaleInvariant
 from mtopt.methods.mgda import MGDA, MGDAUB
+from mtopt.methods.pcgrad import PCGrad
 from mtopt.methods.rlw import RandomLossWeighting
 from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
 
 __all__ = [
+    "EDM",
     "FAMO",
+    "IMTL",
+    "IMTLG",
     "IMTLL",
     "MGDA",
     "MGDAUB",
     "AutoLambda",
+    "CAGrad",
     "DynamicWeightAverage",
     "FixedWeights",
     "GO4Align",
     "GeometricLoss",
+    "PCGrad",
     "RandomLossWeighting",
     "ScaleInvariant",
     "UncertaintyWeighting",

@@ -1,0 +1,73 @@
+r"""EDM — Equiangular Direction Method (Katrutsa, Merkulov, Tursynbek & Oseledets,
+arXiv 2007.06937).
+
+The min-norm point of the convex hull of the *unit* task gradients :math:`u_i=g_i/\|g_i\|`,
+:math:`w=\arg\min_{w\in\Delta}\|\sum_iw_iu_i\|`, is equiangular (same cosine with every
+:math:`g_i` when interior). It is rescaled by :math:`\gamma=(\sum_iw_i/\|g_i\|)^{-1}`:
+:math:`d=\gamma\sum_iw_iu_i`, i.e. raw-gradient weights :math:`\lambda_i=\gamma w_i/\|g_i\|`, which
+sum to 1. With two tasks :math:`d=(g_1\|g_2\|+g_2\|g_1\|)/(\|g_1\|+\|g_2\|)`.
+
+Solver: the min-norm solver of :mod:`mtopt.core.min_norm`, ``fw`` by default as in Gama & Grassi
+(``pgd`` and the exact ``wolfe`` available). A zero task gradient makes the direction undefined:
+the shared update is zero for that step, as in Gama & Grassi, and ``StepInfo.solver`` says so.
+Heads: raw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
+from mtopt.core.min_norm import SOLVERS, ZERO_GRADIENT_RTOL, min_norm_weights
+from mtopt.core.registry import register
+
+
+@register
+class EDM(Method):
+    """EDM (Katrutsa et al. 2020): min-norm point of the unit gradients, rescaled."""
+
+    name = "edm"
+    needs = Need.PARAM_GRADS
+    default_head_policy = "raw"
+
+    def __init__(
+        self,
+        *,
+        solver: str = "fw",
+        max_iter: int = 250,
+        tol: float = 1e-5,
+        head_policy: str | None = None,
+    ) -> None:
+        super().__init__(head_policy=head_policy)
+        check_choice(self.name, "solver", solver, SOLVERS)
+        self.solver = solver
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+
+    def aggregate(self, inputs: MethodInput) -> Aggregation:
+        gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
+        like = inputs.grads if inputs.grads is not None else inputs.losses
+        sq = np.diag(gram)
+        zero = sq <= ZERO_GRADIENT_RTOL * max(float(sq.max()), 0.0)
+        if zero.any():
+            names = [t for t, z in zip(inputs.task_names, zero, strict=True) if z]
+            message = f"zero gradient for {names}: no equiangular direction, shared update is 0"
+            report = SolverReport(f"min_norm/{self.solver}", True, 0, "zero_gradient", message)
+            weights = torch.zeros(inputs.num_tasks, dtype=like.dtype, device=like.device)
+            return Aggregation(weights, solver=report)
+        norms = np.sqrt(sq)
+        result = min_norm_weights(
+            gram / np.outer(norms, norms), self.solver, self.max_iter, self.tol
+        )
+        w = result.weights
+        gamma = 1.0 / float(np.sum(w / norms))
+        raw = gamma * w / norms
+        report = SolverReport(
+            f"min_norm/{self.solver}", result.converged, result.iterations, result.status
+        )
+        return Aggregation(
+            torch.from_numpy(raw).to(dtype=like.dtype, device=like.device),
+            solver=report,
+            extras={"edm_simplex_weights": w.tolist()},
+        )

@@ -1,0 +1,177 @@
+r"""IMTL — Impartial Multi-Task Learning (Liu et al., ICLR 2021): IMTL-G and hybrid IMTL.
+
+**IMTL-G** finds weights :math:`w` with :math:`\sum_iw_i=1` such that :math:`d=G^\top w` has the
+same projection on every unit gradient :math:`u_i=g_i/\|g_i\|` (no sign constraint on :math:`w`).
+
+* ``solver="pinv"`` (default; TorchJD's generalisation, equal to the paper's closed form whenever
+  that exists): :math:`v=M^{+}\mathrm{diag}(M)^{1/2}`, :math:`w=v/\sum v`; if
+  :math:`|\sum v|<10^{-12}` (e.g. a zero gradient) the weights are 0 and the solver status says so.
+* ``solver="closed_form"`` (the paper): with :math:`D_i=g_1-g_i`, :math:`U_i=u_1-u_i`,
+  :math:`w_{2:K}=g_1^\top U^\top(DU^\top)^{-1}`, :math:`w_1=1-\sum w_{2:K}`, all from the Gram
+  matrix; a singular :math:`DU^\top` raises an error (nash-mtl silently adds 1e-8 I).
+
+``weight_bound`` (off by default) clips the weights to ``[-b, b]`` and renormalises them to sum 1:
+seed 002 reports overflow with 11 tasks because IMTL-G's weights are unbounded.
+
+**Hybrid IMTL** (``imtl``; the paper's main method): learned scales :math:`s` (IMTL-L,
+:math:`\tilde\ell_k=e^{s_k}\ell_k-s_k`, stationary at :math:`e^{s_k}\ell_k=1`) and IMTL-G applied
+to the gradients of the scaled losses :math:`e^{s_k}g_k`; shared update
+:math:`\sum_kw_ke^{s_k}g_k`; the heads receive the raw gradients of the scaled losses
+(coefficients :math:`e^{s_k}`); :math:`s` takes an Adam step (lr 0.025 by default) on
+:math:`\partial/\partial s_k=e^{s_k}\ell_k-1`.
+
+``level``: ``rep`` (the representation gradients; the paper, Kurin, Gama; default of ``imtl``) or
+``param`` (shared-parameter gradients; nash-mtl's IMTL-G; default of ``imtl_g``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtopt.core.checks import require_positive_losses
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
+from mtopt.core.registry import register
+from mtopt.core.task_vector import TaskVector
+
+LEVELS = ("param", "rep")
+SOLVERS = ("pinv", "closed_form")
+
+
+def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str]:
+    """IMTL-G weights (sum 1) from a float64 Gram matrix, and a status string."""
+    k = gram.shape[0]
+    if k == 1:
+        return torch.ones(1, dtype=gram.dtype), "ok"
+    norms = torch.sqrt(torch.diagonal(gram).clamp_min(0))
+    if solver == "pinv":
+        v = torch.linalg.pinv(gram, hermitian=True) @ norms
+        total = v.sum()
+        if not abs(float(total)) >= 1e-12:
+            return torch.zeros(k, dtype=gram.dtype), "degenerate"
+        return v / total, "ok"
+    if bool((norms <= 0).any()):
+        raise ValueError("imtl: closed_form needs non-zero gradients (use solver='pinv')")
+    # rows D_i = g_1 - g_i, U_j = u_1 - u_j (i, j = 2..K), all inner products from the Gram matrix
+    gu = gram / norms[None, :]  # g_aᵀ u_b
+    d_u = gu[0, 0] - gu[0, 1:][None, :] - gu[1:, 0][:, None] + gu[1:, 1:]
+    g1_u = gu[0, 0] - gu[0, 1:]
+    try:
+        rest = torch.linalg.solve(d_u.T, g1_u)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError
+        raise ValueError(
+            f"imtl: singular D Uᵀ in the closed form ({exc}); use solver='pinv'"
+        ) from exc
+    return torch.cat([(1 - rest.sum()).reshape(1), rest]), "ok"
+
+
+def bound_weights(w: Tensor, bound: float | None) -> Tensor:
+    if bound is None:
+        return w
+    clipped = w.clamp(-bound, bound)
+    total = clipped.sum()
+    return clipped / total if total > 0 else clipped
+
+
+class _IMTLBase(Method):
+    default_head_policy = "raw"
+    default_level = "param"
+
+    def __init__(
+        self,
+        *,
+        level: str | None = None,
+        solver: str = "pinv",
+        weight_bound: float | None = None,
+        head_policy: str | None = None,
+    ) -> None:
+        super().__init__(head_policy=head_policy)
+        level = self.default_level if level is None else level
+        check_choice(self.name, "level", level, LEVELS)
+        check_choice(self.name, "solver", solver, SOLVERS)
+        if weight_bound is not None and not weight_bound > 0:
+            raise ValueError(f"{self.name}: weight_bound must be > 0, got {weight_bound}")
+        self.level = level
+        self.solver = solver
+        self.weight_bound = weight_bound
+        self.needs = Need.PARAM_GRADS if level == "param" else Need.REP_GRADS  # type: ignore[misc]
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        out = super().hyperparameters()
+        out["level"] = cls.default_level
+        return out
+
+    def _weights(self, gram: Tensor) -> tuple[Tensor, SolverReport]:
+        w, status = imtl_g_weights(gram, self.solver)
+        w = bound_weights(w, self.weight_bound)
+        message = "" if status == "ok" else "Σv ≈ 0 (zero or degenerate gradients): weights 0"
+        return w, SolverReport(f"imtl_g/{self.solver}", True, 0, status, message)
+
+
+@register
+class IMTLG(_IMTLBase):
+    """IMTL-G (Liu et al. 2021): weights giving equal projections on all unit gradients."""
+
+    name = "imtl_g"
+    needs = Need.PARAM_GRADS
+
+    def aggregate(self, inputs: MethodInput) -> Aggregation:
+        gram = inputs.gramian().detach().to(torch.float64).cpu()
+        w, report = self._weights(gram)
+        like = inputs.grads if inputs.grads is not None else inputs.losses
+        return Aggregation(w.to(dtype=like.dtype, device=like.device), solver=report)
+
+
+@register
+class IMTL(_IMTLBase):
+    """Hybrid IMTL (Liu et al. 2021): IMTL-G on the gradients of IMTL-L's scaled losses."""
+
+    name = "imtl"
+    needs = Need.REP_GRADS
+    default_level = "rep"
+
+    def __init__(
+        self,
+        *,
+        level: str | None = None,
+        solver: str = "pinv",
+        weight_bound: float | None = None,
+        lr: float = 0.025,
+        head_policy: str | None = None,
+    ) -> None:
+        super().__init__(
+            level=level, solver=solver, weight_bound=weight_bound, head_policy=head_policy
+        )
+        if not lr > 0:
+            raise ValueError(f"imtl: lr must be > 0, got {lr}")
+        self.lr = float(lr)
+        self._vector = TaskVector("imtl", 0.0, lambda ps: torch.optim.Adam(ps, lr=self.lr))
+
+    @property
+    def scales(self) -> Tensor | None:
+        return self._vector.value
+
+    def aggregate(self, inputs: MethodInput) -> Aggregation:
+        losses = inputs.losses.detach().to(torch.float64).cpu()
+        require_positive_losses(self.name, losses, inputs.task_names, "the scale e^{s}ℓ")
+        s = self._vector.ensure(inputs.num_tasks).detach().clone()
+        factor = torch.exp(s)
+        gram = inputs.gramian().detach().to(torch.float64).cpu() * torch.outer(factor, factor)
+        w, report = self._weights(gram)
+        self._vector.step(factor * losses - 1.0)
+        like = inputs.grads if inputs.grads is not None else inputs.losses
+        return Aggregation(
+            (w * factor).to(dtype=like.dtype, device=like.device),
+            solver=report,
+            head_weights=factor.to(dtype=inputs.losses.dtype),
+            extras={"imtl_g_weights": w.tolist(), "scales": s.tolist()},
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return self._vector.state()
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._vector.load(state)
