@@ -1,0 +1,231 @@
+"""Gradient-balancing methods (§9, §11-§13): METHODS.md "Tests" lines on random Jacobians."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtopt
+from mtopt.core.method import MethodInput
+from mtopt.methods.pcgrad import pcgrad_weights
+
+
+def jac(seed: int, k: int, d: int, scale: float = 1.0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(k, d)) * np.exp(scale * rng.normal(size=(k, 1)))
+    return torch.from_numpy(g)
+
+
+def run(name: str, G: torch.Tensor, losses=None, **hp):
+    losses = torch.ones(G.shape[0], dtype=torch.float64) if losses is None else losses
+    names = tuple(f"t{i}" for i in range(G.shape[0]))
+    out = mtopt.make(name, **hp).aggregate(MethodInput(losses, names, grads=G))
+    return out, out.weights @ G
+
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+# ------------------------------------------------------------------------------------------ PCGrad
+def pcgrad_reference(G: torch.Tensor, orders) -> torch.Tensor:
+    """PCGrad on the vectors themselves, for comparison with the Gram-form weights."""
+    out = torch.zeros(G.shape[1], dtype=G.dtype)
+    for i, order in enumerate(orders):
+        g = G[i].clone()
+        for j in order:
+            dot = g @ G[j]
+            if dot < 0:
+                g = g - dot / (G[j] @ G[j]) * G[j]
+        out += g
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 8), seeds, st.randoms(use_true_random=False))
+def test_pcgrad_gram_form_equals_vector_form(k, d, seed, rnd):
+    G = jac(seed, k, d)
+    orders = [rnd.sample([j for j in range(k) if j != i], k - 1) for i in range(k)]
+    w = pcgrad_weights(G @ G.T, orders)
+    torch.testing.assert_close(w @ G, pcgrad_reference(G, orders), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 12), seeds)
+def test_pcgrad_two_conflicting_tasks_become_orthogonal(d, seed):
+    G = jac(seed, 2, d)
+    if G[0] @ G[1] >= 0:
+        G[1] = G[1] - 2 * (G[1] @ G[0]) / (G[0] @ G[0]) * G[0]  # reflect to force a conflict
+    _, direction = run("pcgrad", G)
+    g1 = G[0] - (G[0] @ G[1]) / (G[1] @ G[1]) * G[1]
+    g2 = G[1] - (G[1] @ G[0]) / (G[0] @ G[0]) * G[0]
+    torch.testing.assert_close(direction, g1 + g2)
+    assert abs(float(g1 @ G[1])) < 1e-9 and abs(float(g2 @ G[0])) < 1e-9
+
+
+def test_pcgrad_without_conflict_is_the_plain_sum_and_mean_divides_by_k():
+    G = torch.tensor([[1.0, 0.0, 1.0], [0.5, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    out, _ = run("pcgrad", G)
+    torch.testing.assert_close(out.weights, torch.ones(3, dtype=torch.float64))
+    out, _ = run("pcgrad", G, reduction="mean")
+    torch.testing.assert_close(out.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_pcgrad_seeded_order_is_reproducible():
+    G = jac(1, 4, 3)
+    a = [run("pcgrad", G, seed=4)[0].weights for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+
+
+# --------------------------------------------------------------------------------------------- EDM
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 5), seeds)
+def test_edm_weights_sum_to_one_and_direction_is_equiangular(k, seed):
+    G = jac(seed, k, k + 3)
+    out, direction = run("edm", G, solver="wolfe")
+    assert out.weights.sum().item() == pytest.approx(1.0)
+    simplex = torch.tensor(out.extras["edm_simplex_weights"])
+    cos = (G @ direction) / (G.norm(dim=1) * direction.norm())
+    support = simplex > 1e-9
+    if support.all():  # interior min-norm point ⇒ equal angles with every task gradient
+        torch.testing.assert_close(cos, cos[0].expand_as(cos), rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 4), seeds, st.lists(st.floats(0.1, 10), min_size=4, max_size=4))
+def test_edm_direction_invariant_to_gradient_rescaling(k, seed, scales):
+    G = jac(seed, k, 6)
+    a = torch.tensor(scales[:k], dtype=torch.float64)[:, None]
+    _, d1 = run("edm", G, solver="wolfe")
+    _, d2 = run("edm", a * G, solver="wolfe")
+    torch.testing.assert_close(d1 / d1.norm(), d2 / d2.norm(), rtol=1e-7, atol=1e-9)
+
+
+def test_edm_two_tasks_closed_form_and_zero_gradient():
+    G = jac(3, 2, 5)
+    n = G.norm(dim=1)
+    _, direction = run("edm", G)
+    torch.testing.assert_close(direction, (G[0] * n[1] + G[1] * n[0]) / (n[0] + n[1]))
+    G[1] = 0
+    out, direction = run("edm", G)
+    assert out.solver.status == "zero_gradient" and "t1" in out.solver.message
+    assert torch.count_nonzero(direction) == 0
+
+
+# ------------------------------------------------------------------------------------------ IMTL-G
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 5), seeds)
+def test_imtl_g_equal_projections_on_unit_gradients(k, seed):
+    G = jac(seed, k, k + 2)
+    for solver in ("pinv", "closed_form"):
+        out, direction = run("imtl_g", G, solver=solver)
+        assert out.weights.sum().item() == pytest.approx(1.0)
+        proj = (G / G.norm(dim=1, keepdim=True)) @ direction
+        torch.testing.assert_close(proj, proj[0].expand_as(proj), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        run("imtl_g", G)[0].weights, run("imtl_g", G, solver="closed_form")[0].weights
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 4), seeds, st.lists(st.floats(0.1, 10), min_size=4, max_size=4))
+def test_imtl_g_direction_invariant_to_gradient_rescaling(k, seed, scales):
+    G = jac(seed, k, 6)
+    a = torch.tensor(scales[:k], dtype=torch.float64)[:, None]
+    _, d1 = run("imtl_g", G)
+    _, d2 = run("imtl_g", a * G)
+    torch.testing.assert_close(d1 / d1.norm(), d2 / d2.norm(), rtol=1e-7, atol=1e-9)
+
+
+def test_imtl_g_weight_bound_and_singular_closed_form():
+    G = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.1]], dtype=torch.float64)
+    unbounded = run("imtl_g", G)[0].weights
+    bounded = run("imtl_g", G, weight_bound=0.6)[0].weights
+    assert unbounded.abs().max() > 0.6  # nearly opposite gradients: large weights
+    clipped = unbounded.clamp(-0.6, 0.6)
+    torch.testing.assert_close(bounded, clipped / clipped.sum())
+    assert bounded.sum().item() == pytest.approx(1.0)
+    duplicate = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="singular"):
+        run("imtl_g", duplicate, solver="closed_form")
+
+
+def test_hybrid_imtl_uses_scaled_gradients_and_raw_scaled_heads():
+    G = jac(5, 2, 4)
+    losses = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    method = mtopt.make("imtl", level="param", lr=0.1)
+    out = method.aggregate(MethodInput(losses, ("a", "b"), grads=G))
+    torch.testing.assert_close(out.head_weights, torch.ones(2, dtype=torch.float64))  # s = 0
+    torch.testing.assert_close(out.weights, run("imtl_g", G)[0].weights)
+    s = method.scales.detach().clone()
+    assert torch.all(torch.sign(s) == torch.sign(1 - losses))  # Adam moves s against eˢℓ − 1
+    out2 = method.aggregate(MethodInput(losses, ("a", "b"), grads=G))
+    scaled = torch.exp(s)[:, None] * G
+    expected = run("imtl_g", scaled)[0].weights * torch.exp(s)
+    torch.testing.assert_close(out2.weights, expected)
+    torch.testing.assert_close(out2.head_weights, torch.exp(s))
+
+
+# ------------------------------------------------------------------------------------------ CAGrad
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), seeds, st.floats(0.05, 0.95))
+def test_cagrad_ball_and_worst_task_improvement(k, seed, c):
+    G = jac(seed, k, k + 3)
+    _, d = run("cagrad", G, c=c, rescale=0, sum_scale=False)
+    g0 = G.mean(0)
+    assert (d - g0).norm().item() == pytest.approx(c * g0.norm().item(), rel=1e-5)
+    worst = (G @ d).min()
+    assert worst >= (G @ g0).min() - 1e-9
+    rng = np.random.default_rng(seed)
+    for _ in range(200):  # no point of the ball improves the worst task more (up to the solve)
+        u = torch.from_numpy(rng.normal(size=G.shape[1]))
+        other = g0 + c * g0.norm() * u / u.norm() * rng.uniform() ** (1 / G.shape[1])
+        assert (G @ other).min() <= worst + 1e-6 * G.norm() ** 2
+
+
+def test_cagrad_c_zero_is_the_scaled_mean_and_rescale_options():
+    G = jac(2, 3, 5)
+    torch.testing.assert_close(
+        run("cagrad", G, c=0.0)[0].weights, torch.ones(3, dtype=torch.float64)
+    )
+    w1 = run("cagrad", G, c=0.5)[0].weights
+    w0 = run("cagrad", G, c=0.5, rescale=0)[0].weights
+    torch.testing.assert_close(w1, w0 / 1.25)
+    w2 = run("cagrad", G, c=0.5, rescale=2, sum_scale=False)[0].weights
+    torch.testing.assert_close(w2, w0 / 1.5 / 3)
+    with pytest.raises(ValueError, match="c must be"):
+        mtopt.make("cagrad", c=1.0)
+
+
+# --------------------------------------------------------------------- seed 002 Appendix A.4 + bad
+@pytest.mark.parametrize("name", ["cagrad", "imtl_g", "edm", "mgda"])
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(2, 8), seed=seeds)
+def test_equal_norm_two_tasks_give_equal_weights(name, d, seed):
+    G = jac(seed, 2, d, scale=0.0)
+    G = G / G.norm(dim=1, keepdim=True)
+    out, _ = run(name, G, normalization="none") if name == "mgda" else run(name, G)
+    torch.testing.assert_close(out.weights[0], out.weights[1], rtol=1e-6, atol=1e-9)
+
+
+BAD = {
+    "zero": torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.5, -1.0]], dtype=torch.float64),
+    "collinear": torch.tensor([[1.0, 2.0], [2.0, 4.0], [-1.0, -2.0]], dtype=torch.float64),
+    "singular": torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64
+    ),
+    "single": torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("name", ["pcgrad", "edm", "imtl_g", "imtl", "cagrad", "mgda"])
+def test_degenerate_inputs_give_finite_documented_results(name, case):
+    G = BAD[case]
+    hp = {"level": "param"} if name == "imtl" else {}
+    out, direction = run(name, G, **hp)
+    assert torch.isfinite(out.weights).all() and torch.isfinite(direction).all()
+    if case == "zero" and name in ("edm", "mgda"):
+        assert out.solver.status == "zero_gradient"
