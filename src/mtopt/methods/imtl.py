@@ -10,8 +10,9 @@ same projection on every unit gradient :math:`u_i=g_i/\|g_i\|` (no sign constrai
   :math:`w_{2:K}=g_1^\top U^\top(DU^\top)^{-1}`, :math:`w_1=1-\sum w_{2:K}`, all from the Gram
   matrix; a singular :math:`DU^\top` raises an error (nash-mtl silently adds 1e-8 I).
 
-``weight_bound`` (off by default) clips the weights to ``[-b, b]`` and renormalises them to sum 1:
-seed 002 reports overflow with 11 tasks because IMTL-G's weights are unbounded.
+``weight_bound`` (off by default): if :math:`\max_i|w_i|>b` all weights are scaled by
+:math:`b/\max_i|w_i|`, which keeps the direction of :math:`d` (hence the equal projections) and only
+shortens it; seed 002 reports overflow with 11 tasks because IMTL-G's weights are unbounded.
 
 **Hybrid IMTL** (``imtl``; the paper's main method): learned scales :math:`s` (IMTL-L,
 :math:`\tilde\ell_k=e^{s_k}\ell_k-s_k`, stationary at :math:`e^{s_k}\ell_k=1`) and IMTL-G applied
@@ -68,11 +69,11 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str]:
 
 
 def bound_weights(w: Tensor, bound: float | None) -> Tensor:
+    """Scale ``w`` down so that ``max|w_i| ≤ bound`` (direction of ``d = Gᵀw`` unchanged)."""
     if bound is None:
         return w
-    clipped = w.clamp(-bound, bound)
-    total = clipped.sum()
-    return clipped / total if total > 0 else clipped
+    largest = float(w.abs().max())
+    return w * (bound / largest) if largest > bound else w
 
 
 class _IMTLBase(Method):
