@@ -117,3 +117,32 @@ def test_famo_matches_torchjd(k, gamma, seed):
         theirs.update(torch.tensor(after, dtype=torch.float64))
         inp.evaluate = lambda a=after: torch.tensor(a, dtype=torch.float64)
         ours.after_step(inp)
+
+
+def _gram(seed: int, k: int, d: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(k, d)) * np.exp(rng.normal(size=(k, 1)))
+    return torch.from_numpy(G @ G.T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_imtl_g_matches_torchjd(k, d, seed):
+    """Same pseudo-inverse form; rank-deficient Grams (d < k) included."""
+    from mtopt.methods.imtl import imtl_g_weights
+
+    M = _gram(seed, k, d)
+    theirs = tjd_aggregation.IMTLGWeighting()(M)
+    ours, _ = imtl_g_weights(M)
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_pcgrad_matches_torchjd_for_two_tasks(d, seed):
+    """With two tasks the visiting order cannot matter (TorchJD draws its own permutations)."""
+    from mtopt.methods.pcgrad import pcgrad_weights
+
+    M = _gram(seed, 2, d)
+    theirs = tjd_aggregation.PCGradWeighting()(M)
+    torch.testing.assert_close(pcgrad_weights(M, [[1], [0]]), theirs, rtol=1e-9, atol=1e-12)
