@@ -1,6 +1,7 @@
 """All registered methods; importing this package registers them."""
 
 from mtopt.core.registry import make, method_class, method_names
+from mtopt.methods.aligned_mtl import AlignedMTL
 from mtopt.methods.auto_lambda import AutoLambda
 from mtopt.methods.cagrad import CAGrad
 from mtopt.methods.dwa import DynamicWeightAverage
@@ -11,9 +12,11 @@ from mtopt.methods.imtl import IMTL, IMTLG
 from mtopt.methods.learned_scales import IMTLL, UncertaintyWeighting
 from mtopt.methods.log_losses import GeometricLoss, ScaleInvariant
 from mtopt.methods.mgda import MGDA, MGDAUB
+from mtopt.methods.nash_mtl import NashMTL
 from mtopt.methods.pcgrad import PCGrad
 from mtopt.methods.rlw import RandomLossWeighting
 from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
+from mtopt.methods.upgrad import UPGrad
 
 __all__ = [
     "EDM",
@@ -23,15 +26,18 @@ __all__ = [
     "IMTLL",
     "MGDA",
     "MGDAUB",
+    "AlignedMTL",
     "AutoLambda",
     "CAGrad",
     "DynamicWeightAverage",
     "FixedWeights",
     "GO4Align",
     "GeometricLoss",
+    "NashMTL",
     "PCGrad",
     "RandomLossWeighting",
     "ScaleInvariant",
+    "UPGrad",
     "UncertaintyWeighting",
     "UnitaryScalarization",
     "make",
