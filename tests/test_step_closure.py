@@ -58,3 +58,34 @@ def test_methods_without_closure_need_get_no_evaluate():
         lambda: [theta.sum(), theta.pow(2).sum()]
     )
     assert seen == [None] and "losses_after" not in info.extras
+
+
+def test_evaluate_replays_the_dropout_masks_of_the_step():
+    """Re-evaluation sees the same random state as the step's forward, and leaves the global
+    random stream where it was."""
+    seen = {}
+
+    class Probe(PostStepProbe):
+        def aggregate(self, inputs):
+            seen["first"] = inputs.evaluate().detach()
+            seen["second"] = inputs.evaluate().detach()
+            seen["original"] = inputs.losses
+            return super().aggregate(inputs)
+
+        def after_step(self, inputs):
+            return {}
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 2)
+    drop = torch.nn.Dropout(0.5)
+    x = torch.randn(32, 6)
+    mto = mtopt.MultiTaskOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), Probe())
+    torch.manual_seed(1)
+    mto.step(lambda: list(drop(layer(x)).pow(2).mean(0)))
+    after_step = torch.rand(3)
+    torch.testing.assert_close(seen["first"], seen["original"], rtol=0, atol=0)
+    torch.testing.assert_close(seen["second"], seen["original"], rtol=0, atol=0)
+    # the same global stream as a plain step that never re-evaluates
+    torch.manual_seed(1)
+    drop(layer(x))
+    torch.testing.assert_close(after_step, torch.rand(3))

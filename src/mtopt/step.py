@@ -13,6 +13,7 @@ parameters only through ``features``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -175,6 +176,8 @@ class MultiTaskOptimizer:
             clock = now
 
         self.optimizer.zero_grad(set_to_none=True)
+        step_index = self.step_count
+        rng_state = _rng_state() if Need.CLOSURE in needs else None
         with torch.enable_grad():
             names, losses, features = self._unpack(closure())
         lap("forward")
@@ -195,13 +198,19 @@ class MultiTaskOptimizer:
 
         stacked = torch.stack([loss.detach() for loss in losses])
         inputs = MethodInput(
-            stacked, names, grads=grads, step=self.step_count, loss_types=self.loss_types
+            stacked, names, grads=grads, step=step_index, loss_types=self.loss_types
         )
         if Need.CLOSURE in needs:
-            # under torch.no_grad() the re-evaluated losses need not be part of a graph
-            inputs.evaluate = lambda: torch.stack(
-                self._unpack(closure(), require_grad=torch.is_grad_enabled())[1]
-            )
+
+            def evaluate() -> Tensor:
+                # replay the step's random state: the same dropout masks as the step's forward,
+                # and the caller's random stream is left untouched; under torch.no_grad() the
+                # re-evaluated losses need not be part of a graph
+                with _replayed_rng(rng_state):
+                    out = closure()
+                return torch.stack(self._unpack(out, require_grad=torch.is_grad_enabled())[1])
+
+            inputs.evaluate = evaluate
             inputs.parameters = self.shared + self.task_params
             inputs.optimizer = self.optimizer
         if meta_closure is not None and Need.META_BATCH in needs:
@@ -217,6 +226,7 @@ class MultiTaskOptimizer:
             torch.nn.utils.clip_grad_norm_(self.shared, self.max_grad_norm)
         lap("backward")
         self.optimizer.step()
+        self.step_count += 1
         lap("optimizer")
         extras = dict(agg.extras)
         if Need.CLOSURE in needs:
@@ -227,7 +237,7 @@ class MultiTaskOptimizer:
         if agg.solver is not None and not agg.solver.converged:
             logger.warning(
                 "step %d: %s solver %s did not converge (%s after %d iterations): %s",
-                self.step_count,
+                step_index,
                 self.method.name,
                 agg.solver.name,
                 agg.solver.status,
@@ -235,7 +245,7 @@ class MultiTaskOptimizer:
                 agg.solver.message,
             )
         info = StepInfo(
-            step=self.step_count,
+            step=step_index,
             losses=dict(zip(names, stacked.tolist(), strict=True)),
             weights=None if agg.weights is None else agg.weights.detach().cpu(),
             task_names=names,
@@ -243,7 +253,6 @@ class MultiTaskOptimizer:
             times=times,
             extras=extras,
         )
-        self.step_count += 1
         return info
 
     # ------------------------------------------------------------------------------------------
@@ -366,7 +375,7 @@ class MultiTaskOptimizer:
         direction = agg.direction
         if direction is None:
             assert w is not None
-            direction = w.to(grads.dtype) @ grads
+            direction = w.to(device=grads.device, dtype=grads.dtype) @ grads
         if Need.PARAM_GRADS in self.method.needs:
             write_flat_grad(self.shared, direction.detach())
         else:  # representation gradients: push d through the encoder once
@@ -400,3 +409,20 @@ class MultiTaskOptimizer:
 def _weighted_sum(losses: list[Tensor], coeffs: Tensor) -> Tensor:
     c = coeffs.detach().to(device=losses[0].device, dtype=losses[0].dtype)
     return (torch.stack(losses) * c).sum()
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple[Tensor, list[Tensor] | None] | None):
+    """Run a block with the global RNGs set to ``state``; restore the current state after."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if state is not None:
+            torch.set_rng_state(state[0])
+            if state[1] is not None:
+                torch.cuda.set_rng_state_all(state[1])
+        yield

@@ -153,3 +153,27 @@ def test_every_registered_method_runs_through_compare(problems, tmp_path):
     assert [r.label for r in result.rows[1:]] == specs
     for row in result.rows[1:]:
         assert math.isfinite(row.delta_m) and row.solver_failures == 0
+
+
+@pytest.mark.slow
+def test_multitask_selection_and_reproducibility_of_stateful_methods(problems):
+    """The kept epoch maximises validation Δm; RNG, closure and meta-batch methods repeat."""
+    from mtopt.experiments.train import run_key
+
+    refs = {
+        "val": {"CL": {"acc": 0.5}, "RR": {"mse": 0.8}},
+        "test": {"CL": {"acc": 0.5}, "RR": {"mse": 0.8}},
+    }
+    for spec in ("rlw", "famo", "auto_lambda:meta_lr=0.01"):
+        name, hp = parse_method_spec(spec)
+        config = RunConfig(
+            problem="multi_mnist/cl_rr", method=name, hparams=hp, dropout=0.2, **TINY
+        )
+        a = train_run(config, references=refs, problem=problems["cl_rr"])
+        b = train_run(config, references=refs, problem=problems["cl_rr"])
+        assert a["history"] == b["history"] and a["test"] == b["test"]
+        scores = [h["score_delta_m"] for h in a["history"]]
+        assert a["selection"]["delta_m"]["epoch"] == scores.index(max(scores))
+        assert a["val_delta_m"] == pytest.approx(max(scores))
+    other = {"val": {"CL": {"acc": 0.6}, "RR": {"mse": 0.8}}, "test": refs["test"]}
+    assert run_key(config, refs) != run_key(config, other) != config.key()

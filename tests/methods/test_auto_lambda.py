@@ -124,3 +124,30 @@ def test_state_round_trip_and_validation():
     assert torch.equal(wa, wb)
     with pytest.raises(ValueError, match="meta_split"):
         mtopt.make("auto_lambda", meta_split="test")
+
+
+def test_meta_gradient_with_per_group_learning_rates_and_a_frozen_group():
+    """Exact form -Σ_p a_p ∂ℓ/∂θ_p v_p with two parameter groups, one of them at lr 0."""
+    theta, train, meta = quadratic_problem(6)
+    k = 3
+    for lrs in ((0.05, 0.01), (0.0, 0.02), (0.0, 0.0)):
+        a = torch.nn.Parameter(theta.detach()[:2].clone())
+        b = torch.nn.Parameter(theta.detach()[2:].clone())
+        opt = torch.optim.SGD([{"params": [a], "lr": lrs[0]}, {"params": [b], "lr": lrs[1]}])
+        method = mtopt.make("auto_lambda")
+        method._ensure(k, lrs[0])
+        inp = MethodInput(
+            train(torch.cat([a, b])).detach(),
+            ("a", "b", "c"),
+            evaluate=lambda a=a, b=b: train(torch.cat([a, b])),
+            evaluate_meta=lambda a=a, b=b: meta(torch.cat([a, b])),
+            parameters=[a, b],
+            optimizer=opt,
+        )
+        got = method.meta_gradient(inp)
+        lam = method.lambdas.detach().clone().requires_grad_(True)
+        t = torch.cat([a, b]).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad((lam * train(t)).sum(), t, create_graph=True)
+        step = torch.cat([torch.full((2,), lrs[0]), torch.full((3,), lrs[1])]).double()
+        (expected,) = torch.autograd.grad(meta(t - step * g).sum(), lam)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)

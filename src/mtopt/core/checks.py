@@ -6,16 +6,23 @@ from torch import Tensor
 
 
 def require_positive_losses(
-    method: str, losses: Tensor, task_names: tuple[str, ...], why: str, offset: float = 0.0
+    method: str,
+    losses: Tensor,
+    task_names: tuple[str, ...],
+    why: str,
+    offset: float = 0.0,
+    allow_zero: bool = False,
 ) -> None:
-    """Raise ``ValueError`` if any ``losses[k] + offset`` is not strictly positive."""
+    """Raise ``ValueError`` if any ``losses[k] + offset`` is not strictly positive (or negative,
+    with ``allow_zero``: a float32 loss can be exactly 0 on an easy batch)."""
     bad = [
         f"{t}={v:.6g}"
         for t, v in zip(task_names, losses.tolist(), strict=True)
-        if not v + offset > 0
+        if not (v + offset >= 0 if allow_zero else v + offset > 0)
     ]
     if bad:
         shift = f" + {offset:g}" if offset else ""
+        relation = "≥" if allow_zero else ">"
         raise ValueError(
-            f"{method}: {why} needs loss{shift} > 0 for every task; got {', '.join(bad)}"
+            f"{method}: {why} needs loss{shift} {relation} 0 for every task; got {', '.join(bad)}"
         )

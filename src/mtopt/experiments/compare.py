@@ -16,7 +16,14 @@ from typing import Any
 
 from mtopt.evaluation.metrics import delta_m, mean_rank
 from mtopt.experiments.store import RunStore
-from mtopt.experiments.train import Callback, RunConfig, mean_table, parse_method_spec, train_run
+from mtopt.experiments.train import (
+    Callback,
+    RunConfig,
+    mean_table,
+    parse_method_spec,
+    run_key,
+    train_run,
+)
 from mtopt.problems import Problem, get_problem
 
 RunHook = Callable[[str, RunConfig, bool], Callback | None]
@@ -51,7 +58,7 @@ def run_or_load(
     hook: RunHook | None,
     label: str,
 ) -> dict[str, Any]:
-    cached = store.get(config.key())
+    cached = store.get(run_key(config, references))
     callback = hook(label, config, cached is not None) if hook else None
     if cached is not None:
         return cached

@@ -71,6 +71,15 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def run_key(config: RunConfig, references: References | None = None) -> str:
+    """The stored-result key of a run: its config, plus the validation references that decided
+    its epoch selection (a multi-task run selected against other references is another run)."""
+    if references is None:
+        return config.key()
+    blob = json.dumps([config.to_dict(), references["val"]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return the generator that orders the training batches."""
     random.seed(seed)
@@ -209,7 +218,7 @@ def train_run(
                 test_best[t][m] = test_metrics[t][m]
 
     result: dict[str, Any] = {
-        "key": config.key(),
+        "key": run_key(config, references),
         "config": config.to_dict(),
         "method_repr": repr(mto.method),
         "tasks": list(tasks),

@@ -90,18 +90,21 @@ class AutoLambda(Method):
         With a learning rate ``a_p`` per parameter the exact form is
         ``∇_λ ℓ^{meta}(θ') = -Σ_p a_p (∂ℓ^{tr}/∂θ_p) v_p``: the difference quotient is taken along
         ``u = a ⊙ v`` (the same points ``θ ± 0.01 v/‖v‖`` as the paper when ``a`` is one number).
+        Both evaluations replay the step's random state (same dropout masks), so the difference
+        measures the parameter change only.
         """
         assert inputs.evaluate is not None and inputs.evaluate_meta is not None
         assert inputs.parameters is not None and inputs.optimizer is not None
         assert self.lambdas is not None
         params = inputs.parameters
         terms = _virtual_step_terms(inputs.optimizer, params)
-        lam = self.lambdas.detach().to(inputs.losses.dtype)
+        lam = self.lambdas.detach()
         saved = [p.data.clone() for p in params]
         try:
             with torch.enable_grad():
                 train = inputs.evaluate()
-                grads = torch.autograd.grad((lam * train).sum(), params, allow_unused=True)
+                weighted = (lam.to(device=train.device, dtype=train.dtype) * train).sum()
+                grads = torch.autograd.grad(weighted, params, allow_unused=True)
             for p, g, (lr, wd, momentum, buf) in zip(params, grads, terms, strict=True):
                 step = wd * p.data if g is None else g + wd * p.data
                 if buf is not None:
@@ -114,18 +117,17 @@ class AutoLambda(Method):
                 torch.zeros_like(p) if g is None else t[0] * g
                 for p, g, t in zip(params, v, terms, strict=True)
             ]
-            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v if g is not None))
-            if not norm > 0:
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum().cpu() for g in u)))
+            if not norm > 0:  # no meta signal, or every learning rate is 0
                 return torch.zeros_like(self.lambdas.detach())
-            lr0 = terms[0][0]
-            eps = 0.01 / (lr0 * norm.item())  # θ ± ε u = θ ± 0.01 v / ‖v‖ for one lr
+            eps = 0.01 / norm  # θ ± ε u = θ ± 0.01 v / ‖v‖ when there is one learning rate
             with torch.no_grad():
                 for p, s, g in zip(params, saved, u, strict=True):
                     p.data.copy_(s + eps * g)
-                plus = inputs.evaluate().double()
+                plus = inputs.evaluate().double().cpu()
                 for p, s, g in zip(params, saved, u, strict=True):
                     p.data.copy_(s - eps * g)
-                minus = inputs.evaluate().double()
+                minus = inputs.evaluate().double().cpu()
         finally:
             for p, s in zip(params, saved, strict=True):
                 p.data.copy_(s)

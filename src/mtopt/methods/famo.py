@@ -80,7 +80,9 @@ class FAMO(Method):
             if self.min_losses is None
             else torch.tensor(self.min_losses, dtype=torch.float64)
         )
-        require_positive_losses("famo", losses - floor, names, "log(ℓ − ℓ*)")
+        require_positive_losses(
+            "famo", losses - floor, names, "log(ℓ − ℓ* + 1e-8)", allow_zero=True
+        )
         return losses - floor + _OFFSET
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:

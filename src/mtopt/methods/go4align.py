@@ -83,7 +83,9 @@ class GO4Align(Method):
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         losses = inputs.losses.detach().to(torch.float64).cpu()
-        require_positive_losses(self.name, losses, inputs.task_names, "the loss ratios")
+        require_positive_losses(
+            self.name, losses, inputs.task_names, "the loss ratios", allow_zero=True
+        )
         k = inputs.num_tasks
         if self.p is None:
             self.p = torch.full((k,), 1.0 / k, dtype=torch.float64)

@@ -10,6 +10,10 @@ same projection on every unit gradient :math:`u_i=g_i/\|g_i\|` (no sign constrai
   :math:`w_{2:K}=g_1^\top U^\top(DU^\top)^{-1}`, :math:`w_1=1-\sum w_{2:K}`, all from the Gram
   matrix; a singular :math:`DU^\top` raises an error (nash-mtl silently adds 1e-8 I).
 
+IMTL-G's common projection :math:`d^\top u_i` equals :math:`1/\sum_iv_i`; when that sum is
+negative, :math:`d` ascends every task's loss (a property of the method, kept as specified): the
+step's solver status is then ``ascent`` with a message, so users can see it in ``StepInfo``.
+
 ``weight_bound`` (off by default): if :math:`\max_i|w_i|>b` all weights are scaled by
 :math:`b/\max_i|w_i|`, which keeps the direction of :math:`d` (hence the equal projections) and only
 shortens it; seed 002 reports overflow with 11 tasks because IMTL-G's weights are unbounded.
@@ -52,7 +56,7 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str]:
         total = v.sum()
         if not abs(float(total)) >= 1e-12:
             return torch.zeros(k, dtype=gram.dtype), "degenerate"
-        return v / total, "ok"
+        return v / total, "ascent" if total < 0 else "ok"
     if bool((norms <= 0).any()):
         raise ValueError("imtl: closed_form needs non-zero gradients (use solver='pinv')")
     # rows D_i = g_1 - g_i, U_j = u_1 - u_j (i, j = 2..K), all inner products from the Gram matrix
@@ -65,7 +69,9 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str]:
         raise ValueError(
             f"imtl: singular D Uᵀ in the closed form ({exc}); use solver='pinv'"
         ) from exc
-    return torch.cat([(1 - rest.sum()).reshape(1), rest]), "ok"
+    w = torch.cat([(1 - rest.sum()).reshape(1), rest])
+    common = float(w @ gram[:, 0]) / float(norms[0])  # dᵀu_1, equal for every task
+    return w, "ascent" if common < 0 else "ok"
 
 
 def bound_weights(w: Tensor, bound: float | None) -> Tensor:
@@ -108,7 +114,11 @@ class _IMTLBase(Method):
     def _weights(self, gram: Tensor) -> tuple[Tensor, SolverReport]:
         w, status = imtl_g_weights(gram, self.solver)
         w = bound_weights(w, self.weight_bound)
-        message = "" if status == "ok" else "Σv ≈ 0 (zero or degenerate gradients): weights 0"
+        message = {
+            "ok": "",
+            "degenerate": "Σv ≈ 0 (zero or degenerate gradients): weights 0",
+            "ascent": "the equal-projection direction ascends every task's loss (Σv < 0)",
+        }[status]
         return w, SolverReport(f"imtl_g/{self.solver}", True, 0, status, message)
 
 
@@ -157,7 +167,9 @@ class IMTL(_IMTLBase):
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         losses = inputs.losses.detach().to(torch.float64).cpu()
-        require_positive_losses(self.name, losses, inputs.task_names, "the scale e^{s}ℓ")
+        require_positive_losses(
+            self.name, losses, inputs.task_names, "the scale e^{s}ℓ", allow_zero=True
+        )
         s = self._vector.ensure(inputs.num_tasks).detach().clone()
         factor = torch.exp(s)
         gram = inputs.gramian().detach().to(torch.float64).cpu() * torch.outer(factor, factor)

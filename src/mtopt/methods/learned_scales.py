@@ -134,7 +134,8 @@ class UncertaintyWeighting(LearnedScales):
         return torch.tensor(p, dtype=torch.float64), torch.tensor(f, dtype=torch.float64)
 
     def objective(self, s: Tensor, losses: Tensor, inputs: MethodInput) -> Tensor:
-        require_positive_losses(self.name, losses.detach(), inputs.task_names, "log σ² → log ℓ")
+        why = "UW (its scales diverge for negative losses)"
+        require_positive_losses(self.name, losses.detach(), inputs.task_names, why, allow_zero=True)
         if self.variant == "common":
             return 0.5 * (torch.exp(-s) * losses + s).sum()
         p, f = self._typed_constants(inputs)
@@ -148,5 +149,6 @@ class IMTLL(LearnedScales):
     name = "imtl_l"
 
     def objective(self, s: Tensor, losses: Tensor, inputs: MethodInput) -> Tensor:
-        require_positive_losses(self.name, losses.detach(), inputs.task_names, "the scale e^{s}ℓ")
+        why = "the scale e^{s}ℓ"
+        require_positive_losses(self.name, losses.detach(), inputs.task_names, why, allow_zero=True)
         return (torch.exp(s) * losses - s).sum()
