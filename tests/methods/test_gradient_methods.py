@@ -214,7 +214,7 @@ def test_cagrad_c_zero_is_the_scaled_mean_and_rescale_options():
 
 
 # --------------------------------------------------------------------- seed 002 Appendix A.4 + bad
-@pytest.mark.parametrize("name", ["cagrad", "imtl_g", "edm", "mgda"])
+@pytest.mark.parametrize("name", ["cagrad", "imtl_g", "edm", "mgda", "nash_mtl", "upgrad"])
 @settings(max_examples=25, deadline=None)
 @given(d=st.integers(2, 8), seed=seeds)
 def test_equal_norm_two_tasks_give_equal_weights(name, d, seed):
@@ -235,7 +235,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-@pytest.mark.parametrize("name", ["pcgrad", "edm", "imtl_g", "imtl", "cagrad", "mgda"])
+@pytest.mark.parametrize(
+    "name",
+    ["pcgrad", "edm", "imtl_g", "imtl", "cagrad", "mgda", "aligned_mtl", "upgrad", "nash_mtl"],
+)
 def test_degenerate_inputs_give_finite_documented_results(name, case):
     G = BAD[case]
     hp = {"level": "param"} if name == "imtl" else {}
@@ -243,3 +246,133 @@ def test_degenerate_inputs_give_finite_documented_results(name, case):
     assert torch.isfinite(out.weights).all() and torch.isfinite(direction).all()
     if case == "zero" and name in ("edm", "mgda"):
         assert out.solver.status == "zero_gradient"
+
+
+# ------------------------------------------------------------------------------------- Aligned-MTL
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), seeds)
+def test_aligned_gradients_are_orthogonal_with_equal_norm(k, seed):
+    from mtopt.methods.aligned_mtl import aligned_weights
+
+    G = jac(seed, k, k + 2)
+    M = G @ G.T
+    eigvals, eigvecs = torch.linalg.eigh(M)
+    B = torch.sqrt(eigvals.min()) * (eigvecs * eigvals.rsqrt()) @ eigvecs.T
+    aligned = B @ G
+    torch.testing.assert_close(aligned @ aligned.T, eigvals.min() * torch.eye(k, dtype=M.dtype))
+    w, rank = aligned_weights(M)
+    assert rank == k
+    torch.testing.assert_close(w @ G, aligned.sum(0))
+
+
+def test_aligned_mtl_leaves_orthonormal_inputs_unchanged_and_is_permutation_invariant():
+    G = torch.eye(3, 5, dtype=torch.float64)
+    out, _ = run("aligned_mtl", G)
+    torch.testing.assert_close(out.weights, torch.ones(3, dtype=torch.float64))
+    G = jac(8, 4, 6)
+    perm = torch.tensor([2, 0, 3, 1])
+    w = run("aligned_mtl", G)[0].weights
+    torch.testing.assert_close(run("aligned_mtl", G[perm])[0].weights, w[perm])
+    mean = run("aligned_mtl", G, reduction="mean")[0].weights
+    torch.testing.assert_close(mean, w / 4)
+
+
+# ------------------------------------------------------------------------------------------ UPGrad
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 8), seeds)
+def test_upgrad_direction_does_not_conflict_and_weights_dominate_preference(k, d, seed):
+    G = jac(seed, k, d)
+    out, direction = run("upgrad", G, reg_eps=0.0)
+    assert torch.all(out.weights >= 1 / k - 1e-9)
+    assert torch.all(G @ direction >= -1e-9 * (G.norm(dim=1) ** 2).sum())
+    assert out.solver.converged
+
+
+def test_upgrad_without_conflict_is_the_mean_and_is_homogeneous():
+    G = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, 0.1], [0.0, 0.4, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        run("upgrad", G)[0].weights, torch.full((3,), 1 / 3, dtype=torch.float64)
+    )
+    H = jac(9, 3, 4)
+    _, d1 = run("upgrad", H)
+    _, d2 = run("upgrad", 3.0 * H)
+    torch.testing.assert_close(d2, 3.0 * d1)
+
+
+def test_box_lower_qp_meets_kkt():
+    from mtopt.core.qp import box_lower_qp
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 7))
+        A = rng.normal(size=(k, k))
+        M = A @ A.T + 1e-3 * np.eye(k)
+        lower = rng.normal(size=k)
+        v, ok = box_lower_qp(M, lower)
+        grad = 2 * M @ v
+        assert ok and np.all(v >= lower - 1e-12)
+        assert np.all(grad >= -1e-9) and np.all(np.abs(grad * (v - lower)) <= 1e-9)
+
+
+# ---------------------------------------------------------------------------------------- Nash-MTL
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 5), seeds)
+def test_nash_bargaining_solution(k, seed):
+    G = jac(seed, k, k + 2)
+    out, d = run("nash_mtl", G, max_norm=0.0)
+    alpha = out.weights
+    assert out.solver.converged and torch.all(alpha > 0)
+    torch.testing.assert_close(
+        alpha * (G @ d), torch.ones(k, dtype=torch.float64), rtol=1e-7, atol=0
+    )
+    assert (d @ d).item() == pytest.approx(k, rel=1e-7)
+    assert torch.all(G @ d > 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 4), seeds, st.floats(0.01, 100.0))
+def test_nash_scaling_all_gradients_scales_alpha_inversely(k, seed, c):
+    G = jac(seed, k, k + 1)
+    out1, d1 = run("nash_mtl", G, max_norm=0.0)
+    out2, d2 = run("nash_mtl", c * G, max_norm=0.0)
+    torch.testing.assert_close(out2.weights, out1.weights / c, rtol=1e-6, atol=0)
+    torch.testing.assert_close(d2, d1, rtol=1e-6, atol=1e-9)
+
+
+def test_nash_max_norm_clips_the_shared_update_but_not_the_heads():
+    G = 0.01 * jac(4, 3, 5)
+    out, d = run("nash_mtl", G, max_norm=1.0)
+    assert d.norm().item() == pytest.approx(1.0)
+    alpha = torch.tensor(out.extras["nash_alpha"], dtype=torch.float64)
+    torch.testing.assert_close(out.head_weights, alpha)
+    torch.testing.assert_close(out.weights, alpha / (alpha @ G).norm())
+
+
+def test_nash_reports_failure_on_a_singular_gram_and_never_reuses_old_weights():
+    method = mtopt.make("nash_mtl", max_norm=0.0)
+    good = jac(1, 2, 3)
+    first = method.aggregate(
+        MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=good)
+    )
+    collinear = torch.tensor([[1.0, 1.0], [-2.0, -2.0]], dtype=torch.float64)  # no αᵢ gᵢᵀd = 1
+    bad = method.aggregate(
+        MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=collinear)
+    )
+    assert not bad.solver.converged and "no bargaining solution" in bad.solver.message
+    assert torch.isfinite(bad.weights).all()
+    assert not torch.equal(bad.weights, first.weights)
+
+
+def test_nash_update_weights_every_reuses_alpha_in_between():
+    method = mtopt.make("nash_mtl", update_weights_every=3, max_norm=0.0)
+    G = jac(2, 2, 4)
+    outs = [
+        method.aggregate(
+            MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=(1 + i) * G)
+        )
+        for i in range(4)
+    ]
+    assert outs[0].solver is not None and outs[1].solver is None and outs[2].solver is None
+    torch.testing.assert_close(outs[1].weights, outs[0].weights)
+    assert outs[3].solver is not None
+    torch.testing.assert_close(outs[3].weights, outs[0].weights / 4, rtol=1e-6, atol=0)

@@ -146,3 +146,28 @@ def test_pcgrad_matches_torchjd_for_two_tasks(d, seed):
     M = _gram(seed, 2, d)
     theirs = tjd_aggregation.PCGradWeighting()(M)
     torch.testing.assert_close(pcgrad_weights(M, [[1], [0]]), theirs, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_aligned_mtl_matches_torchjd(k, d, seed):
+    """TorchJD weights are B·p with p = 1/K: our ``reduction="mean"``."""
+    from mtopt.methods.aligned_mtl import aligned_weights
+
+    M = _gram(seed, k, d)
+    theirs = tjd_aggregation.AlignedMTLWeighting()(M)
+    ours, _ = aligned_weights(M)
+    torch.testing.assert_close(ours / k, theirs, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_upgrad_matches_torchjd_quadprog(k, d, seed):
+    """Same normalisation and regularisation; our active-set QP against quadprog."""
+    from mtopt.methods.upgrad import upgrad_weights
+
+    M = _gram(seed, k, d)
+    theirs = tjd_aggregation.UPGradWeighting()(M)
+    ours, ok = upgrad_weights(M.numpy(), np.full(k, 1.0 / k))
+    assert ok
+    torch.testing.assert_close(torch.from_numpy(ours), theirs, rtol=1e-6, atol=1e-9)

@@ -45,6 +45,9 @@ def nash_weights(
     alpha = np.ones(k) if start is None else np.asarray(start, dtype=np.float64) * np.sqrt(scale)
     if not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
         alpha = np.ones(k)
+    curvature = float(alpha @ m @ alpha)
+    if curvature > 0:  # best multiple of the start: min_t ½t²αᵀM̂α − K log t
+        alpha = alpha * np.sqrt(k / curvature)
 
     def f(a: np.ndarray) -> float:
         return float(0.5 * a @ m @ a - np.log(a).sum())
@@ -55,11 +58,16 @@ def nash_weights(
             return alpha / np.sqrt(scale), it - 1, True
         hessian = m + np.diag(1.0 / alpha**2)
         step = -np.linalg.solve(hessian, residual)
-        t, value = 1.0, f(alpha)
+        t, value, r_norm = 1.0, f(alpha), float(np.linalg.norm(residual))
         while t > 1e-12:
             candidate = alpha + t * step
-            if np.all(candidate > 0) and f(candidate) <= value + 1e-4 * t * float(residual @ step):
-                break
+            if np.all(candidate > 0):
+                # Armijo on F, or (near the solution, where F is flat to rounding) on ‖∇F‖
+                if f(candidate) <= value + 1e-4 * t * float(residual @ step):
+                    break
+                r_new = float(np.linalg.norm(m @ candidate - 1.0 / candidate))
+                if r_new <= (1.0 - 1e-4 * t) * r_norm:
+                    break
             t *= 0.5
         alpha = alpha + t * step
     residual = m @ alpha - 1.0 / alpha
