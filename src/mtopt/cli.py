@@ -263,7 +263,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(
         "\nΔm: Gama & Grassi's per-task relative change vs single-task test metrics, in %, "
         "higher is better (mean ± std over seeds). MR: mean rank over the compared methods, "
-        "lower is better. ms/step: median wall time of one training step."
+        "lower is better. ms/step: median wall time of one training step (× unitary: "
+        "relative to unitary scalarization, measured in the same process)."
     )
     failures = {r.label: r.solver_failures for r in comparison.rows if r.solver_failures}
     if failures:

@@ -141,6 +141,11 @@ def format_table(comparison: Comparison) -> str:
     columns = [(t, m, lo) for t, ms in comparison.directions.items() for m, lo in ms.items()]
     header = ["method"] + [f"{t} {m} {'↓' if lo else '↑'}" for t, m, lo in columns]
     header += ["Δm % ↑", "MR ↓", "ms/step"]
+    baseline = next(
+        (r.step_seconds for r in comparison.rows if r.label.split(":")[0] == "unitary"), None
+    )
+    if baseline:
+        header.append("× unitary")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in comparison.rows:
         cells = [row.label] + [f"{row.test[t][m]:.4f}" for t, m, _ in columns]
@@ -152,5 +157,7 @@ def format_table(comparison: Comparison) -> str:
             cells.append(f"{row.delta_m:+.2f} ± {row.delta_m_std:.2f}")
         cells.append("—" if row.mean_rank is None else f"{row.mean_rank:.2f}")
         cells.append(f"{1000 * row.step_seconds:.0f}")
+        if baseline:
+            cells.append(f"{row.step_seconds / baseline:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
