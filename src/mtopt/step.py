@@ -200,6 +200,8 @@ class MultiTaskOptimizer:
         inputs = MethodInput(
             stacked, names, grads=grads, step=step_index, loss_types=self.loss_types
         )
+        if Need.REP_GRADS in needs and features is not None:
+            inputs.features = features.detach()
         if Need.CLOSURE in needs:
 
             def evaluate() -> Tensor:

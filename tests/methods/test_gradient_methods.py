@@ -214,7 +214,7 @@ def test_cagrad_c_zero_is_the_scaled_mean_and_rescale_options():
 
 
 # --------------------------------------------------------------------- seed 002 Appendix A.4 + bad
-@pytest.mark.parametrize("name", ["cagrad", "imtl_g", "edm", "mgda", "nash_mtl", "upgrad"])
+@pytest.mark.parametrize("name", ["cagrad", "imtl_g", "edm", "mgda", "nash_mtl", "upgrad", "cdtt"])
 @settings(max_examples=25, deadline=None)
 @given(d=st.integers(2, 8), seed=seeds)
 def test_equal_norm_two_tasks_give_equal_weights(name, d, seed):
@@ -376,3 +376,138 @@ def test_nash_update_weights_every_reuses_alpha_in_between():
     torch.testing.assert_close(outs[1].weights, outs[0].weights)
     assert outs[3].solver is not None
     torch.testing.assert_close(outs[3].weights, outs[0].weights / 4, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ DB-MTL
+def db_step(method, G, losses):
+    ins = MethodInput(torch.tensor(losses, dtype=torch.float64), ("a", "b", "c")[: len(losses)], G)
+    return method.aggregate(ins)
+
+
+def test_db_mtl_rescales_every_task_to_the_largest_norm_and_follows_the_ema():
+    method = mtopt.make("db_mtl", beta=0.9)
+    G1, G2 = jac(1, 3, 5), jac(2, 3, 5)
+    l1, l2 = [0.5, 2.0, 1.0], [0.4, 1.5, 1.2]
+    db_step(method, G1, l1)
+    out = db_step(method, G2, l2)
+    log1 = G1 / (torch.tensor(l1, dtype=torch.float64)[:, None] + 1e-8)
+    log2 = G2 / (torch.tensor(l2, dtype=torch.float64)[:, None] + 1e-8)
+    buffer = log2 + 0.9 * ((1 - 0.9) * log1 - log2)
+    norms = buffer.norm(dim=1)
+    scaled = (norms.max() / (norms + 1e-8))[:, None] * buffer
+    torch.testing.assert_close(out.direction, scaled.sum(0))
+    torch.testing.assert_close(
+        scaled.norm(dim=1), torch.full((3,), float(norms.max()), dtype=torch.float64)
+    )
+    torch.testing.assert_close(out.head_weights, 1 / (torch.tensor(l2, dtype=torch.float64) + 1e-8))
+
+
+def test_db_mtl_is_invariant_to_loss_rescaling():
+    a, b = mtopt.make("db_mtl"), mtopt.make("db_mtl")
+    c = torch.tensor([3.0, 0.2, 7.0], dtype=torch.float64)
+    for seed in range(3):
+        G = jac(seed, 3, 4)
+        losses = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) * (seed + 1)
+        da = db_step(a, G, losses.tolist()).direction
+        db = db_step(b, c[:, None] * G, (c * losses).tolist()).direction
+        torch.testing.assert_close(da, db, rtol=1e-6, atol=1e-9)
+
+
+# -------------------------------------------------------------------------------------------- CDTT
+def cdtt_steps(method, G, losses, n):
+    return [
+        method.aggregate(
+            MethodInput(
+                torch.tensor(losses, dtype=torch.float64), ("a", "b", "c")[: len(losses)], G
+            )
+        )
+        for _ in range(n)
+    ]
+
+
+def test_cdtt_equals_edm_during_the_first_h_steps():
+    G = jac(3, 3, 5)
+    outs = cdtt_steps(mtopt.make("cdtt", history=4), G, [1.0, 2.0, 0.5], 4)
+    edm = run("edm", G)[0].weights
+    for out in outs:
+        torch.testing.assert_close(out.weights, edm)
+
+
+def test_cdtt_equal_tasks_keep_the_mean_and_alpha_zero_gives_unit_tension():
+    G = jac(4, 2, 6, scale=0.0)
+    G = G / G.norm(dim=1, keepdim=True)
+    outs = cdtt_steps(mtopt.make("cdtt", history=3, alpha=0.7), G, [0.8, 0.8], 6)
+    for out in outs:
+        torch.testing.assert_close(out.weights, torch.full((2,), 0.5, dtype=torch.float64))
+    outs = cdtt_steps(mtopt.make("cdtt", history=3, alpha=0.0), jac(5, 3, 4), [1.0, 2.0, 3.0], 5)
+    assert outs[-1].extras["cdtt_tension"] == pytest.approx([1.0, 1.0, 1.0])
+    from mtopt.methods.cdtt import tension
+
+    assert tension(np.array([1.0]), 0.4)[0] == pytest.approx(0.4 / 2 + 0.6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), seeds)
+def test_cdtt_direction_check_in_vector_space(d, seed):
+    """A direction more than 90° from g_0 is bent to be orthogonal to it, with length
+    tan(β)‖g_0‖, β = π − ∠(g_0, d − g_0); directions within 90° of every task are left alone."""
+    from mtopt.methods.cdtt import direction_check
+
+    G = jac(seed, 2, d)
+    M = (G @ G.T).numpy()
+    omega = np.array([-1.0, 0.3])  # d = -g_0 + 0.3 g_1
+    vec = torch.from_numpy(omega) @ G
+    if float(G[0] @ vec) >= 0 or float(G[1] @ vec) < 0:
+        return  # only the single-violation case has a closed form to compare with
+    out = torch.from_numpy(direction_check(M, omega)) @ G
+    diff = vec - G[0]
+    beta = np.pi - np.arccos(float(G[0] @ diff / (G[0].norm() * diff.norm())))
+    assert abs(float(G[0] @ out)) < 1e-9 * float(G[0].norm() * out.norm())
+    assert out.norm().item() == pytest.approx(np.tan(beta) * G[0].norm().item(), rel=1e-9)
+    unit = G[0] / G[0].norm()
+    w = vec - (vec @ unit) * unit
+    torch.testing.assert_close(out / out.norm(), w / w.norm())
+    fine = np.array([1.0, 1.0]) if float(G[0] @ G[1]) >= 0 else np.array([1.0, 0.0])
+    if float(torch.from_numpy(fine) @ G @ G[1]) >= 0:
+        np.testing.assert_array_equal(direction_check(M, fine), fine)
+
+
+# ---------------------------------------------------------------------------------------- GradDrop
+def graddrop_inputs(features, grads):
+    k = grads.shape[0]
+    return MethodInput(
+        torch.ones(k, dtype=torch.float64),
+        tuple("abcd"[:k]),
+        grads=grads.reshape(k, -1),
+        features=features,
+    )
+
+
+def test_graddrop_keeps_everything_when_signs_agree_or_leak_is_one():
+    torch.manual_seed(0)
+    features = torch.rand(4, 3, dtype=torch.float64) + 0.1  # positive activations
+    grads = torch.rand(2, 4, 3, dtype=torch.float64) + 0.1  # every task pushes the same way
+    for _ in range(20):
+        out = mtopt.make("graddrop").aggregate(graddrop_inputs(features, grads))
+        torch.testing.assert_close(out.direction, grads.sum(0).reshape(-1))
+    mixed = torch.randn(3, 4, 3, dtype=torch.float64)
+    out = mtopt.make("graddrop", leak=1.0).aggregate(graddrop_inputs(features, mixed))
+    torch.testing.assert_close(out.direction, mixed.sum(0).reshape(-1))
+    out = mtopt.make("graddrop", renormalize=True).aggregate(graddrop_inputs(features, mixed))
+    assert out.direction.norm().item() == pytest.approx(mixed.sum(0).norm().item())
+
+
+def test_graddrop_keeps_the_positive_side_with_probability_purity():
+    from mtopt.methods.graddrop import graddrop_direction
+
+    features = torch.ones(1, 1, dtype=torch.float64)
+    grads = torch.tensor([[[3.0]], [[-1.0]]], dtype=torch.float64).reshape(2, 1)  # P = 3/4
+    kept_positive = 0
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        u = torch.rand(1, generator=gen, dtype=torch.float64)
+        out = graddrop_direction(features, grads, u)
+        assert out.item() in (3.0, -1.0)  # exactly one side survives
+        kept_positive += out.item() == 3.0
+    assert abs(kept_positive / n - 0.75) < 0.03

@@ -66,6 +66,8 @@ class MethodInput:
         loss_types: each task's loss type ("regression", "classification", "l1") when the user
             declared them (``MultiTaskOptimizer(..., loss_types=...)``), else ``None``.
         evaluate_meta: for ``Need.META_BATCH`` methods: the per-task losses on the meta batch.
+        features: for ``Need.REP_GRADS`` methods: the (detached) shared representation itself,
+            shape ``(B, ...)``, whose per-task gradients are the rows of ``grads``.
         parameters, optimizer: for ``Need.CLOSURE`` methods: every optimized parameter (shared
             and task-specific) and the base optimizer (its lr, momentum, weight decay).
         evaluate: for methods that declare ``Need.CLOSURE``: re-runs the user's closure on the
@@ -80,6 +82,7 @@ class MethodInput:
     evaluate: Callable[[], Tensor] | None = None
     loss_types: tuple[str, ...] | None = None
     evaluate_meta: Callable[[], Tensor] | None = None
+    features: Tensor | None = None
     parameters: list[Tensor] | None = None
     optimizer: Any = None
     _gramian: Tensor | None = field(default=None, repr=False)

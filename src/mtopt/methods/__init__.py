@@ -4,10 +4,13 @@ from mtopt.core.registry import make, method_class, method_names
 from mtopt.methods.aligned_mtl import AlignedMTL
 from mtopt.methods.auto_lambda import AutoLambda
 from mtopt.methods.cagrad import CAGrad
+from mtopt.methods.cdtt import CDTT
+from mtopt.methods.db_mtl import DBMTL
 from mtopt.methods.dwa import DynamicWeightAverage
 from mtopt.methods.edm import EDM
 from mtopt.methods.famo import FAMO
 from mtopt.methods.go4align import GO4Align
+from mtopt.methods.graddrop import GradDrop
 from mtopt.methods.imtl import IMTL, IMTLG
 from mtopt.methods.learned_scales import IMTLL, UncertaintyWeighting
 from mtopt.methods.log_losses import GeometricLoss, ScaleInvariant
@@ -19,6 +22,8 @@ from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
 from mtopt.methods.upgrad import UPGrad
 
 __all__ = [
+    "CDTT",
+    "DBMTL",
     "EDM",
     "FAMO",
     "IMTL",
@@ -33,6 +38,7 @@ __all__ = [
     "FixedWeights",
     "GO4Align",
     "GeometricLoss",
+    "GradDrop",
     "NashMTL",
     "PCGrad",
     "RandomLossWeighting",
