@@ -487,3 +487,30 @@ def test_rep_grads_method_requires_explicit_shared_parameters():
     opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1)
     with pytest.raises(ValueError, match="shared=<the encoder's parameters>"):
         mtopt.MultiTaskOptimizer(opt, "mgda_ub")
+
+
+@pytest.mark.parametrize("name", sorted(set(mtopt.methods()) - {"fixed"}))
+def test_no_method_writes_nan_when_a_task_has_a_zero_shared_gradient(name):
+    """Task b reaches the encoder through a detached representation: its shared gradient (and
+    its representation gradient) is exactly zero. Every method must still write finite grads."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(4, 3).double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(3, 1).double() for _ in range(3)])
+    x = torch.randn(8, 4, dtype=torch.float64)
+    opt = torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.01)
+    mto = mtopt.MultiTaskOptimizer(opt, name, shared=enc.parameters())
+
+    def closure():
+        z = torch.tanh(enc(x))
+        losses = {
+            "a": (heads[0](z) - 1).pow(2).mean() + 0.1,
+            "b": (heads[1](z.detach()) + 1).pow(2).mean() + 0.1,
+            "c": (heads[2](z) - 0.5).pow(2).mean() + 0.1,
+        }
+        return mtopt.Losses(losses, features=z)
+
+    for _ in range(3):
+        mto.step(closure, meta_closure=closure)
+        for p in [*enc.parameters(), *heads.parameters()]:
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        assert all(torch.isfinite(p).all() for p in enc.parameters())

@@ -264,7 +264,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "\nΔm: Gama & Grassi's per-task relative change vs single-task test metrics, in %, "
         "higher is better (mean ± std over seeds). MR: mean rank over the compared methods, "
         "lower is better. ms/step: median wall time of one training step (× unitary: "
-        "relative to unitary scalarization, measured in the same process)."
+        "relative to unitary scalarization; a run reused from the store keeps the time measured "
+        "when it ran)."
     )
     failures = {r.label: r.solver_failures for r in comparison.rows if r.solver_failures}
     if failures:
