@@ -511,3 +511,22 @@ def test_graddrop_keeps_the_positive_side_with_probability_purity():
         assert out.item() in (3.0, -1.0)  # exactly one side survives
         kept_positive += out.item() == 3.0
     assert abs(kept_positive / n - 0.75) < 0.03
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop"])
+def test_seeded_methods_resume_their_random_stream(name):
+    G = jac(6, 3, 4)
+    feats = torch.rand(2, 2, dtype=torch.float64)
+    make_inputs = lambda: MethodInput(  # noqa: E731
+        torch.ones(3, dtype=torch.float64), ("a", "b", "c"), grads=G, features=feats
+    )
+    a = mtopt.make(name, seed=11)
+    a.aggregate(make_inputs())
+    b = mtopt.make(name, seed=11)
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a.aggregate(make_inputs()), b.aggregate(make_inputs())
+    got_a = out_a.weights if out_a.weights is not None else out_a.direction
+    got_b = out_b.weights if out_b.weights is not None else out_b.direction
+    assert torch.equal(got_a, got_b)
+    with pytest.raises(ValueError, match="no seed"):
+        mtopt.make(name).load_state_dict({**a.state_dict(), "hparams": mtopt.make(name).hparams})

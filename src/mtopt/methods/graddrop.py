@@ -19,12 +19,11 @@ Randomness: torch's global generator unless ``seed`` is given. Heads: raw.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
+from mtopt.core.seeded import SeededRandomness
 
 _EPS = 1e-7
 
@@ -57,7 +56,7 @@ def graddrop_direction(
 
 
 @register
-class GradDrop(Method):
+class GradDrop(SeededRandomness, Method):
     """GradDrop (Chen et al. 2020): per-feature sign-consistent dropout of task gradients."""
 
     name = "graddrop"
@@ -80,7 +79,7 @@ class GradDrop(Method):
         self.k = float(k)
         self.renormalize = bool(renormalize)
         self.seed = seed
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self._init_generator(seed)
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         if inputs.features is None or inputs.grads is None:
@@ -92,12 +91,3 @@ class GradDrop(Method):
             inputs.features, inputs.grads, uniform, self.leak, self.k, self.renormalize
         )
         return Aggregation(weights=None, direction=direction)
-
-    def _get_state(self) -> dict[str, Any]:
-        return {} if self._generator is None else {"generator": self._generator.get_state()}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
-            if self._generator is None:
-                raise ValueError("graddrop: state has a generator but this instance has no seed")
-            self._generator.set_state(state["generator"])

@@ -15,12 +15,11 @@ instead). Randomness: torch's global generator unless ``seed`` is given. Heads: 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
 from mtopt.core.registry import register
+from mtopt.core.seeded import SeededRandomness
 from mtopt.methods.scalarization import REDUCTIONS
 
 
@@ -43,7 +42,7 @@ def pcgrad_weights(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
 
 
 @register
-class PCGrad(Method):
+class PCGrad(SeededRandomness, Method):
     """PCGrad (Yu et al. 2020): project away pairwise gradient conflicts, then sum."""
 
     name = "pcgrad"
@@ -57,7 +56,7 @@ class PCGrad(Method):
         check_choice(self.name, "reduction", reduction, REDUCTIONS)
         self.reduction = reduction
         self.seed = seed
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self._init_generator(seed)
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu()
@@ -72,12 +71,3 @@ class PCGrad(Method):
             w = w / k
         like = inputs.grads if inputs.grads is not None else inputs.losses
         return Aggregation(w.to(dtype=like.dtype, device=like.device))
-
-    def _get_state(self) -> dict[str, Any]:
-        return {} if self._generator is None else {"generator": self._generator.get_state()}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
-            if self._generator is None:
-                raise ValueError("pcgrad: state has a generator but this instance has no seed")
-            self._generator.set_state(state["generator"])
