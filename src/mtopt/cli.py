@@ -90,10 +90,23 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice; use 1 when other CPU-bound "
+        "processes share the cores, where more threads can slow a step down ~10×)",
+    )
 
 
 def _base_config(args: argparse.Namespace):
     from mtopt.experiments.train import RunConfig
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     preset = PRESETS.get(args.preset or "", {})
     epochs = args.epochs if args.epochs is not None else preset.get("epochs", 10)
