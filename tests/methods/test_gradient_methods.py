@@ -530,3 +530,21 @@ def test_seeded_methods_resume_their_random_stream(name):
     assert torch.equal(got_a, got_b)
     with pytest.raises(ValueError, match="no seed"):
         mtopt.make(name).load_state_dict({**a.state_dict(), "hparams": mtopt.make(name).hparams})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), seeds, st.floats(0.05, 0.95), st.booleans())
+def test_cagrad_two_task_dual_is_exact(d, seed, c, cancelling):
+    from mtopt.methods.cagrad import cagrad_dual
+
+    G = jac(seed, 2, d).numpy()
+    if cancelling:  # nearly opposite gradients: the hard, badly conditioned case
+        G[1] = -1.3 * G[0] + 1e-4 * np.random.default_rng(seed).normal(size=d)
+    M = G @ G.T
+    w, _, ok = cagrad_dual(M, c)
+    b, s = M.sum(1) / 2, c * np.sqrt(M.mean() + 1e-8)
+    xs = np.linspace(0.0, 1.0, 20001)
+    grid = np.stack([xs, 1 - xs], 1)
+    values = grid @ b + s * np.sqrt(np.einsum("ij,jk,ik->i", grid, M, grid) + 1e-8)
+    ours = float(w @ b + s * np.sqrt(w @ M @ w + 1e-8))
+    assert ok and ours <= values.min() + 1e-12 * max(1.0, abs(values.min()))

@@ -12,9 +12,12 @@ and :math:`d=g_0+\frac{\sqrt\phi}{\|g_{w^*}\|}g_{w^*}`, all computable from the 
 1 ⇒ :math:`d/(1+c^2)` (default), 2 ⇒ :math:`d/(1+c)`, 0 ⇒ none; and the reference codes multiply by
 :math:`K` to match the summed loss (``sum_scale=True``, default; TorchJD omits both factors).
 
-The dual is solved in float64 by our own projected-gradient method with Armijo backtracking on
-the simplex (the references call scipy's SLSQP every step), at most ``max_iter`` iterations, and
-reports whether it converged. Safeguards as the references: :math:`\|g_0\|=\sqrt{\mathrm{mean}(M)+
+With two tasks the dual is one-dimensional and convex: it is solved exactly by bisection on its
+derivative. Otherwise our own float64 projected-gradient method with Armijo backtracking on the
+simplex runs (the references call scipy's SLSQP every step) for at most ``max_iter`` iterations,
+stopping when the iterate stops moving or the objective stops decreasing at float64 precision;
+with nearly cancelling gradients it can end short of the optimum, which the step's solver report
+says. Safeguards as the references: :math:`\|g_0\|=\sqrt{\mathrm{mean}(M)+
 10^{-8}}`, :math:`\sqrt{w^\top Mw+10^{-8}}` in the objective, :math:`\sqrt\phi/(\|g_w\|+10^{-8})`.
 Defaults: ``c=0.5`` (LibMTL, Gama & Grassi; the CAGrad repo runs 0.4; seed 002's grid
 {0.2, 0.5, 0.8}). Heads: raw.
@@ -42,6 +45,8 @@ def cagrad_dual(
     k = gram.shape[0]
     b = gram.sum(axis=1) / k
     sqrt_phi = c * np.sqrt(gram.mean() + 1e-8)
+    if k == 2:
+        return _two_task_dual(gram, b, sqrt_phi), 0, True
 
     def f(w: np.ndarray) -> float:
         return float(w @ b + sqrt_phi * np.sqrt(w @ gram @ w + 1e-8))
@@ -58,11 +63,40 @@ def cagrad_dual(
                 break
             step *= 0.5
         change = float(np.abs(candidate - w).sum())
+        gain = value - new_value
         w, value = candidate, new_value
         step *= 2.0
-        if change < tol:
+        # stop when the iterate stops moving, or when the objective can no longer decrease in
+        # float64 (near-cancelling gradients make the dual very flat but badly conditioned)
+        if change < tol or gain <= 1e-15 * max(1.0, abs(value)):
             return w, it, True
     return w, max_iter, False
+
+
+def _two_task_dual(gram: np.ndarray, b: np.ndarray, sqrt_phi: float) -> np.ndarray:
+    """Exact K = 2 dual: bisection on the monotone derivative of the convex F(x, 1 - x)."""
+
+    def slope(x: float) -> float:
+        q = x * x * gram[0, 0] + 2 * x * (1 - x) * gram[0, 1] + (1 - x) ** 2 * gram[1, 1] + 1e-8
+        dq = 2 * x * gram[0, 0] + 2 * (1 - 2 * x) * gram[0, 1] - 2 * (1 - x) * gram[1, 1]
+        return float(b[0] - b[1] + sqrt_phi * dq / (2 * np.sqrt(q)))
+
+    if slope(0.0) >= 0:
+        x = 0.0
+    elif slope(1.0) <= 0:
+        x = 1.0
+    else:
+        lo, hi = 0.0, 1.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if slope(mid) > 0:
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo < 1e-15:
+                break
+        x = 0.5 * (lo + hi)
+    return np.array([x, 1.0 - x])
 
 
 @register
