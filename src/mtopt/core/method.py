@@ -225,5 +225,12 @@ def check_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) -
         raise ValueError(f"{method}: {name} must be one of {choices}, got {value!r}")
 
 
+def as_weights(values: Any, inputs: MethodInput) -> Tensor:
+    """``values`` (array or tensor) as weights with the dtype and device of the method's gradient
+    inputs (of the losses for loss-only methods)."""
+    ref = inputs.grads if inputs.grads is not None else inputs.losses
+    return torch.as_tensor(values).to(dtype=ref.dtype, device=ref.device)
+
+
 def uniform(k: int, like: Tensor) -> Tensor:
     return torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, as_weights, check_choice
 from mtopt.core.registry import register
 from mtopt.methods.scalarization import REDUCTIONS
 
@@ -76,6 +76,5 @@ class AlignedMTL(Method):
         w, rank = aligned_weights(gram, self.scale_mode)
         if self.reduction == "mean":
             w = w / inputs.num_tasks
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         extras: dict[str, Any] = {"aligned_rank": rank}
-        return Aggregation(w.to(dtype=like.dtype, device=like.device), extras=extras)
+        return Aggregation(as_weights(w, inputs), extras=extras)

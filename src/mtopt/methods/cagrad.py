@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
 from mtopt.core.min_norm import project_onto_simplex
 from mtopt.core.registry import register
 
@@ -137,11 +137,10 @@ class CAGrad(Method):
         raw = raw / {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         if self.sum_scale:
             raw = raw * k
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         status = "converged" if converged else "max_iter"
         message = "" if converged else "CAGrad dual hit max_iter; weights are approximate"
         return Aggregation(
-            torch.from_numpy(raw).to(dtype=like.dtype, device=like.device),
+            as_weights(raw, inputs),
             solver=SolverReport("cagrad_dual/pgd", converged, iterations, status, message),
             extras={"cagrad_dual_weights": w.tolist()},
         )

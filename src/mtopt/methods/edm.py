@@ -18,7 +18,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
+from mtopt.core.method import (
+    Aggregation,
+    Method,
+    MethodInput,
+    Need,
+    SolverReport,
+    as_weights,
+    check_choice,
+)
 from mtopt.core.min_norm import SOLVERS, ZERO_GRADIENT_RTOL, min_norm_weights
 from mtopt.core.registry import register
 
@@ -47,14 +55,13 @@ class EDM(Method):
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         sq = np.diag(gram)
         zero = sq <= ZERO_GRADIENT_RTOL * max(float(sq.max()), 0.0)
         if zero.any():
             names = [t for t, z in zip(inputs.task_names, zero, strict=True) if z]
             message = f"zero gradient for {names}: no equiangular direction, shared update is 0"
             report = SolverReport(f"min_norm/{self.solver}", True, 0, "zero_gradient", message)
-            weights = torch.zeros(inputs.num_tasks, dtype=like.dtype, device=like.device)
+            weights = as_weights(torch.zeros(inputs.num_tasks), inputs)
             return Aggregation(weights, solver=report)
         norms = np.sqrt(sq)
         result = min_norm_weights(
@@ -67,7 +74,7 @@ class EDM(Method):
             f"min_norm/{self.solver}", result.converged, result.iterations, result.status
         )
         return Aggregation(
-            torch.from_numpy(raw).to(dtype=like.dtype, device=like.device),
+            as_weights(raw, inputs),
             solver=report,
             extras={"edm_simplex_weights": w.tolist()},
         )

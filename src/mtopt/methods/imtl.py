@@ -37,7 +37,15 @@ import torch
 from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
+from mtopt.core.method import (
+    Aggregation,
+    Method,
+    MethodInput,
+    Need,
+    SolverReport,
+    as_weights,
+    check_choice,
+)
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector
 
@@ -132,8 +140,7 @@ class IMTLG(_IMTLBase):
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu()
         w, report = self._weights(gram)
-        like = inputs.grads if inputs.grads is not None else inputs.losses
-        return Aggregation(w.to(dtype=like.dtype, device=like.device), solver=report)
+        return Aggregation(as_weights(w, inputs), solver=report)
 
 
 @register
@@ -175,9 +182,8 @@ class IMTL(_IMTLBase):
         gram = inputs.gramian().detach().to(torch.float64).cpu() * torch.outer(factor, factor)
         w, report = self._weights(gram)
         self._vector.step(factor * losses - 1.0)
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         return Aggregation(
-            (w * factor).to(dtype=like.dtype, device=like.device),
+            as_weights(w * factor, inputs),
             solver=report,
             head_weights=factor.to(dtype=inputs.losses.dtype),
             extras={"imtl_g_weights": w.tolist(), "scales": s.tolist()},

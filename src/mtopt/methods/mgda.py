@@ -37,7 +37,15 @@ import torch
 from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, check_choice
+from mtopt.core.method import (
+    Aggregation,
+    Method,
+    MethodInput,
+    Need,
+    SolverReport,
+    as_weights,
+    check_choice,
+)
 from mtopt.core.min_norm import SOLVERS, min_norm_weights
 from mtopt.core.registry import register
 
@@ -122,9 +130,8 @@ class MGDA(Method):
             status=result.status,
             message=_message(result.status, inputs.task_names, simplex),
         )
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         return Aggregation(
-            weights=effective.to(dtype=like.dtype, device=like.device),
+            weights=as_weights(effective, inputs),
             solver=report,
             extras={"simplex_weights": simplex.tolist(), "normalizers": n.tolist()},
         )

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
 from mtopt.core.registry import register
 
 
@@ -121,9 +121,8 @@ class NashMTL(Method):
         norm = float(np.sqrt(max(alpha @ gram @ alpha, 0.0)))
         if self.max_norm > 0 and norm > self.max_norm:
             shared = alpha * (self.max_norm / norm)
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         return Aggregation(
-            torch.from_numpy(shared).to(dtype=like.dtype, device=like.device),
+            as_weights(shared, inputs),
             solver=report,
             head_weights=torch.from_numpy(alpha).to(dtype=inputs.losses.dtype),
             extras={"nash_alpha": alpha.tolist()},

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, as_weights, check_choice
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
 from mtopt.methods.scalarization import REDUCTIONS
@@ -69,5 +69,4 @@ class PCGrad(SeededRandomness, Method):
         w = pcgrad_weights(gram, orders)
         if self.reduction == "mean":
             w = w / k
-        like = inputs.grads if inputs.grads is not None else inputs.losses
-        return Aggregation(w.to(dtype=like.dtype, device=like.device))
+        return Aggregation(as_weights(w, inputs))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
 from mtopt.core.qp import box_lower_qp
 from mtopt.core.registry import register
 
@@ -74,11 +74,8 @@ class UPGrad(Method):
             raise ValueError(f"upgrad: pref_vector has {pref.size} entries for {k} tasks")
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
         w, ok = upgrad_weights(gram, pref, self.norm_eps, self.reg_eps)
-        like = inputs.grads if inputs.grads is not None else inputs.losses
         report = SolverReport(
             "upgrad/active_set", ok, k, "converged" if ok else "max_iter",
             "" if ok else "an UPGrad projection hit its iteration bound",
         )  # fmt: skip
-        return Aggregation(
-            torch.from_numpy(w).to(dtype=like.dtype, device=like.device), solver=report
-        )
+        return Aggregation(as_weights(w, inputs), solver=report)
