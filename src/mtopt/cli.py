@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,15 +285,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"WARNING: solver did not converge on some steps: {failures}")
     print(f"total time {time.perf_counter() - started:.0f} s")
     if args.out:
-        args.out.write_text(json.dumps(_comparison_dict(comparison), indent=1))
+        args.out.write_text(json.dumps(asdict(comparison), indent=1))
         print(f"comparison written to {args.out}")
     return 0
-
-
-def _comparison_dict(comparison) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(comparison)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,10 @@ class Need(enum.Flag):
     META_BATCH = enum.auto()
 
 
+#: Methods that work either on the shared parameters or on the representation (``level``).
+LEVEL_NEEDS = {"param": Need.PARAM_GRADS, "rep": Need.REP_GRADS}
+
+
 @dataclass(frozen=True)
 class SolverReport:
     """How an inner solver ended. ``converged=False`` is always also logged by the engine."""
@@ -230,7 +234,3 @@ def as_weights(values: Any, inputs: MethodInput) -> Tensor:
     inputs (of the losses for loss-only methods)."""
     ref = inputs.grads if inputs.grads is not None else inputs.losses
     return torch.as_tensor(values).to(dtype=ref.dtype, device=ref.device)
-
-
-def uniform(k: int, like: Tensor) -> Tensor:
-    return torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)

@@ -62,6 +62,12 @@ class MinNormResult:
         return self.status != "max_iter"
 
 
+def zero_gradient_mask(sq_norms: np.ndarray) -> np.ndarray:
+    """Which squared gradient norms count as zero (relative to the largest, see
+    ``ZERO_GRADIENT_RTOL``)."""
+    return sq_norms <= ZERO_GRADIENT_RTOL * max(float(sq_norms.max()), 0.0)
+
+
 def project_onto_simplex(v: np.ndarray) -> np.ndarray:
     """Euclidean projection of ``v`` onto ``{w ≥ 0, Σw = 1}`` (sort-based, O(K log K))."""
     # The projection commutes with adding a constant to every entry; shifting so that max(v) = 0
@@ -143,7 +149,7 @@ def min_norm_weights(
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
     k = M.shape[0]
     sq_norms = np.diag(M)
-    zero = sq_norms <= ZERO_GRADIENT_RTOL * max(float(sq_norms.max()), 0.0)
+    zero = zero_gradient_mask(sq_norms)
     if zero.any():
         w = np.zeros(k)
         w[int(np.argmax(zero))] = 1.0

@@ -18,12 +18,19 @@ from typing import Any
 
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, as_weights, check_choice
+from mtopt.core.method import (
+    LEVEL_NEEDS,
+    Aggregation,
+    Method,
+    MethodInput,
+    Need,
+    as_weights,
+    check_choice,
+)
 from mtopt.core.registry import register
 from mtopt.methods.scalarization import REDUCTIONS
 
 SCALE_MODES = ("min", "median", "rmse")
-LEVELS = ("param", "rep")
 
 
 def aligned_weights(gram: torch.Tensor, scale_mode: str = "min") -> tuple[torch.Tensor, int]:
@@ -65,11 +72,11 @@ class AlignedMTL(Method):
         super().__init__(head_policy=head_policy)
         check_choice(self.name, "scale_mode", scale_mode, SCALE_MODES)
         check_choice(self.name, "reduction", reduction, REDUCTIONS)
-        check_choice(self.name, "level", level, LEVELS)
+        check_choice(self.name, "level", level, tuple(LEVEL_NEEDS))
         self.scale_mode = scale_mode
         self.reduction = reduction
         self.level = level
-        self.needs = Need.PARAM_GRADS if level == "param" else Need.REP_GRADS  # type: ignore[misc]
+        self.needs = LEVEL_NEEDS[level]  # type: ignore[misc]
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu()

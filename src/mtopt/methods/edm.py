@@ -27,7 +27,7 @@ from mtopt.core.method import (
     as_weights,
     check_choice,
 )
-from mtopt.core.min_norm import SOLVERS, ZERO_GRADIENT_RTOL, min_norm_weights
+from mtopt.core.min_norm import SOLVERS, min_norm_weights, zero_gradient_mask
 from mtopt.core.registry import register
 
 
@@ -56,7 +56,7 @@ class EDM(Method):
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
         sq = np.diag(gram)
-        zero = sq <= ZERO_GRADIENT_RTOL * max(float(sq.max()), 0.0)
+        zero = zero_gradient_mask(sq)
         if zero.any():
             names = [t for t, z in zip(inputs.task_names, zero, strict=True) if z]
             message = f"zero gradient for {names}: no equiangular direction, shared update is 0"

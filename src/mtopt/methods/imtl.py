@@ -38,6 +38,7 @@ from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import (
+    LEVEL_NEEDS,
     Aggregation,
     Method,
     MethodInput,
@@ -49,7 +50,6 @@ from mtopt.core.method import (
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector
 
-LEVELS = ("param", "rep")
 SOLVERS = ("pinv", "closed_form")
 
 
@@ -104,14 +104,14 @@ class _IMTLBase(Method):
     ) -> None:
         super().__init__(head_policy=head_policy)
         level = self.default_level if level is None else level
-        check_choice(self.name, "level", level, LEVELS)
+        check_choice(self.name, "level", level, tuple(LEVEL_NEEDS))
         check_choice(self.name, "solver", solver, SOLVERS)
         if weight_bound is not None and not weight_bound > 0:
             raise ValueError(f"{self.name}: weight_bound must be > 0, got {weight_bound}")
         self.level = level
         self.solver = solver
         self.weight_bound = weight_bound
-        self.needs = Need.PARAM_GRADS if level == "param" else Need.REP_GRADS  # type: ignore[misc]
+        self.needs = LEVEL_NEEDS[level]  # type: ignore[misc]
 
     @classmethod
     def hyperparameters(cls) -> dict[str, Any]:
