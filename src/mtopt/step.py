@@ -150,6 +150,32 @@ class MultiTaskOptimizer:
         """Call once at the end of every training epoch; forwarded to the method."""
         self.method.end_epoch()
 
+    def task_input(self, features: Tensor, task: str | int) -> Tensor:
+        """The input of task ``task``'s head (a name or an index): ``features`` itself, unless
+        the method transforms the representation per task (RotoGrad rotates it). Call it in
+        the closure *and* at evaluation, so that heads always see what they were trained on::
+
+            z = model.encoder(x)
+            outputs = {t: model.heads[t](mto.task_input(z, t)) for t in tasks}
+        """
+        if isinstance(task, int):
+            index: int | None = task
+        elif self.task_names is None:
+            index = None
+        else:
+            if task not in self.task_names:
+                raise KeyError(f"unknown task {task!r}; tasks are {list(self.task_names)}")
+            index = self.task_names.index(task)
+        return self.method.task_input(features, index)
+
+    def _add_method_param_groups(self) -> None:
+        for group in self.method.new_param_groups():
+            group = dict(group)
+            scale = group.pop("lr_scale", None)
+            if scale is not None:
+                group["lr"] = scale * self.optimizer.param_groups[0]["lr"]
+            self.optimizer.add_param_group(group)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -221,6 +247,7 @@ class MultiTaskOptimizer:
             )
         agg = self.method.aggregate(inputs)
         self._check_aggregation(agg, inputs)
+        self._add_method_param_groups()
         lap("method")
 
         self._write_grads(agg, losses, grads, features)
@@ -401,8 +428,11 @@ class MultiTaskOptimizer:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        # the method first: parameters it owns (RotoGrad's rotations) must be in the optimizer's
+        # param_groups before the optimizer's state can be loaded
         self.method.load_state_dict(state_dict["method"])
+        self._add_method_param_groups()
+        self.optimizer.load_state_dict(state_dict["optimizer"])
         self.step_count = int(state_dict["step"])
         names = state_dict.get("task_names")
         self.task_names = None if names is None else tuple(names)

@@ -182,6 +182,18 @@ class Method:
         ``inputs.evaluate()`` provides). Returns values to merge into ``StepInfo.extras``."""
         return {}
 
+    def task_input(self, features: Tensor, index: int | None) -> Tensor:
+        """What the head of task ``index`` sees: ``features`` itself, unless the method
+        transforms the representation per task (RotoGrad rotates it). ``index`` is ``None``
+        while the engine does not know the task names yet (before the first step)."""
+        return features
+
+    def new_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups the method created since the last call (RotoGrad's rotations),
+        for the engine to add to the base optimizer. A group's ``lr_scale`` entry multiplies the
+        base optimizer's first-group learning rate. Methods without parameters return ``[]``."""
+        return []
+
     def end_epoch(self) -> None:
         """Told by :meth:`MultiTaskOptimizer.end_epoch` when a training epoch is over
         (epoch-based methods such as DWA's original form use it; others ignore it)."""

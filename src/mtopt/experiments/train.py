@@ -156,7 +156,7 @@ def train_run(
         for i, batch in enumerate(train.batches(config.batch_size, True, generator)):
 
             def closure(batch=batch):
-                z, outputs = model(batch["x"])
+                z, outputs = model(batch["x"], mto.task_input)
                 return Losses({s.name: s.loss(outputs[s.name], batch) for s in specs}, features=z)
 
             meta_closure = None
@@ -164,7 +164,7 @@ def train_run(
                 meta_batch = next(meta_batches)
 
                 def meta_closure(meta=meta_batch):
-                    _, outputs = model(meta["x"])
+                    _, outputs = model(meta["x"], mto.task_input)
                     return {s.name: s.loss(outputs[s.name], meta) for s in specs}
 
             info = mto.step(closure, meta_closure=meta_closure)
@@ -180,7 +180,7 @@ def train_run(
             if callback is not None:
                 callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
         mto.end_epoch()
-        val_metrics = evaluate(model, problem, val)
+        val_metrics = evaluate(model, problem, val, task_input=mto.task_input)
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": {t: s / n_batches for t, s in loss_sums.items()},
@@ -196,6 +196,7 @@ def train_run(
                     "epoch": epoch,
                     "score": score,
                     "state": copy.deepcopy(model.state_dict()),
+                    "method_state": copy.deepcopy(mto.method.state_dict()),
                 }
         history.append(record)
         if scheduler is not None:
@@ -208,7 +209,8 @@ def train_run(
     selection = {}
     for name, chosen in best.items():
         model.load_state_dict(chosen["state"])
-        test_metrics = evaluate(model, problem, test)
+        mto.method.load_state_dict(chosen["method_state"])  # e.g. RotoGrad's rotations
+        test_metrics = evaluate(model, problem, test, task_input=mto.task_input)
         val_metrics = history[chosen["epoch"]]["val"]
         selection[name] = {"epoch": chosen["epoch"], "val_score": chosen["score"]}
         for t in tasks:

@@ -18,6 +18,7 @@ from mtopt.methods.mgda import MGDA, MGDAUB
 from mtopt.methods.nash_mtl import NashMTL
 from mtopt.methods.pcgrad import PCGrad
 from mtopt.methods.rlw import RandomLossWeighting
+from mtopt.methods.rotograd import RotoGrad
 from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
 from mtopt.methods.upgrad import UPGrad
 
@@ -42,6 +43,7 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "RandomLossWeighting",
+    "RotoGrad",
     "ScaleInvariant",
     "UPGrad",
     "UncertaintyWeighting",

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 Batch = dict[str, Tensor]
+#: ``(z, task name) -> the head's input``; see :meth:`mtopt.MultiTaskOptimizer.task_input`.
+TaskInput = Callable[[Tensor, str], Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,15 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.heads = nn.ModuleDict(dict(heads))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, task_input: TaskInput | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``task_input(z, name)`` (e.g. :meth:`mtopt.MultiTaskOptimizer.task_input`) gives each
+        head its input when the method transforms the representation per task."""
         z = self.encoder(x)
-        return z, {name: head(z) for name, head in self.heads.items()}
+        if task_input is None:
+            return z, {name: head(z) for name, head in self.heads.items()}
+        return z, {name: head(task_input(z, name)) for name, head in self.heads.items()}
 
 
 class Split:
@@ -104,14 +112,19 @@ class Problem:
 
 @torch.no_grad()
 def evaluate(
-    model: MultiTaskModel, problem: Problem, split: Split, batch_size: int = 1000
+    model: MultiTaskModel,
+    problem: Problem,
+    split: Split,
+    batch_size: int = 1000,
+    task_input: TaskInput | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Dataset means of every metric of every task the model has a head for."""
+    """Dataset means of every metric of every task the model has a head for (``task_input``:
+    as in :meth:`MultiTaskModel.forward`)."""
     was_training = model.training
     model.eval()
     sums: dict[str, dict[str, float]] = {}
     for batch in split.batches(batch_size):
-        _, outputs = model(batch["x"])
+        _, outputs = model(batch["x"], task_input)
         for name, pred in outputs.items():
             per_task = sums.setdefault(name, {})
             for metric in problem.task(name).metrics:
