@@ -58,6 +58,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--out", type=Path, help="write the run record as JSON here")
+    t.add_argument(
+        "--plot-groups",
+        type=Path,
+        metavar="PNG",
+        help="selective_groups: plot the number of groups and the affinities over training",
+    )
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compare", help="compare methods against single-task references")
@@ -247,6 +253,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
         print(f"  record written to {args.out}")
+    if args.plot_groups:
+        from mtopt.report.plots import plot_groups
+
+        print(f"  groups plot written to {plot_groups(result, args.plot_groups)}")
     return 0
 
 

@@ -230,17 +230,20 @@ class MultiTaskOptimizer:
             inputs.features = features.detach()
         if Need.CLOSURE in needs:
 
-            def evaluate() -> Tensor:
+            def evaluate_each() -> list[Tensor]:
                 # replay the step's random state: the same dropout masks as the step's forward,
                 # and the caller's random stream is left untouched; under torch.no_grad() the
                 # re-evaluated losses need not be part of a graph
                 with _replayed_rng(rng_state):
                     out = closure()
-                return torch.stack(self._unpack(out, require_grad=torch.is_grad_enabled())[1])
+                return self._unpack(out, require_grad=torch.is_grad_enabled())[1]
 
-            inputs.evaluate = evaluate
+            inputs.evaluate = lambda: torch.stack(evaluate_each())
+            inputs.evaluate_each = evaluate_each
             inputs.parameters = self.shared + self.task_params
             inputs.optimizer = self.optimizer
+            inputs.live_losses = losses
+            inputs.update = self._update
         if meta_closure is not None and Need.META_BATCH in needs:
             inputs.evaluate_meta = lambda: torch.stack(
                 self._unpack(meta_closure(), require_grad=torch.is_grad_enabled())[1]
@@ -250,13 +253,14 @@ class MultiTaskOptimizer:
         self._add_method_param_groups()
         lap("method")
 
-        self._write_grads(agg, losses, grads, features)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.shared, self.max_grad_norm)
-        lap("backward")
-        self.optimizer.step()
+        if not agg.applied:
+            self._write_grads(agg, losses, grads, features)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.shared, self.max_grad_norm)
+            lap("backward")
+            self.optimizer.step()
+            lap("optimizer")
         self.step_count += 1
-        lap("optimizer")
         extras = dict(agg.extras)
         if Need.CLOSURE in needs:
             extras.update(self.method.after_step(inputs))
@@ -360,6 +364,8 @@ class MultiTaskOptimizer:
                 raise FloatingPointError(
                     f"method {name!r} produced non-finite weights {agg.weights.tolist()}"
                 )
+        if agg.applied and Need.CLOSURE not in self.method.needs:
+            raise RuntimeError(f"method {name!r} says it applied the update without Need.CLOSURE")
         if agg.direction is not None and inputs.grads is None:
             raise RuntimeError(f"method {name!r} returned a direction without gradient inputs")
         if agg.head_weights is not None and not bool(torch.isfinite(agg.head_weights).all()):
@@ -373,6 +379,20 @@ class MultiTaskOptimizer:
             raise RuntimeError(
                 f"method {name!r} has no weights, so the 'weighted' head policy is undefined"
             )
+
+    def _update(self, loss: Tensor, zero_missing: bool = False) -> None:
+        """One plain update on ``loss`` (see ``MethodInput.update``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss, inputs=self.shared + self.task_params)
+        if zero_missing:
+            for p in self.task_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.shared if p.grad is not None], self.max_grad_norm
+            )
+        self.optimizer.step()
 
     def _write_grads(
         self,

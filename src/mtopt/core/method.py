@@ -77,6 +77,18 @@ class MethodInput:
         evaluate: for methods that declare ``Need.CLOSURE``: re-runs the user's closure on the
             same batch and returns the validated per-task losses (a ``(K,)`` tensor that is still
             part of the autograd graph); ``None`` otherwise.
+        evaluate_each: like ``evaluate`` but the K scalar losses as a list (back-propagating a
+            subset of them then reaches only their own heads; through a stacked tensor every
+            head would get a zero gradient).
+        live_losses: for ``Need.CLOSURE`` methods: the step's own losses, still attached to the
+            graph of the step's forward (so a method can back-propagate them without a second
+            forward).
+        update: for ``Need.CLOSURE`` methods: ``update(loss, zero_missing=False)`` runs one
+            update of the engine's kind on ``loss`` (a scalar in the autograd graph): zero every
+            gradient, back-propagate into the shared and task-specific parameters (a head that
+            ``loss`` does not reach keeps ``grad = None``, so the base optimizer skips it, unless
+            ``zero_missing`` gives it a zero gradient), apply ``max_grad_norm``, step the base
+            optimizer. A method that updates this way returns ``applied=True``.
     """
 
     losses: Tensor
@@ -89,6 +101,9 @@ class MethodInput:
     features: Tensor | None = None
     parameters: list[Tensor] | None = None
     optimizer: Any = None
+    evaluate_each: Callable[[], list[Tensor]] | None = None
+    live_losses: list[Tensor] | None = None
+    update: Callable[..., None] | None = None
     _gramian: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -119,6 +134,9 @@ class Aggregation:
         head_weights: coefficients ``c`` for the task-specific parameters (they receive
             ``Σ c_k ∇ℓ_k``) when the method defines them itself (hybrid IMTL: ``e^{s_k}``);
             overrides the head policy.
+        applied: the method already updated the parameters itself through
+            ``MethodInput.update`` (sequential methods such as selective group updates): the
+            engine writes no gradient and does not step the optimizer again.
     """
 
     weights: Tensor | None
@@ -126,6 +144,7 @@ class Aggregation:
     solver: SolverReport | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     head_weights: Tensor | None = None
+    applied: bool = False
 
 
 class Method:

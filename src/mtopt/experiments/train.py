@@ -151,6 +151,7 @@ def train_run(
     for epoch in range(config.epochs):
         model.train()
         loss_sums = dict.fromkeys(tasks, 0.0)
+        group_log: dict[str, list] = {"step": [], "num_groups": [], "affinity": []}
         weight_sum: torch.Tensor | None = None
         n_weighted = 0
         for i, batch in enumerate(train.batches(config.batch_size, True, generator)):
@@ -177,6 +178,10 @@ def train_run(
                 n_weighted += 1
             if info.solver is not None and not info.solver.converged:
                 solver_failures += 1
+            if "num_groups" in info.extras:  # selective group updates: groups and affinity
+                group_log["step"].append(info.step)
+                group_log["num_groups"].append(info.extras["num_groups"])
+                group_log["affinity"].append(info.extras["affinity"])
             if callback is not None:
                 callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
         mto.end_epoch()
@@ -188,6 +193,8 @@ def train_run(
             "mean_weights": None if weight_sum is None else (weight_sum / n_weighted).tolist(),
             "lr": optimizer.param_groups[0]["lr"],
         }
+        if group_log["step"]:
+            record["groups"] = group_log
         for name, score_fn in criteria.items():
             score = score_fn(val_metrics)
             record[f"score_{name}"] = score

@@ -20,6 +20,7 @@ from mtopt.methods.pcgrad import PCGrad
 from mtopt.methods.rlw import RandomLossWeighting
 from mtopt.methods.rotograd import RotoGrad
 from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
+from mtopt.methods.selective_groups import SelectiveGroups
 from mtopt.methods.upgrad import UPGrad
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "RandomLossWeighting",
     "RotoGrad",
     "ScaleInvariant",
+    "SelectiveGroups",
     "UPGrad",
     "UncertaintyWeighting",
     "UnitaryScalarization",
