@@ -14,6 +14,10 @@ most ``optim_niter`` iterations, until :math:`\|\hat M\alpha-1/\alpha\|_\infty<`
 When the Gram matrix is singular the condition may have no solution (:math:`F` is unbounded
 below): the solver then reports ``converged=False`` in ``StepInfo.solver`` and the engine logs
 it; the previous weights are *not* silently reused (a known failure of the reference code).
+A test runs the reference's CCCP with cvxpy (extra ``mtopt[cvxpy]``): where it solves, the two
+agree to ~2e-6; on 5 of 24 random Gram matrices with conflicting gradients its linearised
+subproblem is unbounded below and the reference would keep stale weights, while Newton on
+:math:`F` converges on all 24.
 
 ``update_weights_every``: solve every n-th step and reuse :math:`\alpha` in between (reference).
 ``max_norm`` (default 1, 0 disables): the reference clips the shared-parameter gradient norm to it;
