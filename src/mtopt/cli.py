@@ -93,6 +93,25 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr-decay", type=float, default=0.95, help="per-epoch γ; 0 disables")
+    p.add_argument(
+        "--optimizer",
+        choices=["adam", "muon"],
+        default="adam",
+        help="base optimizer: Adam, or Muon on hidden matrices with AdamW (at --lr) elsewhere",
+    )
+    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate")
+    p.add_argument(
+        "--apt",
+        action="store_true",
+        help="EXPERIMENTAL adaptive momentum (APT, reconstructed from its abstract) on the "
+        "shared parameters",
+    )
+    p.add_argument(
+        "--cosine-every",
+        type=int,
+        metavar="N",
+        help="every N steps log the mean cosine of the task gradients (§26.5 diagnostic)",
+    )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -128,6 +147,10 @@ def _base_config(args: argparse.Namespace):
         lr_decay=args.lr_decay or None,
         train_subset=subset,
         eval_subset=eval_subset,
+        optimizer=args.optimizer,
+        apt=args.apt,
+        muon_lr=args.muon_lr,
+        cosine_every=args.cosine_every,
     )
 
 
@@ -170,12 +193,21 @@ def _progress_hook(quiet: bool):
     return hook
 
 
+def _optimizer_text(base) -> str:
+    if base.optimizer == "muon":
+        text = f"Muon lr {base.muon_lr} + AdamW lr {base.lr}"
+    else:
+        text = f"Adam lr {base.lr}"
+    return text + (" with APT (experimental)" if base.apt else "")
+
+
 def _header(args: argparse.Namespace, base, seeds: int) -> str:
     subset = f"the first {base.train_subset:,} of" if base.train_subset else "all"
     lines = [
         f"mtopt {args.command} — {args.problem}",
         f"  training on {subset} the training images for {base.epochs} epoch(s), "
-        f"{seeds} seed(s), Adam lr {base.lr}, batch {base.batch_size}, dropout {base.dropout}",
+        f"{seeds} seed(s), {_optimizer_text(base)}, batch {base.batch_size}, "
+        f"dropout {base.dropout}",
     ]
     if base.eval_subset:
         lines.append(

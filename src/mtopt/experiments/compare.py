@@ -2,7 +2,8 @@
 
 1. Single-task references: one run per task (and seed) with unitary scalarization on that task
    alone; each metric keeps its best validation epoch; values are means over seeds.
-2. Each method: one run per seed, selected on validation Δm against the references.
+2. Each method: one run per seed, selected on validation Δm against the references (a row may
+   use another base optimizer than the references: ``mgda_ub@muon``, ``unitary@apt``).
 3. Table: mean test metrics per method, test Δm (per-task form, higher is better) mean ± std over
    seeds, and the mean rank (MR) over the compared methods.
 """
@@ -98,7 +99,7 @@ def compare(
     hook: RunHook | None = None,
     problem: Problem | None = None,
 ) -> Comparison:
-    parsed = [(spec, *parse_method_spec(spec)) for spec in method_specs]  # fail fast on typos
+    parsed = [(spec, *parse_row_spec(spec)) for spec in method_specs]  # fail fast on typos
     problem = problem if problem is not None else get_problem(problem_name)
     base = replace(base, problem=problem_name, tasks=None)
     directions = problem.lower_is_better()
@@ -107,10 +108,10 @@ def compare(
     comparison.rows.append(
         MethodRow("single-task", refs["test"], 0.0, 0.0, None, stl_step, len(seeds))
     )
-    for spec, name, hparams in parsed:
+    for spec, name, hparams, optimizer in parsed:
         tests, deltas, step_times, failures = [], [], [], 0
         for seed in seeds:
-            config = replace(base, method=name, hparams=hparams, seed=seed)
+            config = replace(base, method=name, hparams=hparams, seed=seed, **optimizer)
             result = run_or_load(store, config, problem, refs, hook, spec)
             tests.append(result["test"])
             deltas.append(delta_m(result["test"], refs["test"], directions))
@@ -134,6 +135,24 @@ def compare(
         for row in comparison.rows[1:]:
             row.mean_rank = ranks[row.label]
     return comparison
+
+
+def parse_row_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A comparison row: a method spec with an optional base-optimizer suffix, ``@muon``,
+    ``@apt`` (Adam with APT) or ``@muon+apt``: ``"mgda_ub@muon"`` → ``("mgda_ub", {},
+    {"optimizer": "muon", "apt": False})``. Without a suffix the row uses the base optimizer."""
+    method, at, suffix = spec.partition("@")
+    name, hparams = parse_method_spec(method)
+    if not at:
+        return name, hparams, {}
+    parts = set(suffix.split("+"))
+    if not parts <= {"adam", "muon", "apt"} or {"adam", "muon"} <= parts:
+        raise ValueError(f"bad optimizer suffix {suffix!r} in {spec!r}: use @muon, @apt, @muon+apt")
+    return (
+        name,
+        hparams,
+        {"optimizer": "muon" if "muon" in parts else "adam", "apt": "apt" in parts},
+    )
 
 
 def format_table(comparison: Comparison) -> str:

@@ -24,7 +24,7 @@ import torch
 import mtopt
 from mtopt.core.method import Need
 from mtopt.evaluation.metrics import delta_m
-from mtopt.problems import Problem, evaluate, get_problem
+from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
 from mtopt.step import Losses, MultiTaskOptimizer
 
 References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {"val"|"test": {task: {metric}}}
@@ -48,6 +48,14 @@ class RunConfig:
     seed: int = 1
     train_subset: int | None = None
     eval_subset: int | None = None
+    #: base optimizer: "adam" (torch's Adam) or "muon" (Muon on hidden matrices, AdamW at ``lr``
+    #: on the rest; see :func:`build_optimizer`)
+    optimizer: str = "adam"
+    #: experimental APT (adaptive momentum) on the shared parameters' groups
+    apt: bool = False
+    muon_lr: float = 0.02
+    #: every N steps, the mean cosine between each task's shared gradient and their mean (§26.5)
+    cosine_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
@@ -60,6 +68,10 @@ class RunConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.cosine_every is not None and self.cosine_every < 1:
+            raise ValueError(f"cosine_every must be ≥ 1, got {self.cosine_every}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,8 +79,62 @@ class RunConfig:
         return d
 
     def key(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        d = self.to_dict()
+        if self.optimizer != "muon":
+            del d["muon_lr"]
+        for name, default in _KEY_NEUTRAL_DEFAULTS.items():  # older records keep their keys
+            if name in d and d[name] == default:
+                del d[name]
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+OPTIMIZERS = ("adam", "muon")
+#: fields added after the first records: left out of the key at their defaults
+_KEY_NEUTRAL_DEFAULTS = {"optimizer": "adam", "apt": False, "muon_lr": 0.02, "cosine_every": None}
+
+
+def build_optimizer(config: RunConfig, model: MultiTaskModel) -> torch.optim.Optimizer:
+    """The run's base optimizer. ``adam``: torch's Adam (``lr``, L2 ``weight_decay``), or with
+    ``apt`` mtopt's APT-capable Adam with APT on the encoder's group only. ``muon``: Muon at
+    ``muon_lr`` on the hidden matrices of the encoder and heads, AdamW at ``lr`` on the encoder's
+    first layer, the heads' output layers, biases and norms; APT (if set) on the encoder's
+    groups."""
+    from mtopt.optim import Adam, Muon, muon_param_groups
+
+    encoder, heads = list(model.encoder.parameters()), list(model.heads.parameters())
+    if config.optimizer == "adam":
+        if not config.apt:
+            return torch.optim.Adam(
+                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
+        groups = [{"params": encoder, "apt": True}, {"params": heads, "apt": False}]
+        return Adam(groups, lr=config.lr, weight_decay=config.weight_decay, apt=True)
+    outputs = [
+        [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        for head in model.heads.values()
+    ]
+    groups = muon_param_groups(model.encoder, apt=config.apt)
+    groups += muon_param_groups(model.heads, first_layer=False, output_modules=outputs, apt=False)
+    return Muon(
+        groups,
+        lr=config.muon_lr,
+        adamw_lr=config.lr,
+        weight_decay=config.weight_decay,
+        apt=config.apt,
+    )
+
+
+def mean_gradient_cosine(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor]) -> float:
+    r"""§26.5: :math:`\frac1K\sum_i\cos(g_i,\bar g)` with :math:`g_i` task i's gradient of the
+    shared parameters and :math:`\bar g` their mean (a zero gradient counts as cosine 0)."""
+    from mtopt.core.gradients import jacobian
+
+    grads = jacobian(list(losses), list(shared)).double()
+    mean = grads.mean(0)
+    norms = grads.norm(dim=1) * mean.norm()
+    cos = torch.where(norms > 0, grads @ mean / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    return float(cos.mean())
 
 
 def run_key(config: RunConfig, references: References | None = None) -> str:
@@ -112,7 +178,7 @@ def train_run(
     val = splits["val"].subset(config.eval_subset)
     test = splits["test"].subset(config.eval_subset)
     model = problem.make_model(tasks, dropout=config.dropout)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config, model)
     scheduler = (
         torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
         if config.lr_decay
@@ -152,6 +218,7 @@ def train_run(
         model.train()
         loss_sums = dict.fromkeys(tasks, 0.0)
         group_log: dict[str, list] = {"step": [], "num_groups": [], "affinity": []}
+        cosines: list[float] = []
         weight_sum: torch.Tensor | None = None
         n_weighted = 0
         for i, batch in enumerate(train.batches(config.batch_size, True, generator)):
@@ -168,6 +235,11 @@ def train_run(
                     _, outputs = model(meta["x"], mto.task_input)
                     return {s.name: s.loss(outputs[s.name], meta) for s in specs}
 
+            if config.cosine_every and mto.step_count % config.cosine_every == 0:
+                with torch.random.fork_rng():  # the run's random stream is left as it was
+                    cosines.append(
+                        mean_gradient_cosine(list(closure().losses.values()), mto.shared)
+                    )
             info = mto.step(closure, meta_closure=meta_closure)
             step_times.append(info.times["total"])
             for t, v in info.losses.items():
@@ -195,6 +267,9 @@ def train_run(
         }
         if group_log["step"]:
             record["groups"] = group_log
+        if cosines:
+            record["cosine"] = statistics.fmean(cosines)
+            record["cosine_samples"] = len(cosines)
         for name, score_fn in criteria.items():
             score = score_fn(val_metrics)
             record[f"score_{name}"] = score
