@@ -77,6 +77,28 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, help="number of seeds (run i uses seed 1 + i)")
     c.add_argument("--out", type=Path, help="write the comparison as JSON here")
     c.set_defaults(func=cmd_compare)
+
+    w = sub.add_parser(
+        "sweep", help="grid search with Gama & Grassi's selection protocol, from a TOML file"
+    )
+    w.add_argument("config", type=Path, help="sweep file (see examples/sweeps/)")
+    w.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, dotted keys, lists as a/b (e.g. base.epochs=2)",
+    )
+    w.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
+    w.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
+    w.add_argument("--db", type=Path, help="SQLite run database (default RUN_DIR/mtopt.sqlite)")
+    w.add_argument("--quiet", action="store_true", help="no progress lines")
+    w.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="tables (markdown, LaTeX) and PNG plots of a sweep")
+    r.add_argument("sweep", type=Path, help="the sweep result, RUN_DIR/sweeps/NAME.json")
+    r.add_argument("--out-dir", type=Path, help="default: reports/NAME")
+    r.set_defaults(func=cmd_report)
     return p
 
 
@@ -329,6 +351,65 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_text(json.dumps(asdict(comparison), indent=1))
         print(f"comparison written to {args.out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mtopt.experiments.database import RunDatabase
+    from mtopt.experiments.sweep import SweepConfig, run_sweep
+    from mtopt.report.tables import markdown_table
+
+    started = time.perf_counter()
+    config = SweepConfig.from_toml(args.config, args.set)
+    db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
+    unfinished = db.unfinished()
+    print(f"mtopt sweep {config.name} — {config.problem}; runs kept in {db.path}")
+    if unfinished:
+        print(f"  {len(unfinished)} run(s) started earlier but never finished: they are redone")
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"  [{time.perf_counter() - started:7.0f} s] {message}", flush=True)
+
+    result = run_sweep(config, db, workers=args.workers, progress=progress)
+    out = args.run_dir / "sweeps" / f"{config.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    data = json.loads(out.read_text())
+    print()
+    print(markdown_table(data))
+    print(
+        f"{result.runs} run(s) executed in {time.perf_counter() - started:.0f} s; "
+        f"result in {out} (render it with `mtopt report {out}`)"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mtopt.experiments.database import RunDatabase
+    from mtopt.report.plots import plot_cosine, plot_delta_m, plot_weights
+    from mtopt.report.tables import latex_table, markdown_table
+
+    result = json.loads(args.sweep.read_text())
+    out_dir = args.out_dir or Path("reports") / result["name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db = RunDatabase(result["database"])
+    keys = {key for row in result["rows"] for key in row["keys"]}
+    records = {key: rec for key in keys if (rec := db.get(key)) is not None}
+    written = []
+    for name, text in (("table.md", markdown_table(result)), ("table.tex", latex_table(result))):
+        (out_dir / name).write_text(text)
+        written.append(out_dir / name)
+    written.append(plot_delta_m(result, out_dir / "delta_m.png"))
+    for name, plot in (("weights.png", plot_weights), ("cosine.png", plot_cosine)):
+        path = plot(result, records, out_dir / name)
+        if path is None:
+            print(f"  ({name}: nothing to plot in this sweep)")
+        else:
+            written.append(path)
+    print(markdown_table(result))
+    for path in written:
+        print(f"  wrote {path}")
     return 0
 
 

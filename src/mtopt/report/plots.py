@@ -70,3 +70,115 @@ def plot_groups(record: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_delta_m(result: dict[str, Any], path: str | Path) -> Path:
+    """Gama & Grassi's Fig. 1: one box of per-seed test Δm per method, the median of unitary
+    scalarization as a horizontal line (higher is better)."""
+    plt = _pyplot()
+    rows = result["rows"]
+    labels = [r["label"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.55 * len(rows) + 2), 5.2), constrained_layout=True)
+    ax.boxplot([r["delta_m"] for r in rows], showmeans=True)
+    ax.set_xticks(range(1, len(rows) + 1), labels, rotation=60, ha="right")
+    unitary = [r for r in rows if r["label"].split(":")[0].split("@")[0] == "unitary"]
+    if unitary:
+        median = float(np.median(unitary[0]["delta_m"]))
+        ax.axhline(median, color="tab:red", linestyle="--", label=f"unitary median {median:+.2f}")
+        ax.legend(loc="best", fontsize=8)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("test Δm vs single-task, % (↑ better)")
+    seeds = result["config"]["n_best_runs"]
+    ax.set_title(f"{result['problem']}: Δm per method, {seeds} seed(s) each (▲ mean)", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ema(values: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    """Exponential moving average over the first axis, started at the first value."""
+    out = np.empty_like(values, dtype=float)
+    for i, v in enumerate(values):
+        out[i] = v if i == 0 else beta * out[i - 1] + (1 - beta) * v
+    return out
+
+
+def plot_weights(
+    result: dict[str, Any], records: dict[str, dict[str, Any]], path: str | Path
+) -> Path | None:
+    """Gama & Grassi's Fig. 6: per method with weights, the per-epoch mean task weights
+    (normalised to sum 1; solid) and their EMA with β = 0.9 (dashed), from the first run of the
+    selected configuration. ``records``: run key → record. ``None`` if no method logs weights."""
+    plt = _pyplot()
+    panels = []
+    for row in result["rows"]:
+        name = row["label"].split(":")[0].split("@")[0]
+        if name in ("unitary", "fixed") or row["label"].startswith("fixed from"):
+            continue
+        record = records.get(row["keys"][0])
+        if record is None:
+            continue
+        epochs = [h["mean_weights"] for h in record["history"] if h.get("mean_weights")]
+        if not epochs:
+            continue
+        w = np.asarray(epochs, dtype=float)
+        w = w / w.sum(axis=1, keepdims=True)
+        panels.append((row["label"], w, record["tasks"]))
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, constrained_layout=True
+    )
+    for ax, (label, w, tasks) in zip(axes.flat, panels, strict=False):
+        x = np.arange(1, len(w) + 1)
+        smooth = ema(w)
+        for k, task in enumerate(tasks):
+            (line,) = ax.plot(x, w[:, k], label=task)
+            ax.plot(x, smooth[:, k], "--", color=line.get_color())
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("normalised weight")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("task weights per epoch (solid) and their EMA β=0.9 (dashed)")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cosine(
+    result: dict[str, Any], records: dict[str, dict[str, Any]], path: str | Path
+) -> Path | None:
+    """Gama & Grassi's Fig. 3a/7: the mean cosine between each task's shared-parameter gradient
+    and their mean, per epoch, under unitary scalarization (mean and range over runs)."""
+    plt = _pyplot()
+    curves = []
+    for row in result["rows"]:
+        for key in row["keys"]:
+            record = records.get(key)
+            if record and any("cosine" in h for h in record["history"]):
+                curves.append([h.get("cosine", np.nan) for h in record["history"]])
+    if not curves:
+        return None
+    c = np.asarray(curves, dtype=float)
+    x = np.arange(1, c.shape[1] + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    ax.plot(x, np.nanmean(c, axis=0), marker="o", label=f"mean over {len(c)} run(s)")
+    ax.fill_between(x, np.nanmin(c, axis=0), np.nanmax(c, axis=0), alpha=0.25, label="range")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_ylabel("mean cos(g_i, mean g)")
+    ax.set_ylim(min(0.0, float(np.nanmin(c)) - 0.05), 1.0)
+    ax.set_title(f"{result['problem']}: gradient agreement (unitary)", fontsize=10)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

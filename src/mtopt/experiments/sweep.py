@@ -1,0 +1,426 @@
+"""Grid search with Gama & Grassi's selection protocol (METHODS.md §26.3, §26.4).
+
+1. **Single-task references.** For every task and every shared configuration of the grid
+   (lr × dropout × weight decay), runs with the first ``n_val_runs`` seeds. Each *metric* picks
+   the configuration with the best mean validation value (each run keeps, per metric, its best
+   validation epoch); that configuration is re-run up to ``n_best_runs`` seeds and the metric's
+   validation and test references are the means over those runs.
+2. **Methods.** For every method, every configuration of (shared grid × the method's own grid),
+   runs with the first ``n_val_runs`` seeds; each run keeps its best-validation-Δm epoch; the
+   configuration's score is the mean of those best validation Δm. The best configuration is
+   re-run up to ``n_best_runs`` seeds; reported test metrics and Δm are means (and std) over
+   those runs.
+3. **Fixed weights from an SMTO** (``fixed_from``): the per-epoch mean weights logged by the
+   SMTO's best-configuration run (its first seed), normalised to sum 1, smoothed by an EMA over
+   epochs (β = 0.9, started at the first epoch), last value renormalised; then a ``fixed`` run
+   with those weights and the SMTO's best shared hyperparameters, ``n_best_runs`` seeds.
+
+Run ``i`` of a configuration uses seed ``random_seed + i``. Runs are stored in a
+:class:`~mtopt.experiments.database.RunDatabase` by their config hash; a finished run is never
+redone, so a killed sweep restarted with the same file resumes where it stopped. A process pool
+(``workers``, default one per core) runs the configurations of each phase in parallel, each worker
+with one torch thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtopt.evaluation.metrics import delta_m, mean_rank
+from mtopt.experiments.database import RunDatabase, code_version
+from mtopt.experiments.train import (
+    References,
+    RunConfig,
+    _parse_value,
+    mean_table,
+    parse_method_spec,
+    run_key,
+    train_run,
+)
+
+SHARED_KEYS = ("lr", "dropout", "weight_decay")
+BASE_KEYS = ("epochs", "train_subset", "eval_subset", "batch_size", "lr_decay", "optimizer", "apt")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs; see the module doc. ``methods`` maps a method spec (``name`` or
+    ``name:key=value``, fixed hyperparameters) to the grid of its own hyperparameters."""
+
+    problem: str
+    methods: dict[str, dict[str, list[Any]]]
+    grid: dict[str, list[Any]] = field(default_factory=lambda: {"lr": [1e-3]})
+    base: dict[str, Any] = field(default_factory=dict)
+    n_val_runs: int = 1
+    n_best_runs: int = 1
+    random_seed: int = 1
+    fixed_from: list[str] = field(default_factory=list)
+    name: str = "sweep"
+    #: §26.5 diagnostic: every N steps of the multi-task *unitary* runs, log the mean cosine
+    cosine_every: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.grid) - set(SHARED_KEYS))
+        if bad:
+            raise ValueError(f"grid keys must be among {SHARED_KEYS}, got {bad}")
+        bad = sorted(set(self.base) - set(BASE_KEYS))
+        if bad:
+            raise ValueError(f"base keys must be among {BASE_KEYS}, got {bad}")
+        self.grid = {k: _as_list(v) for k, v in self.grid.items()}
+        self.methods = {
+            spec: {k: _as_list(v) for k, v in (grid or {}).items()}
+            for spec, grid in self.methods.items()
+        }
+        if not self.methods:
+            raise ValueError("a sweep needs at least one method")
+        if not 1 <= self.n_val_runs <= self.n_best_runs:
+            raise ValueError(
+                f"need 1 <= n_val_runs <= n_best_runs, got {self.n_val_runs}, {self.n_best_runs}"
+            )
+        for spec, grid in self.methods.items():
+            name, fixed = parse_method_spec(spec)
+            for combo in _combinations(grid):  # every grid point must build (fail fast)
+                parse_method_spec(":".join([name, *_spec_pairs({**fixed, **combo})]))
+        unknown = [m for m in self.fixed_from if m not in self.methods]
+        if unknown:
+            raise ValueError(f"fixed_from names methods that are not in the sweep: {unknown}")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+        """Read a TOML file; ``overrides`` are ``dotted.key=value`` (lists as ``a/b``), e.g.
+        ``base.epochs=2``, ``grid.lr=0.001/0.0005``, ``methods.cagrad.c=0.5``, ``n_val_runs=2``."""
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        data.setdefault("name", Path(path).stem)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r}: use dotted.key=value")
+            *parents, leaf = key.strip().split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = _parse_value(value.strip())
+        return cls(**data)
+
+    def seeds(self, count: int) -> list[int]:
+        return [self.random_seed + i for i in range(count)]
+
+    def shared_configs(self) -> list[dict[str, Any]]:
+        return _combinations(self.grid)
+
+    def base_config(self) -> RunConfig:
+        return RunConfig(problem=self.problem, **self.base)
+
+
+@dataclass
+class MethodResult:
+    """The selected configuration of one method (or of a fixed-weights run)."""
+
+    label: str
+    hparams: dict[str, Any]
+    shared: dict[str, Any]
+    val_score: float
+    grid_scores: list[tuple[dict[str, Any], float]]
+    test: dict[str, dict[str, float]]
+    test_std: dict[str, dict[str, float]]
+    delta_m: list[float]
+    step_seconds: float
+    keys: list[str]
+    weights: list[float] | None = None
+    mean_rank: float | None = None
+
+
+@dataclass
+class SweepResult:
+    config: SweepConfig
+    directions: dict[str, dict[str, bool]]
+    references: dict[str, dict[str, dict[str, float]]]
+    reference_configs: dict[str, dict[str, dict[str, Any]]]
+    rows: list[MethodResult]
+    runs: int
+    code_version: str
+    database: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "problem": self.config.problem,
+            "config": {
+                "methods": self.config.methods,
+                "grid": self.config.grid,
+                "base": self.config.base,
+                "n_val_runs": self.config.n_val_runs,
+                "n_best_runs": self.config.n_best_runs,
+                "random_seed": self.config.random_seed,
+                "fixed_from": self.config.fixed_from,
+                "cosine_every": self.config.cosine_every,
+            },
+            "database": self.database,
+            "directions": self.directions,
+            "references": self.references,
+            "reference_configs": self.reference_configs,
+            "rows": [vars(r) for r in self.rows],
+            "runs": self.runs,
+            "code_version": self.code_version,
+        }
+
+
+# -- the pool -------------------------------------------------------------------------------------
+_PROBLEMS: dict[str, Any] = {}
+
+
+def _execute(db_path: str, config: RunConfig, references: References | None, threads: int) -> str:
+    """Run one configuration in a worker (or in-process) unless it is already stored."""
+    import torch
+
+    from mtopt.problems import get_problem
+
+    db = RunDatabase(db_path)
+    key = run_key(config, references)
+    if key in db:
+        return key
+    if threads:
+        torch.set_num_threads(threads)
+    if config.problem not in _PROBLEMS:
+        _PROBLEMS[config.problem] = get_problem(config.problem)
+    db.mark_started(key)
+    record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
+    record["code_version"] = code_version()
+    db.put(record)
+    return key
+
+
+class Runner:
+    """Runs batches of configurations, skipping stored ones, on a process pool."""
+
+    def __init__(
+        self, db: RunDatabase, workers: int | None = None, progress: Progress | None = None
+    ):
+        self.db = db
+        self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
+        self.progress = progress or (lambda message: None)
+        self.executed = 0
+
+    def run(
+        self, jobs: Sequence[tuple[RunConfig, References | None]], label: str
+    ) -> list[dict[str, Any]]:
+        keys = [run_key(c, r) for c, r in jobs]
+        todo = [(c, r) for (c, r), k in zip(jobs, keys, strict=True) if k not in self.db]
+        done = len(jobs) - len(todo)
+        self.progress(f"{label}: {len(jobs)} runs, {done} already stored, {len(todo)} to run")
+        if todo and self.workers > 1:
+            with ProcessPoolExecutor(max_workers=self.workers) as pool:
+                futures = [pool.submit(_execute, str(self.db.path), c, r, 1) for c, r in todo]
+                for n, future in enumerate(as_completed(futures), 1):
+                    future.result()
+                    self.progress(f"{label}: {done + n}/{len(jobs)} done")
+        else:
+            for n, (c, r) in enumerate(todo, 1):
+                _execute(str(self.db.path), c, r, 0)
+                self.progress(f"{label}: {done + n}/{len(jobs)} done")
+        self.executed += len(todo)
+        records = [self.db.get(k) for k in keys]
+        assert all(r is not None for r in records)
+        return records  # type: ignore[return-value]
+
+
+# -- the protocol --------------------------------------------------------------------------------
+def run_sweep(
+    config: SweepConfig,
+    db: RunDatabase,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    from mtopt.problems import get_problem
+
+    problem = get_problem(config.problem)
+    directions = problem.lower_is_better()
+    runner = Runner(db, workers, progress)
+    base = config.base_config()
+    shared = config.shared_configs()
+    val_seeds, best_seeds = config.seeds(config.n_val_runs), config.seeds(config.n_best_runs)
+
+    # 1. single-task references: each metric picks its own best shared configuration
+    def single(task: str, point: Mapping[str, Any], seed: int) -> RunConfig:
+        return replace(base, **point, method="unitary", hparams={}, tasks=(task,), seed=seed)
+
+    jobs = [(single(t, p, s), None) for t in problem.task_names for p in shared for s in val_seeds]
+    runner.run(jobs, "single-task grid")
+    references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
+    reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in problem.task_names:
+        references["val"][task], references["test"][task] = {}, {}
+        reference_configs[task] = {}
+        for metric, lower in directions[task].items():
+            sign = -1.0 if lower else 1.0
+
+            def score(point: Mapping[str, Any], task=task, metric=metric, sign=sign) -> float:
+                runs = [db.get(run_key(single(task, point, s))) for s in val_seeds]
+                return statistics.fmean(sign * r["val"][task][metric] for r in runs)
+
+            best = max(shared, key=score)
+            records = runner.run(
+                [(single(task, best, s), None) for s in best_seeds], f"single-task {task}/{metric}"
+            )
+            references["val"][task][metric] = statistics.fmean(
+                r["val"][task][metric] for r in records
+            )
+            references["test"][task][metric] = statistics.fmean(
+                r["test"][task][metric] for r in records
+            )
+            reference_configs[task][metric] = dict(best)
+
+    # 2. methods: grid × first n_val_runs seeds, then the best configuration to n_best_runs
+    rows: list[MethodResult] = []
+    for spec, grid in config.methods.items():
+        name, fixed = parse_method_spec(spec)
+        points = [(p, {**fixed, **m}) for p in shared for m in _combinations(grid)]
+        rows.append(
+            _select(
+                runner,
+                base,
+                spec,
+                name,
+                points,
+                val_seeds,
+                best_seeds,
+                references,
+                directions,
+                config.cosine_every,
+            )
+        )
+
+    # 3. fixed weights extracted from SMTOs
+    for smto in config.fixed_from:
+        row = next(r for r in rows if r.label == smto)
+        first = db.get(row.keys[0])
+        assert first is not None
+        weights = extract_fixed_weights(first["history"])
+        fixed_row = _select(
+            runner,
+            base,
+            f"fixed from {smto}",
+            "fixed",
+            [(row.shared, {"weights": weights})],
+            val_seeds,
+            best_seeds,
+            references,
+            directions,
+        )
+        fixed_row.weights = weights
+        rows.append(fixed_row)
+
+    ranks = mean_rank({r.label: r.test for r in rows}, directions)
+    for r in rows:
+        r.mean_rank = ranks[r.label]
+    return SweepResult(
+        config,
+        directions,
+        references,
+        reference_configs,
+        rows,
+        runner.executed,
+        code_version(),
+        str(db.path),
+    )
+
+
+def _select(
+    runner: Runner,
+    base: RunConfig,
+    label: str,
+    name: str,
+    points: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
+    val_seeds: Sequence[int],
+    best_seeds: Sequence[int],
+    references: References,
+    directions: Mapping[str, Mapping[str, bool]],
+    cosine_every: int | None = None,
+) -> MethodResult:
+    def make(point: Mapping[str, Any], hparams: Mapping[str, Any], seed: int) -> RunConfig:
+        return replace(
+            base,
+            **point,
+            method=name,
+            hparams=dict(hparams),
+            seed=seed,
+            cosine_every=cosine_every if name == "unitary" else None,
+        )
+
+    jobs = [(make(p, h, s), references) for p, h in points for s in val_seeds]
+    records = runner.run(jobs, f"{label} grid")
+    per_point = len(val_seeds)
+    scores = []
+    for i in range(len(points)):
+        group = records[i * per_point : (i + 1) * per_point]
+        scores.append(statistics.fmean(r["val_delta_m"] for r in group))
+    best = int(np.argmax(scores))
+    point, hparams = points[best]
+    final = runner.run([(make(point, hparams, s), references) for s in best_seeds], f"{label} best")
+    tests = [r["test"] for r in final]
+    deltas = [delta_m(r["test"], references["test"], directions) for r in final]
+    spread = {
+        t: {
+            m: statistics.stdev(x[t][m] for x in tests) if len(tests) > 1 else 0.0
+            for m in tests[0][t]
+        }
+        for t in tests[0]
+    }
+    return MethodResult(
+        label=label,
+        hparams=dict(hparams),
+        shared=dict(point),
+        val_score=scores[best],
+        grid_scores=[({**p, **h}, s) for (p, h), s in zip(points, scores, strict=True)],
+        test=mean_table(tests),
+        test_std=spread,
+        delta_m=deltas,
+        step_seconds=statistics.median(r["step_seconds_median"] for r in final),
+        keys=[r["key"] for r in final],
+    )
+
+
+def extract_fixed_weights(history: Sequence[Mapping[str, Any]], beta: float = 0.9) -> list[float]:
+    """§26.4: per-epoch mean weights → normalised to sum 1 → EMA over epochs (``beta``, started
+    at the first epoch) → last value renormalised to sum 1."""
+    epochs = [h["mean_weights"] for h in history if h.get("mean_weights") is not None]
+    if not epochs:
+        raise ValueError("the run logged no weights (a method without weights?)")
+    ema = None
+    for w in epochs:
+        w = np.asarray(w, dtype=np.float64)
+        total = w.sum()
+        if not total > 0:
+            raise ValueError(f"cannot normalise epoch weights {w.tolist()} (sum {total})")
+        w = w / total
+        ema = w if ema is None else beta * ema + (1.0 - beta) * w
+    assert ema is not None
+    return (ema / ema.sum()).tolist()
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _combinations(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _spec_pairs(hparams: Mapping[str, Any]) -> list[str]:
+    def text(v: Any) -> str:
+        return "/".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    return [f"{k}={text(v)}" for k, v in hparams.items()]

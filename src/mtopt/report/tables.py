@@ -1,0 +1,97 @@
+"""Markdown and LaTeX tables of a sweep result (``SweepResult.to_dict()``)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+NOTE = (
+    "Test metrics: mean (± std) over the best configuration's runs. Δm: Gama & Grassi's per-task "
+    "relative change against the single-task references, in %, higher is better. MR: mean rank "
+    "over the listed methods, lower is better. s/step: median wall time of one training step."
+)
+
+
+def _columns(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    return [(t, m, lo) for t, ms in result["directions"].items() for m, lo in ms.items()]
+
+
+def _hparams(row: dict[str, Any]) -> str:
+    items = {**row["shared"], **row["hparams"]}
+    if row.get("weights") is not None:
+        items["weights"] = "/".join(f"{w:.3f}" for w in row["weights"])
+    return ", ".join(f"{k}={_short(v)}" for k, v in items.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "/".join(_short(v) for v in value)
+    return str(value)
+
+
+def _dm(row: dict[str, Any]) -> tuple[float, float]:
+    values = row["delta_m"]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
+    """Header plus one line per row (single-task references first), as plain cells."""
+    columns = _columns(result)
+    header = ["method"] + [f"{t} {m} {'↓' if lo else '↑'}" for t, m, lo in columns]
+    header += ["Δm % ↑", "MR ↓", "s/step", "best hyperparameters"]
+    lines = [header]
+    refs = result["references"]["test"]
+    lines.append(
+        ["single-task"]
+        + [f"{refs[t][m]:.4f}" for t, m, _ in columns]
+        + ["0 (ref.)", "—", "—", "per metric"]
+    )
+    for row in result["rows"]:
+        mean, std = _dm(row)
+        cells = [row["label"]]
+        for t, m, _ in columns:
+            cells.append(f"{row['test'][t][m]:.4f} ± {row['test_std'][t][m]:.4f}")
+        cells += [
+            f"{mean:+.2f} ± {std:.2f}",
+            f"{row['mean_rank']:.2f}",
+            f"{row['step_seconds']:.3f}",
+            _hparams(row),
+        ]
+        lines.append(cells)
+    return lines
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = rows_for_table(result)
+    out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
+    return "\n".join(out) + "\n\n" + NOTE + "\n"
+
+
+def latex_table(result: dict[str, Any]) -> str:
+    lines = rows_for_table(result)
+
+    def tex(cell: str) -> str:
+        cell = cell.replace("\\", "\\textbackslash{}")
+        for char in "&%$#_{}":
+            cell = cell.replace(char, "\\" + char)
+        return (
+            cell.replace("±", "$\\pm$")
+            .replace("↓", "$\\downarrow$")
+            .replace("↑", "$\\uparrow$")
+            .replace("Δ", "$\\Delta$")
+            .replace("—", "--")
+        )
+
+    spec = "l" + "r" * (len(lines[0]) - 2) + "l"
+    out = [
+        "\\begin{tabular}{" + spec + "}",
+        "\\toprule",
+        " & ".join(tex(c) for c in lines[0]) + " \\\\",
+        "\\midrule",
+    ]
+    out += [" & ".join(tex(c) for c in cells) + " \\\\" for cells in lines[1:]]
+    out += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,224 @@
+"""Sweeps: the §26.3 selection on a synthetic store, fixed-weight extraction (§26.4), the SQLite
+run database, and kill-and-resume of a real sweep in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtopt.experiments import sweep as sweep_module
+from mtopt.experiments.database import RunDatabase
+from mtopt.experiments.sweep import SweepConfig, extract_fixed_weights, run_sweep
+from mtopt.experiments.train import run_key
+
+
+# -- a synthetic problem whose "training" is a formula of the config --------------------------
+class FakeProblem:
+    task_names = ("a", "b")
+
+    def lower_is_better(self):
+        return {"a": {"acc": False}, "b": {"mse": True}}
+
+
+def fake_value(config, task: str, split: str) -> float:
+    """Deterministic metrics: task a is best at lr 0.01, task b at lr 0.001; the method's ``c``
+    and the seed shift the multi-task values; test = val + 0.01."""
+    lr_term = {0.01: 0.0, 0.001: 1.0}[config.lr]
+    noise = 0.01 * config.seed
+    shift = 0.05 * config.hparams.get("c", 0.0)
+    if task == "a":
+        value = 0.9 - 0.2 * lr_term + noise + shift
+    else:
+        value = 0.3 - 0.2 * lr_term + noise - shift
+    return value + (0.01 if split == "test" else 0.0)
+
+
+def fake_train_run(config, references=None, problem=None, callback=None):
+    tasks = config.tasks or FakeProblem.task_names
+    metric = {"a": "acc", "b": "mse"}
+    val = {t: {metric[t]: fake_value(config, t, "val")} for t in tasks}
+    test = {t: {metric[t]: fake_value(config, t, "test")} for t in tasks}
+    record = {
+        "key": run_key(config, references),
+        "config": config.to_dict(),
+        "tasks": list(tasks),
+        "history": [{"mean_weights": [0.5, 0.5]}],
+        "selection": {},
+        "val": val,
+        "test": test,
+        "seconds": 0.0,
+        "step_seconds_median": 0.001,
+    }
+    if len(tasks) > 1:
+        from mtopt.evaluation.metrics import delta_m
+
+        directions = FakeProblem().lower_is_better()
+        record["val_delta_m"] = delta_m(val, references["val"], directions)
+        record["selection"] = {"delta_m": {"epoch": 0, "val_score": record["val_delta_m"]}}
+    return record
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    import mtopt.problems
+
+    monkeypatch.setattr(sweep_module, "train_run", fake_train_run)
+    monkeypatch.setattr(mtopt.problems, "get_problem", lambda name, **kw: FakeProblem())
+    monkeypatch.setattr(sweep_module, "_PROBLEMS", {})
+
+
+def test_selection_follows_the_protocol(fake, tmp_path):
+    config = SweepConfig(
+        problem="fake",
+        methods={"cagrad": {"c": [0.0, 0.5, 0.9]}, "unitary": {}},
+        grid={"lr": [0.01, 0.001]},
+        base={"epochs": 1},
+        n_val_runs=2,
+        n_best_runs=3,
+        random_seed=1,
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    result = run_sweep(config, db, workers=1)
+    # references: each metric its own best lr (a: 0.01 → 0.9+; b: mse lower at lr 0.001)
+    assert result.reference_configs == {"a": {"acc": {"lr": 0.01}}, "b": {"mse": {"lr": 0.001}}}
+    seeds = [1, 2, 3]
+    assert result.references["val"]["a"]["acc"] == pytest.approx(
+        statistics.fmean(0.9 + 0.01 * s for s in seeds)
+    )
+    assert result.references["test"]["b"]["mse"] == pytest.approx(
+        statistics.fmean(0.1 + 0.01 * s + 0.01 for s in seeds)
+    )
+    cagrad = next(r for r in result.rows if r.label == "cagrad")
+    # score = mean val Δm over seeds 1, 2 for each of 6 points; recompute and take the argmax
+    refs, directions = result.references, FakeProblem().lower_is_better()
+    from mtopt.evaluation.metrics import delta_m
+    from mtopt.experiments.train import RunConfig
+
+    def score(lr, c):
+        deltas = []
+        for s in (1, 2):
+            cfg = RunConfig(problem="fake", epochs=1, lr=lr, hparams={"c": c}, seed=s)
+            val = {
+                "a": {"acc": fake_value(cfg, "a", "val")},
+                "b": {"mse": fake_value(cfg, "b", "val")},
+            }
+            deltas.append(delta_m(val, refs["val"], directions))
+        return statistics.fmean(deltas)
+
+    points = [(lr, c) for lr in (0.01, 0.001) for c in (0.0, 0.5, 0.9)]
+    best = max(points, key=lambda p: score(*p))
+    assert (cagrad.shared["lr"], cagrad.hparams["c"]) == best
+    assert cagrad.val_score == pytest.approx(score(*best))
+    assert len(cagrad.delta_m) == 3 and len(cagrad.keys) == 3
+    # only the best configuration got the extra seed 3
+    seed3 = [
+        r for r in db.records() if r["config"]["seed"] == 3 and r["config"]["method"] == "cagrad"
+    ]
+    assert len(seed3) == 1 and seed3[0]["config"]["hparams"] == {"c": best[1]}
+    assert result.runs == db.count()
+    # a second sweep reuses every stored run
+    again = run_sweep(config, db, workers=1)
+    assert again.runs == 0 and [r.delta_m for r in again.rows] == [r.delta_m for r in result.rows]
+
+
+def test_fixed_weights_follow_the_hand_computed_ema():
+    history = [
+        {"mean_weights": [1.0, 3.0]},  # → (0.25, 0.75)
+        {"mean_weights": [2.0, 2.0]},  # → (0.5, 0.5)
+        {"mean_weights": None},  # epochs without weights are skipped
+        {"mean_weights": [0.9, 0.1]},
+    ]
+    m = np.array([0.25, 0.75])
+    m = 0.9 * m + 0.1 * np.array([0.5, 0.5])
+    m = 0.9 * m + 0.1 * np.array([0.9, 0.1])
+    np.testing.assert_allclose(extract_fixed_weights(history), m / m.sum())
+    with pytest.raises(ValueError, match="no weights"):
+        extract_fixed_weights([{"mean_weights": None}])
+
+
+def test_bad_sweep_files_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="grid keys"):
+        SweepConfig(problem="p", methods={"unitary": {}}, grid={"momentum": [0.9]})
+    with pytest.raises(ValueError, match="unknown method"):
+        SweepConfig(problem="p", methods={"nope": {}})
+    with pytest.raises(ValueError, match="n_val_runs"):
+        SweepConfig(problem="p", methods={"unitary": {}}, n_val_runs=3, n_best_runs=2)
+    path = tmp_path / "s.toml"
+    path.write_text('problem = "p"\n[methods]\ncagrad = { c = [0.2, 0.5] }\n')
+    config = SweepConfig.from_toml(
+        path, ["base.epochs=2", "methods.cagrad.c=0.8", "grid.lr=0.1/0.2"]
+    )
+    assert config.base == {"epochs": 2} and config.grid == {"lr": [0.1, 0.2]}
+    assert config.methods == {"cagrad": {"c": [0.8]}} and config.name == "s"
+
+
+# -- kill and resume a real sweep --------------------------------------------------------------
+SWEEP = """
+problem = "multi_mnist/cl_rr"
+name = "resume"
+[base]
+epochs = 1
+train_subset = 256
+eval_subset = 256
+[grid]
+lr = [1e-3]
+[methods]
+unitary = {}
+mgda_ub = {}
+"rlw:seed=3" = {}
+"""
+
+
+def _sweep(config: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mtopt.cli", "sweep", str(config)),
+            *("--run-dir", str(run_dir), "--workers", "1", "--quiet"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_losing_or_duplicating_runs(tmp_path, mnist):
+    config = tmp_path / "resume.toml"
+    config.write_text(SWEEP)
+    straight = _sweep(config, tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stdout.read().decode()
+
+    killed_dir = tmp_path / "killed"
+    proc = _sweep(config, killed_dir)
+    db_path = killed_dir / "mtopt.sqlite"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once at least one run is stored, before the end
+        if db_path.exists() and RunDatabase(db_path).count() >= 2:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    db = RunDatabase(db_path)
+    kept = {r["key"] for r in db.records()}
+    assert 2 <= len(kept) < 5, "the kill landed outside the sweep"
+    resumed = _sweep(config, killed_dir)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()
+
+    final = {r["key"]: r for r in db.records()}
+    assert kept <= set(final) and len(final) == 5  # 2 single-task + 3 methods, no duplicate
+    assert db.unfinished() == []
+    straight_result = json.loads((tmp_path / "straight" / "sweeps" / "resume.json").read_text())
+    resumed_result = json.loads((killed_dir / "sweeps" / "resume.json").read_text())
+    for a, b in zip(straight_result["rows"], resumed_result["rows"], strict=True):
+        assert a["label"] == b["label"] and a["test"] == b["test"] and a["delta_m"] == b["delta_m"]
+    assert straight_result["references"] == resumed_result["references"]
