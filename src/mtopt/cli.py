@@ -45,9 +45,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="fetch data sets into the cache")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    f = dsub.add_parser("fetch", help="fetch a data set (mnist)")
-    f.add_argument("dataset", choices=["mnist"])
-    f.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
+    f = dsub.add_parser("fetch", help="fetch a data set into the cache")
+    f.add_argument("dataset", choices=["mnist", "fashion", "yeast"])
+    f.add_argument(
+        "--data-dir",
+        help="folder with the data set's own files (MNIST or Fashion-MNIST IDX files, "
+        "yeast.csv(.gz)); else $MTOPT_DATA / $MTOPT_FASHION_DATA / $MTOPT_YEAST_DATA",
+    )
     f.set_defaults(func=cmd_data_fetch)
 
     t = sub.add_parser("train", help="train one method (single-task references run first)")
@@ -265,6 +269,26 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     from mtopt.problems.mnist_data import load_mnist
 
     start = time.perf_counter()
+    if args.dataset == "yeast":
+        from mtopt.problems.yeast import load_yeast
+
+        data = load_yeast(args.data_dir)
+        print(
+            f"Yeast ready: {data.features.shape[0]:,} genes × {data.features.shape[1]} features "
+            f"× {data.labels.shape[1]} labels from {data.source} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+        return 0
+    if args.dataset == "fashion":
+        from mtopt.problems.fashion_data import load_fashion_mnist
+
+        arrays = load_fashion_mnist(args.data_dir)
+        print(
+            f"Fashion-MNIST ready: {arrays.train_images.shape[0]:,} train + "
+            f"{arrays.test_images.shape[0]:,} test images from {arrays.source} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+        return 0
     arrays = load_mnist(args.data_dir)
     print(
         f"MNIST ready: {arrays.train_images.shape[0]:,} train + {arrays.test_images.shape[0]:,} "

@@ -1,13 +1,21 @@
-"""Benchmark problems by name (``multi_mnist/cl_cr``, ``multi_mnist/cl_rr``, ...)."""
+"""Benchmark problems by name (``multi_mnist/cl_cr``, ``multi_fashion/cl_cr``, ``yeast``, ...)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from mtopt.problems.base import Metric, MultiTaskModel, Problem, Split, TaskSpec, evaluate
+from mtopt.problems.multi_fashion import VARIANTS as FASHION_VARIANTS
+from mtopt.problems.multi_fashion import MultiFashion, MultiFashionMNIST
 from mtopt.problems.multi_mnist import VARIANTS, MultiMNIST
+from mtopt.problems.yeast import Yeast
 
-PROBLEMS = tuple(f"multi_mnist/{v}" for v in VARIANTS)
+PROBLEMS = (
+    *(f"multi_mnist/{v}" for v in VARIANTS),
+    *(f"multi_fashion/{v}" for v in FASHION_VARIANTS),
+    *(f"multi_fashion_mnist/{v}" for v in FASHION_VARIANTS),
+    "yeast",
+)
 
 
 def get_problem(name: str, **kwargs: Any) -> Problem:
@@ -15,17 +23,26 @@ def get_problem(name: str, **kwargs: Any) -> Problem:
     family, _, variant = name.partition("/")
     if family == "multi_mnist" and variant in VARIANTS:
         return MultiMNIST(variant, **kwargs)
+    if family == "multi_fashion" and variant in FASHION_VARIANTS:
+        return MultiFashion(variant, **kwargs)
+    if family == "multi_fashion_mnist" and variant in FASHION_VARIANTS:
+        return MultiFashionMNIST(variant, **kwargs)
+    if name == "yeast":
+        return Yeast(**kwargs)
     raise ValueError(f"unknown problem {name!r}; available: {', '.join(PROBLEMS)}")
 
 
 __all__ = [
     "PROBLEMS",
     "Metric",
+    "MultiFashion",
+    "MultiFashionMNIST",
     "MultiMNIST",
     "MultiTaskModel",
     "Problem",
     "Split",
     "TaskSpec",
+    "Yeast",
     "evaluate",
     "get_problem",
 ]
