@@ -46,11 +46,12 @@ def _build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="fetch data sets into the cache")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="fetch a data set into the cache")
-    f.add_argument("dataset", choices=["mnist", "fashion", "yeast"])
+    f.add_argument("dataset", choices=["mnist", "fashion", "yeast", "qm9"])
     f.add_argument(
         "--data-dir",
         help="folder with the data set's own files (MNIST or Fashion-MNIST IDX files, "
-        "yeast.csv(.gz)); else $MTOPT_DATA / $MTOPT_FASHION_DATA / $MTOPT_YEAST_DATA",
+        "yeast.csv(.gz), qm9_part*.csv); else $MTOPT_DATA / $MTOPT_FASHION_DATA / "
+        "$MTOPT_YEAST_DATA",
     )
     f.set_defaults(func=cmd_data_fetch)
 
@@ -277,6 +278,15 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
             f"Yeast ready: {data.features.shape[0]:,} genes × {data.features.shape[1]} features "
             f"× {data.labels.shape[1]} labels from {data.source} "
             f"({time.perf_counter() - start:.1f} s)"
+        )
+        return 0
+    if args.dataset == "qm9":
+        from mtopt.problems.qm9_data import load_qm9
+
+        qm9 = load_qm9(args.data_dir)
+        print(
+            f"QM9 ready: {len(qm9):,} molecules × {qm9.targets.shape[1]} targets from "
+            f"{qm9.source} ({time.perf_counter() - start:.1f} s)"
         )
         return 0
     if args.dataset == "fashion":

@@ -1,4 +1,4 @@
-"""Benchmark problems by name (``multi_mnist/cl_cr``, ``multi_fashion/cl_cr``, ``yeast``, ...)."""
+"""Benchmark problems by name (``multi_mnist/cl_rr``, ``qm9/mlp``, ``yeast``, ...)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from mtopt.problems.base import Metric, MultiTaskModel, Problem, Split, TaskSpec
 from mtopt.problems.multi_fashion import VARIANTS as FASHION_VARIANTS
 from mtopt.problems.multi_fashion import MultiFashion, MultiFashionMNIST
 from mtopt.problems.multi_mnist import VARIANTS, MultiMNIST
+from mtopt.problems.qm9 import QM9
+from mtopt.problems.qm9 import TRACKS as QM9_TRACKS
 from mtopt.problems.yeast import Yeast
 
 PROBLEMS = (
     *(f"multi_mnist/{v}" for v in VARIANTS),
     *(f"multi_fashion/{v}" for v in FASHION_VARIANTS),
     *(f"multi_fashion_mnist/{v}" for v in FASHION_VARIANTS),
+    *(f"qm9/{t}" for t in QM9_TRACKS),
     "yeast",
 )
 
@@ -27,6 +30,8 @@ def get_problem(name: str, **kwargs: Any) -> Problem:
         return MultiFashion(variant, **kwargs)
     if family == "multi_fashion_mnist" and variant in FASHION_VARIANTS:
         return MultiFashionMNIST(variant, **kwargs)
+    if family == "qm9" and variant in QM9_TRACKS:
+        return QM9(variant, **kwargs)
     if name == "yeast":
         return Yeast(**kwargs)
     raise ValueError(f"unknown problem {name!r}; available: {', '.join(PROBLEMS)}")
@@ -34,6 +39,7 @@ def get_problem(name: str, **kwargs: Any) -> Problem:
 
 __all__ = [
     "PROBLEMS",
+    "QM9",
     "Metric",
     "MultiFashion",
     "MultiFashionMNIST",

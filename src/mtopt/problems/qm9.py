@@ -96,8 +96,10 @@ _RADIUS[list(COVALENT_RADII)] = torch.tensor(list(COVALENT_RADII.values()))
 
 
 def split_order(n: int, seed: int = SPLIT_SEED) -> np.ndarray:
-    """The shuffled order of ``n`` molecules: ``torch.randperm`` with a generator seeded
-    ``seed`` (what PyG's ``dataset.shuffle()`` draws after ``torch.manual_seed(seed)``)."""
+    """The shuffled order of ``n`` molecules: ``torch.randperm`` with its own generator seeded
+    ``seed``. It equals the permutation PyG's ``dataset.shuffle()`` draws when that is the first
+    draw after ``torch.manual_seed(seed)`` (whether Nash-MTL's runs drew it first is not
+    checked here)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
@@ -165,8 +167,8 @@ def make_task(k: int, target: Target, scaler: TargetScaler) -> TaskSpec:
 
 
 def coulomb_descriptors(z: np.ndarray, pos: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """``(N, 35)`` float32 descriptors: the 29 Coulomb-matrix eigenvalues (Hartree-like atomic
-    units, sorted by decreasing magnitude, zero-padded), the H/C/N/O/F counts, the atom count.
+    """``(N, 35)`` float32 descriptors: the 29 Coulomb-matrix eigenvalues (atomic units, sorted
+    by decreasing magnitude, zero for padding), the H/C/N/O/F counts, the atom count.
 
     ``z`` (N, 29) atomic numbers with 0 for padding (anywhere), ``pos`` (N, 29, 3) in Å.
     """
@@ -275,10 +277,11 @@ class DenseNNConv(nn.Module):
     """PyG's ``NNConv(C, C, edge_net, aggr="mean")`` on dense padded graphs:
 
     ``out_i = root(h_i) + mean_{j: adj[i, j]} h_j · W(e_ij)``, ``W(e) = edge_net(e).view(C, C)``,
-    with ``edge_net`` = Linear(5→128), ReLU, Linear(128→C·C). Computed without forming the
-    per-edge C×C matrices: with ``u_ij = ReLU(L1 e_ij)`` and ``L2 = (A, b)``,
+    with ``edge_net`` = Linear(5→K), ReLU, Linear(K→C·C). Computed without forming the per-edge
+    C×C matrices: with ``u_ij = ReLU(L1 e_ij)`` and the last layer's weight ``A`` and bias ``b``,
     ``Σ_j h_j · W(e_ij) = Σ_{k,c} (Σ_j u_ij[k] h_j[c]) A[(c, o), k] + (Σ_j h_j) · b`` (the same
-    numbers, about 4× fewer operations than PyG's per-edge matrices on complete graphs).
+    numbers with about 4× fewer operations than PyG's per-edge matrices on complete graphs).
+    Outputs are computed for the real atoms only, ``real = graph.mask.nonzero(as_tuple=True)``.
     """
 
     def __init__(self, channels: int = 64, edge_features: int = 5, edge_hidden: int = 128) -> None:
@@ -289,24 +292,26 @@ class DenseNNConv(nn.Module):
         )
         self.root = nn.Linear(channels, channels)
 
-    def edge_hidden(self, graph: MolecularGraph) -> Tensor:
-        """``u`` of the docstring, zero off the graph, laid out ``(B, N·K, N)`` for a bmm."""
-        u = self.edge_net[1](self.edge_net[0](graph.edge)) * graph.adj[..., None]
-        b, n, _, k = u.shape
-        return u.permute(0, 1, 3, 2).reshape(b, n * k, n)
+    def edge_hidden(self, graph: MolecularGraph, real: tuple[Tensor, Tensor]) -> Tensor:
+        """``u`` of the docstring for the real atoms ``i``, zero off the graph: ``(R, K, N)``."""
+        u = self.edge_net[1](self.edge_net[0](graph.edge[real])) * graph.adj[real][..., None]
+        return u.transpose(1, 2)
 
-    def forward(self, h: Tensor, hidden: Tensor, graph: MolecularGraph) -> Tensor:
-        b, n, c = h.shape
+    def forward(
+        self, h: Tensor, hidden: Tensor, graph: MolecularGraph, real: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """``h`` (B, N, C) padded node states → ``(R, C)`` outputs of the real atoms."""
+        c = h.shape[-1]
         last = self.edge_net[2]
         k = last.in_features
         weight = last.weight.view(c, c, k).permute(2, 0, 1).reshape(k * c, c)  # [(k, c), o]
-        mixed = torch.bmm(hidden, h).view(b, n, k * c)  # Σ_j u_ij[k] h_j[c]
-        messages = h.new_zeros(b, n, c)
-        messages[graph.mask] = mixed[graph.mask] @ weight
-        adj = graph.adj.to(h.dtype)
-        messages = messages + (adj @ h) @ last.bias.view(c, c)
+        neighbours = h[real[0]]  # (R, N, C): the states of each real atom's molecule
+        mixed = torch.bmm(hidden, neighbours).reshape(-1, k * c)  # Σ_j u_ij[k] h_j[c]
+        adj = graph.adj[real].to(h.dtype)  # (R, N)
+        summed = torch.bmm(adj[:, None, :], neighbours).squeeze(1)  # Σ_j h_j
+        messages = mixed @ weight + summed @ last.bias.view(c, c)
         degree = adj.sum(-1, keepdim=True).clamp(min=1)
-        return messages / degree + self.root(h)
+        return messages / degree + self.root(h[real])
 
 
 class DenseSet2Set(nn.Module):
@@ -357,16 +362,21 @@ class MPNNEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() and x.shape[0] > self.eval_chunk:  # bound eval memory
             return torch.cat([self(part) for part in x.split(self.eval_chunk)])
+        x = x[:, (x[..., 0] > 0).any(0)]  # drop the slots that are padding in every molecule
         graph = molecular_graph(x, self.cutoff)
-        keep = graph.mask[..., None].to(x.dtype)
-        b, n, _ = x.shape
-        h = F.relu(self.lin0(graph.node)) * keep
-        hidden = self.conv.edge_hidden(graph)
+        real = graph.mask.nonzero(as_tuple=True)
+        h_real = F.relu(self.lin0(graph.node[real]))  # (R, C): node states of the real atoms
+        hidden = self.conv.edge_hidden(graph, real)
         for _ in range(self.rounds):
-            m = F.relu(self.conv(h, hidden, graph))
-            h = self.gru(m.reshape(b * n, -1), h.reshape(b * n, -1)).view(b, n, -1) * keep
-        pooled = self.set2set(h, graph.mask)
+            m = F.relu(self.conv(self._pad(h_real, graph, real), hidden, graph, real))
+            h_real = self.gru(m, h_real)
+        pooled = self.set2set(self._pad(h_real, graph, real), graph.mask)
         return F.relu(self.lin1(self.dropout(pooled)))
+
+    @staticmethod
+    def _pad(h_real: Tensor, graph: MolecularGraph, real: tuple[Tensor, Tensor]) -> Tensor:
+        b, n = graph.mask.shape
+        return h_real.new_zeros(b, n, h_real.shape[-1]).index_put(real, h_real)
 
 
 # --------------------------------------------------------------------------- the problem

@@ -70,13 +70,14 @@ The 11 targets are stored in PyG's units (``torch_geometric/datasets/qm9.py``,
   U0_atom = (−40.47893 − (−37.846772 − 4·0.500273)) Ha = −0.631066 Ha = −17.17218 eV).
 
 The reference energies are QM9's ``atomref`` table (Ramakrishnan et al. 2014, figshare file
-"Atomref: Reference thermochemical energies of H, C, N, O, F atoms",
-doi:10.6084/m9.figshare.1057643; B3LYP/6-31G(2df,p), Hartree). They equal PyG's ``atomrefs``
-(eV, in ``torch_geometric/datasets/qm9.py``) divided by 27.2113862 to within 2·10⁻⁵ eV, which
-checks every value. PyG itself takes the atomisation energies from DeepChem's
-``gdb9.sdf.csv`` (kcal/mol, × 0.04336414 eV per kcal/mol, i.e. 627.509 kcal/mol per Hartree);
-computed from the Hartree totals as here they agree to about 10⁻⁶ eV (methane: −17.1721807 eV
-here, −395.999594594 kcal/mol × 0.04336414 = −17.1721819 eV in PyG).
+"Atomref: Reference thermochemical energies of H, C, N, O, F atoms", figshare article 1057643;
+B3LYP/6-31G(2df,p), Hartree). All 20 values were checked against PyG's ``atomrefs`` (eV,
+targets 7-10 in ``torch_geometric/datasets/qm9.py``, pyg-team/pytorch_geometric): ours
+× 27.211386246 match them to within 2.3·10⁻⁵ eV (relative 8·10⁻⁹, a slightly different
+Hartree→eV factor on PyG's side). PyG itself takes the atomisation energies from DeepChem's
+``gdb9.sdf.csv`` (kcal/mol, × 0.04336414 eV per kcal/mol; 627.509 kcal/mol per Hartree, judging
+by methane); computed from the Hartree totals as here they agree to about 10⁻⁶ eV (methane:
+−17.1721807 eV here, −395.999594594 kcal/mol × 0.04336414 = −17.1721819 eV in PyG).
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -120,7 +120,7 @@ ATOMIC_NUMBERS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 #: Hartree → eV (CODATA 2018; PyG's ``HAR2EV``).
 HARTREE_TO_EV = 27.211386246
 #: Free-atom reference energies (Hartree) of U0, U(298.15 K), H(298.15 K), G(298.15 K): QM9's
-#: atomref table (doi:10.6084/m9.figshare.1057643), keyed by atomic number.
+#: atomref table (figshare article 1057643), keyed by atomic number.
 ATOMREF_HARTREE: dict[str, dict[int, float]] = {
     "U0": {1: -0.500273, 6: -37.846772, 7: -54.583861, 8: -75.064579, 9: -99.718730},
     "U": {1: -0.498857, 6: -37.845355, 7: -54.582445, 8: -75.063163, 9: -99.717314},
@@ -322,14 +322,6 @@ def load_qm9(
     arrays = read_qm9pack_wheel(download_qm9pack(cache_path))
     write_npz(npz, arrays)
     return arrays
-
-
-def fetch_qm9(data_dir: str | Path | None = None) -> tuple[QM9Arrays, float]:
-    """``mtopt data fetch qm9``: load (downloading and caching if needed); returns the arrays
-    and the seconds it took."""
-    start = time.perf_counter()
-    arrays = load_qm9(data_dir)
-    return arrays, time.perf_counter() - start
 
 
 def _sha256_file(path: Path) -> str:
