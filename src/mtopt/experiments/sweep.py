@@ -258,11 +258,8 @@ def run_sweep(
 
     jobs = [(single(t, p, s), None) for t in problem.task_names for p in shared for s in val_seeds]
     runner.run(jobs, "single-task grid")
-    references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
-    reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
+    chosen: list[tuple[str, str, Mapping[str, Any]]] = []
     for task in problem.task_names:
-        references["val"][task], references["test"][task] = {}, {}
-        reference_configs[task] = {}
         for metric, lower in directions[task].items():
             sign = -1.0 if lower else 1.0
 
@@ -270,55 +267,42 @@ def run_sweep(
                 runs = [db.get(run_key(single(task, point, s))) for s in val_seeds]
                 return statistics.fmean(sign * r["val"][task][metric] for r in runs)
 
-            best = max(shared, key=score)
-            records = runner.run(
-                [(single(task, best, s), None) for s in best_seeds], f"single-task {task}/{metric}"
+            chosen.append((task, metric, max(shared, key=score)))
+    jobs = [(single(t, p, s), None) for t, _, p in chosen for s in best_seeds]
+    records = runner.run(jobs, "single-task selected configurations")
+    references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
+    reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
+    for i, (task, metric, point) in enumerate(chosen):
+        runs = records[i * len(best_seeds) : (i + 1) * len(best_seeds)]
+        for split in ("val", "test"):
+            references[split].setdefault(task, {})[metric] = statistics.fmean(
+                r[split][task][metric] for r in runs
             )
-            references["val"][task][metric] = statistics.fmean(
-                r["val"][task][metric] for r in records
-            )
-            references["test"][task][metric] = statistics.fmean(
-                r["test"][task][metric] for r in records
-            )
-            reference_configs[task][metric] = dict(best)
+        reference_configs.setdefault(task, {})[metric] = dict(point)
 
     # 2. methods: grid × first n_val_runs seeds, then the best configuration to n_best_runs
-    rows: list[MethodResult] = []
+    candidates = []
     for spec, grid in config.methods.items():
         name, fixed = parse_method_spec(spec)
         points = [(p, {**fixed, **m}) for p in shared for m in _combinations(grid)]
-        rows.append(
-            _select(
-                runner,
-                base,
-                spec,
-                name,
-                points,
-                val_seeds,
-                best_seeds,
-                references,
-                directions,
-                config.cosine_every,
-            )
-        )
+        candidates.append((spec, name, points))
+    selector = _Selector(runner, base, val_seeds, best_seeds, references, directions)
+    rows = selector.select(candidates, config.cosine_every)
 
     # 3. fixed weights extracted from SMTOs
+    fixed_candidates, fixed_weights = [], []
     for smto in config.fixed_from:
         row = next(r for r in rows if r.label == smto)
         first = db.get(row.keys[0])
         assert first is not None
         weights = extract_fixed_weights(first["history"])
-        fixed_row = _select(
-            runner,
-            base,
-            f"fixed from {smto}",
-            "fixed",
-            [(row.shared, {"weights": weights})],
-            val_seeds,
-            best_seeds,
-            references,
-            directions,
+        fixed_candidates.append(
+            (f"fixed from {smto}", "fixed", [(row.shared, {"weights": weights})])
         )
+        fixed_weights.append(weights)
+    for fixed_row, weights in zip(
+        selector.select(fixed_candidates, None), fixed_weights, strict=True
+    ):
         fixed_row.weights = weights
         rows.append(fixed_row)
 
@@ -337,59 +321,87 @@ def run_sweep(
     )
 
 
-def _select(
-    runner: Runner,
-    base: RunConfig,
-    label: str,
-    name: str,
-    points: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
-    val_seeds: Sequence[int],
-    best_seeds: Sequence[int],
-    references: References,
-    directions: Mapping[str, Mapping[str, bool]],
-    cosine_every: int | None = None,
-) -> MethodResult:
-    def make(point: Mapping[str, Any], hparams: Mapping[str, Any], seed: int) -> RunConfig:
-        return replace(
-            base,
-            **point,
-            method=name,
-            hparams=dict(hparams),
-            seed=seed,
-            cosine_every=cosine_every if name == "unitary" else None,
-        )
+Candidate = tuple[str, str, Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]]
 
-    jobs = [(make(p, h, s), references) for p, h in points for s in val_seeds]
-    records = runner.run(jobs, f"{label} grid")
-    per_point = len(val_seeds)
-    scores = []
-    for i in range(len(points)):
-        group = records[i * per_point : (i + 1) * per_point]
-        scores.append(statistics.fmean(r["val_delta_m"] for r in group))
-    best = int(np.argmax(scores))
-    point, hparams = points[best]
-    final = runner.run([(make(point, hparams, s), references) for s in best_seeds], f"{label} best")
-    tests = [r["test"] for r in final]
-    deltas = [delta_m(r["test"], references["test"], directions) for r in final]
-    spread = {
-        t: {
-            m: statistics.stdev(x[t][m] for x in tests) if len(tests) > 1 else 0.0
-            for m in tests[0][t]
-        }
-        for t in tests[0]
-    }
-    return MethodResult(
-        label=label,
-        hparams=dict(hparams),
-        shared=dict(point),
-        val_score=scores[best],
-        grid_scores=[({**p, **h}, s) for (p, h), s in zip(points, scores, strict=True)],
-        test=mean_table(tests),
-        test_std=spread,
-        delta_m=deltas,
-        step_seconds=statistics.median(r["step_seconds_median"] for r in final),
-        keys=[r["key"] for r in final],
-    )
+
+class _Selector:
+    """§26.3 for several methods at once: all their grid runs in one batch (so the pool is kept
+    busy), then all the selected configurations' extra seeds in a second batch."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        base: RunConfig,
+        val_seeds: Sequence[int],
+        best_seeds: Sequence[int],
+        references: References,
+        directions: Mapping[str, Mapping[str, bool]],
+    ) -> None:
+        self.runner, self.base = runner, base
+        self.val_seeds, self.best_seeds = val_seeds, best_seeds
+        self.references, self.directions = references, directions
+
+    def select(
+        self, candidates: Sequence[Candidate], cosine_every: int | None
+    ) -> list[MethodResult]:
+        def make(name: str, point: Mapping[str, Any], hparams: Mapping[str, Any], seed: int):
+            return replace(
+                self.base,
+                **point,
+                method=name,
+                hparams=dict(hparams),
+                seed=seed,
+                cosine_every=cosine_every if name == "unitary" else None,
+            )
+
+        refs, n_val, n_best = self.references, len(self.val_seeds), len(self.best_seeds)
+        jobs = [
+            (make(name, p, h, s), refs)
+            for _, name, points in candidates
+            for p, h in points
+            for s in self.val_seeds
+        ]
+        records = iter(self.runner.run(jobs, "grids") if jobs else [])
+        picks = []
+        for label, name, points in candidates:
+            scores = []
+            for _ in points:
+                group = [next(records) for _ in range(n_val)]
+                scores.append(statistics.fmean(r["val_delta_m"] for r in group))
+            picks.append((label, name, points, scores, int(np.argmax(scores))))
+        jobs = [
+            (make(name, *points[best], s), refs)
+            for _, name, points, _, best in picks
+            for s in self.best_seeds
+        ]
+        finals = iter(self.runner.run(jobs, "selected configurations") if jobs else [])
+        rows = []
+        for label, _, points, scores, best in picks:
+            final = [next(finals) for _ in range(n_best)]
+            point, hparams = points[best]
+            tests = [r["test"] for r in final]
+            spread = {
+                t: {
+                    m: statistics.stdev(x[t][m] for x in tests) if len(tests) > 1 else 0.0
+                    for m in tests[0][t]
+                }
+                for t in tests[0]
+            }
+            rows.append(
+                MethodResult(
+                    label=label,
+                    hparams=dict(hparams),
+                    shared=dict(point),
+                    val_score=scores[best],
+                    grid_scores=[({**p, **h}, v) for (p, h), v in zip(points, scores, strict=True)],
+                    test=mean_table(tests),
+                    test_std=spread,
+                    delta_m=[delta_m(t, refs["test"], self.directions) for t in tests],
+                    step_seconds=statistics.median(r["step_seconds_median"] for r in final),
+                    keys=[r["key"] for r in final],
+                )
+            )
+        return rows
 
 
 def extract_fixed_weights(history: Sequence[Mapping[str, Any]], beta: float = 0.9) -> list[float]:
