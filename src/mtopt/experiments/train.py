@@ -178,6 +178,7 @@ def train_run(
     val = splits["val"].subset(config.eval_subset)
     test = splits["test"].subset(config.eval_subset)
     model = problem.make_model(tasks, dropout=config.dropout)
+    eval_batch = getattr(problem, "eval_batch_size", 1000)  # dense problems need smaller ones
     optimizer = build_optimizer(config, model)
     scheduler = (
         torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
@@ -257,7 +258,9 @@ def train_run(
             if callback is not None:
                 callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
         mto.end_epoch()
-        val_metrics = evaluate(model, problem, val, task_input=mto.task_input)
+        val_metrics = evaluate(
+            model, problem, val, batch_size=eval_batch, task_input=mto.task_input
+        )
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": {t: s / n_batches for t, s in loss_sums.items()},
@@ -292,7 +295,9 @@ def train_run(
     for name, chosen in best.items():
         model.load_state_dict(chosen["state"])
         mto.method.load_state_dict(chosen["method_state"])  # e.g. RotoGrad's rotations
-        test_metrics = evaluate(model, problem, test, task_input=mto.task_input)
+        test_metrics = evaluate(
+            model, problem, test, batch_size=eval_batch, task_input=mto.task_input
+        )
         val_metrics = history[chosen["epoch"]]["val"]
         selection[name] = {"epoch": chosen["epoch"], "val_score": chosen["score"]}
         for t in tasks:

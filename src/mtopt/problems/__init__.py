@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from mtopt.problems.base import Metric, MultiTaskModel, Problem, Split, TaskSpec, evaluate
+from mtopt.problems.cityscapes import VARIANTS as CITYSCAPES_VARIANTS
+from mtopt.problems.cityscapes import Cityscapes
 from mtopt.problems.multi_fashion import VARIANTS as FASHION_VARIANTS
 from mtopt.problems.multi_fashion import MultiFashion, MultiFashionMNIST
 from mtopt.problems.multi_mnist import VARIANTS, MultiMNIST
+from mtopt.problems.nyuv2 import NYUv2
 from mtopt.problems.qm9 import QM9
 from mtopt.problems.qm9 import TRACKS as QM9_TRACKS
 from mtopt.problems.yeast import Yeast
@@ -18,6 +21,8 @@ PROBLEMS = (
     *(f"multi_fashion_mnist/{v}" for v in FASHION_VARIANTS),
     *(f"qm9/{t}" for t in QM9_TRACKS),
     "yeast",
+    *(f"cityscapes/{v}" for v in CITYSCAPES_VARIANTS),
+    "nyuv2",
 )
 
 
@@ -34,17 +39,23 @@ def get_problem(name: str, **kwargs: Any) -> Problem:
         return QM9(variant, **kwargs)
     if name == "yeast":
         return Yeast(**kwargs)
+    if family == "cityscapes" and variant in CITYSCAPES_VARIANTS:
+        return Cityscapes(variant, **kwargs)
+    if name == "nyuv2":
+        return NYUv2(**kwargs)
     raise ValueError(f"unknown problem {name!r}; available: {', '.join(PROBLEMS)}")
 
 
 __all__ = [
     "PROBLEMS",
     "QM9",
+    "Cityscapes",
     "Metric",
     "MultiFashion",
     "MultiFashionMNIST",
     "MultiMNIST",
     "MultiTaskModel",
+    "NYUv2",
     "Problem",
     "Split",
     "TaskSpec",
