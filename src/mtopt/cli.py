@@ -1,4 +1,4 @@
-"""``mtopt``: train | compare | methods | data.
+"""``mtopt``: train | compare | sweep | report | bench | methods | data.
 
 The CLI owns the terminal (tables, progress bars); the library prints nothing.
 """
@@ -104,6 +104,36 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("sweep", type=Path, help="the sweep result, RUN_DIR/sweeps/NAME.json")
     r.add_argument("--out-dir", type=Path, help="default: reports/NAME")
     r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser(
+        "bench",
+        help="per-step cost of every method, and of TorchJD's counterparts, side by side",
+    )
+    b.add_argument(
+        "--workloads", default="lenet,mlp11,resnet3", help="comma-separated: lenet, mlp11, resnet3"
+    )
+    b.add_argument("--steps", type=int, default=30, help="measured rounds (one step each)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    b.add_argument(
+        "--methods",
+        help="comma-separated specs NAME[:KEY=VALUE...] (default: every registered method)",
+    )
+    b.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice; 1 on a shared machine)",
+    )
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--seed", type=int, default=0, help="models, batches and the round order")
+    b.add_argument("--out-dir", type=Path, help="write bench.md, bench.json and bench.png here")
+    b.add_argument("--no-torchjd", action="store_true", help="do not measure TorchJD")
+    b.add_argument(
+        "--torchjd-aggregators",
+        metavar="NAMES",
+        help="comma-separated TorchJD aggregators (NAME@rep: on the features); default: all "
+        "of them without --methods, else the counterparts of --methods",
+    )
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -445,6 +475,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in written:
         print(f"  wrote {path}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtopt.bench import main as bench_main
+
+    return bench_main(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,210 @@
+"""``mtopt.bench``: result structure of a tiny interleaved run, the report, the target logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from mtopt import bench
+from mtopt.bench import (
+    PLAIN,
+    BenchOptions,
+    BenchResult,
+    ContenderResult,
+    WorkloadResult,
+    evaluate_targets,
+    markdown_report,
+    markdown_table,
+    run_bench,
+)
+
+HAS_TORCHJD = bench.torchjd_available()
+
+
+@pytest.fixture(scope="module")
+def tiny_run() -> BenchResult:
+    options = BenchOptions(
+        workloads=("mlp11",), steps=3, warmup=1, methods=("unitary", "upgrad"), seed=3
+    )
+    return run_bench(options)
+
+
+def test_every_contender_is_measured_each_round(tiny_run):
+    (w,) = tiny_run.workloads
+    expected = {PLAIN, "unitary", "upgrad"} | ({"torchjd:UPGrad"} if HAS_TORCHJD else set())
+    assert set(w.contenders) == expected
+    assert w.num_tasks == 11
+    for c in w.contenders.values():
+        assert c.error is None, c.error
+        assert len(c.times) == 3
+        assert c.min is not None and c.median is not None and c.max is not None
+        assert 0 < c.min <= c.median <= c.max
+        assert len(c.peak_memory) == 3
+    # warm-up + measured rounds, each one a permutation of every contender
+    assert w.warmup == 1 and len(w.order) == 4
+    for round_order in w.order:
+        assert sorted(round_order) == sorted(expected)
+    assert len({tuple(o) for o in w.order}) > 1  # shuffled per round (fixed seed)
+    assert w.contenders["upgrad"].phases["gradients"] > 0
+
+
+def test_ratios_are_relative_to_the_plain_step_of_the_same_run(tiny_run):
+    (w,) = tiny_run.workloads
+    plain = w.contenders[PLAIN].median
+    assert w.ratio_to_plain(PLAIN) == 1.0
+    for label, c in w.contenders.items():
+        assert math.isclose(w.ratio_to_plain(label), c.median / plain)
+    assert w.contenders["upgrad"].category == "param"
+    assert w.contenders["unitary"].category == "loss"
+    assert w.contenders["upgrad"].counterpart == "torchjd:UPGrad"
+    assert w.ratio_to_torchjd("unitary") is None
+    if HAS_TORCHJD:
+        theirs = w.contenders["torchjd:UPGrad"].median
+        assert math.isclose(w.ratio_to_torchjd("upgrad"), w.contenders["upgrad"].median / theirs)
+
+
+def test_markdown_has_one_row_per_contender(tiny_run, tmp_path):
+    (w,) = tiny_run.workloads
+    rows = [line for line in markdown_table(w).splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(w.contenders)
+    report = markdown_report(tiny_run)
+    assert "LibMTL" in report and "## Targets" in report
+    written = bench.write_outputs(tiny_run, tmp_path)
+    assert {p.name for p in written} == {"bench.md", "bench.json", "bench.png"}
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert (tmp_path / "bench.md").read_text() == report
+    again = bench.result_from_dict(json.loads((tmp_path / "bench.json").read_text()))
+    assert markdown_report(again) == report
+
+
+def _contender(label, kind, category, times, counterpart=None, groups=(), error=None):
+    return ContenderResult(
+        label,
+        kind,
+        category,
+        counterpart=counterpart,
+        times=list(times),
+        groups=list(groups),
+        error=error,
+    )
+
+
+def test_target_logic_on_a_synthetic_result():
+    jd = "torchjd:"
+    mlp = WorkloadResult(
+        "mlp11",
+        "synthetic",
+        11,
+        {
+            c.label: c
+            for c in [
+                _contender(PLAIN, "plain", "plain", [1.0, 0.9, 1.1]),
+                _contender("unitary", "mtopt", "loss", [1.04, 1.0, 1.2]),  # 1.04 ≤ 1.05
+                _contender("dwa", "mtopt", "loss", [1.2]),  # 1.2 > 1.05
+                _contender("mgda_ub", "mtopt", "rep", [1.4], jd + "MGDA@rep"),
+                _contender("rotograd", "mtopt", "rep", [2.0]),
+                _contender("upgrad", "mtopt", "param", [2.0], jd + "UPGrad"),
+                _contender("mgda", "mtopt", "param", [3.0], jd + "MGDA"),
+                _contender("nash_mtl", "mtopt", "param", [2.0], jd + "NashMTL"),
+                _contender("cagrad", "mtopt", "param", [2.0], jd + "CAGrad"),  # not measured
+                _contender("selective_groups", "mtopt", "closure", [2.05], groups=[2, 2, 3]),
+                _contender(jd + "MGDA@rep", "torchjd", "torchjd", [1.5]),
+                _contender(jd + "UPGrad", "torchjd", "torchjd", [2.5]),
+                _contender(jd + "MGDA", "torchjd", "torchjd", [2.0]),
+                _contender(jd + "NashMTL", "torchjd", "torchjd", [], error="set-up: no ecos"),
+            ]
+        },
+    )
+    lenet = WorkloadResult(
+        "lenet",
+        "synthetic",
+        2,
+        {
+            c.label: c
+            for c in [
+                _contender(PLAIN, "plain", "plain", [1.0]),
+                _contender("mgda_ub", "mtopt", "rep", [3.0]),  # rep target: mlp11 only
+                _contender("selective_groups", "mtopt", "closure", [2.2], groups=[2]),
+            ]
+        },
+    )
+    result = BenchResult(BenchOptions(), [mlp, lenet], {}, "n/a")
+    verdicts = {
+        (t.workload, t.label, t.target.split(" ")[0]): t.met for t in evaluate_targets(result)
+    }
+    assert verdicts == {
+        ("mlp11", "unitary", "loss-only"): True,
+        ("mlp11", "dwa", "loss-only"): False,
+        ("mlp11", "mgda_ub", "rep-level"): True,
+        ("mlp11", "mgda_ub", "≤"): True,  # 1.4 / 1.5
+        ("mlp11", "rotograd", "rep-level"): False,
+        ("mlp11", "upgrad", "≤"): True,  # 2.0 / 2.5
+        ("mlp11", "mgda", "≤"): False,  # 3.0 / 2.0
+        ("mlp11", "nash_mtl", "≤"): None,  # counterpart failed: not evaluable
+        ("mlp11", "selective_groups", "≤"): True,  # 2.05 ≤ M + 0.1 = 2.1
+        ("lenet", "selective_groups", "≤"): False,  # 2.2 > 2.1
+    }
+    checks = {(t.workload, t.label): t for t in evaluate_targets(result) if "M =" in t.target}
+    assert checks["mlp11", "selective_groups"].limit == pytest.approx(2.1)
+    nash = next(t for t in evaluate_targets(result) if t.label == "nash_mtl")
+    assert nash.verdict == "n/a" and "ecos" in nash.note
+    assert "not evaluable" in markdown_report(result)
+
+
+def test_failing_contender_is_reported_not_fatal():
+    options = BenchOptions(
+        workloads=("mlp11",), steps=1, warmup=0, methods=("no_such_method",), torchjd=False
+    )
+    (w,) = run_bench(options).workloads
+    assert w.contenders[PLAIN].error is None and len(w.contenders[PLAIN].times) == 1
+    bad = w.contenders["no_such_method"]
+    assert bad.error is not None and "no_such_method" in bad.error and bad.median is None
+    assert "FAILED" in markdown_table(w)
+
+
+def test_options_from_cli_args_and_method_specs():
+    args = argparse.Namespace(
+        workloads="mlp11,lenet",
+        steps=7,
+        warmup=2,
+        methods="upgrad, fixed:weights=1/2",
+        threads=None,
+        device="cpu",
+        seed=5,
+        out_dir=None,
+        no_torchjd=True,
+    )
+    options = bench.options_from_args(args)
+    assert options.workloads == ("mlp11", "lenet")
+    assert options.methods == ("upgrad", "fixed:weights=1/2")
+    assert not options.torchjd and options.steps == 7
+    assert bench.parse_method_spec("fixed:weights=1/2") == ("fixed", {"weights": [1, 2]})
+    assert bench.bench_hparams("fixed", {}, 3) == {"weights": [1.0, 1.0, 1.0]}
+    assert bench.bench_hparams("selective_groups", {}, 3) == {"warmup_steps": 0}
+    with pytest.raises(ValueError, match="workload"):
+        BenchOptions(workloads=("nope",)).validate()
+    with pytest.raises(ValueError, match="steps"):
+        BenchOptions(steps=0).validate()
+    enabled = BenchOptions(methods=("mgda_ub", "imtl_g", "unitary"))
+    names = bench.select_torchjd(enabled, enabled.methods, 2)
+    assert names == ["MGDA@rep", "IMTLG"]
+    assert bench.command_line(options) == (
+        "mtopt bench --workloads mlp11,lenet --steps 7 --warmup 2 "
+        "--methods 'upgrad,fixed:weights=1/2' --no-torchjd --device cpu --seed 5"
+    )
+
+
+def test_memory_probe_cpu():
+    probe = bench.MemoryProbe(torch.device("cpu"))
+    probe.start()
+    x = torch.ones(16_000_000)  # 64 MB: above glibc's largest mmap threshold, so fresh pages
+    peak = probe.stop()
+    del x
+    if probe.available:
+        assert peak is not None and peak >= 32 * 2**20
+    else:
+        assert peak is None
