@@ -55,15 +55,21 @@ def mto_for(net: Net, lr: float = 0.05, optimizer=torch.optim.SGD, **hp):
 
 
 # -- the pieces ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("parametrization", ["expm", "cayley"])
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 7), seeds)
-def test_rotations_are_special_orthogonal(k, m, seed):
+@given(k=st.integers(1, 4), m=st.integers(1, 7), seed=seeds)
+def test_rotations_are_special_orthogonal(parametrization, k, m, seed):
     A = torch.randn(k, m, m, dtype=F64, generator=gen(seed)) * 3
-    R = rotation_matrices(A)
+    R = rotation_matrices(A, parametrization)
     eye = torch.eye(m, dtype=F64).expand(k, m, m)
     torch.testing.assert_close(R.transpose(1, 2) @ R, eye, atol=1e-10, rtol=0)
     torch.testing.assert_close(torch.linalg.det(R), torch.ones(k, dtype=F64))
-    torch.testing.assert_close(rotation_matrices(torch.zeros(k, m, m, dtype=F64)), eye)
+    zero = torch.zeros(k, m, m, dtype=F64)
+    torch.testing.assert_close(rotation_matrices(zero, parametrization), eye)
+    if parametrization == "cayley":  # (I - S)^{-1}(I + S) by its definition
+        lower = torch.tril(A, -1)
+        skew = lower - lower.transpose(1, 2)
+        torch.testing.assert_close((eye - skew) @ R, eye + skew)
 
 
 @settings(max_examples=30, deadline=None)
@@ -91,14 +97,36 @@ def test_target_is_the_mean_unit_direction_scaled_to_the_mean_norm(k, seed):
     torch.testing.assert_close(rotograd_target(same), r[0])
 
 
+def test_cayley_rotations_train_like_the_exponential_ones():
+    """Both parametrisations start at I, keep R orthogonal and reduce the rotation loss."""
+    results = {}
+    for parametrization in ("expm", "cayley"):
+        net = Net(k=3)
+        mto = mto_for(net, optimizer=torch.optim.Adam, lr=1e-2, parametrization=parametrization)
+        first = mto.step(lambda: net.losses(mto.task_input)).weights  # noqa: B023
+        for _ in range(15):
+            mto.step(lambda: net.losses(mto.task_input))  # noqa: B023
+        R = mto.method.rotations()
+        eye = torch.eye(6, dtype=F64).expand(3, 6, 6)
+        torch.testing.assert_close(R.transpose(1, 2) @ R, eye, atol=1e-12, rtol=0)
+        assert (R - eye).abs().max() > 1e-3
+        results[parametrization] = first
+    # the first step does not depend on the parametrisation (R = I, magnitudes only)
+    torch.testing.assert_close(results["expm"], results["cayley"])
+    with pytest.raises(ValueError, match="parametrization"):
+        mtopt.make("rotograd", parametrization="qr")
+
+
 def test_rotation_loss_gradient_matches_finite_differences():
     g = gen(3)
     target = torch.randn(5, 4, 2, dtype=F64, generator=g)
     rotated = torch.randn(3, 5, 4, 2, dtype=F64, generator=g)
     A = torch.randn(3, 3, 3, dtype=F64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda a: rotation_loss(rotation_matrices(a), target, rotated), (A,)
-    )
+    for parametrization in ("expm", "cayley"):
+        assert torch.autograd.gradcheck(
+            lambda a, p=parametrization: rotation_loss(rotation_matrices(a, p), target, rotated),
+            (A,),
+        )
     # zero when every rotated task gradient already equals the rotated target
     R = rotation_matrices(A.detach())
     aligned = torch.einsum("kij,bj...->kbi...", R, target[:, :3])
