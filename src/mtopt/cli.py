@@ -403,7 +403,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_table(comparison))
     print(
         "\nΔm: Gama & Grassi's per-task relative change vs single-task test metrics, in %, "
-        "higher is better (mean ± std over seeds). MR: mean rank over the compared methods, "
+        "higher is better (mean ± std over seeds); Δm flat (shown when a task has several "
+        "metrics): the plain mean over all metrics, same sign (Nash-MTL's code prints its "
+        "negative, lower is better). MR: mean rank over the compared methods, "
         "lower is better. ms/step: median wall time of one training step (× unitary: "
         "relative to unitary scalarization; a run reused from the store keeps the time measured "
         "when it ran)."

@@ -119,6 +119,7 @@ def test_selection_follows_the_protocol(fake, tmp_path):
     assert (cagrad.shared["lr"], cagrad.hparams["c"]) == best
     assert cagrad.val_score == pytest.approx(score(*best))
     assert len(cagrad.delta_m) == 3 and len(cagrad.keys) == 3
+    assert cagrad.delta_m_flat == pytest.approx(cagrad.delta_m)  # one metric per task
     # only the best configuration got the extra seed 3
     seed3 = [
         r for r in db.records() if r["config"]["seed"] == 3 and r["config"]["method"] == "cagrad"
@@ -222,3 +223,16 @@ def test_a_killed_sweep_resumes_without_losing_or_duplicating_runs(tmp_path, mni
     for a, b in zip(straight_result["rows"], resumed_result["rows"], strict=True):
         assert a["label"] == b["label"] and a["test"] == b["test"] and a["delta_m"] == b["delta_m"]
     assert straight_result["references"] == resumed_result["references"]
+
+
+def test_compare_table_shows_the_flat_form_only_when_it_differs():
+    from mtopt.experiments.compare import Comparison, MethodRow, format_table
+
+    two_metrics = {"S": {"acc": False, "miou": False}, "D": {"l1": True}}
+    ref = {"S": {"acc": 0.8, "miou": 0.5}, "D": {"l1": 1.0}}
+    row = MethodRow("unitary", ref, -1.5, 0.2, 1.0, 0.1, 2, delta_m_flat=-2.25)
+    table = format_table(Comparison("p", two_metrics, {"test": ref}, [row]))
+    assert "Δm flat % ↑" in table and "-2.25" in table
+    one_metric = {"S": {"acc": False}, "D": {"l1": True}}
+    table = format_table(Comparison("p", one_metric, {"test": ref}, [row]))
+    assert "flat" not in table

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mtopt.evaluation.metrics import delta_m, mean_rank
+from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
 from mtopt.experiments.store import RunStore
 from mtopt.experiments.train import (
     Callback,
@@ -40,6 +40,7 @@ class MethodRow:
     step_seconds: float
     seeds: int
     solver_failures: int = 0
+    delta_m_flat: float | None = None
 
 
 @dataclass
@@ -109,12 +110,13 @@ def compare(
         MethodRow("single-task", refs["test"], 0.0, 0.0, None, stl_step, len(seeds))
     )
     for spec, name, hparams, optimizer in parsed:
-        tests, deltas, step_times, failures = [], [], [], 0
+        tests, deltas, flats, step_times, failures = [], [], [], [], 0
         for seed in seeds:
             config = replace(base, method=name, hparams=hparams, seed=seed, **optimizer)
             result = run_or_load(store, config, problem, refs, hook, spec)
             tests.append(result["test"])
             deltas.append(delta_m(result["test"], refs["test"], directions))
+            flats.append(delta_m_flat(result["test"], refs["test"], directions))
             step_times.append(result["step_seconds_median"])
             failures += result["solver_failures"]
         comparison.rows.append(
@@ -127,6 +129,7 @@ def compare(
                 step_seconds=statistics.median(step_times),
                 seeds=len(seeds),
                 solver_failures=failures,
+                delta_m_flat=statistics.fmean(flats),
             )
         )
     methods = {row.label: row.test for row in comparison.rows[1:]}
@@ -159,7 +162,8 @@ def format_table(comparison: Comparison) -> str:
     """A markdown table of the comparison."""
     columns = [(t, m, lo) for t, ms in comparison.directions.items() for m, lo in ms.items()]
     header = ["method"] + [f"{t} {m} {'↓' if lo else '↑'}" for t, m, lo in columns]
-    header += ["Δm % ↑", "MR ↓", "ms/step"]
+    flat = any(len(ms) > 1 for ms in comparison.directions.values())
+    header += ["Δm % ↑"] + (["Δm flat % ↑"] if flat else []) + ["MR ↓", "ms/step"]
     baseline = next(
         (r.step_seconds for r in comparison.rows if r.label.split(":")[0] == "unitary"), None
     )
@@ -174,6 +178,12 @@ def format_table(comparison: Comparison) -> str:
             cells.append("0 (ref.)")
         else:
             cells.append(f"{row.delta_m:+.2f} ± {row.delta_m_std:.2f}")
+        if flat:
+            cells.append(
+                "0 (ref.)"
+                if row.label == "single-task"
+                else ("—" if row.delta_m_flat is None else f"{row.delta_m_flat:+.2f}")
+            )
         cells.append("—" if row.mean_rank is None else f"{row.mean_rank:.2f}")
         cells.append(f"{1000 * row.step_seconds:.0f}")
         if baseline:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mtopt.evaluation.metrics import delta_m, mean_rank
+from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
 from mtopt.experiments.database import RunDatabase, code_version
 from mtopt.experiments.train import (
     References,
@@ -140,6 +140,8 @@ class MethodResult:
     keys: list[str]
     weights: list[float] | None = None
     mean_rank: float | None = None
+    #: per-seed flat per-metric Δm (Nash-MTL's form, same sign: higher is better)
+    delta_m_flat: list[float] | None = None
 
 
 @dataclass
@@ -397,6 +399,7 @@ class _Selector:
                     test=mean_table(tests),
                     test_std=spread,
                     delta_m=[delta_m(t, refs["test"], self.directions) for t in tests],
+                    delta_m_flat=[delta_m_flat(t, refs["test"], self.directions) for t in tests],
                     step_seconds=statistics.median(r["step_seconds_median"] for r in final),
                     keys=[r["key"] for r in final],
                 )

@@ -7,7 +7,9 @@ from typing import Any
 
 NOTE = (
     "Test metrics: mean (± std) over the best configuration's runs. Δm: Gama & Grassi's per-task "
-    "relative change against the single-task references, in %, higher is better. MR: mean rank "
+    "relative change against the single-task references, in %, higher is better; Δm flat: the "
+    "plain mean over all metrics (Nash-MTL's form) with the same sign (their code prints its "
+    "negative). MR: mean rank "
     "over the listed methods, lower is better. s/step: median wall time of one training step."
 )
 
@@ -40,21 +42,23 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
     """Header plus one line per row (single-task references first), as plain cells."""
     columns = _columns(result)
     header = ["method"] + [f"{t} {m} {'↓' if lo else '↑'}" for t, m, lo in columns]
-    header += ["Δm % ↑", "MR ↓", "s/step", "best hyperparameters"]
+    header += ["Δm % ↑", "Δm flat % ↑", "MR ↓", "s/step", "best hyperparameters"]
     lines = [header]
     refs = result["references"]["test"]
     lines.append(
         ["single-task"]
         + [f"{refs[t][m]:.4f}" for t, m, _ in columns]
-        + ["0 (ref.)", "—", "—", "per metric"]
+        + ["0 (ref.)", "0 (ref.)", "—", "—", "per metric"]
     )
     for row in result["rows"]:
         mean, std = _dm(row)
         cells = [row["label"]]
         for t, m, _ in columns:
             cells.append(f"{row['test'][t][m]:.4f} ± {row['test_std'][t][m]:.4f}")
+        flat = row.get("delta_m_flat")
         cells += [
             f"{mean:+.2f} ± {std:.2f}",
+            "—" if not flat else f"{statistics.fmean(flat):+.2f}",
             f"{row['mean_rank']:.2f}",
             f"{row['step_seconds']:.3f}",
             _hparams(row),
