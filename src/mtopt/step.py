@@ -205,7 +205,7 @@ class MultiTaskOptimizer:
         step_index = self.step_count
         rng_state = _rng_state() if Need.CLOSURE in needs else None
         with torch.enable_grad():
-            names, losses, features = self._unpack(closure())
+            names, losses, features, stacked = self._unpack(closure())
         lap("forward")
 
         grads = None
@@ -222,7 +222,6 @@ class MultiTaskOptimizer:
             grads = jacobian(losses, [features])
         lap("gradients")
 
-        stacked = torch.stack([loss.detach() for loss in losses])
         inputs = MethodInput(
             stacked, names, grads=grads, step=step_index, loss_types=self.loss_types
         )
@@ -291,7 +290,7 @@ class MultiTaskOptimizer:
     # ------------------------------------------------------------------------------------------
     def _unpack(
         self, out: Any, require_grad: bool = True
-    ) -> tuple[tuple[str, ...], list[Tensor], Tensor | None]:
+    ) -> tuple[tuple[str, ...], list[Tensor], Tensor | None, Tensor]:
         features = None
         if isinstance(out, Losses):
             features, out = out.features, out.losses
@@ -339,7 +338,7 @@ class MultiTaskOptimizer:
                     f"loss of task {name!r} does not require grad: it does not depend on any "
                     "trainable parameter"
                 )
-            losses.append(loss.reshape(()))
+            losses.append(loss if loss.dim() == 0 else loss.reshape(()))
         values_now = torch.stack([loss.detach() for loss in losses])
         if not bool(torch.isfinite(values_now).all()):
             bad = [
@@ -348,7 +347,7 @@ class MultiTaskOptimizer:
                 if v != v or v in (float("inf"), float("-inf"))
             ]
             raise ValueError(f"non-finite loss(es): {', '.join(bad)}")
-        return names, losses, features
+        return names, losses, features, values_now
 
     def _check_aggregation(self, agg: Aggregation, inputs: MethodInput) -> None:
         name = self.method.name

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
 from mtopt.core.registry import register
-from mtopt.core.task_vector import TaskVector
+from mtopt.core.task_vector import TaskVector, VectorAdam
 
 META_SPLITS = ("train", "val")
 
@@ -68,7 +68,7 @@ class AutoLambda(Method):
         self.nonnegative = bool(nonnegative)
         self._model_lr = 1.0
         self._vector = TaskVector(
-            "auto_lambda", self.init, lambda ps: torch.optim.Adam(ps, lr=self._meta_lr())
+            "auto_lambda", self.init, lambda ps: VectorAdam(ps, lr=self._meta_lr())
         )
 
     def _meta_lr(self) -> float:

@@ -30,7 +30,7 @@ from torch import Tensor
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
-from mtopt.core.task_vector import TaskVector
+from mtopt.core.task_vector import TaskVector, VectorAdam
 
 _OFFSET = 1e-8
 
@@ -59,7 +59,7 @@ class FAMO(Method):
         self.lr = float(lr)
         self.min_losses = None if min_losses is None else tuple(float(v) for v in min_losses)
         self._vector = TaskVector(
-            "famo", 0.0, lambda ps: torch.optim.Adam(ps, lr=self.lr, weight_decay=self.gamma)
+            "famo", 0.0, lambda ps: VectorAdam(ps, lr=self.lr, weight_decay=self.gamma)
         )
         self._previous: Tensor | None = None
 

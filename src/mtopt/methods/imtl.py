@@ -48,7 +48,7 @@ from mtopt.core.method import (
     check_choice,
 )
 from mtopt.core.registry import register
-from mtopt.core.task_vector import TaskVector
+from mtopt.core.task_vector import TaskVector, VectorAdam
 
 SOLVERS = ("pinv", "closed_form")
 
@@ -166,7 +166,7 @@ class IMTL(_IMTLBase):
         if not lr > 0:
             raise ValueError(f"imtl: lr must be > 0, got {lr}")
         self.lr = float(lr)
-        self._vector = TaskVector("imtl", 0.0, lambda ps: torch.optim.Adam(ps, lr=self.lr))
+        self._vector = TaskVector("imtl", 0.0, lambda ps: VectorAdam(ps, lr=self.lr))
 
     @property
     def scales(self) -> Tensor | None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
 from mtopt.core.registry import register
-from mtopt.core.task_vector import TaskVector
+from mtopt.core.task_vector import TaskVector, VectorAdam, VectorSGD
 
 OPTIMIZERS = ("adam", "sgd")
 UW_VARIANTS = ("common", "typed")
@@ -60,7 +60,7 @@ class LearnedScales(Method):
         self.init = float(init)
         self.lr = float(lr)
         self.optimizer = optimizer
-        cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        cls = VectorAdam if optimizer == "adam" else VectorSGD
         self._vector = TaskVector(self.name, self.init, lambda ps: cls(ps, lr=self.lr))
 
     @property
