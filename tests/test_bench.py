@@ -28,7 +28,12 @@ HAS_TORCHJD = bench.torchjd_available()
 @pytest.fixture(scope="module")
 def tiny_run() -> BenchResult:
     options = BenchOptions(
-        workloads=("mlp11",), steps=3, warmup=1, methods=("unitary", "upgrad"), seed=3
+        workloads=("mlp11",),
+        steps=3,
+        warmup=1,
+        methods=("unitary", "upgrad"),
+        seed=3,
+        libmtl=False,
     )
     return run_bench(options)
 
@@ -208,3 +213,21 @@ def test_memory_probe_cpu():
         assert peak is not None and peak >= 32 * 2**20
     else:
         assert peak is None
+
+
+def test_libmtl_counterparts_when_installed():
+    """LibMTL 1.1.5 (installed by hand with --no-deps) runs as its own rows; an mtopt method's
+    notes carry its ratio to the LibMTL counterpart."""
+    if not bench.libmtl_available():
+        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
+    options = BenchOptions(
+        workloads=("mlp11",), steps=2, warmup=1, methods=("unitary", "gls"), torchjd=False
+    )
+    result = run_bench(options)
+    w = result.workloads[0]
+    assert {"libmtl:EW", "libmtl:GLS"} <= set(w.contenders)
+    assert w.contenders["libmtl:EW"].error is None and len(w.contenders["libmtl:EW"].times) == 2
+    ratio = w.ratio_to_libmtl("unitary")
+    assert ratio == pytest.approx(w.contenders["unitary"].median / w.contenders["libmtl:EW"].median)
+    assert "libmtl:EW" in bench.markdown_table(w)
+    assert w.ratio_to_libmtl("libmtl:EW") is None

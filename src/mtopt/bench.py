@@ -342,6 +342,8 @@ class BenchOptions:
     torchjd: bool = True
     torchjd_aggregators: tuple[str, ...] | None = None
     threads: int | None = None
+    #: measure LibMTL 1.1.5's counterparts too, when it is installed
+    libmtl: bool = True
     device: str = "cpu"
     seed: int = 0
     out_dir: Path | None = None
@@ -451,6 +453,17 @@ class WorkloadResult:
         if base is None or mine is None or base <= 0:
             return None
         return mine / base
+
+    def ratio_to_libmtl(self, label: str) -> float | None:
+        """Median step time of an mtopt method over its LibMTL counterpart's (if measured)."""
+        name = label.split(":")[0].strip()
+        if name not in LIBMTL_COUNTERPARTS or self.contenders[label].kind != "mtopt":
+            return None
+        other = self.contenders.get(LIBMTL_PREFIX + LIBMTL_COUNTERPARTS[name][0])
+        mine = self.contenders[label].median
+        if other is None or other.median is None or mine is None or other.median <= 0:
+            return None
+        return mine / other.median
 
     def ratio_to_torchjd(self, label: str) -> float | None:
         """Median step time of an mtopt method over its TorchJD counterpart's."""
@@ -712,6 +725,103 @@ class _TorchJD(_Contender):
         return {}
 
 
+LIBMTL_PREFIX = "libmtl:"
+#: mtopt method → (LibMTL 1.1.5 weighting, its backward kwargs), each at the mtopt defaults:
+#: LibMTL's ``IMTL`` is the hybrid IMTL (our ``imtl:level=param``), its ``UW`` the common form
+LIBMTL_COUNTERPARTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "unitary": ("EW", {}),
+    "mgda": ("MGDA", {"mgda_gn": "loss+"}),
+    "pcgrad": ("PCGrad", {}),
+    "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}),
+    "gls": ("GLS", {}),
+    "rlw": ("RLW", {"dist": "Normal"}),
+    "uw": ("UW", {}),
+    "imtl": ("IMTL", {}),
+}
+
+
+def import_libmtl_weighting() -> Any:
+    """``LibMTL.weighting`` (PyPI 1.1.5, installed with ``pip install --no-deps LibMTL==1.1.5``).
+
+    Its package ``__init__`` imports model code that needs ``torchvision.models.utils`` (gone from
+    recent torchvision); when torchvision is missing a stub module stands in for it (the
+    weighting code never uses it). Raises ``ImportError`` when LibMTL is not installed."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("LibMTL") is None:
+        raise ImportError("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        stub = types.ModuleType("torchvision")
+        models = types.ModuleType("torchvision.models")
+        utils = types.ModuleType("torchvision.models.utils")
+
+        def load_state_dict_from_url(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("stub: torchvision is not installed")
+
+        utils.load_state_dict_from_url = load_state_dict_from_url  # type: ignore[attr-defined]
+        stub.models, models.utils = models, utils  # type: ignore[attr-defined]
+        sys.modules.update(
+            {"torchvision": stub, "torchvision.models": models, "torchvision.models.utils": utils}
+        )
+    import LibMTL.weighting as weighting
+
+    return weighting
+
+
+def libmtl_available() -> bool:
+    try:
+        import_libmtl_weighting()
+    except ImportError:
+        return False
+    return True
+
+
+class _LibMTL(_Contender):
+    """A LibMTL weighting strategy as its ``Trainer`` uses it: the model's backward through the
+    strategy (per-task ``loss.backward`` passes, then the shared gradient reset), then the
+    optimizer step. The strategy is a mixin in LibMTL; here it is bound to the bench model's
+    encoder (``get_share_params``) and task count."""
+
+    def __init__(self, model: BenchModel, workload: Workload, name: str) -> None:
+        weighting, kwargs = LIBMTL_COUNTERPARTS[name]
+        label = LIBMTL_PREFIX + weighting
+        super().__init__(ContenderResult(label, "libmtl", "libmtl"), model)
+        base = getattr(import_libmtl_weighting(), weighting)
+        encoder = model.encoder
+        device = next(model.parameters()).device
+
+        class Bound(base):  # type: ignore[misc, valid-type]
+            def __init__(self) -> None:
+                super().__init__()
+                self.task_num = workload.num_tasks
+                self.task_name = list(workload.task_names)
+                self.device = device
+                self.rep_grad = False
+                self.epoch = 0
+
+            def get_share_params(self) -> Any:
+                return encoder.parameters()
+
+            def zero_grad_share_params(self) -> None:
+                encoder.zero_grad(set_to_none=False)
+
+        self.strategy = Bound()
+        self.strategy.init_param()
+        own = [p for p in self.strategy.parameters() if p.requires_grad]
+        if own:  # UW / IMTL loss scales: trained with the model, as in LibMTL's Trainer
+            self.optimizer.add_param_group({"params": own})
+        self.kwargs = kwargs
+        self.workload = workload
+
+    def step(self, batch: Batch) -> dict[str, Any]:
+        self.optimizer.zero_grad(set_to_none=False)
+        _, losses = forward(self.model, self.workload, batch)
+        self.strategy.backward(torch.stack(losses), **self.kwargs)
+        self.optimizer.step()
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------
 # memory
 class MemoryProbe:
@@ -824,6 +934,12 @@ def _contenders(
         add(lambda m, s=spec: _Mtopt(m, workload, s), spec.strip(), "mtopt")
     for name in select_torchjd(options, specs, workload.num_tasks):
         add(lambda m, n=name: _TorchJD(m, workload, n), TORCHJD_PREFIX + name, "torchjd")
+    if options.libmtl and libmtl_available():
+        names = [parse_method_spec(s)[0] for s in specs]
+        for name in LIBMTL_COUNTERPARTS:
+            if name in names:
+                label = LIBMTL_PREFIX + LIBMTL_COUNTERPARTS[name][0]
+                add(lambda m, n=name: _LibMTL(m, workload, n), label, "libmtl")
     return ready, failed
 
 
@@ -1061,6 +1177,10 @@ def markdown_table(w: WorkloadResult) -> str:
         notes = []
         if c.counterpart is not None:
             notes.append(f"vs {c.counterpart}")
+        libmtl = w.ratio_to_libmtl(label)
+        if libmtl is not None:
+            weighting = LIBMTL_COUNTERPARTS[label.split(":")[0].strip()][0]
+            notes.append(f"{libmtl:.2f}× {LIBMTL_PREFIX}{weighting}")
         if c.groups:
             notes.append(f"M = {c.median_groups:g} groups ({min(c.groups)}–{max(c.groups)})")
         if c.solver_failures:
@@ -1141,7 +1261,8 @@ def markdown_report(result: BenchResult) -> str:
         f"contender steps once, in an order shuffled per round (seed {o.seed}); Adam lr {LR}",
         "- LibMTL: not installed — not measured"
         if not m.get("libmtl")
-        else f"- LibMTL {m['libmtl']} is installed but not measured (no adapter yet)",
+        else f"- LibMTL {m['libmtl']} (`--no-deps`, torchvision stubbed): its weighting "
+        "strategies as rows `libmtl:<Name>`; an mtopt row's notes give its ratio to them",
         f"- memory: {result.memory}",
         "",
     ]
@@ -1245,6 +1366,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         warmup=args.warmup,
         methods=_split(args.methods),
         torchjd=not args.no_torchjd,
+        libmtl=not getattr(args, "no_libmtl", False),
         torchjd_aggregators=aggregators,
         threads=args.threads,
         device=args.device,
@@ -1267,6 +1389,8 @@ def command_line(options: BenchOptions) -> str:
         words.append("--no-torchjd")
     elif options.torchjd_aggregators is not None:
         words.append(f"--torchjd-aggregators {','.join(options.torchjd_aggregators)}")
+    if not options.libmtl:
+        words.append("--no-libmtl")
     if options.threads is not None:
         words.append(f"--threads {options.threads}")
     words += [f"--device {options.device}", f"--seed {options.seed}"]

@@ -128,6 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out-dir", type=Path, help="write bench.md, bench.json and bench.png here")
     b.add_argument("--no-torchjd", action="store_true", help="do not measure TorchJD")
     b.add_argument(
+        "--no-libmtl",
+        action="store_true",
+        help="do not measure LibMTL (measured when installed: pip install --no-deps LibMTL==1.1.5)",
+    )
+    b.add_argument(
         "--torchjd-aggregators",
         metavar="NAMES",
         help="comma-separated TorchJD aggregators (NAME@rep: on the features); default: all "
