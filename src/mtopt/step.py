@@ -172,8 +172,10 @@ class MultiTaskOptimizer:
         for group in self.method.new_param_groups():
             group = dict(group)
             scale = group.pop("lr_scale", None)
-            if scale is not None:
-                group["lr"] = scale * self.optimizer.param_groups[0]["lr"]
+            if scale is not None:  # relative to the model's lr: not to Muon's matrix groups
+                groups = self.optimizer.param_groups
+                base = next((g for g in groups if not g.get("use_muon", False)), groups[0])
+                group["lr"] = scale * base["lr"]
             self.optimizer.add_param_group(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -450,6 +452,7 @@ class MultiTaskOptimizer:
         # the method first: parameters it owns (RotoGrad's rotations) must be in the optimizer's
         # param_groups before the optimizer's state can be loaded
         self.method.load_state_dict(state_dict["method"])
+        self.method.to(self.shared[0].device)
         self._add_method_param_groups()
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.step_count = int(state_dict["step"])

@@ -43,6 +43,8 @@ def fake_value(config, task: str, split: str) -> float:
 
 
 def fake_train_run(config, references=None, problem=None, callback=None):
+    if config.lr > 1.0:
+        raise ValueError("non-finite loss(es): a=nan")  # a diverging configuration
     tasks = config.tasks or FakeProblem.task_names
     metric = {"a": "acc", "b": "mse"}
     val = {t: {metric[t]: fake_value(config, t, "val")} for t in tasks}
@@ -236,3 +238,25 @@ def test_compare_table_shows_the_flat_form_only_when_it_differs():
     one_metric = {"S": {"acc": False}, "D": {"l1": True}}
     table = format_table(Comparison("p", one_metric, {"test": ref}, [row]))
     assert "flat" not in table
+
+
+def test_a_diverging_configuration_is_stored_as_failed_and_never_selected(fake, tmp_path):
+    config = SweepConfig(
+        problem="fake",
+        methods={"unitary": {}},
+        grid={"lr": [0.01, 10.0]},
+        base={"epochs": 1},
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    result = run_sweep(config, db, workers=1)
+    assert result.rows[0].shared == {"lr": 0.01}
+    assert result.reference_configs["a"]["acc"] == {"lr": 0.01}
+    failed = [r for r in db.records() if "failed" in r]
+    assert failed and all("non-finite" in r["failed"] for r in failed)
+    assert db.unfinished() == []
+    assert run_sweep(config, db, workers=1).runs == 0  # failures are not redone
+    everything_fails = SweepConfig(
+        problem="fake", methods={"unitary": {}}, grid={"lr": [10.0]}, base={"epochs": 1}
+    )
+    with pytest.raises(RuntimeError, match="every configuration failed"):
+        run_sweep(everything_fails, RunDatabase(tmp_path / "other.sqlite"), workers=1)

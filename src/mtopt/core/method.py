@@ -207,10 +207,15 @@ class Method:
         while the engine does not know the task names yet (before the first step)."""
         return features
 
+    def to(self, device: torch.device) -> None:
+        """Move state restored by ``load_state_dict`` to the model's device (no-op unless the
+        method holds tensors that join the computation, like RotoGrad's rotations)."""
+
     def new_param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups the method created since the last call (RotoGrad's rotations),
         for the engine to add to the base optimizer. A group's ``lr_scale`` entry multiplies the
-        base optimizer's first-group learning rate. Methods without parameters return ``[]``."""
+        learning rate of the base optimizer's first group that is not a Muon group. Methods
+        without parameters return ``[]``."""
         return []
 
     def end_epoch(self) -> None:

@@ -107,7 +107,7 @@ class RunDatabase:
 
     def put(self, record: dict[str, Any]) -> None:
         config = record["config"]
-        selection = record.get("selection", {})
+        selection = record.get("selection") or {}
         best = selection.get("delta_m", next(iter(selection.values()), {}))
         row = (
             record["key"],

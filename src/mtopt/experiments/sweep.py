@@ -142,6 +142,8 @@ class MethodResult:
     mean_rank: float | None = None
     #: per-seed flat per-metric Δm (Nash-MTL's form, same sign: higher is better)
     delta_m_flat: list[float] | None = None
+    #: runs of the selected configuration that failed (left out of the means)
+    failed_runs: int = 0
 
 
 @dataclass
@@ -198,10 +200,42 @@ def _execute(db_path: str, config: RunConfig, references: References | None, thr
     if config.problem not in _PROBLEMS:
         _PROBLEMS[config.problem] = get_problem(config.problem)
     db.mark_started(key)
-    record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
+    try:
+        record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
+    except (ValueError, FloatingPointError, RuntimeError) as exc:
+        # a diverging configuration (non-finite loss, solver blow-up) is a result, not a crash:
+        # stored as failed, it scores -inf in the selection and is not run again on a restart
+        record = failed_record(config, references, exc)
     record["code_version"] = code_version()
     db.put(record)
     return key
+
+
+def failed_record(config: RunConfig, references: References | None, exc: Exception) -> dict:
+    """The stored record of a run that raised: its key and config, and the error."""
+    return {
+        "key": run_key(config, references),
+        "config": config.to_dict(),
+        "failed": f"{type(exc).__name__}: {exc}",
+        "selection": {},
+    }
+
+
+def _score(values: Sequence[float | None]) -> float:
+    """Mean of the runs' scores; ``-inf`` if any run failed or is not finite (never selected
+    over a configuration that trained)."""
+    if any(v is None or not np.isfinite(v) for v in values):
+        return float("-inf")
+    return statistics.fmean(values)  # type: ignore[arg-type]
+
+
+def _usable(records: Sequence[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    ok = [r for r in records if "failed" not in r]
+    if not ok:
+        raise RuntimeError(
+            f"{label}: every run of the selected configuration failed: {records[0]['failed']}"
+        )
+    return ok
 
 
 class Runner:
@@ -267,15 +301,20 @@ def run_sweep(
 
             def score(point: Mapping[str, Any], task=task, metric=metric, sign=sign) -> float:
                 runs = [db.get(run_key(single(task, point, s))) for s in val_seeds]
-                return statistics.fmean(sign * r["val"][task][metric] for r in runs)
+                return _score(
+                    [None if "failed" in r else sign * r["val"][task][metric] for r in runs]
+                )
 
-            chosen.append((task, metric, max(shared, key=score)))
+            best = max(shared, key=score)
+            if score(best) == float("-inf"):
+                raise RuntimeError(f"single-task {task}/{metric}: every configuration failed")
+            chosen.append((task, metric, best))
     jobs = [(single(t, p, s), None) for t, _, p in chosen for s in best_seeds]
     records = runner.run(jobs, "single-task selected configurations")
     references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
     reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
     for i, (task, metric, point) in enumerate(chosen):
-        runs = records[i * len(best_seeds) : (i + 1) * len(best_seeds)]
+        runs = _usable(records[i * len(best_seeds) : (i + 1) * len(best_seeds)], task)
         for split in ("val", "test"):
             references[split].setdefault(task, {})[metric] = statistics.fmean(
                 r[split][task][metric] for r in runs
@@ -369,7 +408,9 @@ class _Selector:
             scores = []
             for _ in points:
                 group = [next(records) for _ in range(n_val)]
-                scores.append(statistics.fmean(r["val_delta_m"] for r in group))
+                scores.append(_score([r.get("val_delta_m") for r in group]))
+            if max(scores) == float("-inf"):
+                raise RuntimeError(f"{label}: every configuration of its grid failed")
             picks.append((label, name, points, scores, int(np.argmax(scores))))
         jobs = [
             (make(name, *points[best], s), refs)
@@ -380,6 +421,8 @@ class _Selector:
         rows = []
         for label, _, points, scores, best in picks:
             final = [next(finals) for _ in range(n_best)]
+            failed = sum("failed" in r for r in final)
+            final = _usable(final, label)
             point, hparams = points[best]
             tests = [r["test"] for r in final]
             spread = {
@@ -402,6 +445,7 @@ class _Selector:
                     delta_m_flat=[delta_m_flat(t, refs["test"], self.directions) for t in tests],
                     step_seconds=statistics.median(r["step_seconds_median"] for r in final),
                     keys=[r["key"] for r in final],
+                    failed_runs=failed,
                 )
             )
         return rows

@@ -78,14 +78,20 @@ class RunConfig:
         d["tasks"] = None if self.tasks is None else list(self.tasks)
         return d
 
-    def key(self) -> str:
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that identify a run: ``to_dict()`` without the fields added after the first
+        records when they are at their defaults (older records keep their keys), and without
+        ``muon_lr`` unless Muon is used."""
         d = self.to_dict()
         if self.optimizer != "muon":
             del d["muon_lr"]
-        for name, default in _KEY_NEUTRAL_DEFAULTS.items():  # older records keep their keys
+        for name, default in _KEY_NEUTRAL_DEFAULTS.items():
             if name in d and d[name] == default:
                 del d[name]
-        blob = json.dumps(d, sort_keys=True, default=str)
+        return d
+
+    def key(self) -> str:
+        blob = json.dumps(self.key_fields(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -110,10 +116,11 @@ def build_optimizer(config: RunConfig, model: MultiTaskModel) -> torch.optim.Opt
             )
         groups = [{"params": encoder, "apt": True}, {"params": heads, "apt": False}]
         return Adam(groups, lr=config.lr, weight_decay=config.weight_decay, apt=True)
-    outputs = [
-        [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
-        for head in model.heads.values()
-    ]
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    outputs = []  # each head's output layer (its last Linear or convolution) goes to AdamW
+    for head in model.heads.values():
+        found = [m for m in head.modules() if isinstance(m, layers)]
+        outputs += found[-1:]
     groups = muon_param_groups(model.encoder, apt=config.apt)
     groups += muon_param_groups(model.heads, first_layer=False, output_modules=outputs, apt=False)
     return Muon(
@@ -142,7 +149,7 @@ def run_key(config: RunConfig, references: References | None = None) -> str:
     its epoch selection (a multi-task run selected against other references is another run)."""
     if references is None:
         return config.key()
-    blob = json.dumps([config.to_dict(), references["val"]], sort_keys=True, default=str)
+    blob = json.dumps([config.key_fields(), references["val"]], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -237,10 +244,15 @@ def train_run(
                     return {s.name: s.loss(outputs[s.name], meta) for s in specs}
 
             if config.cosine_every and mto.step_count % config.cosine_every == 0:
-                with torch.random.fork_rng():  # the run's random stream is left as it was
+                # the run's random stream and buffers (BatchNorm statistics) are left as they were
+                saved = [b.detach().clone() for b in model.buffers()]
+                with torch.random.fork_rng():
                     cosines.append(
                         mean_gradient_cosine(list(closure().losses.values()), mto.shared)
                     )
+                with torch.no_grad():
+                    for b, old in zip(model.buffers(), saved, strict=True):
+                        b.copy_(old)
             info = mto.step(closure, meta_closure=meta_closure)
             step_times.append(info.times["total"])
             for t, v in info.losses.items():

@@ -196,7 +196,21 @@ class RotoGrad(Method):
             return []
         self._pending_group = False
         group = {"params": [self.generator], "lr_scale": self.rotation_lr_scale}
-        return [{**group, "weight_decay": 0.0}]
+        # rotations are not hidden weight matrices: never Muon's orthogonalised update
+        return [{**group, "weight_decay": 0.0, "use_muon": False}]
+
+    def to(self, device: torch.device) -> None:
+        """Move restored rotations (and their bookkeeping) to ``device`` before they join the
+        optimizer (``MultiTaskOptimizer.load_state_dict`` calls this with the model's device)."""
+        if self.generator is not None and self.generator.device != device:
+            if not self._pending_group:
+                raise RuntimeError("rotograd: the rotations already belong to an optimizer")
+            self.generator = self.generator.detach().to(device).requires_grad_(True)
+            self._cache = None
+        for name in ("initial_norms", "initial_losses"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
 
     def _ensure_generator(self, num_tasks: int, channels: int, like: Tensor) -> int:
         m = channels if self.rotation_size is None else self.rotation_size
@@ -254,6 +268,9 @@ class RotoGrad(Method):
             loss = rotation_loss(rotations, target, rotated)
             (grad,) = torch.autograd.grad(loss, [self.generator])
         self.generator.grad = grad
+        # the base optimizer changes the generator right after this call: recompute the rotations
+        # at the next use (a fused optimizer does not bump the tensor's version counter)
+        self._cache = None
 
         # magnitudes
         norms = grads.reshape(k, -1).norm(dim=1).clamp_min(_TINY)

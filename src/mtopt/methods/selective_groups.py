@@ -203,6 +203,13 @@ class SelectiveGroups(SeededRandomness, Method):
             schedule = schedule * 2
 
         live: list[Tensor] = inputs.live_losses
+        linked = {"UnbindBackward0", "SelectBackward0"}
+        if any(loss.grad_fn is not None and loss.grad_fn.name() in linked for loss in live):
+            raise ValueError(
+                "selective_groups: the closure returned the losses as one stacked tensor (or "
+                "indexed from one); then every head is in every group's graph and gets a zero "
+                "gradient instead of none. Return a dict or list of the separate scalar losses."
+            )
         before: np.ndarray | None = None  # the losses before the current group's step
         previous_group: list[int] | None = None
         zero_missing = self.inactive_heads == "momentum"

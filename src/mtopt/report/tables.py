@@ -52,7 +52,8 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
     )
     for row in result["rows"]:
         mean, std = _dm(row)
-        cells = [row["label"]]
+        failed = row.get("failed_runs", 0)
+        cells = [row["label"] + (f" ({failed} run(s) failed, left out)" if failed else "")]
         for t, m, _ in columns:
             cells.append(f"{row['test'][t][m]:.4f} ± {row['test_std'][t][m]:.4f}")
         flat = row.get("delta_m_flat")
