@@ -100,6 +100,13 @@ class Problem:
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
+    def model_tasks(self, tasks: Sequence[str] | None) -> tuple[str, ...]:
+        """The tasks a model is built for: ``tasks`` (each checked to exist) or all of them."""
+        names = self.task_names if tasks is None else tuple(tasks)
+        for name in names:
+            self.task(name)  # raises, naming the valid tasks
+        return names
+
     def splits(self) -> dict[str, Split]:  # pragma: no cover - abstract
         raise NotImplementedError
 

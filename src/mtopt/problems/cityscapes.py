@@ -483,10 +483,8 @@ class Cityscapes(Problem):
     def make_model(
         self, tasks: Sequence[str] | None = None, dropout: float = 0.0
     ) -> MultiTaskModel:
-        names = self.task_names if tasks is None else tuple(tasks)
+        names = self.model_tasks(tasks)
         outputs = {"S": (self.classes, "log_softmax"), "D": (1, "none"), "I": (2, "none")}
-        for name in names:
-            self.task(name)
         w, h = self.shape
         return dense_model(
             {name: outputs[name] for name in names},

@@ -153,9 +153,7 @@ class MultiFashion(Problem):
     def make_model(
         self, tasks: Sequence[str] | None = None, dropout: float = 0.0
     ) -> MultiTaskModel:
-        names = self.task_names if tasks is None else tuple(tasks)
-        for name in names:
-            self.task(name)  # validates the name
+        names = self.model_tasks(tasks)
         heads = {name: ClassificationHead(dropout) for name in names}
         return MultiTaskModel(LeNetEncoder(dropout), heads)
 

@@ -209,15 +209,12 @@ class MultiMNIST(Problem):
     def make_model(
         self, tasks: Sequence[str] | None = None, dropout: float = 0.0
     ) -> MultiTaskModel:
-        names = self.task_names if tasks is None else tuple(tasks)
-        heads = {}
-        for name in names:
-            spec = self.task(name)
-            heads[name] = (
-                ClassificationHead(dropout)
-                if spec.loss_type == "classification"
-                else ReconstructionHead(dropout)
-            )
+        heads = {
+            name: ClassificationHead(dropout)
+            if self.task(name).loss_type == "classification"
+            else ReconstructionHead(dropout)
+            for name in self.model_tasks(tasks)
+        }
         return MultiTaskModel(LeNetEncoder(dropout), heads)
 
 

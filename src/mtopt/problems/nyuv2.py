@@ -238,9 +238,7 @@ class NYUv2(Problem):
     def make_model(
         self, tasks: Sequence[str] | None = None, dropout: float = 0.0
     ) -> MultiTaskModel:
-        names = self.task_names if tasks is None else tuple(tasks)
-        for name in names:
-            self.task(name)
+        names = self.model_tasks(tasks)
         outputs = {"S": (CLASSES, "log_softmax"), "D": (1, "none"), "N": (3, "normalize")}
         return dense_model(
             {name: outputs[name] for name in names},

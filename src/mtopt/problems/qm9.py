@@ -465,9 +465,7 @@ class QM9(Problem):
     def make_model(
         self, tasks: Sequence[str] | None = None, dropout: float = 0.0
     ) -> MultiTaskModel:
-        names = self.task_names if tasks is None else tuple(tasks)
-        for name in names:
-            self.task(name)
+        names = self.model_tasks(tasks)
         encoder: nn.Module = (
             MPNNEncoder(dropout, cutoff=self.cutoff) if self.track == "gnn" else MLPEncoder(dropout)
         )

@@ -344,7 +344,5 @@ class Yeast(Problem):
     def make_model(
         self, tasks: Sequence[str] | None = None, dropout: float = 0.0
     ) -> MultiTaskModel:
-        names = self.task_names if tasks is None else tuple(tasks)
-        for name in names:
-            self.task(name)  # validates the name
+        names = self.model_tasks(tasks)
         return MultiTaskModel(MLPEncoder(dropout), {name: LogitHead() for name in names})
