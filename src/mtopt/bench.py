@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 import mtopt
 from mtopt.core.method import Need
+from mtopt.experiments.train import split_method_spec as parse_method_spec
 from mtopt.problems.multi_mnist import ClassificationHead, LeNetEncoder, ReconstructionHead
 from mtopt.step import Losses, MultiTaskOptimizer
 
@@ -561,20 +562,6 @@ def result_from_dict(data: dict[str, Any]) -> BenchResult:
 
 # ---------------------------------------------------------------------------------------------
 # method specs
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"mgda:normalization=l2"`` → ``("mgda", {"normalization": "l2"})``; lists as ``a/b``."""
-    from mtopt.experiments.train import _parse_value
-
-    name, *pairs = spec.strip().split(":")
-    hparams: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
-        hparams[key.strip()] = _parse_value(value.strip())
-    return name.strip(), hparams
-
-
 def bench_hparams(name: str, hparams: dict[str, Any], num_tasks: int) -> dict[str, Any]:
     """The hyperparameters a method runs with in the bench: ``fixed`` gets unit weights and
     ``selective_groups`` no warm-up (so that its measured steps run its M groups, not the K

@@ -347,19 +347,23 @@ def _endless(split, batch_size: int, seed: int):
         yield from split.batches(batch_size, True, generator)
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+def split_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"mgda:normalization=l2:solver=wolfe"`` → ``("mgda", {...})``; lists as ``0.1/0.9``.
-
-    The method is built once here, so an unknown name or hyperparameter fails before any training.
-    """
-    name, *pairs = spec.split(":")
+    Only the syntax is checked (see :func:`parse_method_spec`)."""
+    name, *pairs = spec.strip().split(":")
     hparams: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
         hparams[key] = _parse_value(value)
-    name = name.strip()
+    return name.strip(), hparams
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """:func:`split_method_spec`, then the method is built once, so an unknown name or
+    hyperparameter fails before any training."""
+    name, hparams = split_method_spec(spec)
     mtopt.make(name, **hparams)
     return name, hparams
 
