@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 import mtopt
 from mtopt.core.method import Need
+from mtopt.core.registry import method_class
 from mtopt.experiments.train import split_method_spec as parse_method_spec
 from mtopt.problems.multi_mnist import ClassificationHead, LeNetEncoder, ReconstructionHead
 from mtopt.step import Losses, MultiTaskOptimizer
@@ -62,6 +63,12 @@ WORKLOADS = ("lenet", "mlp11", "resnet3")
 PLAIN = "plain"
 TORCHJD_PREFIX = "torchjd:"
 REP_SUFFIX = "@rep"
+#: TorchJD through its autogram engine: the weighting on the Gramian, one backward of Σ wₖℓₖ
+GRAM_SUFFIX = "@gram"
+#: mtopt rows run with ``MultiTaskOptimizer(engine=...)`` when the spec ends with ``@<engine>``
+ENGINE_SUFFIXES = {"@gramian": "gramian", "@jacobian": "jacobian"}
+#: TorchJD aggregators that have a Gramian weighting (usable with autogram)
+GRAM_WEIGHTINGS = ("UPGrad", "MGDA", "CAGrad", "IMTLG", "AlignedMTL", "PCGrad", "DualProj")
 #: Our method name → the TorchJD aggregator that computes the same rule (``@rep`` is added when
 #: the method works on the representation).
 COUNTERPARTS: dict[str, str] = {
@@ -88,6 +95,12 @@ DEFAULT_TORCHJD = (
     "DualProj",
     "GradDrop@rep",
     "MGDA@rep",
+    "UPGrad@gram",
+    "MGDA@gram",
+    "CAGrad@gram",
+    "IMTLG@gram",
+    "AlignedMTL@gram",
+    "PCGrad@gram",
 )
 #: Targets (see :func:`evaluate_targets`).
 LOSS_ONLY_MAX = 1.05
@@ -585,13 +598,36 @@ def method_category(needs: Need) -> str:
     return "loss"
 
 
-def counterpart_label(name: str, needs: Need) -> str | None:
-    """The TorchJD contender computing method ``name``'s rule, at the same level."""
+def counterpart_label(name: str, needs: Need, engine: str | None = None) -> str | None:
+    """The TorchJD contender computing method ``name``'s rule, at the same level (through
+    TorchJD's autogram when ours runs on the Gramian engine and TorchJD has the weighting)."""
     base = COUNTERPARTS.get(name)
     if base is None:
         return None
     suffix = REP_SUFFIX if Need.REP_GRADS in needs else ""
+    if engine == "gramian" and base in GRAM_WEIGHTINGS:
+        suffix = GRAM_SUFFIX
     return TORCHJD_PREFIX + base + suffix
+
+
+def split_engine(spec: str) -> tuple[str, str | None]:
+    """``"upgrad@gramian"`` → ``("upgrad", "gramian")``; no suffix → ``(spec, None)``."""
+    spec = spec.strip()
+    for suffix, engine in ENGINE_SUFFIXES.items():
+        if spec.endswith(suffix):
+            return spec.removesuffix(suffix), engine
+    return spec, None
+
+
+def default_specs() -> list[str]:
+    """Every registered method, plus ``NAME@gramian`` for each one that can run on the Gramian
+    engine (its Jacobian row stays the default engine's)."""
+    specs = list(mtopt.methods())
+    for name in mtopt.methods():
+        cls = method_class(name)
+        if cls.gramian_only and Need.PARAM_GRADS in cls.needs:  # at the default level
+            specs.append(name + "@gramian")
+    return specs
 
 
 def torchjd_available() -> bool:
@@ -629,22 +665,24 @@ class _Plain(_Contender):
 
 class _Mtopt(_Contender):
     def __init__(self, model: BenchModel, workload: Workload, spec: str) -> None:
-        name, hparams = parse_method_spec(spec)
+        core, engine = split_engine(spec)
+        name, hparams = parse_method_spec(core)
         method = mtopt.make(name, **bench_hparams(name, hparams, workload.num_tasks))
         result = ContenderResult(
             spec.strip(),
             "mtopt",
             method_category(method.needs),
-            counterpart=counterpart_label(name, method.needs),
+            counterpart=counterpart_label(name, method.needs, engine),
         )
         super().__init__(result, model)
         self.workload = workload
         self.mto = MultiTaskOptimizer(
             self.optimizer,
             method,
-            shared=model.encoder.parameters(),
+            shared=model.encoder,
             tasks=workload.task_names,
             loss_types=workload.loss_types,
+            engine=engine or "auto",
         )
         self.meta = Need.META_BATCH in method.needs
 
@@ -667,6 +705,12 @@ def make_aggregator(label: str, num_tasks: int) -> Any:
     """TorchJD's aggregator for a contender name such as ``UPGrad`` or ``GradDrop@rep``."""
     from torchjd import aggregation
 
+    if label.endswith(GRAM_SUFFIX):
+        base = label.removeprefix(TORCHJD_PREFIX).removesuffix(GRAM_SUFFIX)
+        if base not in GRAM_WEIGHTINGS:
+            raise ValueError(f"TorchJD 0.18 has no Gramian weighting for {base!r}")
+        weighting = getattr(aggregation, base + "Weighting")
+        return weighting(c=0.5) if base == "CAGrad" else weighting()
     base = label.removeprefix(TORCHJD_PREFIX).removesuffix(REP_SUFFIX)
     if base == "CAGrad":
         return aggregation.CAGrad(c=0.5)
@@ -680,7 +724,9 @@ def make_aggregator(label: str, num_tasks: int) -> Any:
 
 class _TorchJD(_Contender):
     """``mtl_backward`` + ``jac_to_grad`` on the shared parameters, or (``@rep``) the aggregator
-    on the Jacobian of the losses with respect to the features, pushed through the encoder."""
+    on the Jacobian of the losses with respect to the features, pushed through the encoder, or
+    (``@gram``) autogram: ``Engine(encoder, batch_dim=None).compute_gramian(losses)``, the
+    weighting, one ``losses.backward(w)``."""
 
     def __init__(self, model: BenchModel, workload: Workload, name: str) -> None:
         label = TORCHJD_PREFIX + name
@@ -688,6 +734,11 @@ class _TorchJD(_Contender):
         self.workload = workload
         self.aggregator = make_aggregator(name, workload.num_tasks)
         self.rep = name.endswith(REP_SUFFIX)
+        self.gram_engine = None
+        if name.endswith(GRAM_SUFFIX):
+            from torchjd.autogram import Engine
+
+            self.gram_engine = Engine(model.encoder, batch_dim=None)
         self.shared = list(model.encoder.parameters())
         self.tasks_params = [list(head.parameters()) for head in model.heads]
         self.head_params = [p for ps in self.tasks_params for p in ps]
@@ -698,7 +749,11 @@ class _TorchJD(_Contender):
     def step(self, batch: Batch) -> dict[str, Any]:
         self.optimizer.zero_grad()
         z, losses = forward(self.model, self.workload, batch)
-        if self.rep:
+        if self.gram_engine is not None:
+            stacked = torch.stack(losses)
+            weights = self.aggregator(self.gram_engine.compute_gramian(stacked))
+            stacked.backward(weights)
+        elif self.rep:
             (matrix,) = self.autojac.jac(losses, z, retain_graph=True)
             direction = self.aggregator(matrix.flatten(1))
             torch.autograd.backward(sum(losses), inputs=self.head_params, retain_graph=True)
@@ -892,9 +947,10 @@ def select_torchjd(options: BenchOptions, specs: Sequence[str], num_tasks: int) 
         return list(DEFAULT_TORCHJD)
     names: list[str] = []
     for spec in specs:
-        name, hparams = parse_method_spec(spec)
+        core, engine = split_engine(spec)
+        name, hparams = parse_method_spec(core)
         method = mtopt.make(name, **bench_hparams(name, hparams, num_tasks))
-        label = counterpart_label(name, method.needs)
+        label = counterpart_label(name, method.needs, engine)
         if label is not None and label.removeprefix(TORCHJD_PREFIX) not in names:
             names.append(label.removeprefix(TORCHJD_PREFIX))
     return names
@@ -905,7 +961,7 @@ def _contenders(
 ) -> tuple[list[_Contender], list[ContenderResult]]:
     torch.manual_seed(options.seed)
     base = workload.build().to(device)
-    specs = list(options.methods) if options.methods is not None else mtopt.methods()
+    specs = list(options.methods) if options.methods is not None else default_specs()
     ready: list[_Contender] = []
     failed: list[ContenderResult] = []
 
@@ -922,7 +978,7 @@ def _contenders(
     for name in select_torchjd(options, specs, workload.num_tasks):
         add(lambda m, n=name: _TorchJD(m, workload, n), TORCHJD_PREFIX + name, "torchjd")
     if options.libmtl and libmtl_available():
-        names = [parse_method_spec(s)[0] for s in specs]
+        names = [parse_method_spec(split_engine(s)[0])[0] for s in specs if not split_engine(s)[1]]
         for name in LIBMTL_COUNTERPARTS:
             if name in names:
                 label = LIBMTL_PREFIX + LIBMTL_COUNTERPARTS[name][0]

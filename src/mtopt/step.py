@@ -9,6 +9,14 @@ task-specific parameters (``Σ_k c_k ∇ℓ_k`` with ``c = w`` under the ``weigh
 Shared parameters are those passed as ``shared``; every other parameter of the base optimizer is
 task-specific. Methods that need representation gradients assume the losses depend on the shared
 parameters only through ``features``.
+
+Per-task gradients of the shared parameters come from one of two engines (``engine=``):
+``"jacobian"`` forms the ``K × D`` matrix with K ``autograd.grad`` calls
+(:func:`~mtopt.core.gradients.jacobian`); ``"gramian"`` (only for methods whose weights depend on
+the Gramian alone, ``Method.gramian_only``, and only when ``shared`` is given as modules)
+accumulates the ``K × K`` Gramian module by module and back-propagates ``Σ w_k ℓ_k`` once
+(:mod:`mtopt.core.gramian`), never holding ``J``. ``"auto"`` (default) takes the Jacobian unless
+it would exceed ``max_jacobian_bytes`` and the Gramian engine applies.
 """
 
 from __future__ import annotations
@@ -21,13 +29,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtopt.core.gradients import jacobian, write_flat_grad
+from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
 from mtopt.core.registry import make
 
 logger = logging.getLogger("mtopt")
+
+#: How per-task gradients of the shared parameters are obtained (``MultiTaskOptimizer(engine=)``).
+ENGINES = ("auto", "jacobian", "gramian")
 
 
 @dataclass
@@ -52,6 +64,9 @@ class StepInfo:
         times: seconds per phase: ``forward``, ``gradients``, ``method``, ``backward``,
             ``optimizer`` (``after_step`` for ``Need.CLOSURE`` methods), ``total``.
         extras: method-specific values worth logging.
+        gradient_engine: how the per-task gradients were obtained: ``"jacobian"`` (of the
+            shared parameters), ``"gramian"`` (their Gramian only), ``"representation"``, or
+            ``None`` (the method needs no per-task gradient).
     """
 
     step: int
@@ -61,6 +76,7 @@ class StepInfo:
     solver: SolverReport | None
     times: dict[str, float]
     extras: dict[str, Any] = field(default_factory=dict)
+    gradient_engine: str | None = None
 
     def weight_dict(self) -> dict[str, float] | None:
         if self.weights is None:
@@ -77,13 +93,20 @@ class MultiTaskOptimizer:
     Args:
         optimizer: any ``torch.optim.Optimizer`` over all trainable parameters.
         method: a registered method name (see :func:`mtopt.methods`) or a ``Method`` instance.
-        shared: the shared parameters (the encoder's). ``None``: every optimized parameter.
+        shared: the shared part: its module(s) (``model.encoder``; needed by the Gramian engine)
+            or its parameters. ``None``: every optimized parameter.
         tasks: optional task names (or their number) to check every step's losses against;
             otherwise fixed by the first step.
         loss_types: optional loss type per task ("regression", "classification", "l1"), for
             methods whose rule depends on it (typed UW).
         max_grad_norm: if set, clip the norm of the shared parameters' gradient to it before the
             optimizer step (FAMO's and Nash-MTL's reference training loops do).
+        engine: ``"auto"``, ``"jacobian"`` or ``"gramian"``: how per-task gradients of the shared
+            parameters are obtained (module docstring). ``"gramian"`` needs a method with
+            ``gramian_only`` and ``shared`` given as module(s).
+        max_jacobian_bytes: under ``engine="auto"``, the size of the ``K × D`` Jacobian above
+            which the Gramian engine is used (when it applies); the Gramian engine keeps at most
+            this many bytes of per-module Jacobian rows. Default 1 GiB.
         **hparams: the method's hyperparameters when ``method`` is a name.
 
     Example::
@@ -97,11 +120,13 @@ class MultiTaskOptimizer:
         self,
         optimizer: torch.optim.Optimizer,
         method: str | Method = "unitary",
-        shared: Iterable[Tensor] | None = None,
+        shared: Iterable[Tensor] | nn.Module | Sequence[nn.Module] | None = None,
         *,
         tasks: Sequence[str] | int | None = None,
         loss_types: Sequence[str] | None = None,
         max_grad_norm: float | None = None,
+        engine: str = "auto",
+        max_jacobian_bytes: int = 2**30,
         **hparams: Any,
     ) -> None:
         if isinstance(method, Method):
@@ -122,6 +147,19 @@ class MultiTaskOptimizer:
                 "shared=<the encoder's parameters> so the heads are told apart (with shared=None "
                 "every parameter would count as shared and the heads would never train)"
             )
+        modules: list[nn.Module] | None = None
+        if isinstance(shared, nn.Module):
+            modules = [shared]
+        elif shared is not None:
+            shared = list(shared)
+            if shared and all(isinstance(m, nn.Module) for m in shared):
+                modules = list(shared)
+        if modules is not None:
+            unique: dict[int, Tensor] = {}
+            for m in modules:
+                for p in m.parameters():
+                    unique.setdefault(id(p), p)
+            shared = list(unique.values())
         if shared is None:
             self.shared = optimized
         else:
@@ -144,6 +182,39 @@ class MultiTaskOptimizer:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
+        self.engine = engine
+        self.max_jacobian_bytes = int(max_jacobian_bytes)
+        self._gramian_engine = self._make_gramian_engine(modules)
+        self._gramian_verified = False
+
+    def _make_gramian_engine(self, modules: list[nn.Module] | None) -> GramianEngine | None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        method = self.method
+        reasons = []
+        if Need.PARAM_GRADS not in method.needs:
+            reasons.append(f"method {method.name!r} does not use parameter gradients")
+        elif not getattr(method, "gramian_only", False):
+            reasons.append(f"method {method.name!r} needs the gradients, not only their Gramian")
+        if modules is None:
+            reasons.append("shared was given as parameters; pass the shared module(s) instead")
+        if self.engine == "gramian" and reasons:
+            raise ValueError("engine='gramian' is not possible: " + "; ".join(reasons))
+        if reasons or self.engine == "jacobian":
+            return None
+        assert modules is not None
+        # rows that fit the Jacobian budget are kept: Jᵀw is then a product, not a pass
+        return GramianEngine(modules, self.shared, keep_bytes=self.max_jacobian_bytes)
+
+    def _gramian_wanted(self, num_tasks: int | None) -> bool:
+        """Whether this step's per-task gradients go through the Gramian engine (``None``:
+        the number of tasks is not known yet)."""
+        if self._gramian_engine is None:
+            return False
+        if self.engine == "gramian" or num_tasks is None:
+            return True
+        numel = sum(p.numel() for p in self.shared)
+        return num_tasks * numel * self.shared[0].element_size() > self.max_jacobian_bytes
 
     # ------------------------------------------------------------------------------------------
     def end_epoch(self) -> None:
@@ -206,14 +277,29 @@ class MultiTaskOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
         step_index = self.step_count
         rng_state = _rng_state() if Need.CLOSURE in needs else None
-        with torch.enable_grad():
+        known = None if self.task_names is None else len(self.task_names)
+        recorder = self._gramian_engine if self._gramian_wanted(known) else None
+        with torch.enable_grad(), recorder.record() if recorder else contextlib.nullcontext():
             names, losses, features, stacked = self._unpack(closure())
         lap("forward")
 
         grads = None
+        gram = None
+        engine_used = None
         if Need.PARAM_GRADS in needs:
-            grads = jacobian(losses, self.shared)
+            if recorder is not None and self._gramian_wanted(len(losses)):
+                gram = recorder.gramian(losses)
+                if not self._gramian_verified:
+                    recorder.verify(losses, gram)
+                    self._gramian_verified = True
+                engine_used = "gramian"
+            else:
+                if recorder is not None:
+                    recorder.clear()
+                grads = jacobian(losses, self.shared)
+                engine_used = "jacobian"
         elif Need.REP_GRADS in needs:
+            engine_used = "representation"
             if features is None:
                 raise ValueError(
                     f"method {self.method.name!r} needs the shared representation: return "
@@ -227,6 +313,8 @@ class MultiTaskOptimizer:
         inputs = MethodInput(
             stacked, names, grads=grads, step=step_index, loss_types=self.loss_types
         )
+        if gram is not None:
+            inputs._gramian = gram
         if Need.REP_GRADS in needs and features is not None:
             inputs.features = features.detach()
         if Need.CLOSURE in needs:
@@ -255,7 +343,7 @@ class MultiTaskOptimizer:
         lap("method")
 
         if not agg.applied:
-            self._write_grads(agg, losses, grads, features)
+            self._write_grads(agg, losses, grads, features, gramian=gram is not None)
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.shared, self.max_grad_norm)
             lap("backward")
@@ -286,6 +374,7 @@ class MultiTaskOptimizer:
             solver=agg.solver,
             times=times,
             extras=extras,
+            gradient_engine=engine_used,
         )
         return info
 
@@ -368,7 +457,10 @@ class MultiTaskOptimizer:
         if agg.applied and Need.CLOSURE not in self.method.needs:
             raise RuntimeError(f"method {name!r} says it applied the update without Need.CLOSURE")
         if agg.direction is not None and inputs.grads is None:
-            raise RuntimeError(f"method {name!r} returned a direction without gradient inputs")
+            raise RuntimeError(
+                f"method {name!r} returned a direction without gradient inputs (under the "
+                "Gramian engine a method must return weights)"
+            )
         if agg.head_weights is not None and not bool(torch.isfinite(agg.head_weights).all()):
             raise FloatingPointError(f"method {name!r} produced non-finite head weights")
         if (
@@ -401,6 +493,7 @@ class MultiTaskOptimizer:
         losses: list[Tensor],
         grads: Tensor | None,
         features: Tensor | None,
+        gramian: bool = False,
     ) -> None:
         w = agg.weights
         head_coeffs = None
@@ -412,6 +505,12 @@ class MultiTaskOptimizer:
             else:
                 head_coeffs = torch.ones(len(losses))
 
+        if gramian:  # Jᵀw from the Gramian engine's kept cotangents, heads by backward
+            assert w is not None and self._gramian_engine is not None
+            self._gramian_engine.write_grads(w.detach())
+            if head_coeffs is not None:
+                torch.autograd.backward(_weighted_sum(losses, head_coeffs), inputs=self.task_params)
+            return
         if grads is None:  # loss-only: back-propagate Σ w_k ℓ_k
             assert w is not None
             total = _weighted_sum(losses, w)

@@ -111,7 +111,8 @@ class MethodInput:
         return int(self.losses.shape[0])
 
     def gramian(self) -> Tensor:
-        """``M = G Gᵀ`` (``K × K``), computed once per step."""
+        """``M = G Gᵀ`` (``K × K``), computed once per step (under the Gramian engine it is
+        all the method gets: ``grads`` is then ``None``)."""
         if self._gramian is None:
             if self.grads is None:
                 raise RuntimeError("this method did not declare a gradient need; no Gramian")
@@ -161,6 +162,10 @@ class Method:
     default_head_policy: ClassVar[str] = "weighted"
     #: For ``Need.META_BATCH`` methods: the data split the meta batch is drawn from.
     meta_split: str | None = None
+    #: ``aggregate`` reads the gradients only through ``inputs.gramian()`` (and the losses) and
+    #: returns weights, never a direction: the engine may then compute the Gramian without the
+    #: ``K × D`` Jacobian (``MultiTaskOptimizer(engine="gramian")``).
+    gramian_only: ClassVar[bool] = False
 
     def __init__(self, *, head_policy: str | None = None) -> None:
         policy = self.default_head_policy if head_policy is None else head_policy

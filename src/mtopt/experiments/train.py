@@ -196,7 +196,7 @@ def train_run(
     mto = MultiTaskOptimizer(
         optimizer,
         config.method,
-        shared=model.encoder.parameters(),
+        shared=model.encoder,
         tasks=tasks,
         loss_types=[s.loss_type for s in specs],
         **config.hparams,

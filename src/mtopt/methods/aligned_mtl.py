@@ -57,6 +57,7 @@ def aligned_weights(gram: torch.Tensor, scale_mode: str = "min") -> tuple[torch.
 class AlignedMTL(Method):
     """Aligned-MTL (Senushkin et al. 2023): orthogonal, equal-norm aligned task gradients."""
 
+    gramian_only = True
     name = "aligned_mtl"
     needs = Need.PARAM_GRADS
     default_head_policy = "raw"

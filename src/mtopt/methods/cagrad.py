@@ -103,6 +103,7 @@ def _two_task_dual(gram: np.ndarray, b: np.ndarray, sqrt_phi: float) -> np.ndarr
 class CAGrad(Method):
     """CAGrad (Liu et al. 2021): best worst-task gain in a ball around the mean gradient."""
 
+    gramian_only = True
     name = "cagrad"
     needs = Need.PARAM_GRADS
     default_head_policy = "raw"

@@ -66,6 +66,7 @@ def direction_check(gram: np.ndarray, omega: np.ndarray) -> np.ndarray:
 class CDTT(Method):
     """CDTT (Nakamura et al. 2022): EDM's central direction plus task tensioners."""
 
+    gramian_only = True
     name = "cdtt"
     needs = Need.PARAM_GRADS
     default_head_policy = "raw"

@@ -35,6 +35,7 @@ from mtopt.core.registry import register
 class EDM(Method):
     """EDM (Katrutsa et al. 2020): min-norm point of the unit gradients, rescaled."""
 
+    gramian_only = True
     name = "edm"
     needs = Need.PARAM_GRADS
     default_head_policy = "raw"

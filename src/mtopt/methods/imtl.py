@@ -91,6 +91,7 @@ def bound_weights(w: Tensor, bound: float | None) -> Tensor:
 
 
 class _IMTLBase(Method):
+    gramian_only = True
     default_head_policy = "raw"
     default_level = "param"
 

@@ -76,6 +76,7 @@ def gradient_normalizers(
 class MGDA(Method):
     """MGDA (Sener & Koltun 2018): min-norm combination of the shared-parameter task gradients."""
 
+    gramian_only = True
     name = "mgda"
     needs = Need.PARAM_GRADS
     default_head_policy = "weighted"

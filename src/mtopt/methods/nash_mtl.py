@@ -82,6 +82,7 @@ def nash_weights(
 class NashMTL(Method):
     """Nash-MTL (Navon et al. 2022): the bargaining solution αᵢ gᵢᵀd = 1."""
 
+    gramian_only = True
     name = "nash_mtl"
     needs = Need.PARAM_GRADS
     default_head_policy = "weighted"

@@ -45,6 +45,7 @@ def pcgrad_weights(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
 class PCGrad(SeededRandomness, Method):
     """PCGrad (Yu et al. 2020): project away pairwise gradient conflicts, then sum."""
 
+    gramian_only = True
     name = "pcgrad"
     needs = Need.PARAM_GRADS
     default_head_policy = "raw"

@@ -48,6 +48,7 @@ def upgrad_weights(
 class UPGrad(Method):
     """UPGrad (Quinton & Rey 2024): sum of the task gradients projected onto the dual cone."""
 
+    gramian_only = True
     name = "upgrad"
     needs = Need.PARAM_GRADS
     default_head_policy = "raw"
