@@ -257,6 +257,31 @@ def test_learned_scales_state_round_trip():
     assert torch.equal(a.scales, b.scales)
 
 
+LEARNED_SCALES = [
+    ("uw", {}),
+    ("uw", {"variant": "typed", "loss_types": ["regression", "classification", "l1"] * 2}),
+    ("imtl_l", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "hparams"), LEARNED_SCALES)
+@settings(max_examples=30, deadline=None)
+@given(
+    losses=st.lists(st.floats(0.0, 1e3), min_size=6, max_size=6),
+    scales=st.lists(st.floats(-5, 5), min_size=6, max_size=6),
+)
+def test_learned_scales_closed_form_equals_autograd_of_the_objective(name, hparams, losses, scales):
+    method = mtopt.make(name, **hparams)
+    inp = inputs(losses)
+    s = torch.tensor(scales, dtype=torch.float64, requires_grad=True)
+    ell = torch.tensor(losses, dtype=torch.float64, requires_grad=True)
+    value = method.objective(s, ell, inp)
+    d_ell, d_s = torch.autograd.grad(value, [ell, s])
+    closed_value, weights, grad_s = method.derivatives(s.detach(), ell.detach(), inp)
+    assert torch.equal(weights, d_ell) and torch.equal(grad_s, d_s)
+    assert float(closed_value) == float(value.detach())
+
+
 # -------------------------------------------------------------------------------------------- FAMO
 def famo_toy(scales, gamma=0.01, steps=5):
     """Two linear-regression tasks on one shared parameter vector, run through the engine."""
@@ -346,6 +371,47 @@ def test_kmeans_1d_is_globally_optimal(values, groups):
         m = sum(seg) / len(seg)
         cost += sum((v - m) ** 2 for v in seg)
     assert cost <= brute_force_kmeans_cost(values, groups) + 1e-9
+
+
+def loop_kmeans_1d(values, groups):
+    """The plain triple-loop dynamic program (first minimiser wins), for comparison."""
+    n = len(values)
+    groups = min(groups, n)
+    order = np.argsort(values, kind="stable")
+    x = np.asarray(values, dtype=np.float64)[order]
+    s1 = np.concatenate([[0.0], np.cumsum(x)])
+    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
+    cost = np.full((groups + 1, n + 1), np.inf)
+    cut = np.zeros((groups + 1, n + 1), dtype=np.int64)
+    cost[0, 0] = 0.0
+    for g in range(1, groups + 1):
+        for j in range(g, n + 1):
+            for i in range(g - 1, j):
+                d = s1[j] - s1[i]
+                c = cost[g - 1, i] + (s2[j] - s2[i] - d * d / (j - i))
+                if c < cost[g, j]:
+                    cost[g, j], cut[g, j] = c, i
+    labels = np.empty(n, dtype=np.int64)
+    j = n
+    for g in range(groups, 0, -1):
+        labels[order[cut[g, j] : j]] = g - 1
+        j = cut[g, j]
+    return labels
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.floats(-10, 10), st.sampled_from([0.0, 1.0, 2.0])), min_size=1, max_size=9
+    ),
+    st.integers(1, 5),
+)
+def test_kmeans_1d_equals_the_plain_dynamic_program(values, groups):
+    """Same labels as the loop form, ties (repeated values, equal costs) included."""
+    from mtopt.methods.go4align import kmeans_1d
+
+    expected = loop_kmeans_1d(values, groups)
+    assert kmeans_1d(np.array(values), groups).tolist() == expected.tolist()
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,6 +15,9 @@ cluster with *exact* one-dimensional k-means (dynamic programming over the sorte
 global optimum of the within-group sum of squares, deterministic), which is what a k-means on
 scalars aims for; the spectral-clustering and SDP variants of the same file are not offered. The
 paper text was not available to us. Requires positive losses. Heads: weighted.
+
+With one group there is nothing to cluster: the step skips k-means (whose labels would all be 0)
+and gives every task :math:`\mathrm{mean}(\omega)` directly.
 """
 
 from __future__ import annotations
@@ -37,20 +40,21 @@ def kmeans_1d(values: np.ndarray, groups: int) -> np.ndarray:
     x = values[order].astype(np.float64)
     s1 = np.concatenate([[0.0], np.cumsum(x)])
     s2 = np.concatenate([[0.0], np.cumsum(x * x)])
-
-    def sse(i: int, j: int) -> float:  # cost of x[i:j]
-        m = j - i
-        return float(s2[j] - s2[i] - (s1[j] - s1[i]) ** 2 / m)
-
+    # sse[i, j]: within-group sum of squares of the segment x[i:j] (i < j); +inf otherwise
+    lo, hi = np.triu_indices(n + 1, k=1)
+    sse = np.full((n + 1, n + 1), np.inf)
+    diff = s1[hi] - s1[lo]
+    sse[lo, hi] = s2[hi] - s2[lo] - diff * diff / (hi - lo)
+    # cost[g, j]: least cost of x[:j] in g groups; cut[g, j]: where its last group starts (the
+    # first minimiser: argmin returns the first index). cost[g - 1, i] is +inf for i < g - 1.
     cost = np.full((groups + 1, n + 1), np.inf)
     cut = np.zeros((groups + 1, n + 1), dtype=np.int64)
     cost[0, 0] = 0.0
     for g in range(1, groups + 1):
-        for j in range(g, n + 1):
-            for i in range(g - 1, j):
-                c = cost[g - 1, i] + sse(i, j)
-                if c < cost[g, j]:
-                    cost[g, j], cut[g, j] = c, i
+        total = cost[g - 1][:, None] + sse  # [i, j]: last group x[i:j]
+        best = np.argmin(total[:, g:], axis=0)
+        cut[g, g:] = best
+        cost[g, g:] = total[best, np.arange(g, n + 1)]
     labels_sorted = np.empty(n, dtype=np.int64)
     j = n
     for g in range(groups, 0, -1):
@@ -82,7 +86,7 @@ class GO4Align(Method):
         self.p: torch.Tensor | None = None
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
-        losses = inputs.losses.detach().to(torch.float64).cpu()
+        losses = inputs.losses.detach().to(device="cpu", dtype=torch.float64)
         require_positive_losses(
             self.name, losses, inputs.task_names, "the loss ratios", allow_zero=True
         )
@@ -91,17 +95,23 @@ class GO4Align(Method):
             self.p = torch.full((k,), 1.0 / k, dtype=torch.float64)
         elif self.p.numel() != k:
             raise ValueError(f"go4align: built for {self.p.numel()} tasks, got {k}")
-        p = self.p * torch.exp(-self.eta * losses)
-        self.p = p / p.sum()
-        omega = (losses.sum() / (losses + 1e-8)) * self.p
-        labels = kmeans_1d(omega.numpy(), self.num_groups)
-        grouped = omega.clone()
-        for g in np.unique(labels):
-            members = torch.from_numpy(labels == g)
-            grouped[members] = omega[members].mean()
+        # the same products and quotients as p·e^{-ηℓ}, p/Σp and (Σℓ/(ℓ+1e-8))·p, in place on
+        # the fresh tensors
+        p = torch.exp(losses * -self.eta).mul_(self.p)
+        self.p = p.div_(p.sum())
+        omega = torch.div(losses.sum(), losses + 1e-8).mul_(p)
+        if min(self.num_groups, k) == 1:
+            weights = torch.full((k,), float(omega.mean()), dtype=inputs.losses.dtype)
+            groups = [0] * k
+        else:
+            labels = kmeans_1d(omega.numpy(), self.num_groups)
+            grouped = omega.clone()
+            for g in np.unique(labels):
+                members = torch.from_numpy(labels == g)
+                grouped[members] = omega[members].mean()
+            weights, groups = grouped.to(inputs.losses.dtype), labels.tolist()
         return Aggregation(
-            grouped.to(inputs.losses.dtype),
-            extras={"go4align_omega": omega.tolist(), "go4align_groups": labels.tolist()},
+            weights, extras={"go4align_omega": omega.tolist(), "go4align_groups": groups}
         )
 
     def _get_state(self) -> dict[str, Any]:

@@ -18,6 +18,11 @@ what back-propagating :math:`J` through model and scalars together does.
   weights :math:`e^{s_k}`, stationary at :math:`e^{s_k}\ell_k=1`, so every scaled loss is driven to
   1. Same defaults as UW.
 
+No autograd graph is built: each step evaluates :math:`J`, :math:`\partial J/\partial\ell` and
+:math:`\partial J/\partial s` from their closed forms (:meth:`LearnedScales.derivatives`, written
+out per method below) in float64, in the same order of operations as back-propagating
+:meth:`LearnedScales.objective` would, so the values are those of autograd bit for bit.
+
 The scalars and their optimizer state are part of ``state_dict``. Heads: weighted.
 """
 
@@ -68,23 +73,35 @@ class LearnedScales(Method):
         """The learned scalars ``s`` (``None`` before the first step)."""
         return self._vector.value
 
-    # subclasses: the objective, differentiable in both arguments
+    #: why the method needs non-negative losses (for the error message)
+    positive_losses_why: str = ""
+
+    # subclasses: the objective, differentiable in both arguments (its definition; the step uses
+    # the closed form of derivatives(), which a test checks against autograd on this)
     def objective(self, s: Tensor, losses: Tensor, inputs: MethodInput) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # subclasses: J and its two gradients in closed form
+    def derivatives(
+        self, s: Tensor, losses: Tensor, inputs: MethodInput
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(J, ∂J/∂ℓ, ∂J/∂s)`` at ``s`` and ``ℓ`` (float64 CPU tensors, no autograd graph)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _ensure(self, k: int) -> None:
         self._vector.ensure(k)
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
-        scales = self._vector.ensure(inputs.num_tasks)
-        losses = inputs.losses.detach().to(torch.float64).cpu().requires_grad_(True)
-        with torch.enable_grad():
-            value = self.objective(scales, losses, inputs)
-            weights, grad_s = torch.autograd.grad(value, [losses, scales])
+        scales = self._vector.ensure(inputs.num_tasks).detach()  # an alias: sees the step below
+        losses = inputs.losses.detach().to(device="cpu", dtype=torch.float64)
+        require_positive_losses(
+            self.name, losses, inputs.task_names, self.positive_losses_why, allow_zero=True
+        )
+        value, weights, grad_s = self.derivatives(scales, losses, inputs)
         self._vector.step(grad_s)
         return Aggregation(
             weights.to(inputs.losses.dtype),
-            extras={"scales": scales.detach().tolist(), "objective": float(value.detach())},
+            extras={"scales": scales.tolist(), "objective": float(value)},
         )
 
     def _get_state(self) -> dict[str, Any]:
@@ -99,6 +116,7 @@ class UncertaintyWeighting(LearnedScales):
     """UW (Kendall et al. 2018): learned homoscedastic noise; ``common`` or ``typed`` form."""
 
     name = "uw"
+    positive_losses_why = "UW (its scales diverge for negative losses)"
 
     def __init__(
         self,
@@ -118,9 +136,14 @@ class UncertaintyWeighting(LearnedScales):
                 check_choice(self.name, "loss type", t, tuple(UW_TYPED_CONSTANTS))
         self.variant = variant
         self.loss_types = loss_types
+        # the loss types of the last step and their (p, f, -p, 1/f)
+        self._typed: tuple[tuple[str, ...], tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
-    def _typed_constants(self, inputs: MethodInput) -> tuple[Tensor, Tensor]:
+    def _typed_constants(self, inputs: MethodInput) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(p, f, -p, 1/f)`` of each task's loss type (float64), rebuilt when the types change."""
         types = self.loss_types or inputs.loss_types
+        if self._typed is not None and types == self._typed[0]:
+            return self._typed[1]
         if types is None:
             raise ValueError(
                 "uw: variant='typed' needs each task's loss type (regression, classification, "
@@ -130,16 +153,35 @@ class UncertaintyWeighting(LearnedScales):
             raise ValueError(f"uw: {len(types)} loss types for {inputs.num_tasks} tasks")
         for t in types:
             check_choice(self.name, "loss type", t, tuple(UW_TYPED_CONSTANTS))
-        p, f = zip(*(UW_TYPED_CONSTANTS[t] for t in types), strict=True)
-        return torch.tensor(p, dtype=torch.float64), torch.tensor(f, dtype=torch.float64)
+        p_values, f_values = zip(*(UW_TYPED_CONSTANTS[t] for t in types), strict=True)
+        p = torch.tensor(p_values, dtype=torch.float64)
+        f = torch.tensor(f_values, dtype=torch.float64)
+        constants = (p, f, -p, torch.ones_like(f) / f)
+        self._typed = (tuple(types), constants)
+        return constants
 
     def objective(self, s: Tensor, losses: Tensor, inputs: MethodInput) -> Tensor:
-        why = "UW (its scales diverge for negative losses)"
-        require_positive_losses(self.name, losses.detach(), inputs.task_names, why, allow_zero=True)
         if self.variant == "common":
             return 0.5 * (torch.exp(-s) * losses + s).sum()
-        p, f = self._typed_constants(inputs)
+        p, f, _, _ = self._typed_constants(inputs)
         return (s + losses * torch.exp(-p * s) / f).sum()
+
+    def derivatives(
+        self, s: Tensor, losses: Tensor, inputs: MethodInput
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Common: :math:`\partial J/\partial\ell_k=\frac12e^{-s_k}`,
+        :math:`\partial J/\partial s_k=\frac12-\frac12\ell_ke^{-s_k}`. Typed:
+        :math:`\partial J/\partial\ell_k=e^{-p_k\eta_k}/f_k`,
+        :math:`\partial J/\partial\eta_k=1-p_k\ell_ke^{-p_k\eta_k}/f_k` (products grouped as
+        back-propagation groups them)."""
+        if self.variant == "common":
+            e = torch.exp(-s)
+            value = 0.5 * (e * losses + s).sum()
+            return value, e * 0.5, 0.5 - 0.5 * losses * e
+        _, f, neg_p, inv_f = self._typed_constants(inputs)
+        e = torch.exp(neg_p * s)
+        value = (s + losses * e / f).sum()
+        return value, inv_f * e, inv_f * losses * e * neg_p + 1.0
 
 
 @register
@@ -147,8 +189,16 @@ class IMTLL(LearnedScales):
     """IMTL-L (Liu et al. 2021): learned loss scales ``e^{s}ℓ − s`` (scaled losses → 1)."""
 
     name = "imtl_l"
+    positive_losses_why = "the scale e^{s}ℓ"
 
     def objective(self, s: Tensor, losses: Tensor, inputs: MethodInput) -> Tensor:
-        why = "the scale e^{s}ℓ"
-        require_positive_losses(self.name, losses.detach(), inputs.task_names, why, allow_zero=True)
         return (torch.exp(s) * losses - s).sum()
+
+    def derivatives(
+        self, s: Tensor, losses: Tensor, inputs: MethodInput
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        r""":math:`\partial J/\partial\ell_k=e^{s_k}`,
+        :math:`\partial J/\partial s_k=e^{s_k}\ell_k-1`."""
+        e = torch.exp(s)
+        scaled = e * losses
+        return (scaled - s).sum(), e, scaled - 1.0
