@@ -186,6 +186,14 @@ class MultiTaskOptimizer:
         self.max_jacobian_bytes = int(max_jacobian_bytes)
         self._gramian_engine = self._make_gramian_engine(modules)
         self._gramian_verified = False
+        # representation-level methods that leave the heads' input alone get one backward
+        # pass for all K rows (task_input hands each head a detached copy of z during a step)
+        self._split_heads = (
+            Need.REP_GRADS in self.method.needs
+            and Need.CLOSURE not in self.method.needs
+            and type(self.method).task_input is Method.task_input
+        )
+        self._split: list[tuple[Tensor, str | int, Tensor]] | None = None
 
     def _make_gramian_engine(self, modules: list[nn.Module] | None) -> GramianEngine | None:
         if self.engine not in ENGINES:
@@ -237,7 +245,61 @@ class MultiTaskOptimizer:
             if task not in self.task_names:
                 raise KeyError(f"unknown task {task!r}; tasks are {list(self.task_names)}")
             index = self.task_names.index(task)
+        if self._split is not None and features.requires_grad:
+            # inside a representation-level step: head k gets its own detached copy of z, so
+            # one backward pass yields every ∂ℓ_k/∂z (see _representation_grads)
+            leaf = features.detach().requires_grad_(True)
+            self._split.append((features, task, leaf))
+            return leaf
         return self.method.task_input(features, index)
+
+    @staticmethod
+    def _representation_grads(
+        split: list[tuple[Tensor, str | int, Tensor]],
+        names: tuple[str, ...],
+        losses: list[Tensor],
+        features: Tensor,
+    ) -> Tensor:
+        """Rows ``∂ℓ_k/∂z`` (``K × numel(z)``). When the heads read ``z`` through
+        :meth:`task_input` (detached copies, one per head call), one backward pass of ``Σ_k ℓ_k``
+        into those copies gives every row at once; otherwise (or when some loss also reads
+        ``z`` directly) K ``autograd.grad`` calls."""
+        index_of = {name: i for i, name in enumerate(names)}
+        usable = bool(split) and all(src is features for src, _, _ in split)
+        tasks: list[int] = []
+        for _, task, _ in split:
+            index = task if isinstance(task, int) else index_of.get(task)
+            if index is None or not 0 <= index < len(losses):
+                usable = False
+                break
+            tasks.append(index)
+        if usable and len(set(tasks)) == len(losses):
+            leaves = [leaf for _, _, leaf in split]
+            total = torch.stack(losses).sum()
+            direct, *per_leaf = torch.autograd.grad(
+                total, [features, *leaves], retain_graph=True, allow_unused=True
+            )
+            if direct is None:  # no loss reads z except through its head's copy
+                rows = torch.zeros(
+                    len(losses), features.numel(), dtype=features.dtype, device=features.device
+                )
+                for k, g in zip(tasks, per_leaf, strict=True):
+                    if g is not None:
+                        rows[k] += g.reshape(-1)
+                return rows
+        if split:  # the copies cut z out of the heads' graphs: differentiate through them
+            leaves = [leaf for _, _, leaf in split]
+            if any(leaf.shape != features.shape for leaf in leaves):
+                raise ValueError(
+                    "task_input was given a tensor other than the features the closure returned"
+                )
+            rows = jacobian(losses, [features, *leaves])
+            n = features.numel()
+            out = rows[:, :n].clone()
+            for j in range(len(leaves)):
+                out += rows[:, n * (j + 1) : n * (j + 2)]
+            return out
+        return jacobian(losses, [features])
 
     def _add_method_param_groups(self) -> None:
         for group in self.method.new_param_groups():
@@ -279,8 +341,13 @@ class MultiTaskOptimizer:
         rng_state = _rng_state() if Need.CLOSURE in needs else None
         known = None if self.task_names is None else len(self.task_names)
         recorder = self._gramian_engine if self._gramian_wanted(known) else None
-        with torch.enable_grad(), recorder.record() if recorder else contextlib.nullcontext():
-            names, losses, features, stacked = self._unpack(closure())
+        split: list[tuple[Tensor, str | int, Tensor]] = []
+        self._split = split if self._split_heads else None
+        try:
+            with torch.enable_grad(), recorder.record() if recorder else contextlib.nullcontext():
+                names, losses, features, stacked = self._unpack(closure())
+        finally:
+            self._split = None
         lap("forward")
 
         grads = None
@@ -307,7 +374,7 @@ class MultiTaskOptimizer:
                 )
             if not features.requires_grad:
                 raise ValueError("features must be part of the autograd graph (requires_grad)")
-            grads = jacobian(losses, [features])
+            grads = self._representation_grads(split, names, losses, features)
         lap("gradients")
 
         inputs = MethodInput(
