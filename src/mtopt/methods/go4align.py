@@ -16,12 +16,16 @@ global optimum of the within-group sum of squares, deterministic), which is what
 scalars aims for; the spectral-clustering and SDP variants of the same file are not offered. The
 paper text was not available to us. Requires positive losses. Heads: weighted.
 
-With one group there is nothing to cluster: the step skips k-means (whose labels would all be 0)
-and gives every task :math:`\mathrm{mean}(\omega)` directly.
+The K-vector arithmetic runs on Python floats (float64, as before on tensors; sums left to
+right): for a handful of tasks that costs a few microseconds, where each tensor kernel costs
+several of dispatch alone. With one group there is nothing to cluster: the step skips k-means
+(whose labels would all be 0) and gives every task :math:`\mathrm{mean}(\omega)` directly.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,7 @@ import torch
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
+from mtopt.core.task_vector import floats_to_tensor
 
 
 def kmeans_1d(values: np.ndarray, groups: int) -> np.ndarray:
@@ -83,39 +88,50 @@ class GO4Align(Method):
             raise ValueError(f"go4align: num_groups must be ≥ 1, got {num_groups}")
         self.eta = float(eta)
         self.num_groups = int(num_groups)
-        self.p: torch.Tensor | None = None
+        self._p: list[float] | None = None
+
+    @property
+    def p(self) -> torch.Tensor | None:
+        """The task distribution :math:`p` (float64; ``None`` before the first step)."""
+        return None if self._p is None else torch.tensor(self._p, dtype=torch.float64)
+
+    @p.setter
+    def p(self, value: torch.Tensor | Sequence[float] | None) -> None:
+        self._p = None if value is None else [float(v) for v in value]
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
-        losses = inputs.losses.detach().to(device="cpu", dtype=torch.float64)
-        require_positive_losses(
-            self.name, losses, inputs.task_names, "the loss ratios", allow_zero=True
-        )
-        k = inputs.num_tasks
-        if self.p is None:
-            self.p = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        elif self.p.numel() != k:
-            raise ValueError(f"go4align: built for {self.p.numel()} tasks, got {k}")
-        # the same products and quotients as p·e^{-ηℓ}, p/Σp and (Σℓ/(ℓ+1e-8))·p, in place on
-        # the fresh tensors
-        p = torch.exp(losses * -self.eta).mul_(self.p)
-        self.p = p.div_(p.sum())
-        omega = torch.div(losses.sum(), losses + 1e-8).mul_(p)
+        losses = inputs.losses.detach().cpu().tolist()
+        if not all(v >= 0 for v in losses):  # the error, naming the tasks (NaN fails too)
+            why = "the loss ratios"
+            require_positive_losses(
+                self.name, inputs.losses, inputs.task_names, why, allow_zero=True
+            )
+        k = len(losses)
+        if self._p is None:
+            self._p = [1.0 / k] * k
+        elif len(self._p) != k:
+            raise ValueError(f"go4align: built for {len(self._p)} tasks, got {k}")
+        eta = self.eta
+        p = [pk * math.exp(-eta * ell) for pk, ell in zip(self._p, losses, strict=True)]
+        total = sum(p)  # 0 only if every factor underflows: NaN weights, as 0/0 on tensors
+        self._p = p = [x / total for x in p] if total > 0 else [math.nan] * k
+        loss_sum = sum(losses)
+        omega = [loss_sum / (ell + 1e-8) * pk for ell, pk in zip(losses, p, strict=True)]
         if min(self.num_groups, k) == 1:
-            weights = torch.full((k,), float(omega.mean()), dtype=inputs.losses.dtype)
+            weights = floats_to_tensor([sum(omega) / k] * k, inputs.losses.dtype)
             groups = [0] * k
         else:
-            labels = kmeans_1d(omega.numpy(), self.num_groups)
-            grouped = omega.clone()
-            for g in np.unique(labels):
-                members = torch.from_numpy(labels == g)
-                grouped[members] = omega[members].mean()
-            weights, groups = grouped.to(inputs.losses.dtype), labels.tolist()
-        return Aggregation(
-            weights, extras={"go4align_omega": omega.tolist(), "go4align_groups": groups}
-        )
+            labels = kmeans_1d(np.array(omega), self.num_groups).tolist()
+            means = {}
+            for g in set(labels):
+                members = [w for w, lab in zip(omega, labels, strict=True) if lab == g]
+                means[g] = sum(members) / len(members)
+            weights = floats_to_tensor([means[g] for g in labels], inputs.losses.dtype)
+            groups = labels
+        return Aggregation(weights, extras={"go4align_omega": omega, "go4align_groups": groups})
 
     def _get_state(self) -> dict[str, Any]:
-        return {} if self.p is None else {"p": self.p.tolist()}
+        return {} if self._p is None else {"p": list(self._p)}
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        self.p = torch.tensor(state["p"], dtype=torch.float64) if state else None
+        self.p = state["p"] if state else None
