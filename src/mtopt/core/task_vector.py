@@ -51,7 +51,7 @@ class VectorAdam:
     """``torch.optim.Adam``'s update (single-tensor form, L2 ``weight_decay`` added to the
     gradient, bias-corrected moments), written out for one small vector.
 
-    The K task scalars of UW, IMTL-L, FAMO and Auto-Lambda step once per training step; on a
+    The K task scalars of FAMO, Auto-Lambda and hybrid IMTL step once per training step; on a
     model whose step takes a few milliseconds, ``torch.optim.Adam``'s per-call machinery costs
     several percent of it. This class does the same arithmetic in the same order (a test checks
     bit-for-bit equality with ``torch.optim.Adam``) with a fraction of the overhead, and keeps a
