@@ -189,9 +189,7 @@ class MultiTaskOptimizer:
         # representation-level methods that leave the heads' input alone get one backward
         # pass for all K rows (task_input hands each head a detached copy of z during a step)
         self._split_heads = (
-            Need.REP_GRADS in self.method.needs
-            and Need.CLOSURE not in self.method.needs
-            and type(self.method).task_input is Method.task_input
+            Need.REP_GRADS in self.method.needs and Need.CLOSURE not in self.method.needs
         )
         self._split: list[tuple[Tensor, str | int, Tensor]] | None = None
 
@@ -246,11 +244,12 @@ class MultiTaskOptimizer:
                 raise KeyError(f"unknown task {task!r}; tasks are {list(self.task_names)}")
             index = self.task_names.index(task)
         if self._split is not None and features.requires_grad:
-            # inside a representation-level step: head k gets its own detached copy of z, so
-            # one backward pass yields every ∂ℓ_k/∂z (see _representation_grads)
+            # inside a representation-level step: head k reads its own detached copy of z (through
+            # the method's transform, RotoGrad's rotation), so one backward pass yields every
+            # ∂ℓ_k/∂z (see _representation_grads)
             leaf = features.detach().requires_grad_(True)
             self._split.append((features, task, leaf))
-            return leaf
+            return self.method.task_input(leaf, index)
         return self.method.task_input(features, index)
 
     @staticmethod
