@@ -122,7 +122,7 @@ class GO4Align(Method):
             groups = [0] * k
         else:
             labels = kmeans_1d(np.array(omega), self.num_groups).tolist()
-            means = {}
+            means: dict[int, float] = {}
             for g in set(labels):
                 members = [w for w, lab in zip(omega, labels, strict=True) if lab == g]
                 means[g] = sum(members) / len(members)
