@@ -238,3 +238,65 @@ def test_libmtl_counterparts_when_installed():
     assert ratio == pytest.approx(w.contenders["unitary"].median / w.contenders["libmtl:EW"].median)
     assert "libmtl:EW" in bench.markdown_table(w)
     assert w.ratio_to_libmtl("libmtl:EW") is None
+
+
+def test_solver_targets_and_report_round_trip():
+    w = WorkloadResult(
+        "mlp11",
+        "synthetic",
+        11,
+        {PLAIN: _contender(PLAIN, "plain", "plain", [1.0])},
+        solvers=[
+            bench.SolverResult("nash_mtl", "ref", ours=[1.0, 2.0, 3.0], theirs=[20.0, 21.0]),
+            bench.SolverResult("other", "ref", ours=[1.0], theirs=[4.0]),
+            bench.SolverResult("missing", "ref", error="ImportError: no ecos"),
+        ],
+    )
+    result = BenchResult(BenchOptions(), [w], {}, "n/a")
+    verdicts = {t.label: t.met for t in evaluate_targets(result) if "solver" in t.target}
+    assert verdicts == {"nash_mtl": True, "other": False, "missing": None}  # 2/20.5, 1/4
+    assert w.solvers[0].ratio == pytest.approx(2.0 / 20.5)
+    report = markdown_report(result)
+    assert "10.2×" in report and "no ecos" in report
+    again = bench.result_from_dict(json.loads(json.dumps(result.to_dict())))
+    assert markdown_report(again) == report
+
+
+@pytest.mark.skipif(not HAS_TORCHJD, reason="TorchJD not installed")
+def test_compare_solver_replays_every_gramian():
+    gen = torch.Generator().manual_seed(0)
+    grams = []
+    for _ in range(3):
+        j = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+        grams.append(j @ j.T)
+    out = bench.compare_solver("nash_mtl", grams)
+    if out.error is not None:  # cvxpy/ECOS missing: said, not raised
+        assert "Error" in out.error
+        return
+    assert len(out.ours) == len(out.theirs) == 3 and out.ratio is not None
+
+
+def test_square_root_reproduces_the_gramian():
+    j = torch.randn(4, 6, dtype=torch.float64)
+    root = bench._square_root(j @ j.T)
+    torch.testing.assert_close(root @ root.T, j @ j.T)
+
+
+def test_engine_suffix_and_default_specs():
+    assert bench.split_engine("upgrad@gramian") == ("upgrad", "gramian")
+    assert bench.split_engine(" mgda ") == ("mgda", None)
+    specs = bench.default_specs()
+    assert "upgrad@gramian" in specs and "unitary@gramian" not in specs
+    assert "mgda_ub@gramian" not in specs  # representation level: no Gramian engine
+    assert bench.counterpart_label("upgrad", mtopt_needs("upgrad"), "gramian") == (
+        "torchjd:UPGrad@gram"
+    )
+    assert bench.counterpart_label("nash_mtl", mtopt_needs("nash_mtl"), "gramian") == (
+        "torchjd:NashMTL"
+    )
+
+
+def mtopt_needs(name):
+    from mtopt.core.registry import method_class
+
+    return method_class(name).needs

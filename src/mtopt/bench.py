@@ -437,6 +437,32 @@ class ContenderResult:
 
 
 @dataclass
+class SolverResult:
+    """An inner solver against its reference implementation, on the same Gramians (those of the
+    method's own measured steps, replayed in order so both keep their warm starts).
+
+    Attributes:
+        method: the mtopt method (``nash_mtl``).
+        reference: what it is compared with.
+        ours, theirs: seconds per solve.
+        error: why the reference could not run (e.g. cvxpy/ECOS missing).
+    """
+
+    method: str
+    reference: str
+    ours: list[float] = field(default_factory=list)
+    theirs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Median of ours over median of theirs (< 1: ours is faster)."""
+        if not self.ours or not self.theirs:
+            return None
+        return statistics.median(self.ours) / statistics.median(self.theirs)
+
+
+@dataclass
 class WorkloadResult:
     """Every contender on one workload, and the order they ran in.
 
@@ -455,6 +481,7 @@ class WorkloadResult:
     order: list[list[str]] = field(default_factory=list)
     warmup: int = 0
     seconds: float = 0.0
+    solvers: list[SolverResult] = field(default_factory=list)
 
     @property
     def plain_median(self) -> float | None:
@@ -514,6 +541,8 @@ class BenchResult:
         }
         for w in self.workloads:
             entry = {k: v for k, v in asdict(w).items() if k != "contenders"}
+            for solver, data in zip(w.solvers, entry["solvers"], strict=True):
+                data["ratio"] = solver.ratio
             entry["contenders"] = {}
             for label, c in w.contenders.items():
                 entry["contenders"][label] = {
@@ -566,6 +595,10 @@ def result_from_dict(data: dict[str, Any]) -> BenchResult:
                 order=w["order"],
                 warmup=w["warmup"],
                 seconds=w["seconds"],
+                solvers=[
+                    SolverResult(**{k: v for k, v in s.items() if k != "ratio"})
+                    for s in w.get("solvers", [])
+                ],
             )
         )
     return BenchResult(
@@ -685,6 +718,19 @@ class _Mtopt(_Contender):
             engine=engine or "auto",
         )
         self.meta = Need.META_BATCH in method.needs
+        #: the Gramians of the measured steps, for methods whose solver is compared alone
+        self.gramians: list[Tensor] | None = None
+        if name in SOLVER_REFERENCES and not hparams:
+            self.gramians = []
+            aggregate = method.aggregate
+
+            def recording(inputs: Any) -> Any:
+                assert self.gramians is not None
+                if len(self.gramians) < MAX_SOLVER_SAMPLES:
+                    self.gramians.append(inputs.gramian().detach().to(torch.float64).cpu())
+                return aggregate(inputs)
+
+            method.aggregate = recording  # type: ignore[method-assign]
 
     def step(self, batch: Batch) -> dict[str, Any]:
         def closure() -> Losses:
@@ -765,6 +811,61 @@ class _TorchJD(_Contender):
             self.autojac.jac_to_grad(self.shared, self.aggregator)
         self.optimizer.step()
         return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# inner solvers alone: ours against the reference implementation on the same Gramians
+#: method → the reference its solver is compared with
+SOLVER_REFERENCES = {
+    "nash_mtl": "authors' CCCP in cvxpy/ECOS (TorchJD 0.18 NashMTL)",
+}
+MAX_SOLVER_SAMPLES = 60
+#: target: our solver at least this many times faster than the reference
+SOLVER_MIN_SPEEDUP = 5.0
+
+
+def _square_root(gram: Tensor) -> Tensor:
+    """A ``K × K`` matrix ``J`` with ``J Jᵀ = gram`` (symmetric square root, negative
+    eigenvalues of rounding clipped)."""
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors * values.clamp_min(0.0).sqrt()
+
+
+def compare_solver(name: str, gramians: Sequence[Tensor]) -> SolverResult:
+    """Replay ``gramians`` (in order) through a fresh instance of method ``name`` with its
+    defaults (its ``aggregate`` on the Gramian alone: the solve plus its bookkeeping) and
+    through the reference, alternating, and time each call."""
+    result = SolverResult(name, SOLVER_REFERENCES[name])
+    if not gramians:
+        result.error = "no Gramian recorded"
+        return result
+    try:
+        from torchjd.aggregation import NashMTL as Reference
+
+        k = gramians[0].shape[0]
+        reference = Reference(n_tasks=k)
+        reference(_square_root(gramians[0]).float())  # raises here if cvxpy/ECOS is missing
+    except Exception as exc:  # the reference is optional
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    from mtopt.core.method import MethodInput
+
+    ours = mtopt.make(name)
+    reference = Reference(n_tasks=k)
+    names = tuple(str(i) for i in range(k))
+    losses = torch.ones(k, dtype=torch.float64)
+    for gram in gramians:
+        inputs = MethodInput(losses, names)
+        inputs._gramian = gram
+        matrix = _square_root(gram).float()
+        t0 = time.perf_counter()
+        ours.aggregate(inputs)
+        t1 = time.perf_counter()
+        reference(matrix)
+        t2 = time.perf_counter()
+        result.ours.append(t1 - t0)
+        result.theirs.append(t2 - t1)
+    return result
 
 
 LIBMTL_PREFIX = "libmtl:"
@@ -1049,6 +1150,12 @@ def run_workload(
         results[label].phases = {k: statistics.median(v) for k, v in phases.items() if v}
     for res in failed:
         results[res.label] = res
+    for contender in contenders:
+        gramians = getattr(contender, "gramians", None)
+        if gramians is not None and contender.result.error is None:
+            name = parse_method_spec(split_engine(contender.result.label)[0])[0]
+            if not any(s.method == name for s in out.solvers):
+                out.solvers.append(compare_solver(name, gramians))
     out.seconds = time.perf_counter() - started
     return out
 
@@ -1159,7 +1266,9 @@ def evaluate_targets(result: BenchResult) -> list[TargetCheck]:
     * each mtopt method with a TorchJD counterpart ≤ 1.0× that counterpart (``n/a`` when the
       counterpart was set up but could not be measured);
     * ``selective_groups`` (any method reporting ``num_groups``) ≤ (M + 0.1)× plain, M its
-      median number of groups over the measured steps.
+      median number of groups over the measured steps;
+    * each compared inner solver (Nash-MTL) ≥ 5× faster than its reference per solve
+      (ratio ≤ 0.2).
     """
     checks: list[TargetCheck] = []
 
@@ -1192,6 +1301,14 @@ def evaluate_targets(result: BenchResult) -> list[TargetCheck]:
             if groups is not None:
                 limit = groups + GROUPS_SLACK
                 add(f"≤ (M + {GROUPS_SLACK})× plain, M = {groups:g}", w, label, plain_ratio, limit)
+        for solver in w.solvers:
+            target = f"{solver.method} solver ≥ {SOLVER_MIN_SPEEDUP:g}× faster than the reference"
+            limit = 1.0 / SOLVER_MIN_SPEEDUP
+            if solver.ratio is None:
+                note = solver.error or "not measured"
+                checks.append(TargetCheck(target, w.name, solver.method, None, limit, None, note))
+            else:
+                add(target, w, solver.method, solver.ratio, limit)
     return checks
 
 
@@ -1281,6 +1398,27 @@ def targets_table(checks: Sequence[TargetCheck]) -> str:
     return "\n".join(lines)
 
 
+def solver_table(w: WorkloadResult) -> str:
+    """Inner solvers alone, on the Gramians of the method's measured steps."""
+    lines = [
+        "Inner solver alone, on the Gramians of the method's own measured steps (replayed in "
+        "order, alternating):",
+        "",
+        "| method | reference | solves | ours median ms | reference median ms | speed-up |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for s in w.solvers:
+        if s.ratio is None:
+            lines.append(f"| `{s.method}` | {s.reference} | — | — | — | {s.error} |")
+            continue
+        lines.append(
+            f"| `{s.method}` | {s.reference} | {len(s.ours)} | "
+            f"{_ms(statistics.median(s.ours))} | {_ms(statistics.median(s.theirs))} | "
+            f"{1 / s.ratio:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
 def _target_summary(checks: Sequence[TargetCheck]) -> str:
     met = sum(t.met is True for t in checks)
     missed = sum(t.met is False for t in checks)
@@ -1320,6 +1458,8 @@ def markdown_report(result: BenchResult) -> str:
             markdown_table(w),
             "",
         ]
+        if w.solvers:
+            lines += [solver_table(w), ""]
     checks = evaluate_targets(result)
     lines += ["## Targets", "", _target_summary(checks) + ".", ""]
     if checks:
