@@ -9,9 +9,10 @@ space, with :math:`\hat M=M/\mathrm{tr}(M)` (0 if the trace is below ``norm_eps`
 .. math:: v^{(i)}=\arg\min_v v^\top\tilde Mv\ \ \text{s.t.}\ v\ge p_ie_i,\qquad w=\sum_iv^{(i)},
    \qquad d=G^\top w.
 
-Every QP is solved exactly by our own active-set routine (:func:`mtopt.core.qp.box_lower_qp`;
-TorchJD uses quadprog). Properties: :math:`Gd\ge0` up to the regularisation, :math:`w\ge p`,
-no conflict ⇒ :math:`w=p`, :math:`d(cG)=c\,d(G)`. Heads: raw.
+The K QPs share :math:`\tilde M` and are solved exactly, together, by block principal pivoting
+(:func:`mtopt.core.qp.box_lower_qp_batch`: one stacked solve per iteration for all K problems;
+TorchJD solves them one by one with quadprog). Properties: :math:`Gd\ge0` up to the
+regularisation, :math:`w\ge p`, no conflict ⇒ :math:`w=p`, :math:`d(cG)=c\,d(G)`. Heads: raw.
 """
 
 from __future__ import annotations
@@ -22,26 +23,30 @@ import numpy as np
 import torch
 
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
-from mtopt.core.qp import box_lower_qp
+from mtopt.core.qp import BoxQPResult, box_lower_qp_batch
 from mtopt.core.registry import register
 
 
 def upgrad_weights(
     gram: np.ndarray, pref: np.ndarray, norm_eps: float = 1e-4, reg_eps: float = 1e-4
 ) -> tuple[np.ndarray, bool]:
+    """UPGrad's weights ``w = Σ_i v⁽ⁱ⁾`` for the Gramian ``gram``; returns ``(w, converged)``."""
+    w, result = upgrad_solve(gram, pref, norm_eps, reg_eps)
+    return w, result.all_converged
+
+
+def upgrad_solve(
+    gram: np.ndarray, pref: np.ndarray, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+) -> tuple[np.ndarray, BoxQPResult]:
+    """UPGrad's weights and the solver's result (row ``i``: :math:`v^{(i)}`)."""
+    gram = np.asarray(gram, dtype=np.float64)
+    pref = np.asarray(pref, dtype=np.float64)
     k = gram.shape[0]
     trace = float(np.trace(gram))
-    normalised = gram / trace if trace >= norm_eps else np.zeros_like(gram)
-    regularised = normalised + reg_eps * np.eye(k)
-    total = np.zeros(k)
-    ok = True
-    for i in range(k):
-        lower = np.zeros(k)
-        lower[i] = pref[i]
-        v, converged = box_lower_qp(regularised, lower)
-        ok &= converged
-        total += v
-    return total, ok
+    regularised = gram / trace if trace >= norm_eps else np.zeros_like(gram)
+    regularised.flat[:: k + 1] += reg_eps
+    result = box_lower_qp_batch(regularised, np.diag(pref))
+    return result.solutions.sum(axis=0), result
 
 
 @register
@@ -74,9 +79,12 @@ class UPGrad(Method):
         if pref.shape != (k,):
             raise ValueError(f"upgrad: pref_vector has {pref.size} entries for {k} tasks")
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
-        w, ok = upgrad_weights(gram, pref, self.norm_eps, self.reg_eps)
+        w, result = upgrad_solve(gram, pref, self.norm_eps, self.reg_eps)
+        ok = result.all_converged
+        failed = [inputs.task_names[i] for i in np.flatnonzero(~result.converged)]
         report = SolverReport(
-            "upgrad/active_set", ok, k, "converged" if ok else "max_iter",
-            "" if ok else "an UPGrad projection hit its iteration bound",
+            "upgrad/active_set", ok, result.iterations, "converged" if ok else "max_iter",
+            "" if ok else f"the UPGrad projections of tasks {failed} did not meet the KKT "
+            "conditions (singular Gramian with reg_eps=0, or the iteration bound)",
         )  # fmt: skip
         return Aggregation(as_weights(w, inputs), solver=report)
