@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -344,7 +345,7 @@ class MultiTaskOptimizer:
         self._split = split if self._split_heads else None
         try:
             with torch.enable_grad(), recorder.record() if recorder else contextlib.nullcontext():
-                names, losses, features, stacked = self._unpack(closure())
+                names, losses, features, stacked, step_values = self._unpack(closure())
         finally:
             self._split = None
         lap("forward")
@@ -434,7 +435,7 @@ class MultiTaskOptimizer:
             )
         info = StepInfo(
             step=step_index,
-            losses=dict(zip(names, stacked.tolist(), strict=True)),
+            losses=dict(zip(names, step_values, strict=True)),
             weights=None if agg.weights is None else agg.weights.detach().cpu(),
             task_names=names,
             solver=agg.solver,
@@ -447,7 +448,7 @@ class MultiTaskOptimizer:
     # ------------------------------------------------------------------------------------------
     def _unpack(
         self, out: Any, require_grad: bool = True
-    ) -> tuple[tuple[str, ...], list[Tensor], Tensor | None, Tensor]:
+    ) -> tuple[tuple[str, ...], list[Tensor], Tensor | None, Tensor, list[float]]:
         features = None
         if isinstance(out, Losses):
             features, out = out.features, out.losses
@@ -497,14 +498,13 @@ class MultiTaskOptimizer:
                 )
             losses.append(loss if loss.dim() == 0 else loss.reshape(()))
         values_now = torch.stack([loss.detach() for loss in losses])
-        if not bool(torch.isfinite(values_now).all()):
-            bad = [
-                f"{n}={v}"
-                for n, v in zip(names, values_now.tolist(), strict=True)
-                if v != v or v in (float("inf"), float("-inf"))
-            ]
+        # one host copy of the K values (StepInfo needs them anyway): checking them as Python
+        # floats is cheaper than a tensor isfinite/all pair on small K
+        plain = values_now.tolist()
+        if not all(math.isfinite(v) for v in plain):
+            bad = [f"{n}={v}" for n, v in zip(names, plain, strict=True) if not math.isfinite(v)]
             raise ValueError(f"non-finite loss(es): {', '.join(bad)}")
-        return names, losses, features, values_now
+        return names, losses, features, values_now, plain
 
     def _check_aggregation(self, agg: Aggregation, inputs: MethodInput) -> None:
         name = self.method.name
@@ -516,7 +516,7 @@ class MultiTaskOptimizer:
                     f"method {name!r} returned weights of shape {tuple(agg.weights.shape)} "
                     f"for {inputs.num_tasks} tasks"
                 )
-            if not bool(torch.isfinite(agg.weights).all()):
+            if not all(math.isfinite(v) for v in agg.weights.tolist()):
                 raise FloatingPointError(
                     f"method {name!r} produced non-finite weights {agg.weights.tolist()}"
                 )
