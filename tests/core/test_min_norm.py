@@ -480,3 +480,82 @@ def test_pgd_step_does_not_depend_on_the_scale_of_the_gradients():
         res = min_norm_weights(c * (G @ G.T), solver="pgd")
         np.testing.assert_allclose(res.weights, ref.weights, atol=1e-9, err_msg=str(c))
         assert res.iterations == ref.iterations
+
+
+# -- the float-list implementation of pgd / fw against the array formulation --------------------
+# mtopt runs the K-element logic of the first-order solvers on Python floats (numpy calls cost
+# more than the arithmetic at K ≈ 10). These are the array formulations it replaced; every
+# element-wise operation is the same, so the iterates must agree bit for bit.
+def _array_pgd_candidate(M, w):
+    r = -(M @ w)
+    r_tilde = r - r.mean()
+    neg, pos = r_tilde < 0, r_tilde > 0
+    to_zero = -w[neg] / r_tilde[neg]
+    to_one = (1.0 - w[pos]) / r_tilde[pos]
+    to_zero, to_one = to_zero[to_zero > 1e-7], to_one[to_one > 1e-7]
+    t = float(to_zero.min()) if to_zero.size else 1.0
+    if to_one.size:
+        t = min(t, float(to_one.min()))
+    return project_onto_simplex(w + t * r_tilde)
+
+
+def _array_solver(M, solver, max_iter, tol, clamp):
+    k = len(M)
+    best_cost, best = np.inf, None
+    for i in range(k):
+        for j in range(i + 1, k):
+            gamma, cost = two_point_min_norm(M[i, i], M[i, j], M[j, j], clamp)
+            if cost < best_cost:
+                best_cost, best = cost, (i, j, gamma)
+    i, j, gamma = best
+    w = np.zeros(k)
+    w[i], w[j] = gamma, 1.0 - gamma
+    if k == 2:
+        return w, 0
+    for it in range(1, max_iter + 1):
+        Mw = M @ w
+        if solver == "pgd":
+            c = _array_pgd_candidate(M, w)
+            gamma, _ = two_point_min_norm(float(w @ Mw), float(c @ Mw), float(c @ M @ c), clamp)
+        else:
+            t = int(np.argmin(Mw))
+            c = np.zeros(k)
+            c[t] = 1.0
+            gamma, _ = two_point_min_norm(float(w @ Mw), float(Mw[t]), float(M[t, t]), clamp)
+        new = gamma * w + (1.0 - gamma) * c
+        change = float(np.abs(new - w).sum())
+        w = new
+        if change < tol:
+            return w, it
+    return w, max_iter
+
+
+@MANY
+@given(
+    kind=st.sampled_from((*_PGD_KINDS, "stationary")),
+    k=st.integers(2, 12),
+    d=st.integers(1, 30),
+    seed=st.integers(0, 2**32 - 1),
+    log_scale=st.floats(-20, 10),
+    solver=st.sampled_from(["pgd", "fw"]),
+    clamp=st.sampled_from([1e-3, 0.0]),
+    tol=st.sampled_from([1e-5, 1e-9]),
+)
+def test_first_order_solvers_match_the_array_formulation(
+    kind, k, d, seed, log_scale, solver, clamp, tol
+):
+    M = make_jacobian(kind, k, d, seed) * np.exp(log_scale)
+    M = M @ M.T
+    res = min_norm_weights(M, solver=solver, clamp=clamp, tol=tol)
+    assume(res.status != "zero_gradient")
+    w_ref, it_ref = _array_solver(M, solver, 250, tol, clamp)
+    np.testing.assert_array_equal(res.weights, w_ref)
+    assert res.iterations == it_ref
+
+
+@MANY
+@given(v=_vectors(max_size=16, bound=1e6))
+def test_float_projection_is_the_array_projection(v):
+    from mtopt.core.min_norm import _project_floats
+
+    np.testing.assert_array_equal(np.array(_project_floats(v.tolist())), project_onto_simplex(v))

@@ -19,6 +19,12 @@ coefficient to ``[clamp, 1 − clamp]`` (0.001/0.999); ``clamp=0`` gives the exa
 Both are first-order methods: on ill-conditioned Gram matrices they stop short of the optimum
 (KKT residuals of 1e-3..1e-2 of ``max‖g_i‖²`` are typical at the default settings).
 
+For the small ``K`` of multi-task learning their per-iteration cost is call overhead, not
+arithmetic. The products with ``M`` (``Mw``, ``cᵀMw``, ``cᵀMc``, ``wᵀMw``) and the sums are numpy
+calls on float64 arrays; the ``K``-element logic of ``pgd`` (step ratios, simplex projection,
+convex combination) runs on Python floats. Every element-wise operation is that of the array
+formulation, in the same order, so the iterates are bit for bit those of the array code.
+
 A third solver is exact:
 
 * ``wolfe`` — Wolfe's (1976) nearest-point-in-polytope active-set algorithm, written on the Gram
@@ -97,11 +103,16 @@ def two_point_min_norm(aa: float, ab: float, bb: float, clamp: float = 1e-3) -> 
 
 
 def _best_pair(M: np.ndarray, clamp: float) -> np.ndarray:
+    """Sener & Koltun's start: the best of the ``K(K−1)/2`` two-point problems (first in
+    ``(i, j)`` order among equal costs)."""
     k = M.shape[0]
+    rows = M.tolist()  # Python floats: ~10× cheaper to index than numpy scalars
+    diag = [rows[i][i] for i in range(k)]
     best_cost, best = np.inf, None
     for i in range(k):
+        aa, row = diag[i], rows[i]
         for j in range(i + 1, k):
-            gamma, cost = two_point_min_norm(M[i, i], M[i, j], M[j, j], clamp)
+            gamma, cost = two_point_min_norm(aa, row[j], diag[j], clamp)
             if cost < best_cost:
                 best_cost, best = cost, (i, j, gamma)
     assert best is not None
@@ -111,19 +122,43 @@ def _best_pair(M: np.ndarray, clamp: float) -> np.ndarray:
     return w
 
 
-def _pgd_candidate(M: np.ndarray, w: np.ndarray) -> np.ndarray:
-    r = -(M @ w)
-    r_tilde = r - r.mean()
-    neg, pos = r_tilde < 0, r_tilde > 0
-    to_zero = -w[neg] / r_tilde[neg]
-    to_one = (1.0 - w[pos]) / r_tilde[pos]
-    to_zero, to_one = to_zero[to_zero > _MIN_STEP], to_one[to_one > _MIN_STEP]
+def _project_floats(y: list[float]) -> list[float]:
+    """:func:`project_onto_simplex` on Python floats, operation for operation (the running sum is
+    ``np.cumsum``'s sequential one)."""
+    top = max(y)
+    v = [a - top for a in y]
+    theta, acc = 0.0, 0.0
+    for j, u in enumerate(sorted(v, reverse=True)):
+        acc = u if j == 0 else acc + u
+        css = acc - 1.0
+        if u - css / (j + 1) > 0:  # keep the last such index, as the array code does
+            theta = css / (j + 1.0)
+    return [max(a - theta, 0.0) for a in v]
+
+
+def _pgd_candidate(w: list[float], Mw: list[float], mean: float) -> list[float]:
+    """Sener's candidate: from ``w`` along ``r̃ = −Mw + mean(Mw)`` to the nearest simplex face,
+    projected onto the simplex. ``mean`` is ``sum(Mw) / K`` (numpy's sum)."""
     # Sener's rule: the nearest boundary, 1 only when no coordinate heads to 0 (not capped at 1:
-    # a cap makes the step, hence the ‖Δw‖₁ stop, depend on the scale of M).
-    t = float(to_zero.min()) if to_zero.size else 1.0
-    if to_one.size:
-        t = min(t, float(to_one.min()))
-    return project_onto_simplex(w + t * r_tilde)
+    # a cap makes the step, hence the ‖Δw‖₁ stop, depend on the scale of M). Ratios at or below
+    # _MIN_STEP are ignored.
+    r_tilde = []
+    to_zero: float | None = None
+    to_one = np.inf
+    for wi, m in zip(w, Mw, strict=True):
+        # r = −Mw, r̃ = r − mean(r) = mean(Mw) − Mw exactly (negation commutes with rounding)
+        ri = mean - m
+        r_tilde.append(ri)
+        if ri < 0:
+            ratio = -wi / ri
+            if ratio > _MIN_STEP and (to_zero is None or ratio < to_zero):
+                to_zero = ratio
+        elif ri > 0:
+            ratio = (1.0 - wi) / ri
+            if _MIN_STEP < ratio < to_one:
+                to_one = ratio
+    t = min(1.0 if to_zero is None else to_zero, to_one)
+    return _project_floats([wi + t * ri for wi, ri in zip(w, r_tilde, strict=True)])
 
 
 def min_norm_weights(
@@ -161,31 +196,58 @@ def min_norm_weights(
     w = _best_pair(M, clamp)
     if k == 2:
         return MinNormResult(w, 0, "exact", float(w @ M @ w))
+    run = _pgd if solver == "pgd" else _frank_wolfe
+    w, it, converged = run(M, w, max_iter, tol, clamp)
+    return MinNormResult(w, it, "converged" if converged else "max_iter", float(w @ M @ w))
+
+
+def _pgd(
+    M: np.ndarray, w: np.ndarray, max_iter: int, tol: float, clamp: float
+) -> tuple[np.ndarray, int, bool]:
+    """Sener's projected gradient: ``w ← γw + (1−γ)c`` with ``c`` from :func:`_pgd_candidate`
+    and ``γ`` the two-point rule on ``(wᵀMw, cᵀMw, cᵀMc)``; stop at ``‖Δw‖₁ < tol``."""
+    k = M.shape[0]
+    wl = w.tolist()
     for it in range(1, max_iter + 1):
         Mw = M @ w
-        if solver == "pgd":
-            c = _pgd_candidate(M, w)
-            gamma, _ = two_point_min_norm(float(w @ Mw), float(c @ Mw), float(c @ M @ c), clamp)
-        else:
-            t = int(np.argmin(Mw))
-            c = np.zeros(k)
-            c[t] = 1.0
-            gamma, _ = two_point_min_norm(float(w @ Mw), float(Mw[t]), float(M[t, t]), clamp)
-        new = gamma * w + (1.0 - gamma) * c
+        c = np.array(_pgd_candidate(wl, Mw.tolist(), float(Mw.sum()) / k))
+        gamma, _ = two_point_min_norm(float(w @ Mw), float(c @ Mw), float(c @ M @ c), clamp)
+        rest = 1.0 - gamma
+        wl = [gamma * a + rest * b for a, b in zip(wl, c.tolist(), strict=True)]
+        new = np.array(wl)
         change = float(np.abs(new - w).sum())
         w = new
         if change < tol:
-            return MinNormResult(w, it, "converged", float(w @ M @ w))
-    return MinNormResult(w, max_iter, "max_iter", float(w @ M @ w))
+            return w, it, True
+    return w, max_iter, False
 
 
-def _affine_min_norm(A: np.ndarray) -> np.ndarray:
-    """``argmin μᵀAμ`` subject to ``Σμ = 1`` (no sign constraint), via the KKT system."""
-    n = A.shape[0]
-    kkt = np.zeros((n + 1, n + 1))
-    kkt[:n, :n] = A
-    kkt[:n, n] = 1.0
-    kkt[n, :n] = 1.0
+def _frank_wolfe(
+    M: np.ndarray, w: np.ndarray, max_iter: int, tol: float, clamp: float
+) -> tuple[np.ndarray, int, bool]:
+    """Frank-Wolfe: ``w ← γw + (1−γ)e_t``, ``t = argmin_i (Mw)_i``, ``γ`` the two-point rule on
+    ``(wᵀMw, (Mw)_t, M_tt)``; stop at ``‖Δw‖₁ < tol``."""
+    diag = np.diag(M).tolist()
+    for it in range(1, max_iter + 1):
+        Mw = M @ w
+        t = int(Mw.argmin())
+        gamma, _ = two_point_min_norm(float(w @ Mw), float(Mw[t]), diag[t], clamp)
+        new = gamma * w  # γw + (1−γ)e_t: the other entries get + (1−γ)·0 = + 0.0
+        new[t] += 1.0 - gamma
+        change = float(np.abs(new - w).sum())
+        w = new
+        if change < tol:
+            return w, it, True
+    return w, max_iter, False
+
+
+def _affine_min_norm(M: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``argmin μᵀAμ`` subject to ``Σμ = 1`` (no sign constraint) for ``A = M[idx, idx]``, via
+    the KKT system ``[[A, 1], [1ᵀ, 0]] (μ, λ) = (0, 1)``."""
+    n = idx.size
+    kkt = np.ones((n + 1, n + 1))
+    kkt[:n, :n] = M[idx[:, None], idx]
+    kkt[n, n] = 0.0
     rhs = np.zeros(n + 1)
     rhs[n] = 1.0
     try:
@@ -197,21 +259,22 @@ def _affine_min_norm(A: np.ndarray) -> np.ndarray:
 
 def _wolfe(M: np.ndarray, max_iter: int) -> MinNormResult:
     k = M.shape[0]
-    slack = WOLFE_RTOL * float(np.diag(M).max())
-    start = int(np.argmin(np.diag(M)))
+    diag = np.diag(M)
+    slack = WOLFE_RTOL * float(diag.max())
+    start = int(diag.argmin())
     support = [start]
     w = np.zeros(k)
     w[start] = 1.0
     for it in range(1, max_iter + 1):
         Mw = M @ w
-        j = int(np.argmin(Mw))
+        j = int(Mw.argmin())
         if Mw[j] >= float(w @ Mw) - slack or j in support:
             return MinNormResult(w, it - 1, "converged", float(w @ Mw))
         support.append(j)
         for _ in range(k + 1):  # minor cycle: each pass drops ≥ 1 point or ends
             idx = np.array(support)
-            mu = _affine_min_norm(M[np.ix_(idx, idx)])
-            if np.all(mu > 0):
+            mu = _affine_min_norm(M, idx)
+            if (mu > 0).all():
                 w = np.zeros(k)
                 w[idx] = mu
                 break
