@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import (
@@ -54,22 +53,29 @@ APPLY_TO = ("raw_losses", "normalized_grads")
 
 
 def gradient_normalizers(
-    kind: str, losses: Tensor, sq_norms: Tensor, method: str, task_names: tuple[str, ...]
-) -> Tensor:
-    """Per-task normalisers ``n_k`` of METHODS.md §8 (1 where a gradient is zero)."""
+    kind: str,
+    losses: np.ndarray,
+    sq_norms: np.ndarray,
+    method: str,
+    task_names: tuple[str, ...],
+) -> np.ndarray:
+    """Per-task normalisers ``n_k`` of METHODS.md §8 (1 where a gradient is zero), in float64.
+
+    ``losses`` and ``sq_norms`` are float64 arrays (the ``K`` entries are handled in numpy: a
+    torch call costs several microseconds, more than the arithmetic)."""
     if kind in ("loss", "loss+"):
         why = f"normalization={kind!r} divides by the loss (use 'l2' or 'none' otherwise) and"
-        require_positive_losses(method, losses, task_names, why)
-    norms = sq_norms.clamp_min(0).sqrt()
+        require_positive_losses(method, torch.from_numpy(losses), task_names, why)
+    norms = np.sqrt(np.maximum(sq_norms, 0.0))
     if kind == "l2":
         n = norms
     elif kind == "loss":
-        n = losses.clone()
+        n = losses.copy()
     elif kind == "loss+":
         n = losses * norms
     else:
-        n = torch.ones_like(losses)
-    return torch.where(n > 0, n, torch.ones_like(n))
+        n = np.ones_like(losses)
+    return np.where(n > 0, n, 1.0)
 
 
 @register
@@ -110,19 +116,19 @@ class MGDA(Method):
         self.pair_clamp = float(pair_clamp)
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
-        gram = inputs.gramian().detach().to(torch.float64).cpu()
-        losses = inputs.losses.detach().to(torch.float64).cpu()
+        gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
+        losses = inputs.losses.detach().to(torch.float64).cpu().numpy()
         n = gradient_normalizers(
-            self.normalization, losses, torch.diagonal(gram), self.name, inputs.task_names
+            self.normalization, losses, np.diagonal(gram), self.name, inputs.task_names
         )
         result = min_norm_weights(
-            (gram / torch.outer(n, n)).numpy(),
+            gram / np.outer(n, n),
             solver=self.solver,
             max_iter=self.max_iter,
             tol=self.tol,
             clamp=self.pair_clamp,
         )
-        simplex = torch.from_numpy(np.ascontiguousarray(result.weights))
+        simplex = result.weights
         effective = simplex / n if self.apply_to == "normalized_grads" else simplex
         report = SolverReport(
             name=f"min_norm/{self.solver}",
@@ -146,9 +152,9 @@ class MGDAUB(MGDA):
     needs = Need.REP_GRADS
 
 
-def _message(status: str, names: tuple[str, ...], simplex: Tensor) -> str:
+def _message(status: str, names: tuple[str, ...], simplex: np.ndarray) -> str:
     if status == "zero_gradient":
-        task = names[int(torch.argmax(simplex))]
+        task = names[int(np.argmax(simplex))]
         return f"task {task!r} has a zero gradient: the min-norm direction is d = 0"
     if status == "max_iter":
         return "min-norm solver hit max_iter before reaching tol; weights are approximate"
