@@ -181,3 +181,11 @@ def test_kkt_tolerance_and_shapes():
     v, ok = box_lower_qp(np.zeros((3, 3)), np.array([1.0, -2.0, 0.0]))
     assert ok
     np.testing.assert_array_equal(v, [1.0, -2.0, 0.0])
+
+
+def test_non_finite_matrix_is_not_converged():
+    M = np.array([[1.0, np.nan], [np.nan, 1.0]])
+    res = box_lower_qp_batch(M, np.eye(2))
+    assert not res.converged.any()
+    _, ok = box_lower_qp_active_set(M, np.array([1.0, 0.0]))
+    assert not ok

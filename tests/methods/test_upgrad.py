@@ -102,3 +102,12 @@ def test_method_reports_non_convergence(monkeypatch):
     assert out.solver.status == "max_iter"
     assert "did not meet the KKT conditions" in out.solver.message
     assert any(f"'t{i}'" in out.solver.message for i in range(6))
+
+
+def test_method_reports_a_non_finite_gramian():
+    G = torch.from_numpy(make_jacobian("generic", 3, 5, 0))
+    G[1, 2] = float("nan")
+    names = ("a", "b", "c")
+    out = mtopt.make("upgrad").aggregate(MethodInput(torch.ones(3, dtype=torch.float64), names, G))
+    assert not out.solver.converged
+    assert "non-finite Gramian" in out.solver.message

@@ -112,7 +112,7 @@ def box_lower_qp_batch(M: np.ndarray, lowers: np.ndarray, max_iter: int = 500) -
             sequential |= moving  # iteration's, valid for the problems that did not move
             break
         y = x @ M - neg_q
-        infeasible = np.where(F, x, y) < -tol
+        infeasible = ~(np.where(F, x, y) >= -tol)  # NaN counts as infeasible
         if not infeasible.any():
             break
         count = infeasible.sum(axis=1)
@@ -128,10 +128,13 @@ def box_lower_qp_batch(M: np.ndarray, lowers: np.ndarray, max_iter: int = 500) -
         F ^= infeasible & moving[:, None]
     X = np.maximum(x, 0.0)  # x_G is exactly 0 (identity rows of the stacked system)
     # The stationarity residual y_F of the accepted candidates: at rounding level unless a
-    # non-finite value (or a near-singular M_FF) spoiled the solve.
-    residual = np.abs(np.where(F, y, 0.0)).max(axis=1)
-    limit = _RESIDUAL_RTOL / KKT_RTOL * tol * np.maximum(1.0, np.abs(x).max(axis=1))
-    sequential |= ~(residual <= limit)  # also catches NaN
+    # non-finite value (or a near-singular M_FF) spoiled the solve. One check for the batch,
+    # problem by problem only when it fails (the comparisons are False for NaN).
+    residual = np.abs(np.where(F, y, 0.0))
+    rtol = _RESIDUAL_RTOL / KKT_RTOL * tol
+    if not residual.max() <= rtol * max(1.0, float(np.abs(x).max())):
+        limit = rtol * np.maximum(1.0, np.abs(x).max(axis=1))
+        sequential |= ~(residual.max(axis=1) <= limit)
     converged = ~sequential
     for b in np.flatnonzero(sequential):
         X[b], converged[b], its = _lawson_hanson(M, -neg_q[b], tol, max_iter)
@@ -167,8 +170,8 @@ def _lawson_hanson(
     for it in range(max_iter):
         grad = M @ x + q
         candidates = np.where(~free & (grad < -tol))[0]
-        if candidates.size == 0:
-            return x, True, it
+        if candidates.size == 0:  # KKT holds, unless NaN made every comparison False
+            return x, bool(np.isfinite(grad).all()), it
         free[candidates[np.argmin(grad[candidates])]] = True
         for _ in range(k + 1):
             idx = np.where(free)[0]

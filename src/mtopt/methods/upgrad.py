@@ -43,7 +43,8 @@ def upgrad_solve(
     pref = np.asarray(pref, dtype=np.float64)
     k = gram.shape[0]
     trace = float(np.trace(gram))
-    regularised = gram / trace if trace >= norm_eps else np.zeros_like(gram)
+    # (as TorchJD: 0 only when tr M < norm_eps, so that a NaN Gramian stays NaN and is reported)
+    regularised = np.zeros_like(gram) if trace < norm_eps else gram / trace
     regularised.flat[:: k + 1] += reg_eps
     result = box_lower_qp_batch(regularised, np.diag(pref))
     return result.solutions.sum(axis=0), result
@@ -81,10 +82,13 @@ class UPGrad(Method):
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
         w, result = upgrad_solve(gram, pref, self.norm_eps, self.reg_eps)
         ok = result.all_converged
-        failed = [inputs.task_names[i] for i in np.flatnonzero(~result.converged)]
-        report = SolverReport(
-            "upgrad/active_set", ok, result.iterations, "converged" if ok else "max_iter",
-            "" if ok else f"the UPGrad projections of tasks {failed} did not meet the KKT "
-            "conditions (singular Gramian with reg_eps=0, or the iteration bound)",
-        )  # fmt: skip
+        message = ""
+        if not ok:
+            failed = [inputs.task_names[i] for i in np.flatnonzero(~result.converged)]
+            message = (
+                f"the UPGrad projections of tasks {failed} did not meet the KKT conditions "
+                "(non-finite Gramian, singular Gramian with reg_eps=0, or the iteration bound)"
+            )
+        status = "converged" if ok else "max_iter"
+        report = SolverReport("upgrad/active_set", ok, result.iterations, status, message)
         return Aggregation(as_weights(w, inputs), solver=report)
