@@ -17,18 +17,20 @@ Two exact solvers, both working on that candidate:
 * :func:`box_lower_qp_batch` — *block principal pivoting* (Júdice & Pires 1994; the form of
   Kim & Park 2011 for non-negative least squares with many right-hand sides), for ``B`` problems
   that share :math:`M` and differ in :math:`l`. Start from :math:`F=\{j: q_j<0\}`, the indices
-  whose gradient is negative at :math:`x=0`. Each iteration computes every unfinished problem's
-  candidate with one stacked solve (problem ``b``'s system is :math:`M_{FF}` bordered by the
-  identity on :math:`G`) and flips *all* infeasible indices of each problem
-  (:math:`j\in F` with :math:`x_j<0` leave :math:`F`, :math:`j\in G` with :math:`y_j<0` enter).
+  whose gradient is negative at :math:`x=0`. Each iteration computes every problem's candidate
+  with one stacked solve (problem ``b``'s system is :math:`M_{FF}` bordered by the identity on
+  :math:`G`; a finished problem keeps its :math:`F`) and flips *all* infeasible indices of each
+  problem (:math:`j\in F` with :math:`x_j<0` leave :math:`F`, :math:`j\in G` with :math:`y_j<0`
+  enter).
   Block exchanges need not converge, so each problem counts its infeasible indices: when the
   count fails to drop below its best for more than 3 exchanges in a row (Júdice & Pires'
   :math:`\bar p=3`; a drop resets the allowance) the problem leaves the batch and is finished by
   the sequential active-set method below (where Júdice & Pires switch to Murty's single-pivot
-  rule). The count is at most ``K`` and each drop buys at most 4 more exchanges, so the batched
-  phase ends after at most :math:`5K+5` iterations. A problem whose candidate is not finite also
-  goes to the sequential method, and so does every unfinished problem when a stacked system is
-  singular (only possible for a singular :math:`M`).
+  rule). The first count is at most ``K``, each drop buys at most 4 more iterations and the last
+  run of non-drops at most 4, so the batched phase ends after at most :math:`4K+5` iterations.
+  A problem whose candidate is not finite (NaN counts as infeasible) also goes to the sequential
+  method, and so does every unfinished problem when a stacked system is singular (only possible
+  for a singular :math:`M`).
 * :func:`box_lower_qp_active_set` — the Lawson–Hanson active-set method (primal feasible: it
   adds the index with the most negative gradient, then moves toward the candidate until every
   free variable is positive); finite termination, one problem at a time.
