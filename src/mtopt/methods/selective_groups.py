@@ -247,6 +247,8 @@ class SelectiveGroups(SeededRandomness, Method):
             extras={
                 "groups": [[names[i] for i in g] for g in schedule],
                 "num_groups": len(self.groups),
+                # a lone group is stepped twice, as in the released code
+                "num_updates": len(schedule),
                 "grouping": grouping,
                 "affinity": self.affinity.tolist(),
             },
