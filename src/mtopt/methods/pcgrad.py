@@ -24,21 +24,27 @@ from mtopt.methods.scalarization import REDUCTIONS
 
 
 def pcgrad_weights(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
-    """Effective weights of PCGrad for the Gram matrix ``gram`` and each task's visiting order."""
+    """Effective weights of PCGrad for the Gram matrix ``gram`` and each task's visiting order.
+
+    The K·(K−1) projections are scalar updates of a K-vector: done on Python floats (a tensor
+    op per scalar would cost more than the arithmetic)."""
     k = gram.shape[0]
-    total = torch.zeros(k, dtype=gram.dtype)
+    g = gram.tolist()
+    total = [0.0] * k
     for i in range(k):
-        c = torch.zeros(k, dtype=gram.dtype)
+        c = [0.0] * k
         c[i] = 1.0
         for j in orders[i]:
-            norm_sq = gram[j, j]
+            norm_sq = g[j][j]
             if norm_sq <= 0:
                 continue
-            dot = gram[j] @ c  # g_jᵀ g̃_i
+            row = g[j]
+            dot = sum(row[m] * c[m] for m in range(k))  # g_jᵀ g̃_i
             if dot < 0:
                 c[j] -= dot / norm_sq
-        total += c
-    return total
+        for m in range(k):
+            total[m] += c[m]
+    return torch.tensor(total, dtype=gram.dtype)
 
 
 @register
@@ -64,9 +70,9 @@ class PCGrad(SeededRandomness, Method):
         k = inputs.num_tasks
         orders = []
         for i in range(k):
-            others = torch.tensor([j for j in range(k) if j != i], dtype=torch.long)
-            perm = torch.randperm(k - 1, generator=self._generator)
-            orders.append(others[perm].tolist())
+            others = [j for j in range(k) if j != i]
+            perm = torch.randperm(k - 1, generator=self._generator).tolist()
+            orders.append([others[p] for p in perm])
         w = pcgrad_weights(gram, orders)
         if self.reduction == "mean":
             w = w / k
