@@ -304,6 +304,7 @@ def test_square_root_reproduces_the_gramian():
 def test_engine_suffix_and_default_specs():
     assert bench.split_engine("upgrad@gramian") == ("upgrad", "gramian")
     assert bench.split_engine(" mgda ") == ("mgda", None)
+    assert bench.split_engine("mgda@batched") == ("mgda", "batched")
     specs = bench.default_specs()
     assert "upgrad@gramian" in specs and "unitary@gramian" not in specs
     assert "mgda_ub@gramian" not in specs  # representation level: no Gramian engine

@@ -66,7 +66,7 @@ REP_SUFFIX = "@rep"
 #: TorchJD through its autogram engine: the weighting on the Gramian, one backward of Σ wₖℓₖ
 GRAM_SUFFIX = "@gram"
 #: mtopt rows run with ``MultiTaskOptimizer(engine=...)`` when the spec ends with ``@<engine>``
-ENGINE_SUFFIXES = {"@gramian": "gramian", "@jacobian": "jacobian"}
+ENGINE_SUFFIXES = {"@gramian": "gramian", "@jacobian": "jacobian", "@batched": "batched"}
 #: TorchJD aggregators that have a Gramian weighting (usable with autogram)
 GRAM_WEIGHTINGS = ("UPGrad", "MGDA", "CAGrad", "IMTLG", "AlignedMTL", "PCGrad", "DualProj")
 #: Our method name → the TorchJD aggregator that computes the same rule (``@rep`` is added when

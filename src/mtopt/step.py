@@ -10,13 +10,15 @@ Shared parameters are those passed as ``shared``; every other parameter of the b
 task-specific. Methods that need representation gradients assume the losses depend on the shared
 parameters only through ``features``.
 
-Per-task gradients of the shared parameters come from one of two engines (``engine=``):
+Per-task gradients of the shared parameters come from one of three engines (``engine=``):
 ``"jacobian"`` forms the ``K × D`` matrix with K ``autograd.grad`` calls
-(:func:`~mtopt.core.gradients.jacobian`); ``"gramian"`` (only for methods whose weights depend on
-the Gramian alone, ``Method.gramian_only``, and only when ``shared`` is given as modules)
-accumulates the ``K × K`` Gramian module by module and back-propagates ``Σ w_k ℓ_k`` once
-(:mod:`mtopt.core.gramian`), never holding ``J``. ``"auto"`` (default) takes the Jacobian unless
-it would exceed ``max_jacobian_bytes`` and the Gramian engine applies.
+(:func:`~mtopt.core.gradients.jacobian`); ``"batched"`` forms it from one backward pass with K
+batched cotangents (:func:`~mtopt.core.gradients.batched_jacobian`; slower than the loop on the
+CPU models measured, offered for devices where batching pays); ``"gramian"`` (only for methods
+whose weights depend on the Gramian alone, ``Method.gramian_only``, and only when ``shared`` is
+given as modules) accumulates the ``K × K`` Gramian module by module and writes ``Jᵀw`` from
+what it kept (:mod:`mtopt.core.gramian`), never holding ``J``. ``"auto"`` (default) takes the
+Jacobian unless it would exceed ``max_jacobian_bytes`` and the Gramian engine applies.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtopt.core.gradients import jacobian, write_flat_grad
+from mtopt.core.gradients import batched_jacobian, jacobian, write_flat_grad
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
 from mtopt.core.registry import make
@@ -40,7 +42,7 @@ from mtopt.core.registry import make
 logger = logging.getLogger("mtopt")
 
 #: How per-task gradients of the shared parameters are obtained (``MultiTaskOptimizer(engine=)``).
-ENGINES = ("auto", "jacobian", "gramian")
+ENGINES = ("auto", "jacobian", "batched", "gramian")
 
 
 @dataclass
@@ -65,8 +67,9 @@ class StepInfo:
         times: seconds per phase: ``forward``, ``gradients``, ``method``, ``backward``,
             ``optimizer`` (``after_step`` for ``Need.CLOSURE`` methods), ``total``.
         extras: method-specific values worth logging.
-        gradient_engine: how the per-task gradients were obtained: ``"jacobian"`` (of the
-            shared parameters), ``"gramian"`` (their Gramian only), ``"representation"``, or
+        gradient_engine: how the per-task gradients were obtained: ``"jacobian"`` or
+            ``"batched"`` (of the shared parameters), ``"gramian"`` (their Gramian only),
+            ``"representation"``, or
             ``None`` (the method needs no per-task gradient).
     """
 
@@ -102,9 +105,9 @@ class MultiTaskOptimizer:
             methods whose rule depends on it (typed UW).
         max_grad_norm: if set, clip the norm of the shared parameters' gradient to it before the
             optimizer step (FAMO's and Nash-MTL's reference training loops do).
-        engine: ``"auto"``, ``"jacobian"`` or ``"gramian"``: how per-task gradients of the shared
-            parameters are obtained (module docstring). ``"gramian"`` needs a method with
-            ``gramian_only`` and ``shared`` given as module(s).
+        engine: ``"auto"``, ``"jacobian"``, ``"batched"`` or ``"gramian"``: how per-task
+            gradients of the shared parameters are obtained (module docstring). ``"gramian"``
+            needs a method with ``gramian_only`` and ``shared`` given as module(s).
         max_jacobian_bytes: under ``engine="auto"``, the size of the ``K × D`` Jacobian above
             which the Gramian engine is used (when it applies); the Gramian engine keeps at most
             this many bytes of per-module Jacobian rows. Default 1 GiB.
@@ -207,7 +210,7 @@ class MultiTaskOptimizer:
             reasons.append("shared was given as parameters; pass the shared module(s) instead")
         if self.engine == "gramian" and reasons:
             raise ValueError("engine='gramian' is not possible: " + "; ".join(reasons))
-        if reasons or self.engine == "jacobian":
+        if reasons or self.engine in ("jacobian", "batched"):
             return None
         assert modules is not None
         # rows that fit the Jacobian budget are kept: Jᵀw is then a product, not a pass
@@ -363,8 +366,12 @@ class MultiTaskOptimizer:
             else:
                 if recorder is not None:
                     recorder.clear()
-                grads = jacobian(losses, self.shared)
-                engine_used = "jacobian"
+                if self.engine == "batched":
+                    grads = batched_jacobian(losses, self.shared)
+                    engine_used = "batched"
+                else:
+                    grads = jacobian(losses, self.shared)
+                    engine_used = "jacobian"
         elif Need.REP_GRADS in needs:
             engine_used = "representation"
             if features is None:

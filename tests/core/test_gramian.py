@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import mtopt
 from mtopt import MultiTaskOptimizer
-from mtopt.core.gradients import jacobian
+from mtopt.core.gradients import batched_jacobian, jacobian
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import MethodInput, Need
 from mtopt.core.registry import method_class
@@ -260,3 +260,34 @@ def test_engine_errors():
     with pytest.raises(ValueError, match="does not use parameter gradients"):
         MultiTaskOptimizer(opt, "mgda_ub", shared=enc, engine="gramian")
     assert Need.PARAM_GRADS in mtopt.make("upgrad").needs
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_batched_jacobian_matches_the_loop(dtype, tol):
+    torch.manual_seed(0)
+    enc = _Block().to(dtype)
+    heads = [nn.Linear(128, 1).to(dtype) for _ in range(3)]
+    z = enc(torch.randn(4, 3, 8, 8, dtype=dtype))
+    unused = nn.Parameter(torch.ones(2, dtype=dtype))
+    losses = [torch.tanh(h(z)).pow(i + 1).sum() for i, h in enumerate(heads)]
+    params = [*enc.parameters(), unused]
+    got = batched_jacobian(losses, params)
+    want = jacobian(losses, params)
+    assert got.shape == want.shape and torch.equal(got[:, -2:], torch.zeros(3, 2, dtype=dtype))
+    assert _relative(got, want) < tol
+
+
+def test_batched_engine_in_the_optimizer():
+    enc, heads = _model(2)
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    params = list(enc.parameters()) + list(heads.parameters())
+    out = {}
+    for engine in ("jacobian", "batched"):
+        e, h = copy.deepcopy(enc), copy.deepcopy(heads)
+        ps = list(e.parameters()) + list(h.parameters())
+        mto = MultiTaskOptimizer(torch.optim.SGD(ps, lr=0.1), "mgda", shared=e, engine=engine)
+        info = mto.step(lambda e=e, h=h: [h[0](e(x)).pow(2).mean(), h[1](e(x)).abs().mean()])
+        assert info.gradient_engine == engine
+        out[engine] = torch.cat([p.detach().reshape(-1) for p in ps])
+    assert _relative(out["batched"], out["jacobian"]) < 1e-10
+    assert params

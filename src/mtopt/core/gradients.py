@@ -1,6 +1,7 @@
 """Per-task gradients: the ``K × N`` matrix every gradient-based method starts from.
 
-``jacobian(losses, inputs)`` returns one row per loss, the gradient with respect to ``inputs``
+``jacobian(losses, inputs)`` (K ``autograd.grad`` calls) and ``batched_jacobian`` (one batched
+backward pass) return one row per loss, the gradient with respect to ``inputs``
 (shared parameters for ``Need.PARAM_GRADS``, the representation for ``Need.REP_GRADS``) flattened
 and concatenated. Inputs that a loss does not reach get zeros in its row.
 """
@@ -28,6 +29,32 @@ def jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
                 out[k, offset : offset + n] = g.reshape(-1)
             offset += n
     return out
+
+
+def batched_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """The same ``K × Σ numel`` matrix as :func:`jacobian` from one backward pass with K
+    batched cotangents (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
+    backward graph); ops without a batching rule fall back to a loop inside PyTorch."""
+    if not inputs:
+        raise ValueError("no inputs to differentiate with respect to")
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked,
+        inputs,
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    k = len(losses)
+    rows = [
+        torch.zeros(k, t.numel(), dtype=t.dtype, device=t.device)
+        if g is None
+        else g.reshape(k, -1).to(t.dtype)
+        for g, t in zip(grads, inputs, strict=True)
+    ]
+    return torch.cat(rows, dim=1)
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:
