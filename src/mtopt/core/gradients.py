@@ -9,6 +9,7 @@ and concatenated. Inputs that a loss does not reach get zeros in its row.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,22 +32,29 @@ def jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def batched_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
-    """The same ``K × Σ numel`` matrix as :func:`jacobian` from one backward pass with K
-    batched cotangents (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
-    backward graph); ops without a batching rule fall back to a loop inside PyTorch."""
-    if not inputs:
-        raise ValueError("no inputs to differentiate with respect to")
+def batched_grads(losses: Sequence[Tensor], inputs: Sequence[Any]) -> tuple[Tensor | None, ...]:
+    """``∂ℓ_k/∂x`` for every input ``x`` (a tensor or an autograd ``GradientEdge``), stacked over
+    the K losses: ``(K, *x.shape)``, ``None`` where no loss reaches ``x``. One backward pass with
+    the K unit cotangents batched (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap``
+    over the backward graph; graph retained)."""
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
-    grads = torch.autograd.grad(
+    return torch.autograd.grad(
         stacked,
-        inputs,
+        list(inputs),
         grad_outputs=eye,
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
     )
+
+
+def batched_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """The same ``K × Σ numel`` matrix as :func:`jacobian` from :func:`batched_grads` (ops
+    without a batching rule fall back to a loop inside PyTorch)."""
+    if not inputs:
+        raise ValueError("no inputs to differentiate with respect to")
+    grads = batched_grads(losses, inputs)
     k = len(losses)
     rows = [
         torch.zeros(k, t.numel(), dtype=t.dtype, device=t.device)

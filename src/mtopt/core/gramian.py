@@ -62,6 +62,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
+from mtopt.core.gradients import batched_grads
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Given the weights ``w``, the ``(parameter, Σ_k w_k ∂ℓ_k/∂parameter)`` pairs of one module call.
 _Pending = Callable[[Tensor], list[tuple[Tensor, Tensor]]]
@@ -246,21 +248,9 @@ class GramianEngine:
             p.grad = g if p.grad is None else p.grad + g
 
     def _cotangents(self, losses: Sequence[Tensor], inputs: list[Any]) -> list[Tensor | None]:
-        num_tasks = len(losses)
-        stacked = torch.stack([loss.reshape(()) for loss in losses])
         if self._batched:
-            eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
             try:
-                return list(
-                    torch.autograd.grad(
-                        stacked,
-                        inputs,
-                        grad_outputs=eye,
-                        is_grads_batched=True,
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                )
+                return list(batched_grads(losses, inputs))
             except RuntimeError:  # an op without a batching rule: K plain passes from now on
                 self._batched = False
         rows = [
