@@ -12,7 +12,6 @@ from mtopt.core.task_vector import (
     ScalarSGD,
     TaskVector,
     VectorAdam,
-    VectorSGD,
     floats_to_tensor,
 )
 
@@ -45,12 +44,7 @@ def test_vector_adam_equals_torch_adam(k, lr, weight_decay, seed):
     assert again.step_count == 8 and torch.equal(again.exp_avg, a.exp_avg)
 
 
-def test_vector_sgd_and_task_vector_round_trip():
-    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    sgd = VectorSGD([p], lr=0.5)
-    p.grad = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
-    sgd.step()
-    assert p.tolist() == [0.5, 2.0, 1.0]
+def test_task_vector_round_trip():
     vector = TaskVector("uw", 0.0, lambda ps: VectorAdam(ps, lr=0.1))
     vector.ensure(3)
     vector.step(torch.tensor([1.0, 2.0, 3.0]))
@@ -60,7 +54,7 @@ def test_vector_sgd_and_task_vector_round_trip():
         v.step(torch.tensor([0.5, -1.0, 2.0]))
     assert torch.equal(vector.value, twin.value)
     with pytest.raises(ValueError, match="not a VectorAdam state"):
-        VectorAdam([p], lr=0.1).load_state_dict({"kind": "sgd"})
+        VectorAdam([torch.ones(3, dtype=torch.float64)], lr=0.1).load_state_dict({"kind": "sgd"})
 
 
 @settings(max_examples=30, deadline=None)

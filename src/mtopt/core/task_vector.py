@@ -4,8 +4,8 @@ UW / IMTL-L scales, FAMO logits and Auto-Lambda weights are all such vectors: cr
 the number of tasks is known, stepped from a gradient the method computes, and saved with the
 method's ``state_dict`` (values and optimizer state, deep-copied).
 
-:meth:`TaskVector.step` hands the gradient straight to :meth:`VectorAdam.update` /
-:meth:`VectorSGD.update`, which update a detached alias of the vector in place: no ``.grad``
+:meth:`TaskVector.step` hands the gradient straight to :meth:`VectorAdam.update`, which
+updates a detached alias of the vector in place: no ``.grad``
 round trip and no ``torch.no_grad()`` context per step (FAMO, Auto-Lambda and hybrid IMTL step
 once per training step, where a few microseconds matter). The arithmetic is the same as
 ``step()``'s.
@@ -30,9 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-OptimizerFactory = Callable[
-    [list[Tensor]], "torch.optim.Optimizer | VectorAdam | VectorSGD | ScalarAdam | ScalarSGD"
-]
+OptimizerFactory = Callable[[list[Tensor]], "VectorAdam | ScalarAdam | ScalarSGD"]
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -114,35 +112,6 @@ class VectorAdam:
         self.step_count = int(state["step"])
         self.exp_avg = torch.tensor(state["exp_avg"], dtype=self.param.dtype)
         self.exp_avg_sq = torch.tensor(state["exp_avg_sq"], dtype=self.param.dtype)
-
-
-class VectorSGD:
-    """Plain SGD (``p ← p − lr·g``) on one small vector, like ``torch.optim.SGD(lr=lr)``."""
-
-    def __init__(self, params: list[Tensor], lr: float) -> None:
-        if len(params) != 1:
-            raise ValueError("VectorSGD steps exactly one tensor")
-        self.param, self.lr = params[0], float(lr)
-        self._data = self.param.detach()  # see VectorAdam
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.param.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        if self.param.grad is not None:
-            self.update(self.param.grad)
-
-    def update(self, grad: Tensor) -> None:
-        """One step from ``grad`` (same dtype as the parameter), without touching ``.grad``."""
-        self._data.add_(grad.detach(), alpha=-self.lr)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "sgd"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "sgd":
-            raise ValueError(f"not a VectorSGD state: {sorted(state)}")
 
 
 class ScalarAdam:
@@ -243,17 +212,10 @@ class TaskVector:
     def step(self, grad: Tensor) -> None:
         """One optimizer step from ``grad``."""
         assert self.value is not None and self.optimizer is not None
-        if isinstance(self.optimizer, (ScalarAdam, ScalarSGD)):
+        if isinstance(self.optimizer, VectorAdam):
+            self.optimizer.update(grad.detach().to(self.value.dtype))
+        else:
             self.step_values(grad.detach().tolist())
-            return
-        grad = grad.detach().to(self.value.dtype)
-        if isinstance(self.optimizer, (VectorAdam, VectorSGD)):
-            self.optimizer.update(grad)
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        self.value.grad = grad
-        self.optimizer.step()
-        self.value.grad = None
 
     def values(self) -> list[float]:
         """The current values as Python floats (after :meth:`ensure`)."""
