@@ -61,8 +61,6 @@ Variants: ``sd7``, ``sd19``, ``sdi7``, ``sdi19`` (tasks, then the number of clas
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -77,14 +75,17 @@ from torch import Tensor
 
 from mtopt.problems.base import Batch, MultiTaskModel, Problem, Split, TaskSpec
 from mtopt.problems.dense_models import (
+    array_cache_folder,
     check_shape,
+    data_dir_from,
     dense_model,
     l1_task,
     normalise_images,
+    official_splits,
     resize_nearest,
     resolve_pretrained,
+    save_arrays,
     segmentation_task,
-    train_val_indices,
 )
 from mtopt.problems.mnist_data import cache_dir
 
@@ -230,10 +231,7 @@ class SampleFiles:
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
     """``data_dir``, else ``$MTOPT_CITYSCAPES``; a clear error naming the layout otherwise."""
-    chosen = data_dir if data_dir is not None else os.environ.get("MTOPT_CITYSCAPES")
-    if chosen is None:
-        raise FileNotFoundError(f"no Cityscapes data_dir given. {LAYOUT}")
-    return Path(chosen).expanduser()
+    return data_dir_from(data_dir, "MTOPT_CITYSCAPES", "Cityscapes", LAYOUT)
 
 
 def find_samples(data_dir: Path, split: str) -> list[SampleFiles]:
@@ -298,17 +296,12 @@ def read_sample(sample: SampleFiles, shape: tuple[int, int]) -> dict[str, np.nda
 def _cache_folder(
     root: Path, data_dir: Path, split: str, shape: tuple[int, int], names: list[str]
 ) -> Path:
-    blob = json.dumps([CACHE_VERSION, str(data_dir.resolve()), split, list(shape), names])
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return root / "cityscapes" / f"{split}_{shape[0]}x{shape[1]}_{digest}"
+    key = [CACHE_VERSION, str(data_dir.resolve()), split, list(shape), names]
+    return array_cache_folder(root, "cityscapes", split, shape, key)
 
 
 def _save(folder: Path, arrays: dict[str, np.ndarray], names: list[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for field, array in arrays.items():
-        tmp = folder / f"{field}.tmp.npy"
-        np.save(tmp, array)
-        tmp.replace(folder / f"{field}.npy")
+    save_arrays(folder, arrays)
     (folder / "names.txt").write_text("\n".join(names) + "\n")  # written last: complete
 
 
@@ -465,19 +458,19 @@ class Cityscapes(Problem):
 
     def splits(self) -> dict[str, Split]:
         if self._splits is None:
-            official = self._arrays("train")
-            indices = train_val_indices(len(official["x"]), TRAIN_FRACTION, SPLIT_SEED)
-            train_idx, val_idx = (torch.from_numpy(i) for i in indices)
             augmenting = self.augment
 
             def prepare_train(batch: Batch) -> Batch:
                 return prepare_batch(batch, train=augmenting)
 
-            self._splits = {
-                "train": Split({k: v[train_idx] for k, v in official.items()}, prepare_train),
-                "val": Split({k: v[val_idx] for k, v in official.items()}, prepare_batch),
-                "test": Split(self._arrays("val"), prepare_batch),
-            }
+            self._splits = official_splits(
+                self._arrays("train"),
+                self._arrays("val"),
+                TRAIN_FRACTION,
+                SPLIT_SEED,
+                prepare_train,
+                prepare_batch,
+            )
         return self._splits
 
     def make_model(

@@ -47,6 +47,8 @@ published numbers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
 import os
 from collections.abc import Callable, Sequence
@@ -621,6 +623,52 @@ def train_val_indices(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarra
     order = np.random.RandomState(seed).permutation(n)
     k = min(max(int(fraction * n), 1), n - 1)
     return order[:k], order[k:]
+
+
+def official_splits(
+    train: dict[str, Tensor],
+    test: dict[str, Tensor],
+    fraction: float,
+    seed: int,
+    prepare_train: Callable[[Batch], Batch],
+    prepare: Callable[[Batch], Batch],
+) -> dict[str, Split]:
+    """train / val carved from the official training arrays (:func:`train_val_indices`),
+    test = the official validation arrays (the dense benchmarks' protocol)."""
+    indices = train_val_indices(len(train["x"]), fraction, seed)
+    train_idx, val_idx = (torch.from_numpy(i) for i in indices)
+    return {
+        "train": Split({k: v[train_idx] for k, v in train.items()}, prepare_train),
+        "val": Split({k: v[val_idx] for k, v in train.items()}, prepare),
+        "test": Split(test, prepare),
+    }
+
+
+def data_dir_from(data_dir: str | Path | None, env_var: str, dataset: str, layout: str) -> Path:
+    """``data_dir``, else ``$env_var``; a clear error naming the expected layout otherwise."""
+    chosen = data_dir if data_dir is not None else os.environ.get(env_var)
+    if chosen is None:
+        raise FileNotFoundError(f"no {dataset} data_dir given. {layout}")
+    return Path(chosen).expanduser()
+
+
+def array_cache_folder(
+    root: Path, dataset: str, split: str, shape: tuple[int, int], key: list
+) -> Path:
+    """``root/dataset/<split>_<W>x<H>_<digest>``, the digest a hash of ``key`` (what the
+    cached arrays depend on)."""
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    return root / dataset / f"{split}_{shape[0]}x{shape[1]}_{digest}"
+
+
+def save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write each array to ``folder/<name>.npy`` through a temporary file (a killed run never
+    leaves a truncated array; callers write their completion marker after this)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        tmp = folder / f"{name}.tmp.npy"
+        np.save(tmp, array)
+        tmp.replace(folder / f"{name}.npy")
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -37,9 +37,6 @@ heads (:func:`mtopt.problems.dense_models.dense_model`; not MTAN's SegNet).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,15 +47,18 @@ from torch import Tensor
 
 from mtopt.problems.base import Batch, MultiTaskModel, Problem, Split
 from mtopt.problems.dense_models import (
+    array_cache_folder,
     check_shape,
+    data_dir_from,
     dense_model,
     l1_task,
     normal_task,
     normalise_images,
+    official_splits,
     resize_nearest,
     resolve_pretrained,
+    save_arrays,
     segmentation_task,
-    train_val_indices,
 )
 from mtopt.problems.mnist_data import cache_dir
 
@@ -78,10 +78,7 @@ for i = 0..n-1. Pass data_dir=... or set $MTOPT_NYUV2."""
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
     """``data_dir``, else ``$MTOPT_NYUV2``; a clear error naming the layout otherwise."""
-    chosen = data_dir if data_dir is not None else os.environ.get("MTOPT_NYUV2")
-    if chosen is None:
-        raise FileNotFoundError(f"no NYUv2 data_dir given. {LAYOUT}")
-    return Path(chosen).expanduser()
+    return data_dir_from(data_dir, "MTOPT_NYUV2", "NYUv2", LAYOUT)
 
 
 def count_samples(folder: Path) -> int:
@@ -155,20 +152,15 @@ def load_nyuv2_split(
     size = None if shape is None else check_shape(shape)
     cached = None
     if size is not None:
-        blob = json.dumps([CACHE_VERSION, str(folder.resolve()), n, list(size)])
-        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
         root = Path(cache) if cache else cache_dir()
-        cached = root / "nyuv2" / f"{split}_{size[0]}x{size[1]}_{digest}"
+        key = [CACHE_VERSION, str(folder.resolve()), n, list(size)]
+        cached = array_cache_folder(root, "nyuv2", split, size, key)
         if (cached / "done").is_file():
             return {kind: np.load(cached / f"{kind}.npy") for kind in FOLDERS}
     samples = [read_sample(folder, i, size) for i in range(n)]
     arrays = {kind: np.stack([s[kind] for s in samples]) for kind in FOLDERS}
     if cached is not None:
-        cached.mkdir(parents=True, exist_ok=True)
-        for kind, array in arrays.items():
-            tmp = cached / f"{kind}.tmp.npy"
-            np.save(tmp, array)
-            tmp.replace(cached / f"{kind}.npy")
+        save_arrays(cached, arrays)
         (cached / "done").write_text(f"{n}\n")
     return arrays
 
@@ -225,14 +217,14 @@ class NYUv2(Problem):
 
     def splits(self) -> dict[str, Split]:
         if self._splits is None:
-            official = self._arrays("train")
-            indices = train_val_indices(len(official["x"]), TRAIN_FRACTION, SPLIT_SEED)
-            train_idx, val_idx = (torch.from_numpy(i) for i in indices)
-            self._splits = {
-                "train": Split({k: v[train_idx] for k, v in official.items()}, self._prepare),
-                "val": Split({k: v[val_idx] for k, v in official.items()}, self._prepare),
-                "test": Split(self._arrays("val"), self._prepare),
-            }
+            self._splits = official_splits(
+                self._arrays("train"),
+                self._arrays("val"),
+                TRAIN_FRACTION,
+                SPLIT_SEED,
+                self._prepare,
+                self._prepare,
+            )
         return self._splits
 
     def make_model(
