@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ from mtopt.problems.mnist_data import (
     MnistArrays,
     _read_npz,
     _write_npz,
-    cache_dir,
+    load_by_resolution_order,
     read_idx_dir,
 )
 
@@ -75,24 +74,26 @@ def load_fashion_mnist(
     system_dir: Path = SYSTEM_DIR,
 ) -> MnistArrays:
     """Load Fashion-MNIST by the resolution order of the module docstring."""
-    data_dir = data_dir if data_dir is not None else os.environ.get("MTOPT_FASHION_DATA")
-    if data_dir is not None and has_idx_files(Path(data_dir)):
-        return read_idx_dir(Path(data_dir))
-    cache_path = Path(cache) if cache is not None else cache_dir()
-    npz = cache_path / _CACHE_NAME
-    if npz.exists():
-        return _read_npz(npz)
-    if has_idx_files(system_dir):
-        arrays = read_verified_idx_dir(system_dir)
-    elif download:
-        arrays = read_fashion_deb(download_fashion_deb(cache_path), cache_path)
-    else:
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found: no IDX files in {data_dir!s} or {system_dir}, no cache at "
-            f"{npz}; run `mtopt data fetch fashion`"
-        )
-    _write_npz(npz, arrays)
-    return arrays
+
+    def produce(root: Path) -> MnistArrays | None:
+        if has_idx_files(system_dir):
+            return read_verified_idx_dir(system_dir)
+        return read_fashion_deb(download_fashion_deb(root), root) if download else None
+
+    return load_by_resolution_order(
+        data_dir,
+        "MTOPT_FASHION_DATA",
+        lambda folder: read_idx_dir(folder) if has_idx_files(folder) else None,
+        cache,
+        _CACHE_NAME,
+        _read_npz,
+        _write_npz,
+        produce,
+        lambda folder, npz: (
+            f"Fashion-MNIST not found: no IDX files in {folder!s} or "
+            f"{system_dir}, no cache at {npz}; run `mtopt data fetch fashion`"
+        ),
+    )
 
 
 def idx_sha256(folder: Path, stem: str) -> str:

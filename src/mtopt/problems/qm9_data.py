@@ -85,7 +85,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtopt.problems.mnist_data import cache_dir
+from mtopt.problems.mnist_data import load_by_resolution_order
 from mtopt.problems.pypi import download_wheel
 
 QM9PACK_REQUIREMENT = "qm9pack==1.0.3"
@@ -306,21 +305,20 @@ def load_qm9(
     data_dir: str | Path | None = None, cache: str | Path | None = None, download: bool = True
 ) -> QM9Arrays:
     """Load QM9 by the resolution order of the module docstring."""
-    data_dir = data_dir if data_dir is not None else os.environ.get("MTOPT_DATA")
-    if data_dir is not None and (Path(data_dir) / CSV_NAMES[0]).exists():
-        return read_csv_dir(Path(data_dir))
-    cache_path = Path(cache) if cache is not None else cache_dir()
-    npz = cache_path / _CACHE_NAME
-    if npz.exists():
-        return read_npz(npz)
-    if not download:
-        raise FileNotFoundError(
-            f"QM9 not found: no {CSV_NAMES[0]} in {data_dir!s} and no cache at {npz}; run "
-            "`mtopt data fetch qm9`"
-        )
-    arrays = read_qm9pack_wheel(download_qm9pack(cache_path))
-    write_npz(npz, arrays)
-    return arrays
+    return load_by_resolution_order(
+        data_dir,
+        "MTOPT_DATA",
+        lambda folder: read_csv_dir(folder) if (folder / CSV_NAMES[0]).exists() else None,
+        cache,
+        _CACHE_NAME,
+        read_npz,
+        write_npz,
+        lambda root: read_qm9pack_wheel(download_qm9pack(root)) if download else None,
+        lambda folder, npz: (
+            f"QM9 not found: no {CSV_NAMES[0]} in {folder!s} and no cache at "
+            f"{npz}; run `mtopt data fetch qm9`"
+        ),
+    )
 
 
 def _sha256_file(path: Path) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskSpec
-from mtopt.problems.mnist_data import cache_dir
+from mtopt.problems.mnist_data import cache_dir, load_by_resolution_order
 from mtopt.problems.pypi import download_wheel
 
 RIVER_VERSION = "0.26.1"
@@ -127,21 +126,25 @@ def load_yeast(
     data_dir: str | Path | None = None, cache: str | Path | None = None, download: bool = True
 ) -> YeastArrays:
     """Load Yeast by the resolution order of the module docstring."""
-    data_dir = data_dir if data_dir is not None else os.environ.get("MTOPT_YEAST_DATA")
-    if data_dir is not None and (path := _user_file(Path(data_dir))) is not None:
-        return read_yeast_file(path)
-    cache_path = Path(cache) if cache is not None else cache_dir()
-    npz = cache_path / _CACHE_NAME
-    if npz.exists():
-        return _read_npz(npz)
-    if not download:
-        raise FileNotFoundError(
-            f"Yeast not found: no yeast.csv(.gz) in {data_dir!s} and no cache at {npz}; run "
-            "`mtopt data fetch yeast`"
-        )
-    arrays = read_river_wheel(download_river(cache_path))
-    _write_npz(npz, arrays)
-    return arrays
+
+    def read_user(folder: Path) -> YeastArrays | None:
+        path = _user_file(folder)
+        return None if path is None else read_yeast_file(path)
+
+    return load_by_resolution_order(
+        data_dir,
+        "MTOPT_YEAST_DATA",
+        read_user,
+        cache,
+        _CACHE_NAME,
+        _read_npz,
+        _write_npz,
+        lambda root: read_river_wheel(download_river(root)) if download else None,
+        lambda folder, npz: (
+            f"Yeast not found: no yeast.csv(.gz) in {folder!s} and no cache at "
+            f"{npz}; run `mtopt data fetch yeast`"
+        ),
+    )
 
 
 def download_river(cache: Path) -> Path:
