@@ -188,6 +188,10 @@ class MultiTaskOptimizer:
         self.step_count = 0
         self.engine = engine
         self.max_jacobian_bytes = int(max_jacobian_bytes)
+        #: bytes of one Jacobian row (the shared parameters do not change)
+        self._jacobian_row_bytes = (
+            sum(p.numel() for p in self.shared) * self.shared[0].element_size()
+        )
         self._gramian_engine = self._make_gramian_engine(modules)
         self._gramian_verified = False
         # representation-level methods that leave the heads' input alone get one backward
@@ -223,8 +227,7 @@ class MultiTaskOptimizer:
             return False
         if self.engine == "gramian" or num_tasks is None:
             return True
-        numel = sum(p.numel() for p in self.shared)
-        return num_tasks * numel * self.shared[0].element_size() > self.max_jacobian_bytes
+        return num_tasks * self._jacobian_row_bytes > self.max_jacobian_bytes
 
     # ------------------------------------------------------------------------------------------
     def end_epoch(self) -> None:
