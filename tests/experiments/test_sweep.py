@@ -260,3 +260,36 @@ def test_a_diverging_configuration_is_stored_as_failed_and_never_selected(fake, 
     )
     with pytest.raises(RuntimeError, match="every configuration failed"):
         run_sweep(everything_fails, RunDatabase(tmp_path / "other.sqlite"), workers=1)
+
+
+def test_per_method_and_per_task_shared_settings_override_the_grid(fake, tmp_path):
+    # the paper selects lr and dropout per method and per single-task reference (App. A.6)
+    config = SweepConfig(
+        problem="fake",
+        methods={"cagrad": {"c": [0.0, 0.5], "lr": [0.01]}, "unitary": {}},
+        grid={"lr": [0.01, 0.001]},
+        references={"a": {"lr": 0.001}},
+        base={"epochs": 1},
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    result = run_sweep(config, db, workers=1)
+    # task a only ever runs at lr 0.001, although 0.01 would score better
+    assert result.reference_configs["a"] == {"acc": {"lr": 0.001}}
+    assert result.reference_configs["b"] == {"mse": {"lr": 0.001}}
+    single_a = [r for r in db.records() if r["config"]["tasks"] == ["a"]]
+    assert {r["config"]["lr"] for r in single_a} == {0.001}
+    cagrad = next(r for r in result.rows if r.label == "cagrad")
+    assert cagrad.shared == {"lr": 0.01}
+    assert [p for p, _ in cagrad.grid_scores] == [{"lr": 0.01, "c": 0.0}, {"lr": 0.01, "c": 0.5}]
+    runs = [r for r in db.records() if r["config"]["method"] == "cagrad"]
+    assert len(runs) == 2 and all("lr" not in r["config"]["hparams"] for r in runs)
+    unitary = next(r for r in result.rows if r.label == "unitary")
+    assert len(unitary.grid_scores) == 2  # the shared grid, untouched
+    with pytest.raises(ValueError, match=r"references\.a"):
+        SweepConfig(problem="p", methods={"unitary": {}}, references={"a": {"momentum": 1}})
+    with pytest.raises(ValueError, match="references name tasks"):
+        run_sweep(
+            SweepConfig(problem="p", methods={"unitary": {}}, references={"zz": {"lr": 1.0}}),
+            RunDatabase(tmp_path / "o.sqlite"),
+            workers=1,
+        )

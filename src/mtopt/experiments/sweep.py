@@ -10,6 +10,10 @@
    configuration's score is the mean of those best validation Δm. The best configuration is
    re-run up to ``n_best_runs`` seeds; reported test metrics and Δm are means (and std) over
    those runs.
+   A method's grid may also name shared keys (``lr``, ``dropout``, ``weight_decay``): they
+   override the shared grid for that method only (the paper selects, per method, its own
+   learning rate and dropout; Gama & Grassi, Appendix A.6). Likewise ``references`` maps a task
+   to shared keys that override the grid for that task's single-task runs.
 3. **Fixed weights from an SMTO** (``fixed_from``): the per-epoch mean weights logged by the
    SMTO's best-configuration run (its first seed), normalised to sum 1, smoothed by an EMA over
    epochs (β = 0.9, started at the first epoch), last value renormalised; then a ``fixed`` run
@@ -69,6 +73,8 @@ class SweepConfig:
     name: str = "sweep"
     #: §26.5 diagnostic: every N steps of the multi-task *unitary* runs, log the mean cosine
     cosine_every: int | None = None
+    #: task → shared keys (scalars or lists) overriding the grid for its single-task runs
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.grid) - set(SHARED_KEYS))
@@ -84,6 +90,14 @@ class SweepConfig:
         }
         if not self.methods:
             raise ValueError("a sweep needs at least one method")
+        self.references = {
+            task: {k: _as_list(v) for k, v in (point or {}).items()}
+            for task, point in self.references.items()
+        }
+        for task, point in self.references.items():
+            bad = sorted(set(point) - set(SHARED_KEYS))
+            if bad:
+                raise ValueError(f"references.{task}: keys must be among {SHARED_KEYS}, got {bad}")
         if not 1 <= self.n_val_runs <= self.n_best_runs:
             raise ValueError(
                 f"need 1 <= n_val_runs <= n_best_runs, got {self.n_val_runs}, {self.n_best_runs}"
@@ -91,7 +105,8 @@ class SweepConfig:
         for spec, grid in self.methods.items():
             name, fixed = parse_method_spec(spec)
             for combo in _combinations(grid):  # every grid point must build (fail fast)
-                parse_method_spec(":".join([name, *_spec_pairs({**fixed, **combo})]))
+                own = {k: v for k, v in combo.items() if k not in SHARED_KEYS}
+                parse_method_spec(":".join([name, *_spec_pairs({**fixed, **own})]))
         unknown = [m for m in self.fixed_from if m not in self.methods]
         if unknown:
             raise ValueError(f"fixed_from names methods that are not in the sweep: {unknown}")
@@ -170,6 +185,7 @@ class SweepResult:
                 "random_seed": self.config.random_seed,
                 "fixed_from": self.config.fixed_from,
                 "cosine_every": self.config.cosine_every,
+                "references": self.config.references,
             },
             "database": self.database,
             "directions": self.directions,
@@ -292,10 +308,23 @@ def run_sweep(
     def single(task: str, point: Mapping[str, Any], seed: int) -> RunConfig:
         return replace(base, **point, method="unitary", hparams={}, tasks=(task,), seed=seed)
 
-    jobs = [(single(t, p, s), None) for t in problem.task_names for p in shared for s in val_seeds]
+    unknown = sorted(set(config.references) - set(problem.task_names))
+    if unknown:
+        raise ValueError(f"references name tasks {unknown}; tasks are {list(problem.task_names)}")
+    task_points = {
+        t: _override(shared, _combinations(config.references.get(t, {})))
+        for t in problem.task_names
+    }
+    jobs = [
+        (single(t, p, s), None)
+        for t in problem.task_names
+        for p in task_points[t]
+        for s in val_seeds
+    ]
     runner.run(jobs, "single-task grid")
     chosen: list[tuple[str, str, Mapping[str, Any]]] = []
     for task in problem.task_names:
+        points = task_points[task]
         for metric, lower in directions[task].items():
             sign = -1.0 if lower else 1.0
 
@@ -305,7 +334,7 @@ def run_sweep(
                     [None if "failed" in r else sign * r["val"][task][metric] for r in runs]
                 )
 
-            best = max(shared, key=score)
+            best = max(points, key=score)
             if score(best) == float("-inf"):
                 raise RuntimeError(f"single-task {task}/{metric}: every configuration failed")
             chosen.append((task, metric, best))
@@ -325,8 +354,7 @@ def run_sweep(
     candidates = []
     for spec, grid in config.methods.items():
         name, fixed = parse_method_spec(spec)
-        points = [(p, {**fixed, **m}) for p in shared for m in _combinations(grid)]
-        candidates.append((spec, name, points))
+        candidates.append((spec, name, method_points(shared, fixed, grid)))
     selector = _Selector(runner, base, val_seeds, best_seeds, references, directions)
     rows = selector.select(candidates, config.cosine_every)
 
@@ -467,6 +495,40 @@ def extract_fixed_weights(history: Sequence[Mapping[str, Any]], beta: float = 0.
         ema = w if ema is None else beta * ema + (1.0 - beta) * w
     assert ema is not None
     return (ema / ema.sum()).tolist()
+
+
+def method_points(
+    shared: Sequence[Mapping[str, Any]],
+    fixed: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """A method's configurations: (shared point, hyperparameters) for every shared point and
+    every point of the method's own grid; shared keys in the method's grid override the shared
+    point (duplicates dropped, first occurrence kept)."""
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    seen: set[str] = set()
+    for p in shared:
+        for m in _combinations(grid):
+            point = {**p, **{k: v for k, v in m.items() if k in SHARED_KEYS}}
+            hparams = {**fixed, **{k: v for k, v in m.items() if k not in SHARED_KEYS}}
+            tag = repr((sorted(point.items()), sorted(hparams.items())))
+            if tag not in seen:
+                seen.add(tag)
+                out.append((point, hparams))
+    return out
+
+
+def _override(
+    shared: Sequence[Mapping[str, Any]], overrides: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every shared point with every override applied, duplicates dropped (order kept)."""
+    out: list[dict[str, Any]] = []
+    for p in shared:
+        for o in overrides:
+            point = {**p, **o}
+            if point not in out:
+                out.append(point)
+    return out
 
 
 def _as_list(value: Any) -> list[Any]:
