@@ -75,3 +75,35 @@ def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
     if offset != flat.numel():
         raise ValueError(f"flat gradient has {flat.numel()} entries, parameters need {offset}")
+
+
+def gram_matrix(rows: Tensor) -> Tensor:
+    r"""``M = R Rᵀ`` of ``K`` rows in any floating dtype, returned in float64, without overflow
+    or underflow.
+
+    The product runs in float32 for half-precision and float32 rows and in float64 for float64
+    rows. Rows whose largest entry lies outside ``[2⁻³⁰, 2³⁰]`` are first scaled by a power of
+    two each (exact), ``R̂ = E⁻¹R``, and ``M = E (R̂R̂ᵀ) E`` is assembled in float64: a float16
+    model whose gradient norm exceeds 256 (the square overflows float16), or float32 gradients
+    of 1e30, then give the same Gramian as float64 arithmetic would, to the precision of the
+    product. Otherwise the rows are used as they are (the common case costs nothing extra).
+    The result is symmetrised (a matrix product need not round ``(i, j)`` and ``(j, i)``
+    alike). Non-finite rows give a non-finite Gramian (the caller reports it)."""
+    work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    r = rows.reshape(rows.shape[0], -1).to(work)
+    amax = r.abs().amax(dim=1) if r.shape[1] else torch.zeros(r.shape[0], dtype=work)
+    _, exponent = torch.frexp(amax)
+    safe = bool(((exponent >= -30) & (exponent <= 30)).all()) or not bool(
+        torch.isfinite(amax).all()
+    )
+    if safe:
+        return _symmetric((r @ r.T).to(torch.float64))
+    exponent = torch.where(amax > 0, exponent, torch.zeros_like(exponent))
+    scaled = torch.ldexp(r, -exponent.to(work)[:, None])
+    inner = (scaled @ scaled.T).to(torch.float64)
+    e = exponent.to(torch.float64)
+    return _symmetric(torch.ldexp(inner, e[:, None] + e[None, :]))
+
+
+def _symmetric(m: Tensor) -> Tensor:
+    return 0.5 * (m + m.T)

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mtopt.core.gradients import gram_matrix
+
 HEAD_POLICIES = ("raw", "weighted")
 
 
@@ -48,13 +50,21 @@ LEVEL_NEEDS = {"param": Need.PARAM_GRADS, "rep": Need.REP_GRADS}
 
 @dataclass(frozen=True)
 class SolverReport:
-    """How an inner solver ended. ``converged=False`` is always also logged by the engine."""
+    """How an inner solver ended, with its certificate.
+
+    ``converged`` is a certificate, not a stopping rule: the optimality conditions of the
+    solver's problem (KKT residual, duality gap, or the defining equations) were checked after
+    the solve and hold to ``tolerance``; ``residual`` is the measured value, in the relative
+    units the solver documents. ``converged=False`` is always also logged by the engine.
+    """
 
     name: str
     converged: bool
     iterations: int
     status: str = "ok"
     message: str = ""
+    residual: float | None = None
+    tolerance: float | None = None
 
 
 @dataclass
@@ -111,12 +121,13 @@ class MethodInput:
         return int(self.losses.shape[0])
 
     def gramian(self) -> Tensor:
-        """``M = G Gᵀ`` (``K × K``), computed once per step (under the Gramian engine it is
-        all the method gets: ``grads`` is then ``None``)."""
+        """``M = G Gᵀ`` (``K × K``, float64), computed once per step without overflow whatever
+        the gradients' dtype (:func:`mtopt.core.gradients.gram_matrix`). Under the Gramian engine
+        it is all the method gets: ``grads`` is then ``None``."""
         if self._gramian is None:
             if self.grads is None:
                 raise RuntimeError("this method did not declare a gradient need; no Gramian")
-            self._gramian = self.grads @ self.grads.T
+            self._gramian = gram_matrix(self.grads)
         return self._gramian
 
 

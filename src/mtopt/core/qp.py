@@ -51,7 +51,7 @@ import numpy as np
 #: Relative KKT tolerance: τ = KKT_RTOL · max(1, max|M|).
 KKT_RTOL = 1e-12
 #: Stationarity residual allowed on the free set, relative to max(1, max|M|) · max(1, max|x|).
-_RESIDUAL_RTOL = 1e-9
+RESIDUAL_RTOL = 1e-9
 #: Block exchanges allowed without a drop of the infeasibility count (Júdice & Pires' p̄).
 _EXCHANGE_ALLOWANCE = 3
 
@@ -66,12 +66,17 @@ class BoxQPResult:
         iterations: batched block-pivoting iterations plus the outer iterations of the
             sequential method on the problems handed to it.
         sequential: how many problems the sequential active-set method finished.
+        residual: the largest KKT violation over the problems, ``max_j (−y_j)₊`` and ``|y_j|``
+            where ``x_j > 0`` (``y = Mx + q``, recomputed after the solve), relative to
+            ``max(1, max|M|) · max(1, max|x|)``; ``inf`` for a non-finite answer. A converged
+            problem has it below ``RESIDUAL_RTOL``.
     """
 
     solutions: np.ndarray
     converged: np.ndarray
     iterations: int
     sequential: int
+    residual: float = 0.0
 
     @property
     def all_converged(self) -> bool:
@@ -133,7 +138,7 @@ def box_lower_qp_batch(M: np.ndarray, lowers: np.ndarray, max_iter: int = 500) -
     # non-finite value (or a near-singular M_FF) spoiled the solve. One check for the batch,
     # problem by problem only when it fails (the comparisons are False for NaN).
     residual = np.abs(np.where(F, y, 0.0))
-    rtol = _RESIDUAL_RTOL / KKT_RTOL * tol
+    rtol = RESIDUAL_RTOL / KKT_RTOL * tol
     if not residual.max() <= rtol * max(1.0, float(np.abs(x).max())):
         limit = rtol * np.maximum(1.0, np.abs(x).max(axis=1))
         sequential |= ~(residual.max(axis=1) <= limit)
@@ -141,7 +146,20 @@ def box_lower_qp_batch(M: np.ndarray, lowers: np.ndarray, max_iter: int = 500) -
     for b in np.flatnonzero(sequential):
         X[b], converged[b], its = _lawson_hanson(M, -neg_q[b], tol, max_iter)
         iterations += its
-    return BoxQPResult(L + X, converged, iterations, int(sequential.sum()))
+    return BoxQPResult(
+        L + X, converged, iterations, int(sequential.sum()), kkt_residual(M, neg_q, X)
+    )
+
+
+def kkt_residual(M: np.ndarray, neg_q: np.ndarray, X: np.ndarray) -> float:
+    """The certificate of :class:`BoxQPResult`: the largest KKT violation of the solutions
+    ``X`` (rows, ``x ≥ 0``) of ``x ≥ 0, y = Mx + q ≥ 0, xᵀy = 0``, relative to
+    ``max(1, max|M|) · max(1, max|x|)``."""
+    y = X @ M - neg_q
+    violation = np.maximum(np.maximum(-y, 0.0), np.where(X > 0, np.abs(y), 0.0))
+    scale = max(1.0, float(np.abs(M).max(initial=0.0))) * max(1.0, float(np.abs(X).max()))
+    value = float(violation.max(initial=0.0)) / scale
+    return value if np.isfinite(value) and np.all(np.isfinite(X)) else float("inf")
 
 
 def box_lower_qp(M: np.ndarray, lower: np.ndarray, max_iter: int = 500) -> tuple[np.ndarray, bool]:
