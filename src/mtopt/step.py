@@ -385,6 +385,7 @@ class MultiTaskOptimizer:
             if not features.requires_grad:
                 raise ValueError("features must be part of the autograd graph (requires_grad)")
             grads = self._representation_grads(split, names, losses, features)
+        _check_finite(names, grads, gram)
         lap("gradients")
 
         inputs = MethodInput(
@@ -600,14 +601,17 @@ class MultiTaskOptimizer:
         direction = agg.direction
         if direction is None:
             assert w is not None
-            direction = w.to(device=grads.device, dtype=grads.dtype) @ grads
+            # summed in float32 at least: under a float16 model, Σ w_k g_k in float16 would
+            # round (or overflow) where the weights are large and the gradients cancel
+            work = torch.promote_types(grads.dtype, torch.float32)
+            direction = w.to(device=grads.device, dtype=work) @ grads.to(work)
         if Need.PARAM_GRADS in self.method.needs:
             write_flat_grad(self.shared, direction.detach())
         else:  # representation gradients: push d through the encoder once
             assert features is not None
             torch.autograd.backward(
                 features,
-                grad_tensors=direction.detach().view_as(features),
+                grad_tensors=direction.detach().to(features.dtype).view_as(features),
                 inputs=self.shared,
                 retain_graph=head_coeffs is not None,
             )
@@ -633,6 +637,26 @@ class MultiTaskOptimizer:
         self.step_count = int(state_dict["step"])
         names = state_dict.get("task_names")
         self.task_names = None if names is None else tuple(names)
+
+
+def _check_finite(names: tuple[str, ...], grads: Tensor | None, gram: Tensor | None) -> None:
+    """Raise a ``FloatingPointError`` naming the tasks whose per-task gradient is not finite
+    (one reduction over the rows, or the Gramian's diagonal)."""
+    if grads is not None:
+        peaks = torch.linalg.vector_norm(grads, ord=float("inf"), dim=1).tolist()
+    elif gram is not None:
+        peaks = torch.diagonal(gram).tolist()
+    else:
+        return
+    bad = [n for n, v in zip(names, peaks, strict=True) if not math.isfinite(v)]
+    if bad:
+        dtype = grads.dtype if grads is not None else None
+        raise FloatingPointError(
+            f"the gradient of task(s) {bad} is not finite (inf or NaN): the loss is not "
+            "differentiable there, or the backward pass overflowed"
+            + (f" in {dtype}" if dtype is not None else "")
+            + " (a GradScaler or a wider dtype helps with overflow)"
+        )
 
 
 def _weighted_sum(losses: list[Tensor], coeffs: Tensor) -> Tensor:

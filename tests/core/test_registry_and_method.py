@@ -37,7 +37,7 @@ def test_make_rejects_unknown_hyperparameters_and_lists_valid_ones():
     message = str(exc.value)
     for hp in (
         "normalization='loss+'",
-        "solver='pgd'",
+        "solver='wolfe'",
         "apply_to=",
         "max_iter=250",
         "tol=",

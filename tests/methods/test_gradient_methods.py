@@ -155,15 +155,25 @@ def test_imtl_g_flags_an_ascent_direction(k, seed):
 
 
 def test_imtl_g_weight_bound_and_singular_closed_form():
-    G = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.1]], dtype=torch.float64)
+    G = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.1, 0.1]], dtype=torch.float64)
     unbounded = run("imtl_g", G)[0].weights
-    bounded = run("imtl_g", G, weight_bound=0.6)[0].weights
-    assert unbounded.abs().max() > 0.6  # nearly opposite gradients: large weights
-    torch.testing.assert_close(bounded, unbounded * 0.6 / unbounded.abs().max())
-    assert bounded.abs().max().item() == pytest.approx(0.6)
+    bounded = run("imtl_g", G, weight_bound=0.33)[0].weights
+    assert unbounded.abs().max() > 0.33
+    torch.testing.assert_close(bounded, unbounded * 0.33 / unbounded.abs().max())
+    assert bounded.abs().max().item() == pytest.approx(0.33)
     duplicate = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="singular"):
         run("imtl_g", duplicate, solver="closed_form")
+    # pinv: duplicates are one constraint twice, the projections are equalised exactly
+    out, d = run("imtl_g", duplicate)
+    assert out.solver.status == "ok" and out.solver.residual <= 1e-9
+    proj = (duplicate / duplicate.norm(dim=1, keepdim=True)) @ d
+    torch.testing.assert_close(proj, proj.mean().expand(3))
+    # three directions in a plane (K > D): no direction has equal projections on all of them
+    plane = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.1]], dtype=torch.float64)
+    out, d = run("imtl_g", plane)
+    assert out.solver.status == "degenerate" and out.solver.converged
+    assert torch.equal(out.weights, torch.zeros(3, dtype=torch.float64))
 
 
 def test_hybrid_imtl_uses_scaled_gradients_and_raw_scaled_heads():
@@ -209,8 +219,12 @@ def test_cagrad_c_zero_is_the_scaled_mean_and_rescale_options():
     torch.testing.assert_close(w1, w0 / 1.25)
     w2 = run("cagrad", G, c=0.5, rescale=2, sum_scale=False)[0].weights
     torch.testing.assert_close(w2, w0 / 1.5 / 3)
-    with pytest.raises(ValueError, match="c must be"):
-        mtopt.make("cagrad", c=1.0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="c must be"):
+            mtopt.make("cagrad", c=bad)
+    # c ≥ 1 is allowed (the paper: converges to a Pareto-stationary point)
+    out = run("cagrad", G, c=1.5)[0]
+    assert out.solver.converged and out.solver.residual <= out.solver.tolerance
 
 
 # --------------------------------------------------------------------- seed 002 Appendix A.4 + bad
@@ -260,8 +274,8 @@ def test_aligned_gradients_are_orthogonal_with_equal_norm(k, seed):
     B = torch.sqrt(eigvals.min()) * (eigvecs * eigvals.rsqrt()) @ eigvecs.T
     aligned = B @ G
     torch.testing.assert_close(aligned @ aligned.T, eigvals.min() * torch.eye(k, dtype=M.dtype))
-    w, rank = aligned_weights(M)
-    assert rank == k
+    w, rank, residual = aligned_weights(M)
+    assert rank == k and residual <= 1e-12
     torch.testing.assert_close(w @ G, aligned.sum(0))
 
 
@@ -348,19 +362,39 @@ def test_nash_max_norm_clips_the_shared_update_but_not_the_heads():
     torch.testing.assert_close(out.weights, alpha / (alpha @ G).norm())
 
 
-def test_nash_reports_failure_on_a_singular_gram_and_never_reuses_old_weights():
+def test_nash_has_no_solution_when_zero_is_in_the_hull_and_never_reuses_old_weights():
     method = mtopt.make("nash_mtl", max_norm=0.0)
     good = jac(1, 2, 3)
     first = method.aggregate(
         MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=good)
     )
-    collinear = torch.tensor([[1.0, 1.0], [-2.0, -2.0]], dtype=torch.float64)  # no αᵢ gᵢᵀd = 1
-    bad = method.aggregate(
-        MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=collinear)
+    assert first.solver.status == "converged"
+    opposite = torch.tensor([[1.0, 1.0], [-2.0, -2.0]], dtype=torch.float64)  # no αᵢ gᵢᵀd = 1
+    out = method.aggregate(
+        MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=opposite)
     )
-    assert not bad.solver.converged and "no bargaining solution" in bad.solver.message
-    assert torch.isfinite(bad.weights).all()
-    assert not torch.equal(bad.weights, first.weights)
+    # defined: no direction improves both tasks, so the shared update is 0; heads weight 1
+    assert out.solver.status == "stationary" and out.solver.converged
+    assert "no direction improves every task" in out.solver.message
+    assert torch.equal(out.weights, torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(out.head_weights, torch.ones(2, dtype=torch.float64))
+
+
+def test_nash_leaves_a_zero_gradient_task_out_of_the_bargaining():
+    G = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.2, 1.0, 0.3]], dtype=torch.float64)
+    out = mtopt.make("nash_mtl", max_norm=0.0).aggregate(
+        MethodInput(torch.ones(3, dtype=torch.float64), ("a", "z", "b"), grads=G)
+    )
+    assert out.solver.converged and out.solver.residual <= 1e-9
+    alpha = out.weights
+    assert alpha[1] == 0.0 and out.head_weights[1] == 1.0
+    gains = alpha * (G @ (alpha @ G))
+    torch.testing.assert_close(gains[[0, 2]], torch.ones(2, dtype=torch.float64))
+    # the others bargain exactly as without the zero task
+    alone = mtopt.make("nash_mtl", max_norm=0.0).aggregate(
+        MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=G[[0, 2]])
+    )
+    torch.testing.assert_close(alpha[[0, 2]], alone.weights)
 
 
 def test_nash_update_weights_every_reuses_alpha_in_between():
@@ -536,18 +570,27 @@ def test_seeded_methods_resume_their_random_stream(name):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 6), seeds, st.floats(0.05, 0.95), st.booleans())
+@given(st.integers(1, 6), seeds, st.floats(0.05, 1.5), st.booleans())
 def test_cagrad_two_task_dual_is_exact(d, seed, c, cancelling):
-    from mtopt.methods.cagrad import cagrad_dual
+    from mtopt.core.ball_maxmin import ball_maxmin
 
     G = jac(seed, 2, d).numpy()
     if cancelling:  # nearly opposite gradients: the hard, badly conditioned case
         G[1] = -1.3 * G[0] + 1e-4 * np.random.default_rng(seed).normal(size=d)
     M = G @ G.T
-    w, _, ok = cagrad_dual(M, c)
-    b, s = M.sum(1) / 2, c * np.sqrt(M.mean() + 1e-8)
+    res = ball_maxmin(M, c)
+    b, s = M.sum(1) / 2, c * np.sqrt(max(M.mean(), 0.0))
     xs = np.linspace(0.0, 1.0, 20001)
     grid = np.stack([xs, 1 - xs], 1)
-    values = grid @ b + s * np.sqrt(np.einsum("ij,jk,ik->i", grid, M, grid) + 1e-8)
-    ours = float(w @ b + s * np.sqrt(w @ M @ w + 1e-8))
-    assert ok and ours <= values.min() + 1e-12 * max(1.0, abs(values.min()))
+    values = grid @ b + s * np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", grid, M, grid), 0.0))
+    w = res.dual
+    ours = float(w @ b + s * np.sqrt(max(w @ M @ w, 0.0)))
+    scale = np.sqrt(M.diagonal().max()) * (np.sqrt(max(M.mean(), 0.0)) + s)
+    assert res.converged and res.gap <= 1e-10
+    assert ours <= values.min() + 1e-12 * scale
+    # the primal: d = Gᵀv in the ball, its worst gain equal to the dual value (strong duality)
+    direction = G.T @ res.weights
+    assert np.linalg.norm(direction - G.mean(0)) <= s * (1 + 1e-9) + 1e-15 * scale
+    # (near 0, √(wᵀMw) computed naively carries √ε of rounding: allowed for)
+    sqrt_noise = s * np.sqrt(8 * np.finfo(float).eps * float(np.abs(w) @ np.abs(M) @ np.abs(w)))
+    assert (G @ direction).min() >= ours - 1e-9 * scale - sqrt_noise

@@ -184,7 +184,7 @@ def test_non_conflicting_gradients_of_different_norms(solver):
 def test_defaults_follow_the_spec():
     assert mtopt.make("mgda").hparams == {
         "normalization": "loss+",
-        "solver": "pgd",
+        "solver": "wolfe",
         "apply_to": "raw_losses",
         "max_iter": 250,
         "tol": 1e-5,

@@ -45,8 +45,9 @@ def test_matches_the_reference_cccp_wherever_it_solves():
         k = int(rng.integers(2, 6))
         g = rng.normal(size=(k, k + 3)) * np.exp(rng.normal(0, 0.7, size=(k, 1)))
         gram = g @ g.T
-        ours, _, converged = nash_weights(gram, max_iter=100, tol=1e-12)
-        assert converged
+        result = nash_weights(gram, max_iter=100, tol=1e-12)
+        ours = result.alpha
+        assert result.converged and result.residual <= 1e-12
         np.testing.assert_allclose(ours * (gram @ ours), np.ones(k), rtol=1e-9)
         ref = reference_cccp(gram)
         if ref is None:

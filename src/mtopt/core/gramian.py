@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from mtopt.core.gradients import batched_grads
+from mtopt.core.gradients import batched_grads, gram_matrix
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Given the weights ``w``, the ``(parameter, Σ_k w_k ∂ℓ_k/∂parameter)`` pairs of one module call.
@@ -164,12 +164,14 @@ class GramianEngine:
 
     # -- the Gramian -------------------------------------------------------------------------
     def gramian(self, losses: Sequence[Tensor]) -> Tensor:
-        """``M = J Jᵀ`` (``K × K``, the parameters' dtype) for the losses of the recorded
-        forward. Keeps the cotangents until :meth:`write_grads` (or :meth:`clear`); the autograd
-        graph is retained."""
+        """``M = J Jᵀ`` (``K × K``, float64) for the losses of the recorded forward: each
+        module's contribution is formed in float32 at least, with power-of-two scaling where
+        its rows would overflow or underflow (:func:`~mtopt.core.gradients.gram_matrix`), and
+        accumulated in float64. Keeps the cotangents until :meth:`write_grads` (or
+        :meth:`clear`); the autograd graph is retained."""
         num_tasks = len(losses)
         ref = self.params[0]
-        gram = torch.zeros(num_tasks, num_tasks, dtype=ref.dtype, device=ref.device)
+        gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=ref.device)
         self._pending = []
         self._kept_bytes = 0
         calls = self._calls
@@ -184,8 +186,7 @@ class GramianEngine:
             offset += len(call.edges)
         for p, rows in zip(self.unowned, cotangents[offset:], strict=True):
             if rows is not None:
-                flat = rows.reshape(num_tasks, -1).to(gram.dtype)
-                gram += flat @ flat.T
+                gram += gram_matrix(rows.reshape(num_tasks, -1))
                 self._pending.append(_weighted_rows(p, rows))
 
         by_module: dict[nn.Module, list[tuple[_Call, list[Tensor | None]]]] = {}
@@ -209,8 +210,7 @@ class GramianEngine:
                 jac = rows if jac is None else jac + rows
                 pendings.append(pending)
             assert jac is not None
-            jac = jac.to(gram.dtype)
-            gram += jac @ jac.T
+            gram += gram_matrix(jac)
             self._pending.append(self._keep(owned, jac, _chain(pendings)))
         self._calls = []
         return gram
@@ -227,7 +227,8 @@ class GramianEngine:
         params = [p for _, p in owned]
 
         def pending(w: Tensor) -> list[tuple[Tensor, Tensor]]:
-            flat = torch.tensordot(w.to(device=rows.device, dtype=rows.dtype), rows, dims=1)
+            work = torch.promote_types(rows.dtype, torch.float32)
+            flat = torch.tensordot(w.to(device=rows.device, dtype=work), rows.to(work), dims=1)
             return list(zip(params, flat.split([p.numel() for p in params]), strict=True))
 
         return pending
@@ -306,7 +307,8 @@ def _plain_calls(entries: list[tuple[_Call, list[Tensor]]]) -> bool:
 
 def _weighted_rows(p: Tensor, rows: Tensor) -> _Pending:
     def pending(w: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return [(p, torch.tensordot(w.to(rows.dtype), rows, dims=1))]
+        work = torch.promote_types(rows.dtype, torch.float32)
+        return [(p, torch.tensordot(w.to(work), rows.to(work), dims=1))]
 
     return pending
 
@@ -319,8 +321,10 @@ def _chain(pendings: list[_Pending]) -> _Pending:
 
 
 def _combine(w: Tensor, cot: Tensor) -> Tensor:
-    """``Σ_k w_k C_k`` of K stacked cotangents."""
-    return torch.tensordot(w.to(device=cot.device, dtype=cot.dtype), cot, dims=1)
+    """``Σ_k w_k C_k`` of K stacked cotangents (summed in float32 at least, returned in the
+    cotangents' dtype)."""
+    work = torch.promote_types(cot.dtype, torch.float32)
+    return torch.tensordot(w.to(device=cot.device, dtype=work), cot.to(work), dims=1).to(cot.dtype)
 
 
 def _linear_rule(
@@ -353,11 +357,7 @@ def _linear_rule(
     explicit = k * n * o * i + k * k * o * (i + 1)
     kernel_cost = n * n * (i + 1) + k * n * n * o + k * k * n * o
     if with_weight and kernel_cost < explicit:
-        kernel = x @ x.T
-        if with_bias:
-            kernel += 1.0
-        mixed = torch.matmul(kernel, c)  # (K, N, o): (X Xᵀ + 1 1ᵀ) C_l
-        return c.reshape(k, -1) @ mixed.reshape(k, -1).T, None, pending
+        return _kernel_gram(x, c, with_bias), None, pending
     parts = []
     for name, _ in owned:  # the owned order, which _keep splits the rows by
         if name == "weight":
@@ -365,7 +365,35 @@ def _linear_rule(
         elif name == "bias":
             parts.append(c.sum(dim=1))
     rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    return rows @ rows.T, rows, pending
+    return gram_matrix(rows), rows, pending
+
+
+def _kernel_gram(x: Tensor, c: Tensor, with_bias: bool) -> Tensor:
+    """``⟨C_k, (XXᵀ + 11ᵀ) C_l⟩`` (float64) for inputs ``x`` ``(N, i)`` and cotangents ``c``
+    ``(K, N, o)``, formed in float32 at least. When ``x`` or a task's cotangents lie outside
+    ``[2⁻³⁰, 2³⁰]`` they are scaled by powers of two first (exact) and the scales restored in
+    float64, as :func:`~mtopt.core.gradients.gram_matrix` does for rows."""
+    work = torch.promote_types(c.dtype, torch.float32)
+    x, c = x.to(work), c.to(work)
+    k = c.shape[0]
+    c_max = c.reshape(k, -1).abs().amax(dim=1)
+    _, e_c = torch.frexp(c_max)
+    _, e_x = torch.frexp(x.abs().amax().reshape(1))
+    e_c = torch.where(c_max > 0, e_c, torch.zeros_like(e_c))
+    e_x = torch.where(x.abs().amax().reshape(1) > 0, e_x, torch.zeros_like(e_x))
+    scaled = bool(((e_c < -30) | (e_c > 30)).any() or ((e_x < -30) | (e_x > 30)).any())
+    if scaled:
+        c = torch.ldexp(c, -e_c.to(work)[:, None, None])
+        x = torch.ldexp(x, -e_x.to(work))
+    kernel = x @ x.T
+    if with_bias:
+        kernel += torch.ldexp(torch.ones((), dtype=work), -2 * e_x.to(work)) if scaled else 1.0
+    mixed = torch.matmul(kernel, c)  # (K, N, o): (X Xᵀ + 1 1ᵀ) C_l
+    inner = (c.reshape(k, -1) @ mixed.reshape(k, -1).T).to(torch.float64)
+    if scaled:
+        e = e_c.to(torch.float64)
+        inner = torch.ldexp(inner, e[:, None] + e[None, :] + 2 * e_x.to(torch.float64))
+    return 0.5 * (inner + inner.T)
 
 
 def _conv_supported(module: nn.Module) -> bool:

@@ -1,77 +1,105 @@
-r"""Min-norm point of the convex hull of K vectors, given their Gram matrix.
+r"""Min-norm point of the convex hull of K vectors, given their Gram matrix, with a certificate.
 
 Solves :math:`w^* = \arg\min_{w\in\Delta^K} w^\top M w` with :math:`M = G G^\top`, so that
 :math:`d = G^\top w^*` is the min-norm element of :math:`\mathrm{conv}\{g_1..g_K\}`
-(Désidéri 2012; Sener & Koltun 2018). The solvers run in float64 on the ``K × K`` matrix (callers
-convert it; the Gramian itself is accumulated in the gradients' dtype), with a hard iteration
-bound, and report how they ended.
+(Désidéri 2012; Sener & Koltun 2018). Everything runs in float64 on the ``K × K`` matrix.
 
-Two solvers, both started from Sener & Koltun's best pair:
+**The certificate.** Whatever solver ran, the answer is judged afterwards by the KKT conditions of
+this convex QP, necessary and sufficient: :math:`w\in\Delta`, :math:`g_i^\top d=(Mw)_i\ge\|d\|^2`
+for every :math:`i`, with equality where :math:`w_i>0`. Each violation is measured relative to
+the scale at which it can be computed, :math:`s_i=\|g_i\|\,n_w+n_w^2` with
+:math:`n_w=\sum_jw_j\|g_j\|\ge\|d\|` (so the check means the same for gradients of any size and
+spread), and the report carries :math:`\rho=\max_i\mathrm{violation}_i/s_i`
+(:func:`min_norm_residual`). The status is ``converged`` only if :math:`\rho\le` ``KKT_RTOL``
+(1e-10); a solver that stopped by its own rule short of that is ``stalled``, one that ran out of
+iterations ``max_iter``. Nothing is replaced by a fallback.
 
-* ``pgd`` — the projected-gradient scheme of Sener & Koltun's training script: move along the
+**Solvers.**
+
+* ``wolfe`` (default of every mtopt method) — exact: Wolfe's (1976) nearest-point-in-polytope
+  active-set algorithm written on the Gram matrix. It keeps an affinely independent support,
+  solves the affine min-norm problem on it in closed form (a bordered KKT system, diagonally
+  scaled by the gradient norms so that norms spread over many orders of magnitude do not spoil
+  it) and drops points whose weight would turn negative. It ends in finitely many steps at a
+  point meeting the KKT conditions to rounding. :func:`shifted_min_norm` is the same algorithm
+  for the translated points :math:`g_i+\tau g_0` (CAGrad's inner problem), without forming
+  their Gram matrix.
+* ``pgd`` — reproduces Sener & Koltun's training script: from their best pair, move along the
   centred negative gradient ``r̃ = -Mw + mean(Mw)`` to the nearest simplex face, project onto the
-  simplex, then an exact two-point line search between the old and new point.
-* ``fw`` — Frank-Wolfe: toward the vertex ``e_t``, ``t = argmin_i (Mw)_i``, exact line search.
+  simplex, then their two-point line search between the old and new point.
+* ``fw`` — Frank-Wolfe (the paper-level solver of Sener & Koltun, which Gama & Grassi use for EDM
+  and CDTT): toward the vertex ``e_t``, ``t = argmin_i (Mw)_i``, two-point line search.
 
-Both stop when ``‖w_new − w‖₁ < tol`` or after ``max_iter`` iterations (the reference code never
-incremented its counter; here the bound always holds). Sener's two-point rule clamps the mixing
-coefficient to ``[clamp, 1 − clamp]`` (0.001/0.999); ``clamp=0`` gives the exact segment minimiser.
-Both are first-order methods: on ill-conditioned Gram matrices they stop short of the optimum
-(KKT residuals of 1e-3..1e-2 of ``max‖g_i‖²`` are typical at the default settings).
+``pgd`` and ``fw`` stop when ``‖w_new − w‖₁ < tol`` or after ``max_iter`` iterations (the
+reference code never incremented its counter; here the bound always holds); Sener's two-point
+rule clamps the mixing coefficient to ``[clamp, 1 − clamp]`` (0.001/0.999). Both are first-order
+methods: on ill-conditioned Gram matrices they stop short of the optimum, and the certificate
+says so (``stalled``). Their K-element logic runs on Python floats, operation for operation as
+the array formulation (bit-identical iterates, cheaper at small K).
 
-For the small ``K`` of multi-task learning their per-iteration cost is call overhead, not
-arithmetic. The products with ``M`` (``Mw``, ``cᵀMw``, ``cᵀMc``, ``wᵀMw``) and the sums are numpy
-calls on float64 arrays; the ``K``-element logic of ``pgd`` (step ratios, simplex projection,
-convex combination) runs on Python floats. Every element-wise operation is that of the array
-formulation, in the same order, so the iterates are bit for bit those of the array code.
-
-A third solver is exact:
-
-* ``wolfe`` — Wolfe's (1976) nearest-point-in-polytope active-set algorithm, written on the Gram
-  matrix. It keeps an affinely independent support, solves the affine min-norm problem on it in
-  closed form and drops points whose weight would turn negative. It terminates in finitely many
-  steps at a point meeting the KKT conditions ``(Mw)_i ≥ wᵀMw`` (equality on the support) to
-  rounding; ``max_iter`` bounds its major iterations.
+A task whose gradient is exactly zero (``M_ii = 0``) puts the origin in the hull: the answer is
+``w = e_i``, ``d = 0`` (status ``zero_gradient``, a certified optimum). Tiny but non-zero
+gradients are gradients: nothing is thresholded relative to the others.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-SOLVERS = ("pgd", "fw", "wolfe")
-#: Relative optimality slack of the exact solver (fraction of ``max_i M_ii``).
-WOLFE_RTOL = 1e-12
-#: Squared norms below this fraction of the largest squared norm count as zero gradients.
-ZERO_GRADIENT_RTOL = 1e-20
+SOLVERS = ("wolfe", "pgd", "fw")
+#: Relative KKT residual (see :func:`min_norm_residual`) below which a solution is certified.
+KKT_RTOL = 1e-10
+#: Wolfe's own stopping slack, relative to the same scale (well below ``KKT_RTOL``).
+_WOLFE_RTOL = 1e-13
 #: Boundary-hitting step ratios at or below this are ignored (Sener's 1e-7).
 _MIN_STEP = 1e-7
 
 
 @dataclass(frozen=True)
 class MinNormResult:
-    """Solver outcome: simplex weights, iterations used, and how it stopped.
+    """Solver outcome: simplex weights, iterations used, how it ended, and the certificate.
 
-    ``status`` is one of ``exact`` (K ≤ 2: the pair rule is the answer), ``converged``,
-    ``max_iter`` (bound reached before the tolerance), ``zero_gradient`` (some ``g_i = 0``, so
-    ``d = 0``: ``w = e_i``).
+    ``status``: ``converged`` (the KKT certificate holds), ``zero_gradient`` (some ``g_i = 0``,
+    so ``d = 0`` with ``w = e_i``; certified), ``stalled`` (the solver's own stopping rule fired
+    but the certificate fails), ``max_iter`` (iteration bound reached, certificate fails).
+    ``residual`` is the relative KKT residual :math:`\rho` of :func:`min_norm_residual`.
     """
 
     weights: np.ndarray
     iterations: int
     status: str
     cost: float
+    residual: float = 0.0
 
     @property
     def converged(self) -> bool:
-        return self.status != "max_iter"
+        return self.status in ("converged", "zero_gradient")
 
 
-def zero_gradient_mask(sq_norms: np.ndarray) -> np.ndarray:
-    """Which squared gradient norms count as zero (relative to the largest, see
-    ``ZERO_GRADIENT_RTOL``)."""
-    return sq_norms <= ZERO_GRADIENT_RTOL * max(float(sq_norms.max()), 0.0)
+def min_norm_residual(M: np.ndarray, w: np.ndarray) -> float:
+    r"""Relative KKT residual :math:`\rho` of ``w`` for :math:`\min_{w\in\Delta}w^\top Mw`.
+
+    :math:`\rho=\max\big(|\sum_iw_i-1|,\ \max_i(-w_i)_+,\ \max_iv_i/s_i\big)` with
+    :math:`v_i=(\|d\|^2-(Mw)_i)_+`, plus :math:`|(Mw)_i-\|d\|^2|` where :math:`w_i>0`, and
+    :math:`s_i=\|g_i\|n_w+n_w^2`, :math:`n_w=\sum_jw_j\|g_j\|` (0/0 counts as 0). NaN gives
+    ``inf``."""
+    M = np.asarray(M, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    norms = np.sqrt(np.maximum(np.diagonal(M), 0.0))
+    Mw = M @ w
+    dd = float(w @ Mw)
+    n_w = float(np.abs(w) @ norms)
+    scale = norms * n_w + n_w * n_w
+    gap = dd - Mw
+    viol = np.where(w > 0, np.abs(gap), np.maximum(gap, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(viol > 0, viol / scale, 0.0)
+    feas = max(abs(float(w.sum()) - 1.0), float(np.maximum(-w, 0.0).max(initial=0.0)))
+    rho = max(feas, float(rel.max(initial=0.0)))
+    return rho if math.isfinite(rho) else math.inf
 
 
 def project_onto_simplex(v: np.ndarray) -> np.ndarray:
@@ -163,12 +191,16 @@ def _pgd_candidate(w: list[float], Mw: list[float], mean: float) -> list[float]:
 
 def min_norm_weights(
     M: np.ndarray,
-    solver: str = "pgd",
+    solver: str = "wolfe",
     max_iter: int = 250,
     tol: float = 1e-5,
     clamp: float = 1e-3,
 ) -> MinNormResult:
-    """Weights on the simplex minimising ``wᵀMw`` for a PSD Gram matrix ``M``.
+    """Weights on the simplex minimising ``wᵀMw`` for a PSD Gram matrix ``M``, certified.
+
+    ``max_iter`` bounds the iterations of ``pgd``/``fw`` and the major cycles of ``wolfe``
+    (which needs at most a few times ``K``); ``tol`` and ``clamp`` are Sener's stopping rule and
+    pair clamp (``pgd``/``fw`` only; the exact solver uses no clamp).
 
     Raises:
         ValueError: ``M`` not square, not finite, or an unknown solver.
@@ -183,22 +215,26 @@ def min_norm_weights(
     if max_iter < 0:
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
     k = M.shape[0]
-    sq_norms = np.diag(M)
-    zero = zero_gradient_mask(sq_norms)
+    zero = np.diagonal(M) <= 0.0
     if zero.any():
         w = np.zeros(k)
         w[int(np.argmax(zero))] = 1.0
-        return MinNormResult(w, 0, "zero_gradient", 0.0)
+        return MinNormResult(w, 0, "zero_gradient", 0.0, min_norm_residual(M, w))
     if k == 1:
-        return MinNormResult(np.ones(1), 0, "exact", float(M[0, 0]))
+        w = np.ones(1)
+        return MinNormResult(w, 0, "converged", float(M[0, 0]), 0.0)
     if solver == "wolfe":
-        return _wolfe(M, max_iter)
-    w = _best_pair(M, clamp)
-    if k == 2:
-        return MinNormResult(w, 0, "exact", float(w @ M @ w))
-    run = _pgd if solver == "pgd" else _frank_wolfe
-    w, it, converged = run(M, w, max_iter, tol, clamp)
-    return MinNormResult(w, it, "converged" if converged else "max_iter", float(w @ M @ w))
+        w, it, finished = shifted_min_norm(M, max_iter=max_iter)
+        stop = "stalled" if finished else "max_iter"
+    elif k == 2:
+        w, it, stop = _best_pair(M, clamp), 0, "stalled"
+    else:
+        run = _pgd if solver == "pgd" else _frank_wolfe
+        w, it, finished = run(M, _best_pair(M, clamp), max_iter, tol, clamp)
+        stop = "stalled" if finished else "max_iter"
+    rho = min_norm_residual(M, w)
+    status = "converged" if rho <= KKT_RTOL else stop
+    return MinNormResult(w, it, status, float(w @ M @ w), rho)
 
 
 def _pgd(
@@ -241,50 +277,135 @@ def _frank_wolfe(
     return w, max_iter, False
 
 
-def _affine_min_norm(M: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``argmin μᵀAμ`` subject to ``Σμ = 1`` (no sign constraint) for ``A = M[idx, idx]``, via
-    the KKT system ``[[A, 1], [1ᵀ, 0]] (μ, λ) = (0, 1)``."""
-    n = idx.size
-    kkt = np.ones((n + 1, n + 1))
-    kkt[:n, :n] = M[idx[:, None], idx]
-    kkt[n, n] = 0.0
-    rhs = np.zeros(n + 1)
-    rhs[n] = 1.0
-    try:
-        sol = np.linalg.solve(kkt, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-    return sol[:n]
+def shifted_min_norm(
+    M: np.ndarray,
+    b: np.ndarray | None = None,
+    tau: float = 0.0,
+    norm0: float = 0.0,
+    support: list[int] | None = None,
+    max_iter: int = 250,
+) -> tuple[np.ndarray, int, bool]:
+    r"""Wolfe's algorithm for the min-norm point of :math:`\mathrm{conv}\{g_i+\tau g_0\}`.
 
+    Given :math:`M=GG^\top`, :math:`b=Gg_0` and :math:`\|g_0\|` (``norm0``), it minimises
+    :math:`\|G^\top w+\tau g_0\|^2=w^\top Mw+2\tau b^\top w+\tau^2\|g_0\|^2` over the simplex
+    without forming the translated Gram matrix (whose entries would cancel): the optimality
+    test is :math:`(Mw)_j+\tau b_j\ge w^\top Mw+\tau b^\top w` and the affine subproblem on a
+    support :math:`S` is :math:`M_{SS}\mu+\tau b_S=\lambda\mathbf 1`, :math:`\mathbf 1^\top\mu=1`.
+    ``tau = 0`` is the plain min-norm problem. ``support`` warm-starts from a previous support.
 
-def _wolfe(M: np.ndarray, max_iter: int) -> MinNormResult:
+    Returns ``(w, major iterations, finished)``; ``finished`` is False only when ``max_iter``
+    major cycles did not end. The caller certifies the result.
+    """
     k = M.shape[0]
-    diag = np.diag(M)
-    slack = WOLFE_RTOL * float(diag.max())
-    start = int(diag.argmin())
-    support = [start]
-    w = np.zeros(k)
-    w[start] = 1.0
+    if b is None:
+        b = np.zeros(k)
+    shift = tau * b
+    # upper bounds of ‖g_i + τ g0‖: the diagonal scaling of the affine subproblems and the scale
+    # of the optimality test
+    radii = np.sqrt(np.maximum(np.diagonal(M), 0.0)) + abs(tau) * norm0
+    radii = np.where(radii > 0, radii, 1.0)
+    if support:
+        support = sorted(set(support))
+        w = _affine_weights(M, shift, radii, support)
+        if w is None or not (w[support] > 0).all():
+            support = None
+    if not support:
+        start = int(np.argmin(0.5 * np.diagonal(M) + shift))
+        support = [start]
+        w = np.zeros(k)
+        w[start] = 1.0
     for it in range(1, max_iter + 1):
-        Mw = M @ w
-        j = int(Mw.argmin())
-        if Mw[j] >= float(w @ Mw) - slack or j in support:
-            return MinNormResult(w, it - 1, "converged", float(w @ Mw))
-        support.append(j)
+        g = M @ w + shift
+        level = float(w @ g)
+        n_x = float(w @ radii)
+        slack = _WOLFE_RTOL * (radii * n_x + n_x * n_x)
+        j = int(np.argmin(g + slack))
+        if g[j] + slack[j] >= level or j in support:
+            return w, it - 1, True
+        support = [*support, j]
         for _ in range(k + 1):  # minor cycle: each pass drops ≥ 1 point or ends
-            idx = np.array(support)
-            mu = _affine_min_norm(M, idx)
-            if (mu > 0).all():
-                w = np.zeros(k)
-                w[idx] = mu
+            mu = _affine_weights(M, shift, radii, support)
+            if mu is None:  # singular subproblem: drop the newest point and stop here
+                support = support[:-1]
+                return w, it, True
+            if (mu[support] > 0).all():
+                w = mu
                 break
-            lam = w[idx]
-            neg = mu <= 0
-            theta = float(np.min(lam[neg] / (lam[neg] - mu[neg])))
-            lam = lam + theta * (mu - lam)
-            lam[lam <= 1e-15] = 0.0
+            idx = np.array(support)
+            lam, new = w[idx], mu[idx]
+            neg = np.flatnonzero(new <= 0)
+            ratios = lam[neg] / (lam[neg] - new[neg])
+            first = int(np.argmin(ratios))
+            lam = lam + float(ratios[first]) * (new - lam)
+            lam[neg[first]] = 0.0  # the blocking point leaves exactly
             keep = lam > 0
             w = np.zeros(k)
             w[idx[keep]] = lam[keep] / lam[keep].sum()
             support = [int(i) for i in idx[keep]]
-    return MinNormResult(w, max_iter, "max_iter", float(w @ M @ w))
+    return w, max_iter, False
+
+
+def _affine_weights(
+    M: np.ndarray, shift: np.ndarray, radii: np.ndarray, support: list[int], refine: int = 0
+) -> np.ndarray | None:
+    """The affine minimiser on ``support`` (``M_SS μ + shift_S = λ1``, ``Σμ = 1``), embedded in
+    ``K`` entries; ``None`` if the bordered system is singular."""
+    idx = np.asarray(support)
+    sol = affine_solve(M, idx, radii[idx], -shift[idx][:, None], np.ones(1), refine)
+    if sol is None:
+        return None
+    out = np.zeros(M.shape[0])
+    out[idx] = sol[0][:, 0]
+    return out
+
+
+def affine_solve(
+    M: np.ndarray,
+    idx: np.ndarray,
+    scales: np.ndarray,
+    top: np.ndarray,
+    total: np.ndarray,
+    refine: int = 0,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Solve ``M_SS μ − λ1 = top`` and ``1ᵀμ = total`` (``S = idx``; one column per right-hand
+    side) for ``(μ, λ)``; ``None`` if singular or not finite.
+
+    The bordered system is solved in the variables ``ν = Dμ``, ``D = diag(scales)`` (the
+    gradient norms, so that norms spread over orders of magnitude leave it well scaled), with the
+    border scaled to unit norm. ``refine`` steps of iterative refinement recompute the residual
+    of the original equations correctly rounded (:mod:`mtopt.core.accurate`) and solve for a
+    correction, which recovers full float64 accuracy on ill-conditioned supports."""
+    from mtopt.core import accurate
+
+    n = idx.size
+    d = np.where(scales > 0, scales, 1.0)
+    border = 1.0 / d
+    kappa = float(np.linalg.norm(border))
+    system = np.empty((n + 1, n + 1))
+    sub = M[idx[:, None], idx]
+    system[:n, :n] = sub / np.outer(d, d)
+    system[:n, n] = system[n, :n] = border / kappa
+    system[n, n] = 0.0
+
+    def solve(rhs_top: np.ndarray, rhs_total: np.ndarray) -> np.ndarray:
+        rhs = np.vstack([rhs_top / d[:, None], rhs_total[None, :] / kappa])
+        return np.linalg.solve(system, rhs)
+
+    try:
+        sol = solve(top, total)
+        mu, lam = sol[:n] / d[:, None], -sol[n] / kappa
+        for _ in range(refine):
+            res_top = np.empty_like(top)
+            res_total = np.empty_like(total)
+            for j in range(top.shape[1]):
+                res_top[:, j] = top[:, j] - accurate.matvec(sub, mu[:, j]) + lam[j]
+                res_total[j] = total[j] - math.fsum(mu[:, j].tolist())
+            corr = solve(res_top, res_total)
+            mu = mu + corr[:n] / d[:, None]
+            lam = lam - corr[n] / kappa
+    except np.linalg.LinAlgError:
+        return None
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(lam))):
+        return None
+    return mu, lam

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtopt.core import accurate
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.min_norm import SOLVERS
 from mtopt.core.registry import register
 from mtopt.methods.edm import EDM
 
@@ -42,23 +44,25 @@ def tension(delta: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def direction_check(gram: np.ndarray, omega: np.ndarray) -> np.ndarray:
-    """Step 3 in weight space: bend ``d = Gᵀω`` back within 90° of every task gradient."""
+    r"""Step 3 in weight space: bend ``d = Gᵀω`` back within 90° of every task gradient.
+
+    For :math:`g_i^\top d<0`, the paper's :math:`\tan\beta\,\|g_i\|\,w/\|w\|` with
+    :math:`w=d-(d^\top\hat u)\hat u` and :math:`\beta=\pi-\angle(g_i,d-g_i)` is, since
+    :math:`\tan\beta=\|w\|\,\|g_i\|/(\|g_i\|^2-g_i^\top d)`, exactly
+    :math:`\frac{\|g_i\|^2}{\|g_i\|^2-g_i^\top d}\,w`: computed that way, without the arccos
+    that loses half the digits near 0 and π. (When :math:`d` is exactly opposite to
+    :math:`g_i`, :math:`w=0` and so is the bent direction: :math:`\beta=0`.)"""
     omega = omega.copy()
     for i in range(gram.shape[0]):
         m_ii = gram[i, i]
-        g_d = float(gram[i] @ omega)
-        d_d = float(omega @ gram @ omega)
-        if m_ii <= 0 or d_d <= 0 or g_d >= 0:
+        if m_ii <= 0:
             continue
-        diff_sq = d_d - 2 * g_d + m_ii  # ‖d - g_i‖²
-        cos_beta_inner = (g_d - m_ii) / (math.sqrt(m_ii) * math.sqrt(max(diff_sq, _EPS)))
-        beta = math.pi - math.acos(max(-1.0, min(1.0, cos_beta_inner)))
+        g_d = float(accurate.dot(gram[i], omega))
+        if g_d >= 0:
+            continue
         w = omega.copy()
         w[i] -= g_d / m_ii  # d - (dᵀû)û
-        w_norm = math.sqrt(max(float(w @ gram @ w), 0.0))
-        if w_norm <= 0:
-            continue
-        omega = math.tan(beta) * math.sqrt(m_ii) * w / w_norm
+        omega = (m_ii / (m_ii - g_d)) * w
     return omega
 
 
@@ -76,7 +80,7 @@ class CDTT(Method):
         *,
         alpha: float = 0.2,
         history: int = 10,
-        solver: str = "fw",
+        solver: str = "wolfe",
         head_policy: str | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
@@ -86,6 +90,7 @@ class CDTT(Method):
             raise ValueError(f"cdtt: history must be ≥ 1, got {history}")
         self.alpha = float(alpha)
         self.history = int(history)
+        check_choice(self.name, "solver", solver, SOLVERS)
         self.solver = solver
         self._edm = EDM(solver=solver)
         self._norms: list[list[float]] = []

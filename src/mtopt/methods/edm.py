@@ -7,9 +7,14 @@ The min-norm point of the convex hull of the *unit* task gradients :math:`u_i=g_
 :math:`d=\gamma\sum_iw_iu_i`, i.e. raw-gradient weights :math:`\lambda_i=\gamma w_i/\|g_i\|`, which
 sum to 1. With two tasks :math:`d=(g_1\|g_2\|+g_2\|g_1\|)/(\|g_1\|+\|g_2\|)`.
 
-Solver: the min-norm solver of :mod:`mtopt.core.min_norm`, ``fw`` by default as in Gama & Grassi
-(``pgd`` and the exact ``wolfe`` available). A zero task gradient makes the direction undefined:
-the shared update is zero for that step, as in Gama & Grassi, and ``StepInfo.solver`` says so.
+Solver: the exact min-norm solver of :mod:`mtopt.core.min_norm` (``wolfe``) by default, with its
+KKT certificate in ``StepInfo.solver``; ``fw`` reproduces Gama & Grassi's Frank-Wolfe and ``pgd``
+Sener's projected gradient, judged by the same certificate. The problem is on the cosine matrix
+(unit gradients), so it is as well conditioned as the gradients' directions allow, whatever their
+norms. A zero task gradient makes the direction undefined: the shared update is zero for that
+step, as in Gama & Grassi, and ``StepInfo.solver`` says so (status ``zero_gradient``). Duplicate
+gradients act as one (their split of the weight does not change ``d``); two exactly opposite
+gradients put 0 in the hull of the unit gradients, so ``d = 0``.
 Heads: raw.
 """
 
@@ -27,7 +32,7 @@ from mtopt.core.method import (
     as_weights,
     check_choice,
 )
-from mtopt.core.min_norm import SOLVERS, min_norm_weights, zero_gradient_mask
+from mtopt.core.min_norm import KKT_RTOL, SOLVERS, min_norm_weights
 from mtopt.core.registry import register
 
 
@@ -43,7 +48,7 @@ class EDM(Method):
     def __init__(
         self,
         *,
-        solver: str = "fw",
+        solver: str = "wolfe",
         max_iter: int = 250,
         tol: float = 1e-5,
         head_policy: str | None = None,
@@ -57,11 +62,13 @@ class EDM(Method):
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
         sq = np.diag(gram)
-        zero = zero_gradient_mask(sq)
+        zero = sq <= 0.0
         if zero.any():
             names = [t for t, z in zip(inputs.task_names, zero, strict=True) if z]
             message = f"zero gradient for {names}: no equiangular direction, shared update is 0"
-            report = SolverReport(f"min_norm/{self.solver}", True, 0, "zero_gradient", message)
+            report = SolverReport(
+                f"min_norm/{self.solver}", True, 0, "zero_gradient", message, 0.0, KKT_RTOL
+            )
             weights = as_weights(torch.zeros(inputs.num_tasks), inputs)
             return Aggregation(weights, solver=report)
         norms = np.sqrt(sq)
@@ -72,7 +79,13 @@ class EDM(Method):
         gamma = 1.0 / float(np.sum(w / norms))
         raw = gamma * w / norms
         report = SolverReport(
-            f"min_norm/{self.solver}", result.converged, result.iterations, result.status
+            f"min_norm/{self.solver}",
+            result.converged,
+            result.iterations,
+            result.status,
+            "" if result.converged else "the min-norm KKT certificate fails (see residual)",
+            result.residual,
+            KKT_RTOL,
         )
         return Aggregation(
             as_weights(raw, inputs),

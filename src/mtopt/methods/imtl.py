@@ -4,11 +4,28 @@ r"""IMTL — Impartial Multi-Task Learning (Liu et al., ICLR 2021): IMTL-G and h
 same projection on every unit gradient :math:`u_i=g_i/\|g_i\|` (no sign constraint on :math:`w`).
 
 * ``solver="pinv"`` (default; TorchJD's generalisation, equal to the paper's closed form whenever
-  that exists): :math:`v=M^{+}\mathrm{diag}(M)^{1/2}`, :math:`w=v/\sum v`; if
-  :math:`|\sum v|<10^{-12}` (e.g. a zero gradient) the weights are 0 and the solver status says so.
+  that exists): with :math:`n_i=\|g_i\|` and the cosine matrix :math:`C=N^{-1}MN^{-1}`, the
+  projections are :math:`d^\top u_i=(CNw)_i`, so :math:`Nw\propto x=C^{+}\mathbf 1` and
+  :math:`w=N^{-1}x/\sum_ix_i/n_i`. For an invertible :math:`M` this is TorchJD's
+  :math:`M^{+}\mathrm{diag}(M)^{1/2}`; posed on :math:`C` (unit diagonal) it stays accurate when
+  the norms spread over many orders of magnitude, and for a singular :math:`M` the least-squares
+  problem is the one on the unit gradients the method is defined by (TorchJD's differs there).
+  :math:`C^+` comes from the eigendecomposition of :math:`C`, eigenvalues below
+  :math:`K\epsilon\lambda_{max}` dropped.
 * ``solver="closed_form"`` (the paper): with :math:`D_i=g_1-g_i`, :math:`U_i=u_1-u_i`,
   :math:`w_{2:K}=g_1^\top U^\top(DU^\top)^{-1}`, :math:`w_1=1-\sum w_{2:K}`, all from the Gram
   matrix; a singular :math:`DU^\top` raises an error (nash-mtl silently adds 1e-8 I).
+
+**Certificate.** The defining equations are checked after the solve: the spread of the
+projections, :math:`(\max_iu_i^\top d-\min_iu_i^\top d)/\|d\|` (dimensionless, the products
+correctly rounded), must be at most 1e-9 for ``converged``; the report carries it.
+
+**Degenerate inputs.** A task with a zero gradient has no unit gradient: it is left out (weight
+0) and the others are equalised. Duplicate gradients are one constraint twice (consistent; they
+share the weight). When :math:`C x=\mathbf 1` has no solution (two exactly opposite gradients:
+no direction in their span has equal non-zero projections on both) or :math:`\sum_ix_i/n_i=0`
+(the weights cannot sum to 1), there is no IMTL-G direction: the weights are 0 (``d = 0``), status
+``degenerate`` (a defined outcome, converged), with a message.
 
 IMTL-G's common projection :math:`d^\top u_i` equals :math:`1/\sum_iv_i`; when that sum is
 negative, :math:`d` ascends every task's loss (a property of the method, kept as specified): the
@@ -31,11 +48,14 @@ to the gradients of the scaled losses :math:`e^{s_k}g_k`; shared update
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mtopt.core import accurate
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.method import (
     LEVEL_NEEDS,
@@ -53,20 +73,39 @@ from mtopt.core.task_vector import TaskVector, VectorAdam
 SOLVERS = ("pinv", "closed_form")
 
 
-def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str]:
-    """IMTL-G weights (sum 1) from a float64 Gram matrix, and a status string."""
+#: Largest projection spread (relative to ‖d‖) and consistency residual accepted.
+IMTL_RTOL = 1e-9
+
+
+def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str, float]:
+    """IMTL-G weights (sum 1) from a float64 Gram matrix, a status string and the certificate's
+    residual (the relative spread of the projections ``dᵀu_i``)."""
     k = gram.shape[0]
     if k == 1:
-        return torch.ones(1, dtype=gram.dtype), "ok"
-    norms = torch.sqrt(torch.diagonal(gram).clamp_min(0))
+        return torch.ones(1, dtype=gram.dtype), "ok", 0.0
+    m = gram.detach().cpu().double().numpy()
+    sq = np.diagonal(m).copy()
+    active = sq > 0
     if solver == "pinv":
-        v = torch.linalg.pinv(gram, hermitian=True) @ norms
-        total = v.sum()
-        if not abs(float(total)) >= 1e-12:
-            return torch.zeros(k, dtype=gram.dtype), "degenerate"
-        return v / total, "ascent" if total < 0 else "ok"
-    if bool((norms <= 0).any()):
+        w = np.zeros(k)
+        if active.sum() >= 1:
+            n = np.sqrt(sq[active])
+            cos = m[np.ix_(active, active)] / np.outer(n, n)
+            eigvals, eigvecs = np.linalg.eigh(cos)
+            keep = eigvals > max(float(eigvals.max()), 0.0) * cos.shape[0] * np.finfo(float).eps
+            x = (eigvecs[:, keep] / eigvals[keep]) @ (eigvecs[:, keep].T @ np.ones(n.size))
+            consistent = np.abs(accurate.matvec(cos, x) - 1.0).max() <= IMTL_RTOL * max(
+                1.0, float(np.abs(x).max())
+            )
+            total = math.fsum((x / n).tolist())
+            if not consistent or not abs(total) > 0:
+                return torch.zeros(k, dtype=gram.dtype), "degenerate", 0.0
+            w[active] = x / n / total
+        status = "ascent" if _common_projection(m, w) < 0 else "ok"
+        return torch.from_numpy(w).to(gram.dtype), status, _spread(m, w)
+    if not active.all():
         raise ValueError("imtl: closed_form needs non-zero gradients (use solver='pinv')")
+    norms = torch.sqrt(torch.diagonal(gram))
     # rows D_i = g_1 - g_i, U_j = u_1 - u_j (i, j = 2..K), all inner products from the Gram matrix
     gu = gram / norms[None, :]  # g_aᵀ u_b
     d_u = gu[0, 0] - gu[0, 1:][None, :] - gu[1:, 0][:, None] + gu[1:, 1:]
@@ -78,8 +117,31 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str]:
             f"imtl: singular D Uᵀ in the closed form ({exc}); use solver='pinv'"
         ) from exc
     w = torch.cat([(1 - rest.sum()).reshape(1), rest])
-    common = float(w @ gram[:, 0]) / float(norms[0])  # dᵀu_1, equal for every task
-    return w, "ascent" if common < 0 else "ok"
+    wn = w.detach().cpu().double().numpy()
+    status = "ascent" if _common_projection(m, wn) < 0 else "ok"
+    return w, status, _spread(m, wn)
+
+
+def _projections(m: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``dᵀu_i`` for the tasks with a non-zero gradient (``d = Gᵀw``)."""
+    sq = np.diagonal(m)
+    active = sq > 0
+    return accurate.matvec(m, w)[active] / np.sqrt(sq[active])
+
+
+def _common_projection(m: np.ndarray, w: np.ndarray) -> float:
+    p = _projections(m, w)
+    return float(p.mean()) if p.size else 0.0
+
+
+def _spread(m: np.ndarray, w: np.ndarray) -> float:
+    """``(max_i dᵀu_i − min_i dᵀu_i)/‖d‖`` (0 when ``d = 0``)."""
+    p = _projections(m, w)
+    norm = math.sqrt(max(accurate.quad(m, w), 0.0))
+    if p.size == 0 or norm == 0:
+        return 0.0
+    value = float(p.max() - p.min()) / norm
+    return value if math.isfinite(value) else math.inf
 
 
 def bound_weights(w: Tensor, bound: float | None) -> Tensor:
@@ -121,14 +183,18 @@ class _IMTLBase(Method):
         return out
 
     def _weights(self, gram: Tensor) -> tuple[Tensor, SolverReport]:
-        w, status = imtl_g_weights(gram, self.solver)
+        w, status, spread = imtl_g_weights(gram, self.solver)
         w = bound_weights(w, self.weight_bound)
+        ok = status == "degenerate" or spread <= IMTL_RTOL
         message = {
             "ok": "",
-            "degenerate": "Σv ≈ 0 (zero or degenerate gradients): weights 0",
+            "degenerate": "no direction has equal non-zero projections on every unit gradient "
+            "(opposite gradients, or weights that cannot sum to 1): weights 0",
             "ascent": "the equal-projection direction ascends every task's loss (Σv < 0)",
         }[status]
-        return w, SolverReport(f"imtl_g/{self.solver}", True, 0, status, message)
+        if not ok:
+            message = "the projections on the unit gradients are not equal (see residual)"
+        return w, SolverReport(f"imtl_g/{self.solver}", ok, 0, status, message, spread, IMTL_RTOL)
 
 
 @register

@@ -18,11 +18,20 @@ back-propagates :math:`\sum w^*_k \ell_k`; ``normalized_grads`` (LibMTL param mo
 uses :math:`d = \sum w^*_k g_k / n_k`. The logged ``weights`` are the effective ones (``w*`` or
 ``w*/n``) so that ``d = Gᵀw`` always; the simplex weights are in ``extras["simplex_weights"]``.
 
-Defaults: ``normalization="loss+"`` (Sener's ``sample.json`` and Gama & Grassi), ``solver="pgd"``
-(the projected-gradient solver Sener's training script calls), 250 iterations, stop at
-:math:`\|\Delta w\|_1 < 10^{-5}`, Sener's 0.001/0.999 clamp; ``solver="wolfe"`` is exact
-(see :mod:`mtopt.core.min_norm`). Heads: weighted by ``w`` (Sener, nash-mtl); LibMTL and Gama
-use ``raw``.
+Defaults: ``normalization="loss+"`` (Sener's ``sample.json`` and Gama & Grassi) and the exact
+solver ``solver="wolfe"`` (:mod:`mtopt.core.min_norm`). ``solver="pgd"`` reproduces Sener's
+training script (projected gradient, stop at :math:`\|\Delta w\|_1<` ``tol`` = 1e-5 or
+``max_iter`` = 250, their 0.001/0.999 pair clamp ``pair_clamp``) and ``"fw"`` their Frank-Wolfe;
+every solver is judged by the same KKT certificate (``StepInfo.solver.residual``, converged at
+1e-10), so a first-order solve that stops short is reported as ``stalled``. Heads: weighted by
+``w`` (Sener, nash-mtl); LibMTL and Gama use ``raw``.
+
+Degenerate inputs. A zero task gradient puts 0 in the hull: ``d = 0`` with ``w = e_i`` (status
+``zero_gradient``; tiny gradients are not zero). Duplicate gradients share their weight (any
+split gives the same ``d``; the solver keeps one of them in its support); two exactly opposite
+gradients, or any set whose hull contains 0, give ``d = 0`` (a Pareto-stationary point) with
+the weights of a convex combination that vanishes; a rank-deficient Gramian is no obstacle to
+the exact solver.
 
 MGDA-UB applies the same solver to the per-task gradients of the shared *representation*
 :math:`r_k = \nabla_z \ell_k` (flattened over batch and features), then back-propagates
@@ -45,7 +54,7 @@ from mtopt.core.method import (
     as_weights,
     check_choice,
 )
-from mtopt.core.min_norm import SOLVERS, min_norm_weights
+from mtopt.core.min_norm import KKT_RTOL, SOLVERS, min_norm_weights
 from mtopt.core.registry import register
 
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")
@@ -91,7 +100,7 @@ class MGDA(Method):
         self,
         *,
         normalization: str = "loss+",
-        solver: str = "pgd",
+        solver: str = "wolfe",
         apply_to: str = "raw_losses",
         max_iter: int = 250,
         tol: float = 1e-5,
@@ -136,6 +145,8 @@ class MGDA(Method):
             iterations=result.iterations,
             status=result.status,
             message=_message(result.status, inputs.task_names, simplex),
+            residual=result.residual,
+            tolerance=KKT_RTOL,
         )
         return Aggregation(
             weights=as_weights(effective, inputs),
@@ -157,5 +168,7 @@ def _message(status: str, names: tuple[str, ...], simplex: np.ndarray) -> str:
         task = names[int(np.argmax(simplex))]
         return f"task {task!r} has a zero gradient: the min-norm direction is d = 0"
     if status == "max_iter":
-        return "min-norm solver hit max_iter before reaching tol; weights are approximate"
+        return "min-norm solver hit max_iter; the KKT certificate fails, weights are approximate"
+    if status == "stalled":
+        return "min-norm solver stopped short of the optimum (KKT certificate fails)"
     return ""

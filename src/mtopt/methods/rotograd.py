@@ -22,6 +22,8 @@ gradients at :math:`z`.
   and the encoder receives :math:`\sum_kC\,r_k/n_k` at :math:`z`: effective weights
   :math:`w_k=C/n_k`, every task contributing a gradient of norm :math:`C`. With ``False`` (the
   reference's ``RotateOnly``) the encoder receives :math:`\sum_kr_k` (:math:`w_k=1`).
+- **Precision**: the rotations, the rotation loss and the gradient norms are kept in float32 at
+  least (under a float16 or bfloat16 model the heads see :math:`R_k` cast to the model's dtype).
 - **Parametrisation**: :math:`R_k=\exp(S_k)` with
   :math:`S_k=\mathrm{tril}(A_k,-1)-\mathrm{tril}(A_k,-1)^\top` skew-symmetric (the
   matrix-exponential trivialisation that the reference takes from geotorch),
@@ -36,6 +38,9 @@ gradients at :math:`z`.
   exponential (geotorch's alternative, named in the reference code): one linear solve instead of
   a Padé approximant, about 3.5× cheaper with its backward for eleven 64×64 rotations on CPU
   (7 ms against 25 ms per step); same identity start, a different metric on the rotations.
+- A task whose representation gradient is exactly zero (its loss does not reach the encoder this
+  step) gets weight 0: it contributes nothing to the encoder whatever its weight, and
+  :math:`C/n_k` with the reference's :math:`10^{-15}` clamp would log :math:`\sim10^{15}`.
 - ``normalize_losses=True``: every loss is divided by its value at step 0 (recorded again at
   ``burn_in_period``) for the rotation loss, the encoder and the heads, as the reference does.
 
@@ -220,8 +225,11 @@ class RotoGrad(Method):
                 "(dim 1 of features)"
             )
         if self.generator is None:
+            # float32 at least: under a float16/bfloat16 model the rotation loss and the matrix
+            # exponential would overflow or lose the small updates
+            dtype = torch.promote_types(like.dtype, torch.float32)
             self.generator = torch.zeros(
-                num_tasks, m, m, dtype=like.dtype, device=like.device, requires_grad=True
+                num_tasks, m, m, dtype=dtype, device=like.device, requires_grad=True
             )
             self._pending_group = True
         elif tuple(self.generator.shape) != (num_tasks, m, m):
@@ -245,7 +253,10 @@ class RotoGrad(Method):
         assert self.generator is not None
         record = self.calls == 0 or self.calls == self.burn_in_period
 
-        grads = inputs.grads.view(k, *features.shape)
+        # the gradients' norms and the rotation loss in float32 at least (a float16 batch
+        # norm overflows); the weights are applied in the engine's float32 sum as well
+        work = torch.promote_types(inputs.grads.dtype, torch.float32)
+        grads = inputs.grads.view(k, *features.shape).to(work)
         loss_scale = torch.ones(k, dtype=grads.dtype, device=grads.device)
         if self.normalize_losses:
             if record:
@@ -273,7 +284,8 @@ class RotoGrad(Method):
         self._cache = None
 
         # magnitudes
-        norms = grads.reshape(k, -1).norm(dim=1).clamp_min(_TINY)
+        raw_norms = grads.reshape(k, -1).norm(dim=1)
+        norms = raw_norms.clamp_min(_TINY)
         if record:
             self.initial_norms = norms.detach().clone()
         self.calls += 1
@@ -281,6 +293,9 @@ class RotoGrad(Method):
         extras: dict[str, Any] = {"rotation_loss": float(loss.detach())}
         if self.homogenize_magnitude:
             weights, scale = magnitude_weights(norms, self.initial_norms.to(norms))
+            # a task whose representation gradient is exactly zero contributes nothing to the
+            # encoder whatever its weight; it is reported as 0 (not C / 1e-15)
+            weights = torch.where(raw_norms > 0, weights, torch.zeros_like(weights))
             extras["common_norm"] = float(scale)
         else:
             weights = torch.ones_like(norms)

@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
-from mtopt.core.qp import BoxQPResult, box_lower_qp_batch
+from mtopt.core.qp import RESIDUAL_RTOL, BoxQPResult, box_lower_qp_batch
 from mtopt.core.registry import register
 
 
@@ -79,7 +78,7 @@ class UPGrad(Method):
         pref = np.full(k, 1.0 / k) if self.pref_vector is None else np.array(self.pref_vector)
         if pref.shape != (k,):
             raise ValueError(f"upgrad: pref_vector has {pref.size} entries for {k} tasks")
-        gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
+        gram = inputs.gramian().detach().cpu().double().numpy()
         w, result = upgrad_solve(gram, pref, self.norm_eps, self.reg_eps)
         ok = result.all_converged
         message = ""
@@ -90,5 +89,13 @@ class UPGrad(Method):
                 "(non-finite Gramian, singular Gramian with reg_eps=0, or the iteration bound)"
             )
         status = "converged" if ok else "max_iter"
-        report = SolverReport("upgrad/active_set", ok, result.iterations, status, message)
+        report = SolverReport(
+            "upgrad/active_set",
+            ok,
+            result.iterations,
+            status,
+            message,
+            result.residual,
+            RESIDUAL_RTOL,
+        )
         return Aggregation(as_weights(w, inputs), solver=report)
