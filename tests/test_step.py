@@ -464,7 +464,8 @@ def test_non_converged_solver_is_logged(caplog):
     mto = _mto(model, "mgda", solver="pgd", max_iter=1, tol=1e-300, normalization="l2")
     with caplog.at_level(logging.WARNING, logger="mtopt"):
         info = mto.step(model.closure)
-    assert info.solver.converged is False
+    # one pgd iteration cannot reach an interior optimum: the certificate fails on any machine
+    assert info.solver.converged is False and info.solver.residual > info.solver.tolerance
     assert info.solver.status == "max_iter" and info.solver.iterations == 1
     records = [r for r in caplog.records if r.name == "mtopt"]
     assert len(records) == 1

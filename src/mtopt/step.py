@@ -643,7 +643,12 @@ def _check_finite(names: tuple[str, ...], grads: Tensor | None, gram: Tensor | N
     """Raise a ``FloatingPointError`` naming the tasks whose per-task gradient is not finite
     (one reduction over the rows, or the Gramian's diagonal)."""
     if grads is not None:
-        peaks = torch.linalg.vector_norm(grads, ord=float("inf"), dim=1).tolist()
+        # a row sum is non-finite iff an entry is (or the sum overflows: then look closer)
+        peaks = grads.sum(dim=1).tolist()
+        if not all(math.isfinite(v) for v in peaks):
+            peaks = [
+                v if math.isfinite(v) else float(grads[k].abs().amax()) for k, v in enumerate(peaks)
+            ]
     elif gram is not None:
         peaks = torch.diagonal(gram).tolist()
     else:

@@ -21,10 +21,14 @@ from mtopt.methods.upgrad import upgrad_solve, upgrad_weights
 KINDS = ("generic", "duplicate", "collinear", "rank_deficient", "wide", "aligned", "stationary")
 
 
-def reference_weights(gram: np.ndarray, pref: np.ndarray, reg_eps: float = 1e-4) -> np.ndarray:
-    """The definition, one QP per task: ``Σ_i argmin_{v ≥ p_i e_i} vᵀ(M/tr M + εI)v``."""
+def reference_weights(
+    gram: np.ndarray, pref: np.ndarray, reg_eps: float = 1e-4, norm_eps: float = 1e-4
+) -> np.ndarray:
+    """The definition, one QP per task: ``Σ_i argmin_{v ≥ p_i e_i} vᵀ(M/tr M + εI)v``, with
+    ``M/tr M`` taken as 0 when ``tr M < norm_eps`` (TorchJD's rule)."""
     k = gram.shape[0]
-    M = gram / np.trace(gram) + reg_eps * np.eye(k)
+    trace = np.trace(gram)
+    M = (np.zeros_like(gram) if trace < norm_eps else gram / trace) + reg_eps * np.eye(k)
     total = np.zeros(k)
     for i in range(k):
         v, ok = box_lower_qp_active_set(M, pref[i] * np.eye(k)[i])

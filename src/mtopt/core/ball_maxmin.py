@@ -28,7 +28,8 @@ then :math:`w^*` is exact up to rounding. The answer in weights is
 **Degenerate cases.**
 
 * :math:`s=0` (``c = 0`` or :math:`g_0=0`): the ball is the point :math:`g_0`: :math:`v=\mathbf
-  1/K` (status ``trivial``).
+  1/K` (status ``trivial``). So is ``c`` below :math:`2^{-52}`, which cannot move :math:`d`
+  away from :math:`g_0` in float64.
 * :math:`\tau^*=0`: the dual optimum is :math:`u^*=0`, i.e. 0 lies in the hull of the gradients
   and the best worst-case gain is 0. Every :math:`d` in the ball with :math:`Gd\ge0` is then
   optimal; we take the one closest to the centre, the projection of :math:`g_0` onto the cone
@@ -78,7 +79,10 @@ class BallMaxMinResult:
         dual: the dual weights ``w*`` on the simplex (``u* = Gᵀw*``).
         tau: ``τ*`` (0 in the stationary and trivial cases).
         iterations: exact QP solves (plus the stationary projection).
-        status: ``converged``, ``stationary``, ``trivial``, or ``max_iter``.
+        status: ``converged``, ``stationary``, ``trivial``; or, when the certificate fails,
+            ``max_iter`` (the search ran out of QP solves) or ``inaccurate`` (it ended, but the
+            gap exceeds ``GAP_RTOL``: seen only for singular Gram matrices whose hull has 0 on
+            a face, where large weights carry ``M``'s own rounding into the gains, ~1e-9).
         gap: the certificate: the larger of the relative duality gap and the ball excess.
         support: the QP support at ``τ*`` (a warm start for the next call).
     """
@@ -112,11 +116,20 @@ def ball_maxmin(
     gmax = float(norms.max())
     s = c * n0
     uniform = np.full(k, 1.0 / k)
-    if not s > 0 or gmax == 0:
+    # a radius below float64's resolution of g0 (c < 2⁻⁵²) cannot move d away from g0
+    if not c > 2.0**-52 or not s > 0 or gmax == 0:
         # the ball is the point g0; the dual optimum min_w bᵀw is at the vertex of min b
         vertex = np.eye(k)[int(np.argmin(b))]
         gap = _gap(M, b, n0, s, uniform, vertex)
         return BallMaxMinResult(uniform, vertex, 0.0, 0, "trivial", gap)
+
+    # 0 in the hull (to the precision M determines it) and c ≥ 1: ‖Π_P(−τg0)‖ ≤ τ‖g0‖ ≤ sτ for
+    # every τ, so τ* = 0 without a search (a search would find a spurious crossing at the
+    # rounding level of the hull's min-norm point)
+    if c >= 1.0:
+        w0 = _hull_weights(M, norms)
+        if _norm(M, w0) == 0.0:
+            return _stationary(M, b, n0, s, norms, 0, w0)
 
     lo, hi = 0.0, gmax / s * (1.0 + 1e-12)
     tau = hi / 2
@@ -172,26 +185,76 @@ def ball_maxmin(
     best = min(candidates, key=lambda r: r.gap)
     if best.converged:
         return best
+    status = "max_iter" if iterations >= max_iter else "inaccurate"
     return BallMaxMinResult(
-        best.weights, best.dual, best.tau, best.iterations, "max_iter", best.gap, best.support
+        best.weights, best.dual, best.tau, best.iterations, status, best.gap, best.support
     )
 
 
+def _hull_weights(M: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """The min-norm weights of the hull of the gradients, refined on their support (near 0 the
+    dual value ``s‖Gᵀw0‖`` is all rounding otherwise)."""
+    k = M.shape[0]
+    w0, _, _ = shifted_min_norm(M, max_iter=4 * k + 10)
+    radii = np.where(norms > 0, norms, 1.0)
+    refined = _affine_weights(M, np.zeros(k), radii, list(np.flatnonzero(w0 > 0)), refine=2)
+    if refined is not None and (refined >= 0).all() and refined.sum() > 0:
+        w0 = refined / refined.sum()
+    return w0
+
+
 def _stationary(
-    M: np.ndarray, b: np.ndarray, n0: float, s: float, norms: np.ndarray, iterations: int
+    M: np.ndarray,
+    b: np.ndarray,
+    n0: float,
+    s: float,
+    norms: np.ndarray,
+    iterations: int,
+    w0: np.ndarray | None = None,
 ) -> BallMaxMinResult:
     k = M.shape[0]
     uniform = np.full(k, 1.0 / k)
-    w0, _, _ = shifted_min_norm(M, max_iter=4 * k + 10)
-    # refined on its support: near 0 the dual value s‖Gᵀw0‖ is all rounding otherwise
-    radii = np.where(norms > 0, norms, 1.0)
-    refined = _affine_weights(M, np.zeros(k), radii, list(np.flatnonzero(w0 > 0)), refine=2)
-    if refined is not None and (refined >= 0).all():
-        w0 = refined / refined.sum()
-    v, ok = box_lower_qp(M, uniform)
+    if w0 is None:
+        w0 = _hull_weights(M, norms)
+    top = float(np.diagonal(M).max())
+    # scaled to unit diagonal (the QP's KKT tolerance is relative to max(1, max|M|)), with a
+    # ridge of 1e-13 that keeps its subproblems definite when M is singular (0 inside the hull
+    # makes it so); the certificate below is evaluated on M itself
+    scaled = M / top if top > 0 else M.copy()
+    scaled.flat[:: k + 1] += 1e-13
+    v, ok = box_lower_qp(scaled, uniform)
+    v = _polish(M, v, uniform) if ok else v
     v = np.where(norms > 0, v, uniform)
     gap = _gap(M, b, n0, s, v, w0) if ok else math.inf
+    if s >= n0 and gap > 0:
+        # the ball contains d = 0; when the projection is 0 up to rounding, the weights 0 state
+        # it exactly (large v of a singular M would carry M's rounding into the gains)
+        zero = np.zeros(k)
+        zero_gap = _gap(M, b, n0, s, zero, w0)
+        if zero_gap < gap:
+            v, gap = zero, zero_gap
     return BallMaxMinResult(v, w0, 0.0, iterations + 2, "stationary", gap)
+
+
+def _polish(M: np.ndarray, v: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """Remove the ridge's trace from the projection: on the free set ``F`` (``v > lower``) the
+    gains ``(Mv)_F`` vanish at the optimum; two least-squares corrections ``M_FF δ = −(Mv)_F``
+    (residuals correctly rounded; ``M_FF`` may be singular) restore that for ``M`` itself.
+    Kept only if ``v`` stays feasible."""
+    free = np.flatnonzero(v > lower)
+    if free.size == 0:
+        return v
+    sub = M[np.ix_(free, free)]
+    out = v.copy()
+    for _ in range(2):
+        residual = -accurate.matvec(M, out)[free]
+        step = np.linalg.lstsq(sub, residual, rcond=None)[0]
+        trial = out.copy()
+        trial[free] += step
+        if not (trial[free] >= lower[free]).all():
+            break
+        out = trial
+    return out
 
 
 def _piece_root(
@@ -211,10 +274,12 @@ def _piece_root(
     if sol is None:
         return None
     mu0, mu1 = sol[0][:, 0], sol[0][:, 1]
-    # correctly rounded: ‖u‖² is a small difference of large terms near a stationary point
+    # correctly rounded: ‖u‖² is a small difference of large terms near a stationary point;
+    # terms below the precision M determines them to are 0 (else a rounding-level ‖u(0)‖² < 0
+    # makes a spurious crossing next to τ = 0)
     a2 = accurate.quad(sub, mu1) - s * s
-    a1 = accurate.quad(sub, mu0, mu1)
-    a0 = accurate.quad(sub, mu0)
+    a1 = _clean(accurate.quad(sub, mu0, mu1), sub, mu0, mu1)
+    a0 = _clean(accurate.quad(sub, mu0), sub, mu0, mu0)
     roots = _quadratic_roots(a2, a1, a0)
     span = hi - lo
     best = None
@@ -228,6 +293,12 @@ def _piece_root(
     w = np.zeros(M.shape[0])
     w[idx] = mu0 + best * mu1
     return best, w
+
+
+def _clean(value: float, M: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """``value`` (``xᵀMy``), or 0 when it is within ``(n + 2) u |x|ᵀ|M||y|`` of 0."""
+    floor = (M.shape[0] + 2) * 2.0**-53 * float(np.abs(x) @ np.abs(M) @ np.abs(y))
+    return 0.0 if abs(value) <= floor else value
 
 
 def _quadratic_roots(a2: float, a1: float, a0: float) -> list[float]:
@@ -275,7 +346,10 @@ def _gap(M: np.ndarray, b: np.ndarray, n0: float, s: float, v: np.ndarray, w: np
     if scale == 0:
         return 0.0
     k = M.shape[0]
-    dual = accurate.dot(b, w) + s * _norm(M, w)
+    # Gᵀw indistinguishable from 0 in M: for a Gram matrix within rounding of M it is 0, and so
+    # is its gain g0ᵀGᵀw = bᵀw
+    u_norm = _norm(M, w)
+    dual = (accurate.dot(b, w) if u_norm > 0 else 0.0) + s * u_norm
     radius = _norm(M, v - 1.0 / k)
     excess = max(radius - s, 0.0) / s if s > 0 else radius / scale
     gap = max((dual - primal) / scale, excess, 0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,32 +78,91 @@ def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:
         raise ValueError(f"flat gradient has {flat.numel()} entries, parameters need {offset}")
 
 
+#: Smallest eigenvalue of the cosine matrix below which a Gramian formed in float32 is formed
+#: again in float64 (see :func:`gram_matrix`).
+RESOLVE_FLOAT32 = 1e-3
+
+
 def gram_matrix(rows: Tensor) -> Tensor:
     r"""``M = R Rᵀ`` of ``K`` rows in any floating dtype, returned in float64, without overflow
-    or underflow.
+    or underflow, and in float64 arithmetic where float32 cannot resolve it.
 
     The product runs in float32 for half-precision and float32 rows and in float64 for float64
-    rows. Rows whose largest entry lies outside ``[2⁻³⁰, 2³⁰]`` are first scaled by a power of
-    two each (exact), ``R̂ = E⁻¹R``, and ``M = E (R̂R̂ᵀ) E`` is assembled in float64: a float16
-    model whose gradient norm exceeds 256 (the square overflows float16), or float32 gradients
-    of 1e30, then give the same Gramian as float64 arithmetic would, to the precision of the
-    product. Otherwise the rows are used as they are (the common case costs nothing extra).
-    The result is symmetrised (a matrix product need not round ``(i, j)`` and ``(j, i)``
-    alike). Non-finite rows give a non-finite Gramian (the caller reports it)."""
+    rows. It is accepted when every squared row norm ``M_ii`` lies in ``[2⁻⁶⁰, 2¹⁰⁰]`` (then no
+    partial sum overflowed, by Cauchy–Schwarz, and no row lost its digits to underflow) or is
+    exactly 0. Otherwise each row is first scaled by a power of two (exact),
+    ``R̂ = E⁻¹R`` with entries in ``[½, 1)`` at most, and ``M = E (R̂R̂ᵀ) E`` is assembled in
+    float64: a float16 model whose gradient norm exceeds 256 (the square overflows float16), or
+    float32 gradients of 1e30, then give the same Gramian as float64 arithmetic would.
+
+    A float32 product carries a relative error of about ``√D u₃₂`` per entry (``u₃₂ = 2⁻²⁴``):
+    harmless while the gradients are far from linearly dependent, but once the cosine matrix
+    ``C = N⁻¹MN⁻¹`` (``N = diag ‖r_i‖``) has an eigenvalue below ``RESOLVE_FLOAT32`` (1e-3:
+    nearly dependent gradients, 0 in or near their hull) those errors are of the order of the
+    geometry the solvers resolve, and can make ``M`` indefinite. Then ``M`` is formed again from
+    the same rows in float64 (products of float32 numbers are exact in float64), and the
+    solvers certify their answers on it. The check is one Cholesky factorisation of a ``K × K``
+    matrix. The result is symmetrised (a matrix product need not round ``(i, j)`` and
+    ``(j, i)`` alike). Non-finite rows give a non-finite Gramian (the caller reports it)."""
+    gram = gram_product(rows)
+    if rows.dtype != torch.float64 and bool(torch.isfinite(gram).all()) and not well_resolved(gram):
+        return float64_gram(rows)
+    return gram
+
+
+def gram_product(rows: Tensor) -> Tensor:
+    """The product of :func:`gram_matrix` without the resolution check: float32 arithmetic for
+    half-precision and float32 rows (float64 for float64 rows), power-of-two row scaling where
+    squared norms leave ``[2⁻⁶⁰, 2¹⁰⁰]``, float64 result."""
     work = torch.float64 if rows.dtype == torch.float64 else torch.float32
     r = rows.reshape(rows.shape[0], -1).to(work)
-    amax = r.abs().amax(dim=1) if r.shape[1] else torch.zeros(r.shape[0], dtype=work)
+    direct = (r @ r.T).to(torch.float64)
+    diag = torch.diagonal(direct)
+    fine = (diag >= 2.0**-60) & (diag <= 2.0**100)
+    zero = diag == 0  # an exactly zero row, or one whose squares underflowed
+    if bool(zero.any()):
+        fine = fine | (zero & (r.abs().amax(dim=1) == 0))
+    if bool(fine.all()) or not bool(torch.isfinite(r.sum(dim=1)).all()):
+        return _symmetric(direct)
+    amax = r.abs().amax(dim=1)
     _, exponent = torch.frexp(amax)
-    safe = bool(((exponent >= -30) & (exponent <= 30)).all()) or not bool(
-        torch.isfinite(amax).all()
-    )
-    if safe:
-        return _symmetric((r @ r.T).to(torch.float64))
     exponent = torch.where(amax > 0, exponent, torch.zeros_like(exponent))
     scaled = torch.ldexp(r, -exponent.to(work)[:, None])
     inner = (scaled @ scaled.T).to(torch.float64)
     e = exponent.to(torch.float64)
     return _symmetric(torch.ldexp(inner, e[:, None] + e[None, :]))
+
+
+def well_resolved(gram: Tensor, threshold: float = RESOLVE_FLOAT32) -> bool:
+    """Whether the cosine matrix of ``gram`` (zero rows left out) has every eigenvalue at or
+    above ``threshold``: one Cholesky factorisation of ``C − threshold·I`` (in numpy: on a
+    ``K × K`` matrix a torch call costs more than the arithmetic)."""
+    m = gram.detach().cpu().numpy()
+    d = np.diagonal(m)
+    keep = d > 0
+    if int(keep.sum()) < 2:
+        return True
+    sub = m[np.ix_(keep, keep)] if not keep.all() else m
+    n = np.sqrt(np.diagonal(sub))
+    cos = sub / np.outer(n, n)
+    cos.flat[:: cos.shape[0] + 1] -= threshold
+    try:
+        np.linalg.cholesky(cos)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def float64_gram(rows: Tensor) -> Tensor:
+    """``R Rᵀ`` in float64 arithmetic, each row scaled by a power of two first (exact) so that
+    neither the squares nor their sums leave float64's range."""
+    r = rows.reshape(rows.shape[0], -1).to(torch.float64)
+    amax = r.abs().amax(dim=1)
+    _, exponent = torch.frexp(amax)
+    exponent = torch.where(amax > 0, exponent, torch.zeros_like(exponent))
+    scaled = torch.ldexp(r, -exponent.to(torch.float64)[:, None])
+    e = exponent.to(torch.float64)
+    return _symmetric(torch.ldexp(scaled @ scaled.T, e[:, None] + e[None, :]))
 
 
 def _symmetric(m: Tensor) -> Tensor:

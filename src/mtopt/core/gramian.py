@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from mtopt.core.gradients import batched_grads, gram_matrix
+from mtopt.core.gradients import batched_grads, float64_gram, gram_product, well_resolved
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Given the weights ``w``, the ``(parameter, Σ_k w_k ∂ℓ_k/∂parameter)`` pairs of one module call.
@@ -184,9 +184,15 @@ class GramianEngine:
         for call in calls:
             per_call.append(list(cotangents[offset : offset + len(call.edges)]))
             offset += len(call.edges)
+        # each contribution in float32 at least; the thunks form it again in float64 when the
+        # sum turns out unresolved in float32 (see gram_matrix). They recompute from the
+        # cotangents and inputs kept for write_grads, so no module's rows outlive their product.
+        precise: list[Callable[[], Tensor]] = []
         for p, rows in zip(self.unowned, cotangents[offset:], strict=True):
             if rows is not None:
-                gram += gram_matrix(rows.reshape(num_tasks, -1))
+                flat = rows.reshape(num_tasks, -1)
+                gram += gram_product(flat)
+                precise.append(lambda flat=flat: float64_gram(flat))
                 self._pending.append(_weighted_rows(p, rows))
 
         by_module: dict[nn.Module, list[tuple[_Call, list[Tensor | None]]]] = {}
@@ -199,20 +205,39 @@ class GramianEngine:
                 contribution, rows, pending = _linear_rule(module, owned, entries, num_tasks)
                 gram += contribution
                 self._pending.append(self._keep(owned, rows, pending))
+                precise.append(
+                    lambda m=module, o=owned, e=entries: _linear_rule(
+                        m, o, e, num_tasks, precise=True
+                    )[0]
+                )
                 continue
-            jac: Tensor | None = None
-            pendings: list[_Pending] = []
-            for call, cots in entries:
-                if isinstance(module, _CONVS) and _conv_supported(module) and not call.kwargs:
-                    rows, pending = _conv_rule(module, owned, call, cots[0], num_tasks)
-                else:
-                    rows, pending = _functional_rule(module, owned, call, cots, num_tasks)
-                jac = rows if jac is None else jac + rows
-                pendings.append(pending)
-            assert jac is not None
-            gram += gram_matrix(jac)
+
+            def module_rows(module=module, owned=owned, entries=entries):
+                jac: Tensor | None = None
+                pendings: list[_Pending] = []
+                for call, cots in entries:
+                    if isinstance(module, _CONVS) and _conv_supported(module) and not call.kwargs:
+                        rows, pending = _conv_rule(module, owned, call, cots[0], num_tasks)
+                    else:
+                        rows, pending = _functional_rule(module, owned, call, cots, num_tasks)
+                    jac = rows if jac is None else jac + rows
+                    pendings.append(pending)
+                assert jac is not None
+                return jac, pendings
+
+            jac, pendings = module_rows()
+            gram += gram_product(jac)
             self._pending.append(self._keep(owned, jac, _chain(pendings)))
+            precise.append(lambda rows_of=module_rows: float64_gram(rows_of()[0]))
         self._calls = []
+        if (
+            ref.dtype != torch.float64
+            and bool(torch.isfinite(gram).all())
+            and not well_resolved(gram)
+        ):
+            gram = torch.zeros_like(gram)
+            for contribution in precise:
+                gram += contribution()
         return gram
 
     def _keep(
@@ -332,10 +357,11 @@ def _linear_rule(
     owned: list[tuple[str, Tensor]],
     entries: list[tuple[_Call, list[Tensor | None]]],
     num_tasks: int,
+    precise: bool = False,
 ) -> tuple[Tensor, Tensor | None, _Pending]:
-    """Gramian contribution of a Linear layer's weight and bias over all its calls, its rows
-    when they were formed (``None`` on the kernel route), and its weighted gradient
-    ``(Σ_k w_k C_k)ᵀ [X, 1]``."""
+    """Gramian contribution of a Linear layer's weight and bias over all its calls (float64;
+    formed in float64 arithmetic when ``precise``), its rows when they were formed (``None`` on
+    the kernel route), and its weighted gradient ``(Σ_k w_k C_k)ᵀ [X, 1]``."""
     params = dict(owned)
     xs = [c.args[0].detach().reshape(-1, module.in_features) for c, _ in entries]
     cs = [cots[0].reshape(num_tasks, -1, module.out_features) for _, cots in entries]  # type: ignore[union-attr]
@@ -357,7 +383,7 @@ def _linear_rule(
     explicit = k * n * o * i + k * k * o * (i + 1)
     kernel_cost = n * n * (i + 1) + k * n * n * o + k * k * n * o
     if with_weight and kernel_cost < explicit:
-        return _kernel_gram(x, c, with_bias), None, pending
+        return _kernel_gram(x, c, with_bias, precise), None, pending
     parts = []
     for name, _ in owned:  # the owned order, which _keep splits the rows by
         if name == "weight":
@@ -365,15 +391,15 @@ def _linear_rule(
         elif name == "bias":
             parts.append(c.sum(dim=1))
     rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    return gram_matrix(rows), rows, pending
+    return (float64_gram(rows) if precise else gram_product(rows)), rows, pending
 
 
-def _kernel_gram(x: Tensor, c: Tensor, with_bias: bool) -> Tensor:
+def _kernel_gram(x: Tensor, c: Tensor, with_bias: bool, precise: bool = False) -> Tensor:
     """``⟨C_k, (XXᵀ + 11ᵀ) C_l⟩`` (float64) for inputs ``x`` ``(N, i)`` and cotangents ``c``
-    ``(K, N, o)``, formed in float32 at least. When ``x`` or a task's cotangents lie outside
-    ``[2⁻³⁰, 2³⁰]`` they are scaled by powers of two first (exact) and the scales restored in
-    float64, as :func:`~mtopt.core.gradients.gram_matrix` does for rows."""
-    work = torch.promote_types(c.dtype, torch.float32)
+    ``(K, N, o)``, formed in float32 at least (float64 when ``precise``). When ``x`` or a task's
+    cotangents lie outside ``[2⁻³⁰, 2³⁰]`` they are scaled by powers of two first (exact) and the
+    scales restored in float64, as :func:`~mtopt.core.gradients.gram_matrix` does for rows."""
+    work = torch.float64 if precise else torch.promote_types(c.dtype, torch.float32)
     x, c = x.to(work), c.to(work)
     k = c.shape[0]
     c_max = c.reshape(k, -1).abs().amax(dim=1)

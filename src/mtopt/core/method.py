@@ -282,7 +282,9 @@ def check_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) -
 
 
 def as_weights(values: Any, inputs: MethodInput) -> Tensor:
-    """``values`` (array or tensor) as weights with the dtype and device of the method's gradient
-    inputs (of the losses for loss-only methods)."""
+    """``values`` (array or tensor) as weights on the device of the method's gradient inputs (of
+    the losses for loss-only methods), in their dtype or float32, whichever is wider: weights of
+    a float16 model may exceed float16's range while ``Gᵀw`` does not."""
     ref = inputs.grads if inputs.grads is not None else inputs.losses
-    return torch.as_tensor(values).to(dtype=ref.dtype, device=ref.device)
+    dtype = torch.promote_types(ref.dtype, torch.float32)
+    return torch.as_tensor(values).to(dtype=dtype, device=ref.device)

@@ -61,14 +61,18 @@ from mtopt.core.registry import register
 @dataclass(frozen=True)
 class NashResult:
     """``alpha`` (0 for zero-gradient tasks), Newton iterations, status (``converged``,
-    ``stationary``, ``max_iter``), the residual ``max_i |α_i (Mα)_i − 1|`` over the bargaining
-    tasks, and which tasks bargained."""
+    ``stationary``, ``max_iter``), which tasks bargained, and the certificate: for
+    ``converged`` and ``max_iter`` the residual ``max_i |α_i (Mα)_i − 1|`` over the bargaining
+    tasks against ``tol``; for ``stationary`` the relative norm ``‖Σ w_i u_i‖ / Σ w_i`` of the
+    min-norm point of the unit gradients against the precision a float64 Gram matrix determines
+    it to, ``√((K + 2) u)``."""
 
     alpha: np.ndarray
     iterations: int
     status: str
     residual: float
     active: np.ndarray
+    tolerance: float = 0.0
 
     @property
     def converged(self) -> bool:
@@ -86,7 +90,7 @@ def nash_weights(
     active = np.diagonal(gram) > 0
     alpha = np.zeros(k)
     if not active.any():
-        return NashResult(alpha, 0, "stationary", 0.0, active)
+        return NashResult(alpha, 0, "stationary", 0.0, active, tol)
     sub = gram[np.ix_(active, active)]
     norms = np.sqrt(np.diagonal(sub))
     cos = sub / np.outer(norms, norms)
@@ -99,12 +103,14 @@ def nash_weights(
     alpha[active] = beta / norms
     residual = _residual(gram, alpha, active)
     if residual <= tol:
-        return NashResult(alpha, iterations, "converged", residual, active)
+        return NashResult(alpha, iterations, "converged", residual, active, tol)
     # no solution reached: is 0 in the hull of the bargaining gradients (none exists)?
     hull = min_norm_weights(cos)
+    floor = math.sqrt((cos.shape[0] + 2) * 2.0**-53)
+    norm = math.sqrt(max(accurate.quad(cos, hull.weights), 0.0)) / float(hull.weights.sum())
     if hull.converged and _in_hull(cos, hull.weights):
-        return NashResult(np.zeros(k), iterations, "stationary", residual, active)
-    return NashResult(alpha, iterations, "max_iter", residual, active)
+        return NashResult(np.zeros(k), iterations, "stationary", norm, active, floor)
+    return NashResult(alpha, iterations, "max_iter", residual, active, tol)
 
 
 def _newton(cos: np.ndarray, beta: np.ndarray | None, max_iter: int) -> tuple[np.ndarray, int]:
@@ -210,7 +216,7 @@ class NashMTL(Method):
                 result.status,
                 message,
                 result.residual,
-                self.tol,
+                result.tolerance,
             )
             self._alpha = result.alpha
             # heads: α on the bargaining tasks, 1 on the others and at a stationary point
