@@ -209,8 +209,10 @@ def test_grads_do_not_accumulate_across_steps():
     first = _grads(model)
     info = mto.step(model.closure)
     assert info.step == 1
+    # the same gradients, not twice them (the exact solver's warm start from step 0 may take
+    # another path to the same optimum: equal to rounding, not bit for bit)
     for a, b in zip(first, _grads(model), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["unitary", "mgda", "mgda_ub"])

@@ -195,12 +195,15 @@ def min_norm_weights(
     max_iter: int = 250,
     tol: float = 1e-5,
     clamp: float = 1e-3,
+    support: list[int] | None = None,
 ) -> MinNormResult:
     """Weights on the simplex minimising ``wᵀMw`` for a PSD Gram matrix ``M``, certified.
 
     ``max_iter`` bounds the iterations of ``pgd``/``fw`` and the major cycles of ``wolfe``
     (which needs at most a few times ``K``); ``tol`` and ``clamp`` are Sener's stopping rule and
-    pair clamp (``pgd``/``fw`` only; the exact solver uses no clamp).
+    pair clamp (``pgd``/``fw`` only; the exact solver uses no clamp). ``support`` warm-starts
+    ``wolfe`` from a previous step's support (the optimum is the same; it is usually reached in
+    one major cycle).
 
     Raises:
         ValueError: ``M`` not square, not finite, or an unknown solver.
@@ -224,7 +227,7 @@ def min_norm_weights(
         w = np.ones(1)
         return MinNormResult(w, 0, "converged", float(M[0, 0]), 0.0)
     if solver == "wolfe":
-        w, it, finished = shifted_min_norm(M, max_iter=max_iter)
+        w, it, finished = shifted_min_norm(M, support=support, max_iter=max_iter)
         stop = "stalled" if finished else "max_iter"
     elif k == 2:
         w, it, stop = _best_pair(M, clamp), 0, "stalled"
@@ -306,8 +309,8 @@ def shifted_min_norm(
     radii = np.sqrt(np.maximum(np.diagonal(M), 0.0)) + abs(tau) * norm0
     radii = np.where(radii > 0, radii, 1.0)
     if support:
-        support = sorted(set(support))
-        w = _affine_weights(M, shift, radii, support)
+        support = sorted({int(i) for i in support if 0 <= int(i) < k})
+        w = _affine_weights(M, shift, radii, support) if support else None
         if w is None or not (w[support] > 0).all():
             support = None
     if not support:

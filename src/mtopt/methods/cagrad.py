@@ -109,4 +109,8 @@ class CAGrad(Method):
         )
 
     def _get_state(self) -> dict[str, Any]:
-        return {}
+        # the warm start: a resumed run takes the same solver path as an uninterrupted one
+        return {"support": list(self._support)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._support = tuple(int(i) for i in state.get("support", ()))

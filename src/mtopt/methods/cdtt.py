@@ -133,9 +133,14 @@ class CDTT(Method):
 
     def _get_state(self) -> dict[str, Any]:
         previous = None if self._previous_sum is None else self._previous_sum.tolist()
-        return {"norms": self._norms, "previous_sum": previous}
+        return {
+            "norms": self._norms,
+            "previous_sum": previous,
+            "edm_support": self._edm._get_state()["support"],
+        }
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._norms = [list(n) for n in state.get("norms", [])]
         prev = state.get("previous_sum")
         self._previous_sum = None if prev is None else np.array(prev)
+        self._edm._set_state({"support": state.get("edm_support", [])})

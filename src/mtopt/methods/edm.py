@@ -20,6 +20,8 @@ Heads: raw.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -58,6 +60,7 @@ class EDM(Method):
         self.solver = solver
         self.max_iter = int(max_iter)
         self.tol = float(tol)
+        self._support: list[int] = []  # the exact solver's warm start
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
@@ -73,9 +76,14 @@ class EDM(Method):
             return Aggregation(weights, solver=report)
         norms = np.sqrt(sq)
         result = min_norm_weights(
-            gram / np.outer(norms, norms), self.solver, self.max_iter, self.tol
+            gram / np.outer(norms, norms),
+            self.solver,
+            self.max_iter,
+            self.tol,
+            support=self._support,
         )
         w = result.weights
+        self._support = [int(i) for i in np.flatnonzero(w > 0)]
         gamma = 1.0 / float(np.sum(w / norms))
         raw = gamma * w / norms
         report = SolverReport(
@@ -92,3 +100,9 @@ class EDM(Method):
             solver=report,
             extras={"edm_simplex_weights": w.tolist()},
         )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"support": list(self._support)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._support = [int(i) for i in state.get("support", [])]

@@ -101,8 +101,8 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str, flo
             if not consistent or not abs(total) > 0:
                 return torch.zeros(k, dtype=gram.dtype), "degenerate", 0.0
             w[active] = x / n / total
-        status = "ascent" if _common_projection(m, w) < 0 else "ok"
-        return torch.from_numpy(w).to(gram.dtype), status, _spread(m, w)
+        status, spread = _status_and_spread(m, w)
+        return torch.from_numpy(w).to(gram.dtype), status, spread
     if not active.all():
         raise ValueError("imtl: closed_form needs non-zero gradients (use solver='pinv')")
     norms = torch.sqrt(torch.diagonal(gram))
@@ -117,31 +117,25 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str, flo
             f"imtl: singular D Uᵀ in the closed form ({exc}); use solver='pinv'"
         ) from exc
     w = torch.cat([(1 - rest.sum()).reshape(1), rest])
-    wn = w.detach().cpu().double().numpy()
-    status = "ascent" if _common_projection(m, wn) < 0 else "ok"
-    return w, status, _spread(m, wn)
+    status, spread = _status_and_spread(m, w.detach().cpu().double().numpy())
+    return w, status, spread
 
 
-def _projections(m: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``dᵀu_i`` for the tasks with a non-zero gradient (``d = Gᵀw``)."""
+def _status_and_spread(m: np.ndarray, w: np.ndarray) -> tuple[str, float]:
+    """``ascent``/``ok`` from the sign of the common projection, and the certificate
+    ``(max_i dᵀu_i − min_i dᵀu_i)/‖d‖`` (0 when ``d = 0``), from one correctly rounded ``Mw``."""
     sq = np.diagonal(m)
     active = sq > 0
-    return accurate.matvec(m, w)[active] / np.sqrt(sq[active])
-
-
-def _common_projection(m: np.ndarray, w: np.ndarray) -> float:
-    p = _projections(m, w)
-    return float(p.mean()) if p.size else 0.0
-
-
-def _spread(m: np.ndarray, w: np.ndarray) -> float:
-    """``(max_i dᵀu_i − min_i dᵀu_i)/‖d‖`` (0 when ``d = 0``)."""
-    p = _projections(m, w)
-    norm = math.sqrt(max(accurate.quad(m, w), 0.0))
-    if p.size == 0 or norm == 0:
-        return 0.0
+    m_w = accurate.matvec(m, w)
+    p = m_w[active] / np.sqrt(sq[active])
+    if p.size == 0:
+        return "ok", 0.0
+    status = "ascent" if float(p.mean()) < 0 else "ok"
+    norm = math.sqrt(max(accurate.dot(w, m_w), 0.0))
+    if norm == 0:
+        return status, 0.0
     value = float(p.max() - p.min()) / norm
-    return value if math.isfinite(value) else math.inf
+    return status, (value if math.isfinite(value) else math.inf)
 
 
 def bound_weights(w: Tensor, bound: float | None) -> Tensor:

@@ -41,6 +41,8 @@ bound of :math:`\|\sum w_k g_k\|` at the cost of K head-only backward passes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -123,6 +125,7 @@ class MGDA(Method):
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         self.pair_clamp = float(pair_clamp)
+        self._support: list[int] = []  # the exact solver's warm start
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
@@ -136,8 +139,10 @@ class MGDA(Method):
             max_iter=self.max_iter,
             tol=self.tol,
             clamp=self.pair_clamp,
+            support=self._support,
         )
         simplex = result.weights
+        self._support = [int(i) for i in np.flatnonzero(simplex > 0)]
         effective = simplex / n if self.apply_to == "normalized_grads" else simplex
         report = SolverReport(
             name=f"min_norm/{self.solver}",
@@ -153,6 +158,13 @@ class MGDA(Method):
             solver=report,
             extras={"simplex_weights": simplex.tolist(), "normalizers": n.tolist()},
         )
+
+    def _get_state(self) -> dict[str, Any]:
+        # the warm start: a resumed run takes the same solver path as an uninterrupted one
+        return {"support": list(self._support)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._support = [int(i) for i in state.get("support", [])]
 
 
 @register
