@@ -472,7 +472,7 @@ def test_non_converged_solver_is_logged(caplog):
     records = [r for r in caplog.records if r.name == "mtopt"]
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING
-    assert "did not converge" in records[0].getMessage()
+    assert "not certified" in records[0].getMessage()
     assert "mgda" in records[0].getMessage()
 
 
@@ -517,3 +517,18 @@ def test_no_method_writes_nan_when_a_task_has_a_zero_shared_gradient(name):
         for p in [*enc.parameters(), *heads.parameters()]:
             assert p.grad is None or torch.isfinite(p.grad).all(), name
         assert all(torch.isfinite(p).all() for p in enc.parameters())
+
+
+def test_a_repeated_uncertified_solve_is_logged_once_then_counted(caplog):
+    model = Net(k=4, seed=0)
+    mto = _mto(model, "mgda", solver="pgd", max_iter=1, tol=1e-300, normalization="l2")
+    with caplog.at_level(logging.WARNING, logger="mtopt"):
+        for _ in range(5):
+            mto.step(model.closure)
+    warnings = [r for r in caplog.records if r.name == "mtopt" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "counted" in warnings[0].getMessage()
+    assert sum(mto.uncertified.values()) == 5
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="mtopt"):  # --verbose: every occurrence
+        mto.step(model.closure)
+    assert [r.levelno for r in caplog.records if r.name == "mtopt"] == [logging.DEBUG]

@@ -6,9 +6,11 @@ The CLI owns the terminal (tables, progress bars); the library prints nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -25,20 +27,88 @@ DEFAULT_COMPARE_METHODS = "unitary:reduction=mean,mgda,mgda_ub"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Run the command line. A mistake of the user's (a bad option or file, missing or damaged
+    data, an unusable run store) is one line on stderr and exit status 2; ``--debug`` shows the
+    traceback instead."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        level = logging.DEBUG if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("mtopt").setLevel(level)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"mtopt: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mtopt: interrupted (finished runs are kept; run the command again to resume)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except BrokenPipeError:  # `mtopt methods | head`: the reader left, nothing to report
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter closes it
+        return 0
+    except Exception as exc:  # anticipated ones become one line; anything else is a bug
+        message = user_error(exc)
+        if message is None or debug:
+            raise
+        print(f"mtopt: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an anticipated error, ``None`` for a bug (a traceback)."""
+    import sqlite3
+
+    from pydantic import ValidationError
+
+    from mtopt.core.hparams import describe_fields
+    from mtopt.errors import MtoptError
+
+    if isinstance(exc, ValidationError):
+        text = describe_fields(exc)
+    elif isinstance(exc, MtoptError | ValueError | FileNotFoundError | NotADirectoryError):
+        text = str(exc)
+    elif isinstance(exc, PermissionError):
+        text = f"permission denied: {exc.filename or exc} (use a folder you can write to)"
+    elif isinstance(exc, OSError):
+        text = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+    elif isinstance(exc, sqlite3.Error):
+        text = f"run store error: {exc} (move the store aside or pass --run-dir)"
+    else:
+        return None
+    return " ".join(text.split()) or type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line (an exception the caller prints), and
+    ``--debug`` / ``--verbose`` accepted after any subcommand too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        top = kwargs.get("prog") == "mtopt"
+        default = False if top else argparse.SUPPRESS
+        self.add_argument(
+            "--debug", action="store_true", default=default, help="show an error's traceback"
+        )
+        self.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="log every warning (by default each kind once per run, then counted)",
+        )
+
+    def error(self, message: str):  # type: ignore[override]
+        from mtopt.errors import ConfigError
+
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 # ----------------------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtopt", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="mtopt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("methods", help="list the registered methods and their hyperparameters")
     m.set_defaults(func=cmd_methods)
@@ -217,8 +287,11 @@ def _base_config(args: argparse.Namespace):
 
 
 def _problem(args: argparse.Namespace):
+    from mtopt.errors import ConfigError
     from mtopt.problems import get_problem
 
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir {args.data_dir} is not a folder")
     kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
     return get_problem(args.problem, **kwargs)
 
@@ -245,6 +318,8 @@ def _progress_hook(quiet: bool):
                 bar.update(1)
             else:
                 scores = {k[6:]: f"{v:.4g}" for k, v in payload.items() if k.startswith("score_")}
+                if payload.get("solver_failures"):
+                    scores["uncertified"] = str(payload["solver_failures"])
                 bar.set_postfix(epoch=payload["epoch"] + 1, **scores)
                 if payload["epoch"] + 1 == config.epochs:
                     bar.close()
@@ -302,49 +377,57 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from mtopt.problems.cache import describe
     from mtopt.problems.mnist_data import load_mnist
 
     start = time.perf_counter()
+    data: Any
     if args.dataset == "yeast":
         from mtopt.problems.yeast import load_yeast
 
         data = load_yeast(args.data_dir)
-        print(
+        what = (
             f"Yeast ready: {data.features.shape[0]:,} genes × {data.features.shape[1]} features "
-            f"× {data.labels.shape[1]} labels from {data.source} "
-            f"({time.perf_counter() - start:.1f} s)"
+            f"× {data.labels.shape[1]} labels"
         )
-        return 0
-    if args.dataset == "qm9":
+    elif args.dataset == "qm9":
         from mtopt.problems.qm9_data import load_qm9
 
-        qm9 = load_qm9(args.data_dir)
-        print(
-            f"QM9 ready: {len(qm9):,} molecules × {qm9.targets.shape[1]} targets from "
-            f"{qm9.source} ({time.perf_counter() - start:.1f} s)"
-        )
-        return 0
-    if args.dataset == "fashion":
+        data = load_qm9(args.data_dir)
+        what = f"QM9 ready: {len(data):,} molecules × {data.targets.shape[1]} targets"
+    elif args.dataset == "fashion":
         from mtopt.problems.fashion_data import load_fashion_mnist
 
-        arrays = load_fashion_mnist(args.data_dir)
-        print(
-            f"Fashion-MNIST ready: {arrays.train_images.shape[0]:,} train + "
-            f"{arrays.test_images.shape[0]:,} test images from {arrays.source} "
-            f"({time.perf_counter() - start:.1f} s)"
+        data = load_fashion_mnist(args.data_dir)
+        what = (
+            f"Fashion-MNIST ready: {data.train_images.shape[0]:,} train + "
+            f"{data.test_images.shape[0]:,} test images"
         )
-        return 0
-    arrays = load_mnist(args.data_dir)
-    print(
-        f"MNIST ready: {arrays.train_images.shape[0]:,} train + {arrays.test_images.shape[0]:,} "
-        f"test images from {arrays.source} ({time.perf_counter() - start:.1f} s)"
-    )
+    else:
+        data = load_mnist(args.data_dir)
+        what = (
+            f"MNIST ready: {data.train_images.shape[0]:,} train + "
+            f"{data.test_images.shape[0]:,} test images"
+        )
+    # the digest shown is the cache file's (recorded at write, checked at this load)
+    print(f"{what} ({time.perf_counter() - start:.1f} s)")
+    for line in describe(data):
+        print(line)
     return 0
+
+
+def _store(run_dir: Path):
+    """The run store of ``run_dir`` (``RUN_DIR/mtopt.sqlite``), with the JSON records of earlier
+    versions (``RUN_DIR/runs/*.json``) imported once."""
+    from mtopt.experiments.database import RunDatabase
+
+    db = RunDatabase(run_dir / "mtopt.sqlite")
+    db.import_json_runs(run_dir / "runs")
+    return db
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mtopt.experiments.compare import run_or_load, single_task_references
-    from mtopt.experiments.store import RunStore
     from mtopt.experiments.train import parse_method_spec
 
     base = _base_config(args)
@@ -353,7 +436,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--hp expects KEY=VALUE, got {bad}")
     method, hparams = parse_method_spec(":".join([args.method, *args.hp]))
     problem = _problem(args)
-    store = RunStore(args.run_dir)
+    store = _store(args.run_dir)
     hook = _progress_hook(args.quiet)
     print(_header(args, base, 1))
     refs = None
@@ -372,7 +455,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "test_delta_m" in result:
         print(f"  test Δm vs single-task: {result['test_delta_m']:+.2f} % (higher is better)")
     if result["solver_failures"]:
-        print(f"  WARNING: the solver did not converge on {result['solver_failures']} step(s)")
+        count = result["solver_failures"]
+        print(f"  WARNING: the solver's answer was not certified on {count} step(s)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
         print(f"  record written to {args.out}")
@@ -384,23 +468,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from mtopt.errors import ConfigError
     from mtopt.experiments.compare import compare, format_table
-    from mtopt.experiments.store import RunStore
+    from mtopt.experiments.train import parse_method_spec
 
     started = time.perf_counter()
     base = _base_config(args)
     preset = PRESETS.get(args.preset or "", {})
     n_seeds = args.seeds if args.seeds is not None else preset.get("seeds", 1)
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {n_seeds}")
     seeds = [1 + i for i in range(n_seeds)]
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("--methods names no method (e.g. --methods unitary,mgda)")
+    for spec in specs:  # every spec builds before anything trains
+        parse_method_spec(spec.split("@")[0])
+    store = _store(args.run_dir)
     print(_header(args, base, n_seeds))
-    print(f"  methods: {', '.join(specs)}; results kept in {args.run_dir}/runs")
+    print(f"  methods: {', '.join(specs)}; results kept in {store.path}")
     comparison = compare(
         args.problem,
         specs,
         base,
         seeds,
-        RunStore(args.run_dir),
+        store,
         hook=_progress_hook(args.quiet),
         problem=_problem(args),
     )
@@ -426,17 +518,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from mtopt.errors import ConfigError
     from mtopt.experiments.database import RunDatabase
     from mtopt.experiments.sweep import SweepConfig, run_sweep
     from mtopt.report.tables import markdown_table
 
     started = time.perf_counter()
     config = SweepConfig.from_toml(args.config, args.set)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be ≥ 1, got {args.workers}")
     db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
     unfinished = db.unfinished()
     print(f"mtopt sweep {config.name} — {config.problem}; runs kept in {db.path}")
     if unfinished:
-        print(f"  {len(unfinished)} run(s) started earlier but never finished: they are redone")
+        print(
+            f"  {len(unfinished)} run(s) started earlier but never finished: they are redone "
+            "(or waited for, if another process is training them now)"
+        )
 
     def progress(message: str) -> None:
         if not args.quiet:
@@ -461,10 +559,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mtopt.report.plots import plot_cosine, plot_delta_m, plot_weights
     from mtopt.report.tables import latex_table, markdown_table
 
-    result = json.loads(args.sweep.read_text())
+    result = _read_sweep_result(args.sweep)
+    db = RunDatabase(result["database"], readonly=True)
     out_dir = args.out_dir or Path("reports") / result["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    db = RunDatabase(result["database"])
     keys = {key for row in result["rows"] for key in row["keys"]}
     records = {key: rec for key in keys if (rec := db.get(key)) is not None}
     written = []
@@ -482,6 +580,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in written:
         print(f"  wrote {path}")
     return 0
+
+
+def _read_sweep_result(path: Path) -> dict[str, Any]:
+    """A sweep result written by ``mtopt sweep``, checked enough to report on."""
+    from mtopt.errors import ConfigError
+
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no sweep result {path} (mtopt sweep writes RUN_DIR/sweeps/NAME.json)"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a sweep result (not JSON: {exc})") from None
+    needed = ("name", "database", "rows", "directions", "references")
+    if not isinstance(result, dict) or any(k not in result for k in needed):
+        raise ConfigError(f"{path} is not a sweep result (written by mtopt sweep)")
+    return result
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

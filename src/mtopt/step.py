@@ -23,6 +23,7 @@ Jacobian unless it would exceed ``max_jacobian_bytes`` and the Gramian engine ap
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -111,7 +112,9 @@ class MultiTaskOptimizer:
         max_jacobian_bytes: under ``engine="auto"``, the size of the ``K × D`` Jacobian above
             which the Gramian engine is used (when it applies); the Gramian engine keeps at most
             this many bytes of per-module Jacobian rows. Default 1 GiB.
-        **hparams: the method's hyperparameters when ``method`` is a name.
+        **hparams: the method's hyperparameters when ``method`` is a name (``optimizer`` is
+            positional-only, so a method's own ``optimizer`` setting, UW's and IMTL-L's, can be
+            passed here).
 
     Example::
 
@@ -123,6 +126,7 @@ class MultiTaskOptimizer:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
+        /,
         method: str | Method = "unitary",
         shared: Iterable[Tensor] | nn.Module | Sequence[nn.Module] | None = None,
         *,
@@ -186,6 +190,8 @@ class MultiTaskOptimizer:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
+        #: uncertified solves so far, by (solver name, status)
+        self.uncertified: collections.Counter[tuple[str, str]] = collections.Counter()
         self.engine = engine
         self.max_jacobian_bytes = int(max_jacobian_bytes)
         #: bytes of one Jacobian row (the shared parameters do not change)
@@ -435,15 +441,7 @@ class MultiTaskOptimizer:
         times["total"] = time.perf_counter() - start
 
         if agg.solver is not None and not agg.solver.converged:
-            logger.warning(
-                "step %d: %s solver %s did not converge (%s after %d iterations): %s",
-                step_index,
-                self.method.name,
-                agg.solver.name,
-                agg.solver.status,
-                agg.solver.iterations,
-                agg.solver.message,
-            )
+            self._report_uncertified(step_index, agg.solver)
         info = StepInfo(
             step=step_index,
             losses=dict(zip(names, step_values, strict=True)),
@@ -455,6 +453,31 @@ class MultiTaskOptimizer:
             gradient_engine=engine_used,
         )
         return info
+
+    def _report_uncertified(self, step_index: int, report: SolverReport) -> None:
+        """Count an uncertified solve; log the first of each kind (solver, status) with its
+        details at WARNING, later ones at DEBUG (``logging.getLogger("mtopt")`` at DEBUG, or
+        ``mtopt --verbose``, shows every one)."""
+        kind = (report.name, report.status)
+        self.uncertified[kind] += 1
+        first = self.uncertified[kind] == 1
+        residual = "" if report.residual is None else f", residual {report.residual:.3g}"
+        tolerance = "" if report.tolerance is None else f" > {report.tolerance:.3g}"
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "step %d: %s solver %s not certified (%s after %d iterations%s%s): %s%s",
+            step_index,
+            self.method.name,
+            report.name,
+            report.status,
+            report.iterations,
+            residual,
+            tolerance,
+            report.message,
+            "; further steps like this are counted, not logged (--verbose logs them)"
+            if first
+            else "",
+        )
 
     # ------------------------------------------------------------------------------------------
     def _unpack(

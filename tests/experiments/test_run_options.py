@@ -26,7 +26,7 @@ def test_keys_of_default_configs_did_not_change():
     assert RunConfig(problem="p", optimizer="muon").key() != RunConfig(problem="p").key()
     assert RunConfig(problem="p", apt=True).key() != RunConfig(problem="p").key()
     assert RunConfig(problem="p", muon_lr=0.1).key() == RunConfig(problem="p").key()  # unused
-    with pytest.raises(ValueError, match="optimizer must be one of"):
+    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'muon'"):
         RunConfig(problem="p", optimizer="sgd")
 
 

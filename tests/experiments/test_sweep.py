@@ -149,7 +149,7 @@ def test_fixed_weights_follow_the_hand_computed_ema():
 
 
 def test_bad_sweep_files_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="grid keys"):
+    with pytest.raises(ValueError, match="must be 'lr', 'dropout' or 'weight_decay'"):
         SweepConfig(problem="p", methods={"unitary": {}}, grid={"momentum": [0.9]})
     with pytest.raises(ValueError, match="unknown method"):
         SweepConfig(problem="p", methods={"nope": {}})

@@ -10,7 +10,7 @@ import pytest
 
 from mtopt.cli import main
 from mtopt.experiments.compare import compare, format_table
-from mtopt.experiments.store import RunStore
+from mtopt.experiments.database import RunDatabase
 from mtopt.experiments.train import RunConfig, parse_method_spec, train_run
 from mtopt.problems.multi_mnist import MultiMNIST
 
@@ -86,7 +86,7 @@ def test_end_to_end_comparison_per_variant(problems, variant, tmp_path):
         seen.append((label, cached))
         return None
 
-    store = RunStore(tmp_path)
+    store = RunDatabase(tmp_path / "mtopt.sqlite")
     methods = ["unitary:reduction=mean", "mgda", "mgda_ub:normalization=l2"]
     result = compare(f"multi_mnist/{variant}", methods, base, [1], store, hook, problems[variant])
     assert [r.label for r in result.rows] == ["single-task", *methods]
@@ -148,7 +148,13 @@ def test_every_registered_method_runs_through_compare(problems, tmp_path):
     specs += ["auto_lambda:meta_split=val", "go4align:num_groups=2"]
     base = RunConfig(problem="multi_mnist/cl_rr", **{**TINY, "epochs": 3, "train_subset": 256})
     result = compare(
-        "multi_mnist/cl_rr", specs, base, [1], RunStore(tmp_path), None, problems["cl_rr"]
+        "multi_mnist/cl_rr",
+        specs,
+        base,
+        [1],
+        RunDatabase(tmp_path / "mtopt.sqlite"),
+        None,
+        problems["cl_rr"],
     )
     assert [r.label for r in result.rows[1:]] == specs
     for row in result.rows[1:]:

@@ -229,7 +229,7 @@ def test_uw_typed_takes_loss_types_from_the_engine_or_says_what_is_missing():
         inputs([1.0, 2.0], loss_types=("classification", "regression"))
     )
     torch.testing.assert_close(out.weights, torch.tensor([1.0, 0.5], dtype=torch.float64))
-    with pytest.raises(ValueError, match="loss type"):
+    with pytest.raises(ValueError, match=r"^uw: loss_types must be 'regression'.*'gaussian'"):
         mtopt.make("uw", loss_types=["gaussian"])
 
 

@@ -123,7 +123,8 @@ def test_debian_package_is_unpacked_and_verified(tmp_path, monkeypatch):
     loaded = load_fashion_mnist(tmp_path / "none", tmp_path / "cache", True, tmp_path / "sys")
     np.testing.assert_array_equal(loaded.train_images, arrays.train_images)
     assert "Debian dataset-fashion-mnist_1.0_all.deb" in loaded.source
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["debs", "fashion_mnist.npz"]
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cached == ["debs", "fashion_mnist.npz", "fashion_mnist.npz.sha256"]  # + its digest
 
 
 # ------------------------------------------------------------------------------ the problems
@@ -176,7 +177,8 @@ def test_right_indices_are_saved_in_each_problems_cache_folder(tmp_path, small_t
     MultiFashionMNIST(data_dir=tmp_path / "fashion", mnist_dir=tmp_path / "mnist").splits()
     for family in ("multi_fashion", "multi_fashion_mnist"):
         saved = sorted(p.name for p in (tmp_path / "cache" / family).iterdir())
-        assert saved == [f"right_indices_{s}_seed0.txt" for s in ("test", "train", "val")]
+        names = [f"right_indices_{s}_seed0.txt" for s in ("test", "train", "val")]
+        assert saved == sorted(names + [f"{name}.sha256" for name in names])  # + their digests
 
 
 def test_batches_are_normalised_with_the_problems_constants():

@@ -13,12 +13,13 @@ import enum
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from mtopt.core.gradients import gram_matrix
+from mtopt.core.hparams import validated
 
 HEAD_POLICIES = ("raw", "weighted")
 
@@ -178,7 +179,13 @@ class Method:
     #: ``K × D`` Jacobian (``MultiTaskOptimizer(engine="gramian")``).
     gramian_only: ClassVar[bool] = False
 
-    def __init__(self, *, head_policy: str | None = None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__mtopt_validated__", False):
+            cls.__init__ = validated(init)  # type: ignore[method-assign]
+
+    def __init__(self, *, head_policy: Literal["raw", "weighted"] | None = None) -> None:
         policy = self.default_head_policy if head_policy is None else head_policy
         if policy not in HEAD_POLICIES:
             raise ValueError(

@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
-from mtopt.experiments.store import RunStore
+from mtopt.experiments.database import BUSY, CLAIMED, RunDatabase
 from mtopt.experiments.train import (
     Callback,
     RunConfig,
@@ -26,6 +28,8 @@ from mtopt.experiments.train import (
     train_run,
 )
 from mtopt.problems import Problem, get_problem
+
+logger = logging.getLogger("mtopt")
 
 RunHook = Callable[[str, RunConfig, bool], Callback | None]
 
@@ -53,18 +57,41 @@ class Comparison:
 
 
 def run_or_load(
-    store: RunStore,
+    store: RunDatabase,
     config: RunConfig,
     problem: Problem,
     references: Any,
     hook: RunHook | None,
     label: str,
 ) -> dict[str, Any]:
-    cached = store.get(run_key(config, references))
-    callback = hook(label, config, cached is not None) if hook else None
-    if cached is not None:
-        return cached
-    result = train_run(config, references=references, problem=problem, callback=callback)
+    """The stored record of ``config``, or train it (claimed in the store, so that another
+    process on the same store waits for it instead of training it too)."""
+    key = run_key(config, references)
+    announced = False
+    while True:
+        cached = store.get(key)
+        if cached is not None:
+            if hook:
+                hook(label, config, True)
+            return cached
+        status = store.claim(key)
+        if status == CLAIMED:
+            break
+        if status == BUSY:
+            if not announced:
+                logger.warning(
+                    "%s (seed %d): another process is training this run; waiting for it",
+                    label,
+                    config.seed,
+                )
+                announced = True
+            time.sleep(2.0)
+    callback = hook(label, config, False) if hook else None
+    try:
+        result = train_run(config, references=references, problem=problem, callback=callback)
+    except BaseException:
+        store.release(key)
+        raise
     store.put(result)
     return result
 
@@ -73,7 +100,7 @@ def single_task_references(
     problem: Problem,
     base: RunConfig,
     seeds: Sequence[int],
-    store: RunStore,
+    store: RunDatabase,
     hook: RunHook | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
     """``({"val": table, "test": table}, median seconds per step)`` from single-task runs."""
@@ -96,7 +123,7 @@ def compare(
     method_specs: Sequence[str],
     base: RunConfig,
     seeds: Sequence[int],
-    store: RunStore,
+    store: RunDatabase,
     hook: RunHook | None = None,
     problem: Problem | None = None,
 ) -> Comparison:
@@ -169,6 +196,9 @@ def format_table(comparison: Comparison) -> str:
     )
     if baseline:
         header.append("× unitary")
+    uncertified = any(r.solver_failures for r in comparison.rows)
+    if uncertified:
+        header.append("uncertified steps")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in comparison.rows:
         cells = [row.label] + [f"{row.test[t][m]:.4f}" for t, m, _ in columns]
@@ -188,5 +218,7 @@ def format_table(comparison: Comparison) -> str:
         cells.append(f"{1000 * row.step_seconds:.0f}")
         if baseline:
             cells.append(f"{row.step_seconds / baseline:.2f}")
+        if uncertified:
+            cells.append(str(row.solver_failures))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,26 +1,57 @@
-"""Finished runs in an embedded SQLite database, one row per run keyed by its config hash.
+"""The run store: finished runs in one SQLite file, shared by ``train``, ``compare`` and ``sweep``.
 
-A row is written in one transaction only once its run has finished, so a sweep that is killed
-(even with SIGKILL) and started again skips every finished run and redoes the ones that were in
-progress; ``started`` rows only record that a run began (and on which code version), for the
-report. Several worker processes may write at once (WAL journal, busy timeout).
+One row per finished run, keyed by its config hash (:func:`mtopt.experiments.train.run_key`),
+written in one transaction once the run has finished: a process killed at any moment (SIGKILL
+included) leaves every finished run in place, and nothing half-written.
 
-Columns: ``key`` (the run key), ``problem``, ``method``, ``seed``, ``config`` (JSON),
-``record`` (the whole run record as JSON: metrics per epoch, the selected epoch(s), per-epoch mean
-weights, timings), ``best_epoch``, ``val_delta_m``, ``test_delta_m``, ``seconds``,
+**Several processes on one store.** Before a process trains a run it *claims* it: a row in
+``claims`` with its owner id (host, pid, a random tag) and a heartbeat that a background thread
+renews every ``lease / 4`` seconds while the run trains. A run claimed by a live owner is
+skipped by everyone else (their runner waits for it and reads its record when it lands); a
+claim whose heartbeat is older than ``lease`` seconds (its owner died, or its machine stopped)
+is taken over, at once if its owner was a process of this machine that no longer exists.
+Claiming is one ``BEGIN IMMEDIATE`` transaction, so two processes never both
+win the same run; finished records have the key as primary key, so nothing is ever stored
+twice.
+
+**Damage.** A record that does not parse is moved to ``quarantine`` (with the reason), logged
+once with its key, and treated as not finished (the run is redone); everything else goes on. A
+file that is not an SQLite database, a locked database, or a folder that cannot be written is
+reported in one line naming the path (:class:`~mtopt.errors.StoreError`).
+
+**Read-only use.** ``RunDatabase(path, readonly=True)`` (``mtopt report``) opens an existing
+store read-only and never creates one; a store that exists but cannot be written (a read-only
+run dir) opens read-only by itself, and only recording a new run then fails, naming the path.
+
+Columns of ``runs``: ``key`` (the run key), ``problem``, ``method``, ``seed``, ``config`` (JSON),
+``record`` (the whole run record as JSON: metrics per epoch, the selected epoch(s), per-epoch
+mean weights, timings), ``best_epoch``, ``val_delta_m``, ``test_delta_m``, ``seconds``,
 ``step_seconds`` (median per step), ``code_version`` and ``finished_at``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from mtopt.errors import StoreError
+
+logger = logging.getLogger("mtopt")
+
+#: Seconds after which a claim whose heartbeat stopped is taken over (``MTOPT_LEASE_SECONDS``).
+DEFAULT_LEASE = float(os.environ.get("MTOPT_LEASE_SECONDS", "120"))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,7 +74,21 @@ CREATE TABLE IF NOT EXISTS started (
     code_version TEXT,
     started_at REAL
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    claimed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    key TEXT NOT NULL,
+    record TEXT,
+    reason TEXT NOT NULL,
+    quarantined_at REAL NOT NULL
+);
 """
+
+CLAIMED, DONE, BUSY = "claimed", "done", "busy"
 
 
 @lru_cache(maxsize=1)
@@ -68,39 +113,166 @@ def code_version() -> str:
     return f"{version} ({commit}{'+dirty' if dirty else ''})"
 
 
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid:tag``) was a process of this host that no longer exists:
+    its claim need not wait for the lease (a restarted sweep takes its runs over at once)."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # a zombie has exited but has not been reaped: dead for our purpose
+        stat = Path(f"/proc/{pid_text}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class RunDatabase:
-    """The run store of sweeps and comparisons: ``get(key)`` / ``put(record)`` like
-    :class:`~mtopt.experiments.store.RunStore`, in one SQLite file."""
+    """The run store (module doc): ``get(key)`` / ``put(record)``, claims with a heartbeat."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, readonly: bool = False, lease_seconds: float | None = None
+    ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        self.lease = float(DEFAULT_LEASE if lease_seconds is None else lease_seconds)
+        self.owner = _owner_id()
+        self.readonly = readonly
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._beating: threading.Thread | None = None
+        self._warned: set[str] = set()
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(f"no run store at {self.path} (nothing to read)")
+            self._check_readable()
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+        except (sqlite3.OperationalError, PermissionError) as exc:
+            if self.path.is_file() and not os.access(self.path.parent, os.W_OK):
+                self.readonly = True  # reading works; recording a new run says why it cannot
+                self._check_readable()
+                return
+            raise StoreError(
+                f"cannot open the run store {self.path} for writing ({exc}); pass --run-dir "
+                "to a writable folder"
+            ) from None
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from None
 
+    # -- connections -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA busy_timeout=60000")
+        try:
+            if self.readonly:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                if not os.access(self.path.parent, os.W_OK):
+                    uri += "&immutable=1"  # WAL needs a writable folder otherwise
+                db = sqlite3.connect(uri, uri=True, timeout=60.0)
+            else:
+                db = sqlite3.connect(self.path, timeout=60.0)
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=60000")
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from None
         return db
 
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        db = self._connect()
+        try:
+            yield db
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from None
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction (writers serialise on it), committed at exit."""
+        if self.readonly:
+            raise StoreError(
+                f"the run store {self.path} is read-only here: cannot record runs; pass "
+                "--run-dir to a writable folder"
+            )
+        db = self._connect()
+        try:
+            db.isolation_level = None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"cannot write the run store {self.path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from None
+        finally:
+            db.close()
+
+    def _corrupt(self, exc: Exception) -> StoreError:
+        return StoreError(
+            f"{self.path} is not a usable run store ({exc}); move it aside (the runs in it "
+            "are lost to this command) or pass --run-dir to another folder"
+        )
+
+    def _check_readable(self) -> None:
+        with self._read() as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        if "runs" not in tables:
+            raise StoreError(f"{self.path} is not an mtopt run store (no runs table)")
+
+    # -- records -----------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
-        with self._connect() as db:
+        """The finished record of ``key``, or ``None`` (also for a record that does not parse:
+        it is quarantined and the run counts as not finished)."""
+        with self._read() as db:
             row = db.execute("SELECT record FROM runs WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        if row is None:
+            return None
+        return self._parse(key, row[0])
+
+    def _parse(self, key: str, blob: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(blob)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            return record
+        except (ValueError, TypeError) as exc:
+            self.quarantine(key, blob, f"record does not parse: {exc}")
+            return None
 
     def __contains__(self, key: str) -> bool:
-        with self._connect() as db:
-            return db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
+        return self.get(key) is not None
 
-    def mark_started(self, key: str) -> None:
-        with self._connect() as db:
+    def quarantine(self, key: str, blob: str | None, reason: str) -> None:
+        """Move a damaged record out of ``runs`` (kept in ``quarantine``), logged once."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("run %s in %s is damaged and set aside: %s", key, self.path, reason)
+        if self.readonly:
+            return
+        with self._write() as db:
             db.execute(
-                "INSERT OR REPLACE INTO started VALUES (?, ?, ?)",
-                (key, code_version(), time.time()),
+                "INSERT INTO quarantine VALUES (?, ?, ?, ?)", (key, blob, reason, time.time())
             )
+            db.execute("DELETE FROM runs WHERE key = ?", (key,))
 
     def put(self, record: dict[str, Any]) -> None:
+        """Store a finished run (one transaction) and release its claim."""
         config = record["config"]
         selection = record.get("selection") or {}
         best = selection.get("delta_m", next(iter(selection.values()), {}))
@@ -119,29 +291,131 @@ class RunDatabase:
             record.get("code_version", code_version()),
             time.time(),
         )
-        with self._connect() as db:
+        with self._write() as db:
             db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+            db.execute("DELETE FROM claims WHERE key = ?", (record["key"],))
+        with self._lock:
+            self._held.discard(record["key"])
 
     def records(self, problem: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every finished run record (optionally of one problem), oldest first."""
-        query = "SELECT record FROM runs"
+        """Every finished run record (optionally of one problem), oldest first; damaged ones
+        are quarantined and skipped."""
+        query = "SELECT key, record FROM runs"
         args: tuple[Any, ...] = ()
         if problem is not None:
             query += " WHERE problem = ?"
             args = (problem,)
-        with self._connect() as db:
+        with self._read() as db:
             rows = db.execute(query + " ORDER BY finished_at", args).fetchall()
-        for (blob,) in rows:
-            yield json.loads(blob)
+        for key, blob in rows:
+            record = self._parse(key, blob)
+            if record is not None:
+                yield record
 
     def count(self) -> int:
-        with self._connect() as db:
+        with self._read() as db:
             return int(db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     def unfinished(self) -> list[str]:
         """Keys of runs that started but never finished (killed or crashed)."""
-        with self._connect() as db:
+        with self._read() as db:
             rows = db.execute(
                 "SELECT key FROM started WHERE key NOT IN (SELECT key FROM runs)"
             ).fetchall()
         return [r[0] for r in rows]
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` (``"ok"`` for a sound file)."""
+        with self._read() as db:
+            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- claims ------------------------------------------------------------------------------
+    def claim(self, key: str) -> str:
+        """Try to take ``key`` for this process: ``"claimed"`` (train it now, the heartbeat
+        runs), ``"done"`` (already stored) or ``"busy"`` (a live owner has it)."""
+        now = time.time()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
+                return DONE
+            row = db.execute("SELECT owner, heartbeat FROM claims WHERE key = ?", (key,)).fetchone()
+            if (
+                row is not None
+                and row[0] != self.owner
+                and now - row[1] < self.lease
+                and not _dead_here(row[0])
+            ):
+                return BUSY
+            db.execute(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (key, self.owner, now, now)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO started VALUES (?, ?, ?)", (key, code_version(), now)
+            )
+        with self._lock:
+            self._held.add(key)
+        self._start_heartbeat()
+        return CLAIMED
+
+    def release(self, key: str) -> None:
+        """Give a claim up without a record (the run failed to start or was interrupted)."""
+        with self._lock:
+            self._held.discard(key)
+        if self.readonly:
+            return
+        with self._write() as db:
+            db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner))
+
+    def mark_started(self, key: str) -> None:
+        """Record that a run began (for the report of unfinished runs)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO started VALUES (?, ?, ?)",
+                (key, code_version(), time.time()),
+            )
+
+    def _start_heartbeat(self) -> None:
+        if self._beating is not None and self._beating.is_alive():
+            return
+        self._beating = threading.Thread(target=self._beat, name="mtopt-lease", daemon=True)
+        self._beating.start()
+
+    def _beat(self) -> None:
+        interval = max(self.lease / 4.0, 0.05)
+        while True:
+            time.sleep(interval)
+            with self._lock:
+                held = sorted(self._held)
+            if not held:
+                continue
+            try:
+                with self._write() as db:
+                    db.executemany(
+                        "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
+                        [(time.time(), key, self.owner) for key in held],
+                    )
+            except StoreError:  # a busy moment: the next beat comes well within the lease
+                continue
+
+    # -- legacy JSON run folders -------------------------------------------------------------
+    def import_json_runs(self, folder: str | Path) -> int:
+        """Import ``folder/*.json`` records (the JSON store of earlier versions) that are not in
+        the database yet; a file that does not parse is renamed ``*.corrupt`` and reported.
+        Returns how many were imported."""
+        folder = Path(folder)
+        if not folder.is_dir() or self.readonly:
+            return 0
+        imported = 0
+        for path in sorted(folder.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                if not isinstance(record, dict) or "key" not in record or "config" not in record:
+                    raise ValueError("not a run record")
+            except (OSError, ValueError) as exc:
+                logger.warning("run file %s is damaged and set aside: %s", path, exc)
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_suffix(".json.corrupt"))
+                continue
+            if self.get(record["key"]) is None:
+                self.put(record)
+                imported += 1
+        return imported

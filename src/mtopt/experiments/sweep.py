@@ -28,26 +28,35 @@ with one torch thread.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
+import signal
 import statistics
+import sys
+import threading
+import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtopt.core.hparams import NonNegativeInt, PositiveInt, describe_fields
+from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
-from mtopt.experiments.database import RunDatabase, code_version
+from mtopt.experiments.database import CLAIMED, RunDatabase, code_version
 from mtopt.experiments.train import (
     References,
     RunConfig,
-    _parse_value,
     mean_table,
     parse_method_spec,
+    parse_value,
     run_key,
     train_run,
 )
@@ -57,77 +66,140 @@ BASE_KEYS = ("epochs", "train_subset", "eval_subset", "batch_size", "lr_decay", 
 Progress = Callable[[str], None]
 
 
-@dataclass
-class SweepConfig:
-    """What a sweep runs; see the module doc. ``methods`` maps a method spec (``name`` or
-    ``name:key=value``, fixed hyperparameters) to the grid of its own hyperparameters."""
+#: A grid value as written in a sweep file: a number, a boolean or a string (a spec's choice).
+Scalar = bool | int | float | str
+#: A grid: one value, or a non-empty list of them.
+Grid = Annotated[list[Scalar], Field(min_length=1)]
+#: A name that is a plain file name (the sweep's result is ``RUN_DIR/sweeps/NAME.json``).
+FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120)]
+SharedKey = Literal["lr", "dropout", "weight_decay"]
+BaseKey = Literal[
+    "epochs", "train_subset", "eval_subset", "batch_size", "lr_decay", "optimizer", "apt"
+]
+
+
+def _built(where: str, build: Callable[[], RunConfig]) -> RunConfig:
+    """``build()``, a run configuration validation failure as one ``where: ...`` line."""
+    try:
+        return build()
+    except ValidationError as exc:
+        raise ValueError(f"{where}: {describe_fields(exc)}") from None
+    except ConfigError as exc:
+        raise ValueError(f"{where}: {str(exc).removeprefix('run configuration: ')}") from None
+
+
+def _listed(value: Any) -> Any:
+    """A scalar grid entry stands for a one-point grid."""
+    return value if isinstance(value, list | tuple) else [value]
+
+
+class SweepConfig(BaseModel):
+    """What a sweep runs (a sweep file; the module doc). ``methods`` maps a method spec (``name``
+    or ``name:key=value``, fixed hyperparameters) to the grid of its own hyperparameters, which
+    may also set the shared keys (``lr``, ``dropout``, ``weight_decay``) for that method only;
+    ``references`` does the same per task for the single-task runs.
+
+    Validated when read (pydantic): required keys, types, non-empty grids, a ``name`` that is a
+    plain file name, ``fixed_from`` a list of the sweep's methods; then every point of every grid
+    is built once (the method with its hyperparameters, the run configuration), so a bad entry
+    fails in one line before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
     problem: str
-    methods: dict[str, dict[str, list[Any]]]
-    grid: dict[str, list[Any]] = field(default_factory=lambda: {"lr": [1e-3]})
-    base: dict[str, Any] = field(default_factory=dict)
-    n_val_runs: int = 1
-    n_best_runs: int = 1
-    random_seed: int = 1
-    fixed_from: list[str] = field(default_factory=list)
-    name: str = "sweep"
+    methods: dict[str, dict[str, Grid]] = Field(min_length=1)
+    grid: dict[SharedKey, Grid] = Field(default_factory=lambda: {"lr": [1e-3]})
+    base: dict[BaseKey, Any] = Field(default_factory=dict)
+    n_val_runs: PositiveInt = 1
+    n_best_runs: PositiveInt = 1
+    random_seed: NonNegativeInt = 1
+    fixed_from: list[str] = Field(default_factory=list)
+    name: FileName = "sweep"
     #: §26.5 diagnostic: every N steps of the multi-task *unitary* runs, log the mean cosine
-    cosine_every: int | None = None
+    cosine_every: PositiveInt | None = None
     #: task → shared keys (scalars or lists) overriding the grid for its single-task runs
-    references: dict[str, dict[str, Any]] = field(default_factory=dict)
+    references: dict[str, dict[SharedKey, Grid]] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        bad = sorted(set(self.grid) - set(SHARED_KEYS))
-        if bad:
-            raise ValueError(f"grid keys must be among {SHARED_KEYS}, got {bad}")
-        bad = sorted(set(self.base) - set(BASE_KEYS))
-        if bad:
-            raise ValueError(f"base keys must be among {BASE_KEYS}, got {bad}")
-        self.grid = {k: _as_list(v) for k, v in self.grid.items()}
-        self.methods = {
-            spec: {k: _as_list(v) for k, v in (grid or {}).items()}
-            for spec, grid in self.methods.items()
-        }
-        if not self.methods:
-            raise ValueError("a sweep needs at least one method")
-        self.references = {
-            task: {k: _as_list(v) for k, v in (point or {}).items()}
-            for task, point in self.references.items()
-        }
-        for task, point in self.references.items():
-            bad = sorted(set(point) - set(SHARED_KEYS))
-            if bad:
-                raise ValueError(f"references.{task}: keys must be among {SHARED_KEYS}, got {bad}")
-        if not 1 <= self.n_val_runs <= self.n_best_runs:
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"sweep: {describe_fields(exc)}") from None
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid_lists(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _listed(v) for k, v in value.items()}
+        return value
+
+    @field_validator("methods", "references", mode="before")
+    @classmethod
+    def _nested_lists(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: ({g: _listed(v) for g, v in (grid or {}).items()} if isinstance(grid, dict)
+                    else grid)
+                for k, grid in value.items()
+            }  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepConfig:
+        if self.n_val_runs > self.n_best_runs:
             raise ValueError(
-                f"need 1 <= n_val_runs <= n_best_runs, got {self.n_val_runs}, {self.n_best_runs}"
+                f"need n_val_runs <= n_best_runs, got {self.n_val_runs}, {self.n_best_runs}"
             )
+        unknown = [m for m in self.fixed_from if m not in self.methods]
+        if unknown:
+            raise ValueError(f"fixed_from names methods that are not in the sweep: {unknown}")
+        base = _built("base", self.base_config)
+        for point in _combinations(self.grid):
+            _built("grid", lambda p=point: replace(base, **p))
+        for task, overrides in self.references.items():
+            for point in _combinations(overrides):
+                _built(f"references.{task}", lambda p=point: replace(base, **p))
         for spec, grid in self.methods.items():
             name, fixed = parse_method_spec(spec)
             for combo in _combinations(grid):  # every grid point must build (fail fast)
                 own = {k: v for k, v in combo.items() if k not in SHARED_KEYS}
+                shared = {k: v for k, v in combo.items() if k in SHARED_KEYS}
+                _built(f"methods.{spec}", lambda p=shared: replace(base, **p))
                 parse_method_spec(":".join([name, *_spec_pairs({**fixed, **own})]))
-        unknown = [m for m in self.fixed_from if m not in self.methods]
-        if unknown:
-            raise ValueError(f"fixed_from names methods that are not in the sweep: {unknown}")
+        return self
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
         """Read a TOML file; ``overrides`` are ``dotted.key=value`` (lists as ``a/b``), e.g.
-        ``base.epochs=2``, ``grid.lr=0.001/0.0005``, ``methods.cagrad.c=0.5``, ``n_val_runs=2``."""
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-        data.setdefault("name", Path(path).stem)
+        ``base.epochs=2``, ``grid.lr=0.001/0.0005``, ``methods.cagrad.c=0.8``, ``n_val_runs=2``.
+        Any problem is one :class:`~mtopt.errors.ConfigError` line naming the file."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"no sweep file {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder, not a sweep file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        data.setdefault("name", path.stem)
         for item in overrides:
             key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r}: use dotted.key=value")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {item!r}: use dotted.key=value")
             *parents, leaf = key.strip().split(".")
             node = data
             for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = _parse_value(value.strip())
-        return cls(**data)
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {item!r}: {part!r} is not a table in {path}")
+                node = child
+            node[leaf] = parse_value(value.strip())
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {str(exc).removeprefix('sweep: ')}") from None
 
     def seeds(self, count: int) -> list[int]:
         return [self.random_seed + i for i in range(count)]
@@ -136,7 +208,10 @@ class SweepConfig:
         return _combinations(self.grid)
 
     def base_config(self) -> RunConfig:
-        return RunConfig(problem=self.problem, **self.base)
+        base = dict(self.base)
+        if base.get("lr_decay") == 0:  # as on the command line: 0 disables the decay
+            base["lr_decay"] = None
+        return RunConfig(problem=self.problem, **base)
 
 
 @dataclass
@@ -199,32 +274,54 @@ class SweepResult:
 
 # -- the pool -------------------------------------------------------------------------------------
 _PROBLEMS: dict[str, Any] = {}
+_STORES: dict[tuple[str, float | None], RunDatabase] = {}
+#: runs of a phase not yet stored because another process holds them are re-checked this often
+WAIT_SECONDS = 2.0
 
 
-def _execute(db_path: str, config: RunConfig, references: References | None, threads: int) -> str:
-    """Run one configuration in a worker (or in-process) unless it is already stored."""
+def _store(db_path: str, lease: float | None) -> RunDatabase:
+    """One store object per process (one owner id, one heartbeat thread)."""
+    key = (db_path, lease)
+    if key not in _STORES:
+        _STORES[key] = RunDatabase(db_path, lease_seconds=lease)
+    return _STORES[key]
+
+
+def _execute(
+    db_path: str,
+    config: RunConfig,
+    references: References | None,
+    threads: int,
+    lease: float | None = None,
+) -> str:
+    """Claim and run one configuration (in a worker or in-process): ``"ran"``, or ``"done"``
+    (stored already) or ``"busy"`` (another process holds it)."""
     import torch
 
     from mtopt.problems import get_problem
 
-    db = RunDatabase(db_path)
+    db = _store(db_path, lease)
     key = run_key(config, references)
-    if key in db:
-        return key
-    if threads:
-        torch.set_num_threads(threads)
-    if config.problem not in _PROBLEMS:
-        _PROBLEMS[config.problem] = get_problem(config.problem)
-    db.mark_started(key)
+    status = db.claim(key)
+    if status != CLAIMED:
+        return status
     try:
-        record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
-    except (ValueError, FloatingPointError, RuntimeError) as exc:
-        # a diverging configuration (non-finite loss, solver blow-up) is a result, not a crash:
-        # stored as failed, it scores -inf in the selection and is not run again on a restart
-        record = failed_record(config, references, exc)
+        if threads:
+            torch.set_num_threads(threads)
+        if config.problem not in _PROBLEMS:
+            _PROBLEMS[config.problem] = get_problem(config.problem)
+        try:
+            record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
+        except (ValueError, FloatingPointError, RuntimeError) as exc:
+            # a diverging configuration (non-finite loss, solver blow-up) is a result, not a
+            # crash: stored as failed, it scores -inf in the selection and is not run again
+            record = failed_record(config, references, exc)
+    except BaseException:
+        db.release(key)
+        raise
     record["code_version"] = code_version()
     db.put(record)
-    return key
+    return "ran"
 
 
 def failed_record(config: RunConfig, references: References | None, exc: Exception) -> dict:
@@ -254,11 +351,35 @@ def _usable(records: Sequence[dict[str, Any]], label: str) -> list[dict[str, Any
     return ok
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: end when the process that started the pool dies, SIGKILL
+    included (Linux: the kernel's parent-death signal; elsewhere a thread watching the parent
+    pid), so that no orphan keeps training."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mtopt-parent-watch", daemon=True).start()
+
+
 class Runner:
-    """Runs batches of configurations, skipping stored ones, on a process pool."""
+    """Runs batches of configurations, skipping stored ones, on a process pool; runs another
+    process holds are waited for (and taken over if its claim goes stale)."""
 
     def __init__(
-        self, db: RunDatabase, workers: int | None = None, progress: Progress | None = None
+        self,
+        db: RunDatabase,
+        workers: int | None = None,
+        progress: Progress | None = None,
     ):
         self.db = db
         self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
@@ -269,23 +390,48 @@ class Runner:
         self, jobs: Sequence[tuple[RunConfig, References | None]], label: str
     ) -> list[dict[str, Any]]:
         keys = [run_key(c, r) for c, r in jobs]
-        todo = [(c, r) for (c, r), k in zip(jobs, keys, strict=True) if k not in self.db]
-        done = len(jobs) - len(todo)
+        by_key = dict(zip(keys, jobs, strict=True))
+        todo = [k for k in dict.fromkeys(keys) if self.db.get(k) is None]
+        done = len(set(keys)) - len(todo)
         self.progress(f"{label}: {len(jobs)} runs, {done} already stored, {len(todo)} to run")
-        if todo and self.workers > 1:
-            with ProcessPoolExecutor(max_workers=self.workers) as pool:
-                futures = [pool.submit(_execute, str(self.db.path), c, r, 1) for c, r in todo]
-                for n, future in enumerate(as_completed(futures), 1):
-                    future.result()
-                    self.progress(f"{label}: {done + n}/{len(jobs)} done")
-        else:
-            for n, (c, r) in enumerate(todo, 1):
-                _execute(str(self.db.path), c, r, 0)
-                self.progress(f"{label}: {done + n}/{len(jobs)} done")
-        self.executed += len(todo)
+        finished = done
+        waited = False
+        while todo:
+            outcomes = self._execute_all([by_key[k] for k in todo])
+            for status in outcomes.values():
+                if status == "ran":
+                    self.executed += 1
+            finished += sum(status != "busy" for status in outcomes.values())
+            self.progress(f"{label}: {finished}/{len(set(keys))} done")
+            todo = [k for k in todo if self.db.get(k) is None]
+            if todo:
+                if not waited:
+                    self.progress(
+                        f"{label}: {len(todo)} run(s) held by another process; waiting for them"
+                    )
+                    waited = True
+                time.sleep(WAIT_SECONDS)
         records = [self.db.get(k) for k in keys]
         assert all(r is not None for r in records)
         return records  # type: ignore[return-value]
+
+    def _execute_all(self, jobs: Sequence[tuple[RunConfig, References | None]]) -> dict[str, str]:
+        lease = self.db.lease
+        path = str(self.db.path)
+        out: dict[str, str] = {}
+        if jobs and self.workers > 1:
+            with ProcessPoolExecutor(
+                max_workers=self.workers, initializer=_die_with_parent, initargs=(os.getpid(),)
+            ) as pool:
+                futures = {
+                    pool.submit(_execute, path, c, r, 1, lease): run_key(c, r) for c, r in jobs
+                }
+                for future in as_completed(futures):
+                    out[futures[future]] = future.result()
+        else:
+            for c, r in jobs:
+                out[run_key(c, r)] = _execute(path, c, r, 0, lease)
+        return out
 
 
 # -- the protocol --------------------------------------------------------------------------------
@@ -529,10 +675,6 @@ def _override(
             if point not in out:
                 out.append(point)
     return out
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _combinations(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

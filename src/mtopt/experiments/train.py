@@ -9,20 +9,32 @@ per-epoch exponential learning-rate decay (γ = 0.95 in the paper's MNIST settin
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, field
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 import mtopt
+from mtopt.core.hparams import (
+    HalfOpenUnit,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    describe_fields,
+)
 from mtopt.core.method import Need
+from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
 from mtopt.step import Losses, MultiTaskOptimizer
@@ -31,47 +43,35 @@ References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {"val"|"test": {
 Callback = Callable[[str, dict[str, Any]], None]
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class RunConfig:
-    """Everything that defines a run; its :meth:`key` identifies stored results."""
+    """Everything that defines a run; its :meth:`key` identifies stored results.
+
+    Validated at construction (pydantic): types, ranges and finiteness of every field, so that a
+    bad option fails before any training, in one line naming the field."""
 
     problem: str
     method: str = "unitary"
     hparams: dict[str, Any] = field(default_factory=dict)
     tasks: tuple[str, ...] | None = None
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    batch_size: int = 256
-    lr_decay: float | None = 0.95
-    seed: int = 1
-    train_subset: int | None = None
-    eval_subset: int | None = None
+    epochs: PositiveInt = 10
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    dropout: HalfOpenUnit = 0.0
+    batch_size: PositiveInt = 256
+    #: per-epoch factor of the learning rate (ExponentialLR); ``None`` disables it
+    lr_decay: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = 0.95
+    seed: NonNegativeInt = 1
+    train_subset: PositiveInt | None = None
+    eval_subset: PositiveInt | None = None
     #: base optimizer: "adam" (torch's Adam) or "muon" (Muon on hidden matrices, AdamW at ``lr``
     #: on the rest; see :func:`build_optimizer`)
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "muon"] = "adam"
     #: experimental APT (adaptive momentum) on the shared parameters' groups
     apt: bool = False
-    muon_lr: float = 0.02
+    muon_lr: Positive = 0.02
     #: every N steps, the mean cosine between each task's shared gradient and their mean (§26.5)
-    cosine_every: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.tasks is not None:
-            self.tasks = tuple(self.tasks)
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be ≥ 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.cosine_every is not None and self.cosine_every < 1:
-            raise ValueError(f"cosine_every must be ≥ 1, got {self.cosine_every}")
+    cosine_every: PositiveInt | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,6 +94,25 @@ class RunConfig:
         blob = json.dumps(self.key_fields(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+def _one_line_errors(cls: type) -> type:
+    """Make a pydantic dataclass raise :class:`~mtopt.errors.ConfigError` (one line naming the
+    field) instead of pydantic's multi-line ``ValidationError``; ``dataclasses.replace`` goes
+    through the same ``__init__``."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(f"run configuration: {describe_fields(exc)}") from None
+
+    cls.__init__ = checked  # type: ignore[method-assign]
+    return cls
+
+
+RunConfig = _one_line_errors(RunConfig)
 
 OPTIMIZERS = ("adam", "muon")
 #: fields added after the first records: left out of the key at their defaults
@@ -227,6 +246,7 @@ def train_run(
         loss_sums = dict.fromkeys(tasks, 0.0)
         group_log: dict[str, list] = {"step": [], "num_groups": [], "affinity": []}
         cosines: list[float] = []
+        epoch_failures = 0
         weight_sum: torch.Tensor | None = None
         n_weighted = 0
         for i, batch in enumerate(train.batches(config.batch_size, True, generator)):
@@ -263,6 +283,7 @@ def train_run(
                 n_weighted += 1
             if info.solver is not None and not info.solver.converged:
                 solver_failures += 1
+                epoch_failures += 1
             if "num_groups" in info.extras:  # selective group updates: groups and affinity
                 group_log["step"].append(info.step)
                 group_log["num_groups"].append(info.extras["num_groups"])
@@ -279,6 +300,7 @@ def train_run(
             "val": val_metrics,
             "mean_weights": None if weight_sum is None else (weight_sum / n_weighted).tolist(),
             "lr": optimizer.param_groups[0]["lr"],
+            "solver_failures": epoch_failures,
         }
         if group_log["step"]:
             record["groups"] = group_log
@@ -356,7 +378,7 @@ def split_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
-        hparams[key] = _parse_value(value)
+        hparams[key] = parse_value(value)
     return name.strip(), hparams
 
 
@@ -368,9 +390,11 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, hparams
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A value typed on the command line or in ``--set``: ``a/b`` a list, ``true``/``false``
+    booleans, then int, float, else the string itself."""
     if "/" in text:
-        return [_parse_value(t) for t in text.split("/")]
+        return [parse_value(t) for t in text.split("/")]
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for cast in (int, float):

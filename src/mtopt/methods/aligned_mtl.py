@@ -29,7 +29,7 @@ multiplies by 0).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -41,10 +41,8 @@ from mtopt.core.method import (
     Need,
     SolverReport,
     as_weights,
-    check_choice,
 )
 from mtopt.core.registry import register
-from mtopt.methods.scalarization import REDUCTIONS
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -102,15 +100,12 @@ class AlignedMTL(Method):
     def __init__(
         self,
         *,
-        scale_mode: str = "min",
-        reduction: str = "sum",
-        level: str = "param",
-        head_policy: str | None = None,
+        scale_mode: Literal["min", "median", "rmse"] = "min",
+        reduction: Literal["sum", "mean"] = "sum",
+        level: Literal["param", "rep"] = "param",
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "scale_mode", scale_mode, SCALE_MODES)
-        check_choice(self.name, "reduction", reduction, REDUCTIONS)
-        check_choice(self.name, "level", level, tuple(LEVEL_NEEDS))
         self.scale_mode = scale_mode
         self.reduction = reduction
         self.level = level

@@ -26,12 +26,13 @@ Heads: weighted by :math:`\lambda`. Cost: about three extra forward and two extr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import Positive, Real
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector, VectorAdam
 
@@ -48,19 +49,14 @@ class AutoLambda(Method):
     def __init__(
         self,
         *,
-        init: float = 0.1,
-        meta_lr: float = 1e-4,
-        meta_lr_scale: float | None = None,
-        meta_split: str = "train",
+        init: Real = 0.1,
+        meta_lr: Positive = 1e-4,
+        meta_lr_scale: Positive | None = None,
+        meta_split: Literal["train", "val"] = "train",
         nonnegative: bool = False,
-        head_policy: str | None = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "meta_split", meta_split, META_SPLITS)
-        if not meta_lr > 0:
-            raise ValueError(f"auto_lambda: meta_lr must be > 0, got {meta_lr}")
-        if meta_lr_scale is not None and not meta_lr_scale > 0:
-            raise ValueError(f"auto_lambda: meta_lr_scale must be > 0, got {meta_lr_scale}")
         self.init = float(init)
         self.meta_lr = float(meta_lr)
         self.meta_lr_scale = None if meta_lr_scale is None else float(meta_lr_scale)

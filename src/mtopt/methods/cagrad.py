@@ -39,10 +39,10 @@ Heads: raw.
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Literal
 
 from mtopt.core.ball_maxmin import GAP_RTOL, ball_maxmin
+from mtopt.core.hparams import NonNegative, PositiveInt
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
 from mtopt.core.registry import register
 
@@ -61,19 +61,13 @@ class CAGrad(Method):
     def __init__(
         self,
         *,
-        c: float = 0.5,
-        rescale: int = 1,
+        c: NonNegative = 0.5,
+        rescale: Literal[0, 1, 2] = 1,
         sum_scale: bool = True,
-        max_iter: int = 100,
-        head_policy: str | None = None,
+        max_iter: PositiveInt = 100,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not (isinstance(c, int | float) and math.isfinite(c) and c >= 0.0):
-            raise ValueError(f"cagrad: c must be a finite number ≥ 0, got {c!r}")
-        if rescale not in RESCALES:
-            raise ValueError(f"cagrad: rescale must be one of {RESCALES}, got {rescale!r}")
-        if int(max_iter) < 1:
-            raise ValueError(f"cagrad: max_iter must be ≥ 1, got {max_iter}")
         self.c = float(c)
         self.rescale = int(rescale)
         self.sum_scale = bool(sum_scale)

@@ -23,15 +23,15 @@ shared update (as Gama & Grassi), reported in ``StepInfo.solver``. Needs positiv
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mtopt.core import accurate
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
-from mtopt.core.min_norm import SOLVERS
+from mtopt.core.hparams import PositiveInt, UnitInterval
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 from mtopt.methods.edm import EDM
 
@@ -78,19 +78,14 @@ class CDTT(Method):
     def __init__(
         self,
         *,
-        alpha: float = 0.2,
-        history: int = 10,
-        solver: str = "wolfe",
-        head_policy: str | None = None,
+        alpha: UnitInterval = 0.2,
+        history: PositiveInt = 10,
+        solver: Literal["wolfe", "pgd", "fw"] = "wolfe",
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"cdtt: alpha must be in [0, 1], got {alpha}")
-        if int(history) < 1:
-            raise ValueError(f"cdtt: history must be ≥ 1, got {history}")
         self.alpha = float(alpha)
         self.history = int(history)
-        check_choice(self.name, "solver", solver, SOLVERS)
         self.solver = solver
         self._edm = EDM(solver=solver)
         self._norms: list[list[float]] = []

@@ -14,12 +14,13 @@ the gradients of the log-losses (coefficients :math:`1/(\ell_i+10^{-8})`). The b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
+from mtopt.core.hparams import HalfOpenUnit, NonNegative
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 
@@ -35,13 +36,13 @@ class DBMTL(Method):
     default_head_policy = "raw"
 
     def __init__(
-        self, *, beta: float = 0.9, sigma: float = 0.0, head_policy: str | None = None
+        self,
+        *,
+        beta: HalfOpenUnit = 0.9,
+        sigma: NonNegative = 0.0,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"db_mtl: beta must be in [0, 1), got {beta}")
-        if not sigma >= 0:
-            raise ValueError(f"db_mtl: sigma must be ≥ 0, got {sigma}")
         self.beta = float(beta)
         self.sigma = float(sigma)
         self._buffer: Tensor | None = None

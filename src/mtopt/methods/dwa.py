@@ -19,11 +19,12 @@ Heads: weighted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import Positive, PositiveInt
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 
 MODES = ("epoch", "window")
@@ -45,17 +46,12 @@ class DynamicWeightAverage(Method):
     def __init__(
         self,
         *,
-        mode: str = "epoch",
-        temperature: float = 2.0,
-        window: int = 25,
-        head_policy: str | None = None,
+        mode: Literal["epoch", "window"] = "epoch",
+        temperature: Positive = 2.0,
+        window: PositiveInt = 25,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "mode", mode, MODES)
-        if not temperature > 0:
-            raise ValueError(f"{self.name}: temperature must be > 0, got {temperature}")
-        if int(window) < 1:
-            raise ValueError(f"{self.name}: window must be ≥ 1, got {window}")
         self.mode = mode
         self.temperature = float(temperature)
         self.window = int(window)

@@ -20,21 +20,14 @@ Heads: raw.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from mtopt.core.method import (
-    Aggregation,
-    Method,
-    MethodInput,
-    Need,
-    SolverReport,
-    as_weights,
-    check_choice,
-)
-from mtopt.core.min_norm import KKT_RTOL, SOLVERS, min_norm_weights
+from mtopt.core.hparams import NonNegativeInt, Positive
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.min_norm import KKT_RTOL, min_norm_weights
 from mtopt.core.registry import register
 
 
@@ -50,13 +43,12 @@ class EDM(Method):
     def __init__(
         self,
         *,
-        solver: str = "wolfe",
-        max_iter: int = 250,
-        tol: float = 1e-5,
-        head_policy: str | None = None,
+        solver: Literal["wolfe", "pgd", "fw"] = "wolfe",
+        max_iter: NonNegativeInt = 250,
+        tol: Positive = 1e-5,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "solver", solver, SOLVERS)
         self.solver = solver
         self.max_iter = int(max_iter)
         self.tol = float(tol)

@@ -21,13 +21,13 @@ with an error naming the task). Heads: weighted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
+from mtopt.core.hparams import NonNegative, Positive, Reals
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector, VectorAdam
@@ -45,16 +45,12 @@ class FAMO(Method):
     def __init__(
         self,
         *,
-        gamma: float = 0.01,
-        lr: float = 0.025,
-        min_losses: Sequence[float] | None = None,
-        head_policy: str | None = None,
+        gamma: NonNegative = 0.01,
+        lr: Positive = 0.025,
+        min_losses: Reals | None = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not gamma >= 0:
-            raise ValueError(f"famo: gamma (logit weight decay) must be ≥ 0, got {gamma}")
-        if not lr > 0:
-            raise ValueError(f"famo: lr must be > 0, got {lr}")
         self.gamma = float(gamma)
         self.lr = float(lr)
         self.min_losses = None if min_losses is None else tuple(float(v) for v in min_losses)

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mtopt.core.checks import require_positive_losses
+from mtopt.core.hparams import NonNegative, PositiveInt
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 from mtopt.core.task_vector import floats_to_tensor
@@ -79,13 +80,13 @@ class GO4Align(Method):
     needs = Need.LOSSES
 
     def __init__(
-        self, *, eta: float = 1e-4, num_groups: int = 1, head_policy: str | None = None
+        self,
+        *,
+        eta: NonNegative = 1e-4,
+        num_groups: PositiveInt = 1,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not eta >= 0:
-            raise ValueError(f"go4align: eta must be ≥ 0, got {eta}")
-        if int(num_groups) < 1:
-            raise ValueError(f"go4align: num_groups must be ≥ 1, got {num_groups}")
         self.eta = float(eta)
         self.num_groups = int(num_groups)
         self._p: list[float] | None = None

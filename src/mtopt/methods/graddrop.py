@@ -19,8 +19,11 @@ Randomness: torch's global generator unless ``seed`` is given. Heads: raw.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from mtopt.core.hparams import Real, Seed, UnitInterval
 from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
@@ -66,15 +69,13 @@ class GradDrop(SeededRandomness, Method):
     def __init__(
         self,
         *,
-        leak: float = 0.0,
-        k: float = 1.0,
+        leak: UnitInterval = 0.0,
+        k: Real = 1.0,
         renormalize: bool = False,
-        seed: int | None = None,
-        head_policy: str | None = None,
+        seed: Seed = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not 0.0 <= leak <= 1.0:
-            raise ValueError(f"graddrop: leak must be in [0, 1], got {leak}")
         self.leak = float(leak)
         self.k = float(k)
         self.renormalize = bool(renormalize)

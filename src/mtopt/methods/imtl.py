@@ -49,7 +49,7 @@ to the gradients of the scaled losses :math:`e^{s_k}g_k`; shared update
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ from torch import Tensor
 
 from mtopt.core import accurate
 from mtopt.core.checks import require_positive_losses
+from mtopt.core.hparams import Positive
 from mtopt.core.method import (
     LEVEL_NEEDS,
     Aggregation,
@@ -65,7 +66,6 @@ from mtopt.core.method import (
     Need,
     SolverReport,
     as_weights,
-    check_choice,
 )
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector, VectorAdam
@@ -154,20 +154,16 @@ class _IMTLBase(Method):
     def __init__(
         self,
         *,
-        level: str | None = None,
-        solver: str = "pinv",
-        weight_bound: float | None = None,
-        head_policy: str | None = None,
+        level: Literal["param", "rep"] | None = None,
+        solver: Literal["pinv", "closed_form"] = "pinv",
+        weight_bound: Positive | None = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
         level = self.default_level if level is None else level
-        check_choice(self.name, "level", level, tuple(LEVEL_NEEDS))
-        check_choice(self.name, "solver", solver, SOLVERS)
-        if weight_bound is not None and not weight_bound > 0:
-            raise ValueError(f"{self.name}: weight_bound must be > 0, got {weight_bound}")
         self.level = level
         self.solver = solver
-        self.weight_bound = weight_bound
+        self.weight_bound = None if weight_bound is None else float(weight_bound)
         self.needs = LEVEL_NEEDS[level]  # type: ignore[misc]
 
     @classmethod
@@ -215,17 +211,15 @@ class IMTL(_IMTLBase):
     def __init__(
         self,
         *,
-        level: str | None = None,
-        solver: str = "pinv",
-        weight_bound: float | None = None,
-        lr: float = 0.025,
-        head_policy: str | None = None,
+        level: Literal["param", "rep"] | None = None,
+        solver: Literal["pinv", "closed_form"] = "pinv",
+        weight_bound: Positive | None = None,
+        lr: Positive = 0.025,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(
             level=level, solver=solver, weight_bound=weight_bound, head_policy=head_policy
         )
-        if not lr > 0:
-            raise ValueError(f"imtl: lr must be > 0, got {lr}")
         self.lr = float(lr)
         self._vector = TaskVector("imtl", 0.0, lambda ps: VectorAdam(ps, lr=self.lr))
 

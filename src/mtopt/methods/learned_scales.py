@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
+from mtopt.core.hparams import Positive, Real
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
 from mtopt.core.registry import register
 from mtopt.core.task_vector import ScalarAdam, ScalarSGD, TaskVector, floats_to_tensor
@@ -71,15 +72,12 @@ class LearnedScales(Method):
     def __init__(
         self,
         *,
-        init: float = 0.0,
-        lr: float = 0.025,
-        optimizer: str = "adam",
-        head_policy: str | None = None,
+        init: Real = 0.0,
+        lr: Positive = 0.025,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "optimizer", optimizer, OPTIMIZERS)
-        if not lr > 0:
-            raise ValueError(f"{self.name}: lr must be > 0, got {lr}")
         self.init = float(init)
         self.lr = float(lr)
         self.optimizer = optimizer
@@ -139,21 +137,16 @@ class UncertaintyWeighting(LearnedScales):
     def __init__(
         self,
         *,
-        variant: str = "common",
-        loss_types: Sequence[str] | None = None,
-        init: float = 0.0,
-        lr: float = 0.025,
-        optimizer: str = "adam",
-        head_policy: str | None = None,
+        variant: Literal["common", "typed"] = "common",
+        loss_types: Sequence[Literal["regression", "classification", "l1"]] | None = None,
+        init: Real = 0.0,
+        lr: Positive = 0.025,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(init=init, lr=lr, optimizer=optimizer, head_policy=head_policy)
-        check_choice(self.name, "variant", variant, UW_VARIANTS)
-        if loss_types is not None:
-            loss_types = tuple(loss_types)
-            for t in loss_types:
-                check_choice(self.name, "loss type", t, tuple(UW_TYPED_CONSTANTS))
         self.variant = variant
-        self.loss_types = loss_types
+        self.loss_types = None if loss_types is None else tuple(loss_types)
         # the loss types of the last step and their (p, f)
         self._typed: tuple[tuple[str, ...], list[float], list[float]] | None = None
 

@@ -17,12 +17,14 @@ are weighted.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import NonNegative
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
-from mtopt.methods.scalarization import REDUCTIONS
 
 
 @register
@@ -33,12 +35,13 @@ class ScaleInvariant(Method):
     needs = Need.LOSSES
 
     def __init__(
-        self, *, reduction: str = "sum", eps: float = 0.0, head_policy: str | None = None
+        self,
+        *,
+        reduction: Literal["sum", "mean"] = "sum",
+        eps: NonNegative = 0.0,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "reduction", reduction, REDUCTIONS)
-        if not eps >= 0:
-            raise ValueError(f"{self.name}: eps must be ≥ 0, got {eps}")
         self.reduction = reduction
         self.eps = float(eps)
 

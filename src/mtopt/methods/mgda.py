@@ -41,26 +41,22 @@ bound of :math:`\|\sum w_k g_k\|` at the cost of K head-only backward passes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import (
-    Aggregation,
-    Method,
-    MethodInput,
-    Need,
-    SolverReport,
-    as_weights,
-    check_choice,
-)
-from mtopt.core.min_norm import KKT_RTOL, SOLVERS, min_norm_weights
+from mtopt.core.hparams import NonNegativeInt, Positive
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.min_norm import KKT_RTOL, min_norm_weights
 from mtopt.core.registry import register
 
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")
 APPLY_TO = ("raw_losses", "normalized_grads")
+#: Sener's pair clamp: a float in [0, 0.5) (the two weights are clamped to [c, 1 − c]).
+PairClamp = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
 
 
 def gradient_normalizers(
@@ -101,24 +97,15 @@ class MGDA(Method):
     def __init__(
         self,
         *,
-        normalization: str = "loss+",
-        solver: str = "wolfe",
-        apply_to: str = "raw_losses",
-        max_iter: int = 250,
-        tol: float = 1e-5,
-        pair_clamp: float = 1e-3,
-        head_policy: str | None = None,
+        normalization: Literal["l2", "loss", "loss+", "none"] = "loss+",
+        solver: Literal["wolfe", "pgd", "fw"] = "wolfe",
+        apply_to: Literal["raw_losses", "normalized_grads"] = "raw_losses",
+        max_iter: NonNegativeInt = 250,
+        tol: Positive = 1e-5,
+        pair_clamp: PairClamp = 1e-3,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "normalization", normalization, NORMALIZATIONS)
-        check_choice(self.name, "solver", solver, SOLVERS)
-        check_choice(self.name, "apply_to", apply_to, APPLY_TO)
-        if int(max_iter) < 0:
-            raise ValueError(f"{self.name}: max_iter must be ≥ 0, got {max_iter}")
-        if not tol > 0:
-            raise ValueError(f"{self.name}: tol must be > 0, got {tol}")
-        if not 0.0 <= pair_clamp < 0.5:
-            raise ValueError(f"{self.name}: pair_clamp must be in [0, 0.5), got {pair_clamp}")
         self.normalization = normalization
         self.solver = solver
         self.apply_to = apply_to

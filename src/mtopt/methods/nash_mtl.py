@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mtopt.core import accurate
+from mtopt.core.hparams import NonNegative, Positive, PositiveInt
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
 from mtopt.core.min_norm import min_norm_weights
 from mtopt.core.registry import register
@@ -176,19 +177,13 @@ class NashMTL(Method):
     def __init__(
         self,
         *,
-        optim_niter: int = 20,
-        update_weights_every: int = 1,
-        max_norm: float = 1.0,
-        tol: float = 1e-9,
-        head_policy: str | None = None,
+        optim_niter: PositiveInt = 20,
+        update_weights_every: PositiveInt = 1,
+        max_norm: NonNegative = 1.0,
+        tol: Positive = 1e-9,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if int(optim_niter) < 1 or int(update_weights_every) < 1:
-            raise ValueError("nash_mtl: optim_niter and update_weights_every must be ≥ 1")
-        if not (math.isfinite(max_norm) and max_norm >= 0):
-            raise ValueError(f"nash_mtl: max_norm must be ≥ 0 (0 disables), got {max_norm}")
-        if not (math.isfinite(tol) and tol > 0):
-            raise ValueError(f"nash_mtl: tol must be a finite number > 0, got {tol}")
         self.optim_niter = int(optim_niter)
         self.update_weights_every = int(update_weights_every)
         self.max_norm = float(max_norm)

@@ -15,12 +15,14 @@ instead). Randomness: torch's global generator unless ``seed`` is given. Heads: 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, as_weights, check_choice
+from mtopt.core.hparams import Seed
+from mtopt.core.method import Aggregation, Method, MethodInput, Need, as_weights
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
-from mtopt.methods.scalarization import REDUCTIONS
 
 
 def pcgrad_weights(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
@@ -57,10 +59,13 @@ class PCGrad(SeededRandomness, Method):
     default_head_policy = "raw"
 
     def __init__(
-        self, *, reduction: str = "sum", seed: int | None = None, head_policy: str | None = None
+        self,
+        *,
+        reduction: Literal["sum", "mean"] = "sum",
+        seed: Seed = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "reduction", reduction, REDUCTIONS)
         self.reduction = reduction
         self.seed = seed
         self._init_generator(seed)

@@ -17,12 +17,13 @@ Heads: weighted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import Positive, Seed
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 
 DISTRIBUTIONS = ("normal", "dirichlet")
@@ -39,17 +40,13 @@ class RandomLossWeighting(Method):
     def __init__(
         self,
         *,
-        distribution: str = "normal",
-        alpha: float = 1.0,
-        sum_to: str = "one",
-        seed: int | None = None,
-        head_policy: str | None = None,
+        distribution: Literal["normal", "dirichlet"] = "normal",
+        alpha: Positive = 1.0,
+        sum_to: Literal["one", "k"] = "one",
+        seed: Seed = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "distribution", distribution, DISTRIBUTIONS)
-        check_choice(self.name, "sum_to", sum_to, SUM_TO)
-        if not alpha > 0:
-            raise ValueError(f"{self.name}: alpha must be > 0, got {alpha}")
         self.distribution = distribution
         self.alpha = float(alpha)
         self.sum_to = sum_to

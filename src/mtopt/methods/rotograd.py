@@ -73,12 +73,13 @@ steps across a burn-in re-recording.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import NonNegativeInt, Positive, PositiveInt
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 
 _TINY = 1e-15
@@ -147,24 +148,17 @@ class RotoGrad(Method):
     def __init__(
         self,
         *,
-        rotation_size: int | None = None,
-        rotation_lr_scale: float = 0.1,
-        burn_in_period: int = 20,
+        rotation_size: PositiveInt | None = None,
+        rotation_lr_scale: Positive = 0.1,
+        burn_in_period: NonNegativeInt = 20,
         homogenize_magnitude: bool = True,
         normalize_losses: bool = False,
-        parametrization: str = "expm",
-        head_policy: str | None = None,
+        parametrization: Literal["expm", "cayley"] = "expm",
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "parametrization", parametrization, ("expm", "cayley"))
         self.parametrization = parametrization
-        if rotation_size is not None and rotation_size < 1:
-            raise ValueError(f"rotograd: rotation_size must be >= 1, got {rotation_size}")
-        if not rotation_lr_scale > 0:
-            raise ValueError(f"rotograd: rotation_lr_scale must be > 0, got {rotation_lr_scale}")
-        if burn_in_period < 0:
-            raise ValueError(f"rotograd: burn_in_period must be >= 0, got {burn_in_period}")
-        self.rotation_size = rotation_size
+        self.rotation_size = None if rotation_size is None else int(rotation_size)
         self.rotation_lr_scale = float(rotation_lr_scale)
         self.burn_in_period = int(burn_in_period)
         self.homogenize_magnitude = bool(homogenize_magnitude)

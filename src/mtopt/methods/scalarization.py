@@ -5,13 +5,13 @@ Both back-propagate :math:`L = \sum_k w_k \ell_k` once.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import Reals
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 
 REDUCTIONS = ("sum", "mean")
@@ -30,9 +30,13 @@ class UnitaryScalarization(Method):
     name = "unitary"
     needs = Need.LOSSES
 
-    def __init__(self, *, reduction: str = "sum", head_policy: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        reduction: Literal["sum", "mean"] = "sum",
+        head_policy: Literal["raw", "weighted"] | None = None,
+    ) -> None:
         super().__init__(head_policy=head_policy)
-        check_choice(self.name, "reduction", reduction, REDUCTIONS)
         self.reduction = reduction
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
@@ -53,16 +57,17 @@ class FixedWeights(Method):
     name = "fixed"
     needs = Need.LOSSES
 
-    def __init__(self, *, weights: Sequence[float], head_policy: str | None = None) -> None:
+    def __init__(
+        self, *, weights: Reals, head_policy: Literal["raw", "weighted"] | None = None
+    ) -> None:
         super().__init__(head_policy=head_policy)
         values = [float(w) for w in weights]
         if not values:
-            raise ValueError("fixed: weights must not be empty")
-        bad = [i for i, w in enumerate(values) if not math.isfinite(w)]
-        if bad:
-            raise ValueError(f"fixed: weights must be finite, entries {bad} are not: {values}")
+            raise ValueError(f"fixed: weights must not be empty (got {list(weights)!r})")
         if any(w < 0 for w in values):
-            warnings.warn(f"fixed: negative weights {values} ascend those tasks", stacklevel=2)
+            # stacklevel 5: past the validation wrappers (pydantic's two frames, hparams'), at
+            # the constructor's caller
+            warnings.warn(f"fixed: negative weights {values} ascend those tasks", stacklevel=5)
         self.weights = tuple(values)
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:

@@ -45,17 +45,22 @@ loss is exactly 0 is skipped, as in the reference. The reference's per-task head
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from mtopt.core.affinity_propagation import affinity_propagation
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, check_choice
+from mtopt.core.hparams import NonNegativeInt, PositiveInt, PositiveUnit, Real, Seed
+from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
+
+#: Affinity Propagation's damping: a float in [0.5, 1), as scikit-learn requires.
+Damping = Annotated[float, Field(ge=0.5, lt=1, allow_inf_nan=False)]
 
 
 def update_affinity(
@@ -128,38 +133,26 @@ class SelectiveGroups(SeededRandomness, Method):
     def __init__(
         self,
         *,
-        affinity_decay: float = 1e-3,
-        warmup_steps: int = 100,
-        attribution: str = "definition",
-        inactive_heads: str = "skip",
+        affinity_decay: PositiveUnit = 1e-3,
+        warmup_steps: NonNegativeInt = 100,
+        attribution: Literal["definition", "released_code"] = "definition",
+        inactive_heads: Literal["skip", "momentum"] = "skip",
         group_norm: bool = False,
-        preference: float | None = None,
-        damping: float = 0.5,
-        max_iter: int = 200,
-        convergence_iter: int = 50,
-        max_retries: int = 10,
-        seed: int | None = None,
-        head_policy: str | None = None,
+        preference: Real | None = None,
+        damping: Damping = 0.5,
+        max_iter: PositiveInt = 200,
+        convergence_iter: PositiveInt = 50,
+        max_retries: PositiveInt = 10,
+        seed: Seed = None,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not 0.0 < affinity_decay <= 1.0:
-            raise ValueError(
-                f"selective_groups: affinity_decay must be in (0, 1], got {affinity_decay}"
-            )
-        if warmup_steps < 0:
-            raise ValueError(f"selective_groups: warmup_steps must be >= 0, got {warmup_steps}")
-        check_choice(self.name, "attribution", attribution, ("definition", "released_code"))
-        check_choice(self.name, "inactive_heads", inactive_heads, ("skip", "momentum"))
-        if max_retries < 1 or convergence_iter < 1 or max_iter < 1:
-            raise ValueError(
-                "selective_groups: max_retries, convergence_iter, max_iter must be >= 1"
-            )
         self.affinity_decay = float(affinity_decay)
         self.warmup_steps = int(warmup_steps)
         self.attribution = attribution
         self.inactive_heads = inactive_heads
         self.group_norm = bool(group_norm)
-        self.preference = preference
+        self.preference = None if preference is None else float(preference)
         self.damping = float(damping)
         self.max_iter = int(max_iter)
         self.convergence_iter = int(convergence_iter)

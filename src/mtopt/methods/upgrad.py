@@ -17,10 +17,11 @@ regularisation, :math:`w\ge p`, no conflict ⇒ :math:`w=p`, :math:`d(cG)=c\,d(G
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
+from mtopt.core.hparams import NonNegative, NonNegatives
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
 from mtopt.core.qp import RESIDUAL_RTOL, BoxQPResult, box_lower_qp_batch
 from mtopt.core.registry import register
@@ -61,14 +62,17 @@ class UPGrad(Method):
     def __init__(
         self,
         *,
-        pref_vector: Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        head_policy: str | None = None,
+        pref_vector: NonNegatives | None = None,
+        norm_eps: NonNegative = 1e-4,
+        reg_eps: NonNegative = 1e-4,
+        head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
-        if not norm_eps >= 0 or not reg_eps >= 0:
-            raise ValueError("upgrad: norm_eps and reg_eps must be ≥ 0")
+        if pref_vector is not None and not any(p > 0 for p in pref_vector):
+            raise ValueError(
+                "upgrad: pref_vector must have an entry > 0, or every projection is 0 "
+                f"(got {list(pref_vector)!r})"
+            )
         self.pref_vector = None if pref_vector is None else tuple(float(p) for p in pref_vector)
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)

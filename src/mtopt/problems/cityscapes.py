@@ -10,7 +10,8 @@ and ``disparity_trainvaltest.zip``)::
 
 ``data_dir`` defaults to ``$MTOPT_CITYSCAPES``. Reading needs Pillow (imported lazily).
 
-Preprocessing (once; the arrays are cached as ``.npy`` under ``<cache>/cityscapes/``):
+Preprocessing (once; the arrays are cached as ``.npy`` under ``<cache>/cityscapes/``, each with
+its sha256 in a ``.sha256`` sidecar, checked on load; see :mod:`mtopt.problems.cache`):
 
 * every map is resized to ``shape`` = (W, H) (default 256×128): the image bilinearly (Pillow's
   antialiased ``BILINEAR``, as the reference), label IDs, instance IDs and raw disparity by
@@ -80,6 +81,7 @@ from mtopt.problems.dense_models import (
     data_dir_from,
     dense_model,
     l1_task,
+    load_arrays,
     normalise_images,
     official_splits,
     resize_nearest,
@@ -300,11 +302,6 @@ def _cache_folder(
     return array_cache_folder(root, "cityscapes", split, shape, key)
 
 
-def _save(folder: Path, arrays: dict[str, np.ndarray], names: list[str]) -> None:
-    save_arrays(folder, arrays)
-    (folder / "names.txt").write_text("\n".join(names) + "\n")  # written last: complete
-
-
 def load_official_split(
     data_dir: str | Path | None,
     split: str,
@@ -319,13 +316,14 @@ def load_official_split(
     samples = find_samples(root, split)
     names = [s.name for s in samples]
     folder = _cache_folder(Path(cache) if cache else cache_dir(), root, split, size, names)
-    if (folder / "names.txt").is_file():
-        return names, {f: np.load(folder / f"{f}.npy") for f in FIELDS}
+    cached = load_arrays(folder, FIELDS, "names.txt")
+    if cached is not None:
+        return names, cached
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         frames = list(pool.map(lambda s: read_sample(s, size), samples))
     arrays = {f: np.stack([frame[f] for frame in frames]) for f in FIELDS}
-    _save(folder, arrays, names)
+    save_arrays(folder, arrays, "names.txt", "\n".join(names) + "\n")
     return names, arrays
 
 

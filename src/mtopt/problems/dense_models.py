@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtopt.problems import cache as cache_files
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskInput, TaskSpec
 
 #: ImageNet mean and std (torchvision's pretrained models), RGB, for images in [0, 1].
@@ -661,14 +662,27 @@ def array_cache_folder(
     return root / dataset / f"{split}_{shape[0]}x{shape[1]}_{digest}"
 
 
-def save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write each array to ``folder/<name>.npy`` through a temporary file (a killed run never
-    leaves a truncated array; callers write their completion marker after this)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_arrays(folder: Path, arrays: dict[str, np.ndarray], marker: str, text: str) -> None:
+    """Write each array to ``folder/<name>.npy``, then the completion marker ``folder/marker``
+    holding ``text``, each atomically with its sha256 recorded (:mod:`mtopt.problems.cache`: a
+    killed run never leaves a truncated array, and a marker means every array was written)."""
     for name, array in arrays.items():
-        tmp = folder / f"{name}.tmp.npy"
-        np.save(tmp, array)
-        tmp.replace(folder / f"{name}.npy")
+        cache_files.save_npy(folder / f"{name}.npy", array)
+    cache_files.write_bytes(folder / marker, text.encode())
+
+
+def load_arrays(folder: Path, names: Sequence[str], marker: str) -> dict[str, np.ndarray] | None:
+    """The arrays :func:`save_arrays` wrote in ``folder``, each checked against its recorded
+    sha256 and loaded without pickles; ``None`` when the marker is missing or any array is
+    missing or damaged (damaged and unverified ones are moved aside), so the caller rebuilds."""
+    if not (folder / marker).is_file():
+        return None
+    hits = {
+        name: cache_files.read_file(folder / f"{name}.npy", cache_files.load_npy) for name in names
+    }
+    if any(hit.value is None for hit in hits.values()):
+        return None
+    return {name: hit.value for name, hit in hits.items()}
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -8,13 +8,16 @@ Resolution order (:func:`load_fashion_mnist`):
 
 1. A user folder with the four IDX files (optionally ``.gz``): ``data_dir`` argument
    (``--data-dir`` on the CLI) or ``$MTOPT_FASHION_DATA``.
-2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``fashion_mnist.npz`` (uint8).
+2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``fashion_mnist.npz`` (uint8), its
+   sha256 recorded in ``fashion_mnist.npz.sha256`` and checked on every load (a damaged or
+   unverified cache is moved aside and re-derived, see :mod:`mtopt.problems.cache`).
 3. A system install of the Debian package: ``/usr/share/datasets/fashion-mnist``.
 4. ``apt-get download dataset-fashion-mnist`` (no root needed) into ``<cache>/debs``, unpacked
    with ``dpkg-deb -x`` into a temporary folder.
 
 Files from 3 and 4 are verified against the sha256 of each decompressed IDX file (Debian re-gzips
-them, so the ``.gz`` bytes differ from upstream's while the contents are the same).
+them, so the ``.gz`` bytes differ from upstream's while the contents are the same). A cached
+``.deb`` that does not unpack or whose files do not match is moved aside and downloaded once more.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from mtopt.problems.cache import FetchFailed, refetch_once
 from mtopt.problems.mnist_data import (
     IDX_FILES,
     MnistArrays,
@@ -78,7 +82,11 @@ def load_fashion_mnist(
     def produce(root: Path) -> MnistArrays | None:
         if has_idx_files(system_dir):
             return read_verified_idx_dir(system_dir)
-        return read_fashion_deb(download_fashion_deb(root), root) if download else None
+        if not download:
+            return None
+        return refetch_once(
+            lambda: download_fashion_deb(root), lambda deb: read_fashion_deb(deb, root), "fashion"
+        )
 
     return load_by_resolution_order(
         data_dir,
@@ -133,28 +141,39 @@ def download_fashion_deb(cache: Path) -> Path:
             check=False,
         )
     except FileNotFoundError as exc:  # no apt-get: not a Debian-based system
-        raise RuntimeError(_no_download_advice("apt-get is not available")) from exc
+        raise FetchFailed(_no_download_advice("apt-get is not available")) from exc
     found = sorted(target.glob(pattern))
     if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            _no_download_advice(f"apt-get exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        )
+        said = " ".join(proc.stderr.split())[-300:]
+        raise FetchFailed(_no_download_advice(f"apt-get exit {proc.returncode}: {said}"))
     return found[-1]
 
 
 def _no_download_advice(reason: str) -> str:
     return (
-        f"could not download the Debian package {DEB_PACKAGE} ({reason}); run `apt-get update` "
-        "first, or put the four Fashion-MNIST IDX files in a folder and set $MTOPT_FASHION_DATA"
+        f"could not download the Debian package {DEB_PACKAGE} ({reason}); run `apt-get update`, "
+        "then: mtopt data fetch fashion; or put the four Fashion-MNIST IDX files in a folder and "
+        "set $MTOPT_FASHION_DATA"
     )
 
 
 def read_fashion_deb(deb: Path, scratch: Path) -> MnistArrays:
-    """Unpack ``deb`` with ``dpkg-deb -x`` under ``scratch`` and read its verified IDX files."""
+    """Unpack ``deb`` with ``dpkg-deb -x`` under ``scratch`` and read its verified IDX files;
+    ``ValueError`` when it does not unpack or its files are missing or do not match."""
+    if shutil.which("dpkg-deb") is None:
+        raise FetchFailed(
+            f"{deb} cannot be unpacked: dpkg-deb is not available; put the four Fashion-MNIST "
+            "IDX files in a folder and set $MTOPT_FASHION_DATA"
+        )
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="fashion-deb-", dir=scratch))
     try:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True)
+        if proc.returncode != 0:
+            said = " ".join(proc.stderr.decode(errors="replace").split())[-200:]
+            raise ValueError(f"dpkg-deb -x failed (exit {proc.returncode}: {said})")
+        if not has_idx_files(tmp / DEB_DATA_DIR):
+            raise ValueError(f"no Fashion-MNIST IDX files under {DEB_DATA_DIR}")
         arrays = read_verified_idx_dir(tmp / DEB_DATA_DIR)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

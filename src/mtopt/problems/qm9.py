@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtopt.problems import cache as cache_files
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskSpec
 from mtopt.problems.mnist_data import cache_dir
 from mtopt.problems.qm9_data import (
@@ -197,21 +198,26 @@ def _fingerprint(data: QM9Arrays) -> str:
 
 def cached_descriptors(data: QM9Arrays, folder: Path | None) -> np.ndarray:
     """:func:`coulomb_descriptors` of ``data``, cached in ``folder`` (keyed by the data's
-    sha256; recomputed when they differ). ``folder=None``: no cache."""
+    sha256; recomputed when they differ; the file's own sha256 is recorded and checked, see
+    :mod:`mtopt.problems.cache`). ``folder=None``: no cache."""
     if folder is None:
         return coulomb_descriptors(data.z, data.pos)
     path = folder / _DESCRIPTOR_CACHE
     fingerprint = _fingerprint(data)
-    if path.exists():
-        with np.load(path) as npz:
-            if str(npz["fingerprint"]) == fingerprint:
-                return npz["descriptors"]
+    hit = cache_files.read_file(path, _read_descriptors)
+    if hit.value is not None and hit.value[0] == fingerprint:
+        return hit.value[1]
     descriptors = coulomb_descriptors(data.z, data.pos)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, descriptors=descriptors, fingerprint=np.array(fingerprint))
-    tmp.replace(path)
+    cache_files.write_file(
+        path,
+        lambda fh: np.savez(fh, descriptors=descriptors, fingerprint=np.array(fingerprint)),
+    )
     return descriptors
+
+
+def _read_descriptors(path: Path) -> tuple[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return str(npz["fingerprint"]), npz["descriptors"]
 
 
 class MLPEncoder(nn.Sequential):

