@@ -339,8 +339,11 @@ def test_dominated_pair_gives_the_clamped_vertex(g1, perp, t):
     for solver in ("pgd", "fw"):
         res = min_norm_weights(M, solver=solver)
         np.testing.assert_allclose(res.weights, [0.999, 0.001], atol=1e-12)
-        # Sener's clamp stops short of the vertex: the certificate says so
-        assert res.status == "stalled" and not res.converged and res.residual > KKT_RTOL
+        # Sener's clamp stops short of the vertex: the certificate says so (unless g1ᵀg2 ties
+        # ‖g1‖², where the segment is flat at the vertex and the clamped point is optimal too)
+        assert res.converged == (res.residual <= KKT_RTOL)
+        if M[0, 1] - M[0, 0] > 1e-6 * M[0, 0]:
+            assert res.status == "stalled" and not res.converged
         exact = min_norm_weights(M, solver=solver, clamp=0)
         np.testing.assert_array_equal(exact.weights, [1, 0])
         assert exact.status == "converged" and exact.residual <= KKT_RTOL
