@@ -32,7 +32,7 @@ test-kernels: $(STAMP)
 	for k in $(KERNELS); do \
 		echo "OPENBLAS_CORETYPE=$$k"; \
 		OPENBLAS_CORETYPE=$$k $(PY) -m pytest -q -p no:cacheprovider \
-			tests/core tests/methods tests/test_stress.py tests/test_step.py || exit 1; \
+			tests/core tests/methods tests/engine tests/test_stress.py || exit 1; \
 	done
 
 lint: $(STAMP)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mtopt.core import ball_maxmin as bm
+from mtopt.core import equal_projection
 from mtopt.core.min_norm import min_norm_residual, min_norm_weights
 from mtopt.core.qp import box_lower_qp_batch, kkt_residual
 
@@ -52,10 +53,9 @@ def main() -> int:
     alpha = nash.nash_weights(M).alpha
     active = np.ones(k, dtype=bool)
     rows.append(("Nash-MTL max abs(α(Mα) − 1)", lambda: nash._residual(M, alpha, active)))
-    imtl = sys.modules["mtopt.methods.imtl"]
-    wi, _, _ = imtl.imtl_g_weights(torch.from_numpy(M))
+    wi, _, _ = equal_projection.imtl_g_weights(torch.from_numpy(M))
     wi = wi.numpy()
-    rows.append(("IMTL-G projection spread", lambda: imtl._status_and_spread(M, wi)))
+    rows.append(("IMTL-G projection spread", lambda: equal_projection._status_and_spread(M, wi)))
     aligned = sys.modules["mtopt.methods.aligned_mtl"]
     mt = torch.from_numpy(M / M.diagonal().max())
     vals, vecs = torch.linalg.eigh(mt)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import mtopt
-from mtopt.core.method import Aggregation, MethodInput, Need
+from mtopt.core.method import Aggregation, MethodInput
 
 KS = (2, 3, 5, 11, 32, 64)
 KINDS = ("generic", "spread", "collinear", "duplicate", "opposite", "zero_row", "rank_deficient")
@@ -184,7 +184,7 @@ def engine_outcome(
     shared = list(model.encoder.parameters())
     opt = _Recorder(model.parameters(), shared)
     mto = mtopt.MultiTaskOptimizer(opt, name, shared=model.encoder, engine=engine, **hparams)
-    rep = Need.REP_GRADS in mto.method.needs
+    rep = mto.method.level == "rep"
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 8, generator=gen).to(torch_dtype)
     y = torch.randn(32, k, generator=gen).to(torch_dtype)

@@ -1,15 +1,14 @@
 """mtopt: multi-task optimization methods behind one step contract.
 
 >>> import mtopt
->>> mtopt.methods()  # doctest: +ELLIPSIS
-[...]
+>>> "mgda" in mtopt.available_methods()
+True
 """
 
 from mtopt import methods as _methods  # registers every method
 from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport
-from mtopt.core.registry import make
-from mtopt.core.registry import method_names as methods
-from mtopt.step import Losses, MultiTaskOptimizer, StepInfo
+from mtopt.core.registry import available_methods, make
+from mtopt.engine import Losses, MultiTaskOptimizer, StepInfo
 
 __version__ = "0.1.0"
 
@@ -22,7 +21,7 @@ __all__ = [
     "Need",
     "SolverReport",
     "StepInfo",
+    "available_methods",
     "make",
-    "methods",
 ]
 del _methods

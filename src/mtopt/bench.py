@@ -53,11 +53,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mtopt
-from mtopt.core.method import Need
+from mtopt.core.capabilities import ClosureMethod, MetaBatchMethod
+from mtopt.core.gradients import gram_matrix, jacobian
+from mtopt.core.method import Method
 from mtopt.core.registry import method_class
+from mtopt.engine import Losses, MultiTaskOptimizer
 from mtopt.experiments.train import split_method_spec as parse_method_spec
 from mtopt.problems.multi_mnist import ClassificationHead, LeNetEncoder, ReconstructionHead
-from mtopt.step import Losses, MultiTaskOptimizer
 
 WORKLOADS = ("lenet", "mlp11", "resnet3")
 PLAIN = "plain"
@@ -620,25 +622,21 @@ def bench_hparams(name: str, hparams: dict[str, Any], num_tasks: int) -> dict[st
     return out
 
 
-def method_category(needs: Need) -> str:
+def method_category(method: Method) -> str:
     """``closure``, ``param``, ``rep`` or ``loss`` (in that precedence)."""
-    if Need.CLOSURE in needs:
+    if isinstance(method, ClosureMethod):
         return "closure"
-    if Need.PARAM_GRADS in needs:
-        return "param"
-    if Need.REP_GRADS in needs:
-        return "rep"
-    return "loss"
+    return method.level
 
 
-def counterpart_label(name: str, needs: Need, engine: str | None = None) -> str | None:
+def counterpart_label(name: str, level: str, engine: str | None = None) -> str | None:
     """The TorchJD contender computing method ``name``'s rule, at the same level; for our
     Gramian engine, TorchJD's autogram with the same weighting (``None`` when TorchJD has no
     such weighting: its Jacobian path is the counterpart of our default row instead)."""
     base = COUNTERPARTS.get(name)
     if base is None:
         return None
-    suffix = REP_SUFFIX if Need.REP_GRADS in needs else ""
+    suffix = REP_SUFFIX if level == "rep" else ""
     if engine == "gramian":  # engine against engine: only TorchJD's autogram counts
         if base not in GRAM_WEIGHTINGS:
             return None
@@ -658,10 +656,10 @@ def split_engine(spec: str) -> tuple[str, str | None]:
 def default_specs() -> list[str]:
     """Every registered method, plus ``NAME@gramian`` for each one that can run on the Gramian
     engine (its Jacobian row stays the default engine's)."""
-    specs = list(mtopt.methods())
-    for name in mtopt.methods():
+    specs = mtopt.available_methods()
+    for name in mtopt.available_methods():
         cls = method_class(name)
-        if cls.gramian_only and Need.PARAM_GRADS in cls.needs:  # at the default level
+        if cls.gramian_only and cls.default_level() == "param":
             specs.append(name + "@gramian")
     return specs
 
@@ -685,6 +683,9 @@ class _Contender:
     def step(self, batch: Batch) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def observe(self, batch: Batch) -> None:
+        """Called untimed before each measured step (default: nothing)."""
+
 
 class _Plain(_Contender):
     def __init__(self, model: BenchModel, workload: Workload) -> None:
@@ -707,8 +708,8 @@ class _Mtopt(_Contender):
         result = ContenderResult(
             spec.strip(),
             "mtopt",
-            method_category(method.needs),
-            counterpart=counterpart_label(name, method.needs, engine),
+            method_category(method),
+            counterpart=counterpart_label(name, method.level, engine),
         )
         super().__init__(result, model)
         self.workload = workload
@@ -720,34 +721,32 @@ class _Mtopt(_Contender):
             loss_types=workload.loss_types,
             engine=engine or "auto",
         )
-        self.meta = Need.META_BATCH in method.needs
+        self.meta = isinstance(method, MetaBatchMethod)
         #: the Gramians of the measured steps, for methods whose solver is compared alone
         self.gramians: list[Tensor] | None = None
         if name in SOLVER_REFERENCES and not hparams:
             self.gramians = []
-            aggregate = method.aggregate
 
-            def recording(inputs: Any) -> Any:
-                assert self.gramians is not None
-                if len(self.gramians) < MAX_SOLVER_SAMPLES:
-                    self.gramians.append(inputs.gramian().detach().to(torch.float64).cpu())
-                return aggregate(inputs)
-
-            method.aggregate = recording  # type: ignore[method-assign]
+    def observe(self, batch: Batch) -> None:
+        """Record the Gramian the coming step's method will see (same parameters, same batch),
+        untimed, for the solver comparison."""
+        if self.gramians is None or len(self.gramians) >= MAX_SOLVER_SAMPLES:
+            return
+        _, losses = forward(self.model, self.workload, batch, self.mto.task_input)
+        rows = jacobian(losses, self.mto.shared)
+        self.gramians.append(gram_matrix(rows).detach().to(torch.float64).cpu())
 
     def step(self, batch: Batch) -> dict[str, Any]:
         def closure() -> Losses:
             z, losses = forward(self.model, self.workload, batch, self.mto.task_input)
             return Losses(dict(zip(self.workload.task_names, losses, strict=True)), features=z)
 
-        # Need.META_BATCH: the same batch as the meta batch (the cost is what is measured)
+        # a meta-batch method gets the same batch as its meta batch (the cost is what is measured)
         info = self.mto.step(closure, meta_closure=closure if self.meta else None)
         out: dict[str, Any] = {"times": info.times}
         # M of the (M + 0.1)× target: the updates per batch (a lone group is stepped twice)
-        if "num_updates" in info.extras:
-            out["num_groups"] = int(info.extras["num_updates"])
-        elif "num_groups" in info.extras:
-            out["num_groups"] = int(info.extras["num_groups"])
+        if info.sequential is not None:
+            out["num_groups"] = info.updates
         if info.solver is not None and not info.solver.converged:
             out["solver_failed"] = True
         return out
@@ -861,8 +860,7 @@ def compare_solver(name: str, gramians: Sequence[Tensor]) -> SolverResult:
     names = tuple(str(i) for i in range(k))
     losses = torch.ones(k, dtype=torch.float64)
     for gram in gramians:
-        inputs = MethodInput(losses, names)
-        inputs._gramian = gram
+        inputs = MethodInput(losses, names, gramian_matrix=gram)
         matrix = _square_root(gram).float()
         t0 = time.perf_counter()
         ours.aggregate(inputs)
@@ -1057,7 +1055,7 @@ def select_torchjd(options: BenchOptions, specs: Sequence[str], num_tasks: int) 
         core, engine = split_engine(spec)
         name, hparams = parse_method_spec(core)
         method = mtopt.make(name, **bench_hparams(name, hparams, num_tasks))
-        label = counterpart_label(name, method.needs, engine)
+        label = counterpart_label(name, method.level, engine)
         if label is not None and label.removeprefix(TORCHJD_PREFIX) not in names:
             names.append(label.removeprefix(TORCHJD_PREFIX))
     return names
@@ -1128,6 +1126,7 @@ def run_workload(
             res = contender.result
             try:
                 if measured:
+                    contender.observe(batch)
                     probe.start()
                 _sync(device)
                 t0 = time.perf_counter()
@@ -1267,8 +1266,8 @@ class TargetCheck:
 def evaluate_targets(result: BenchResult) -> list[TargetCheck]:
     """The targets, on every contender they apply to (nothing fails; see ``met``):
 
-    * loss-only methods (``Need.LOSSES`` alone) ≤ 1.05× the plain step, on every workload;
-    * representation-level (``Need.REP_GRADS``) methods ≤ 1.5× plain on ``mlp11`` (K = 11);
+    * loss-level methods (no closure re-run) ≤ 1.05× the plain step, on every workload;
+    * representation-level methods ≤ 1.5× plain on ``mlp11`` (K = 11);
     * each mtopt method with a TorchJD counterpart ≤ 1.0× that counterpart (``n/a`` when the
       counterpart was set up but could not be measured);
     * ``selective_groups`` (any method reporting ``num_groups``) ≤ (M + 0.1)× plain: each

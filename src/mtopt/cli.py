@@ -364,10 +364,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
     import mtopt
     from mtopt.core.registry import method_class
 
-    for name in mtopt.methods():
+    for name in mtopt.available_methods():
         cls = method_class(name)
         doc = (inspect.getdoc(cls) or "").splitlines()[0]
-        needs = "|".join(n.name for n in type(cls.needs) if n in cls.needs)
+        need = cls.describe_needs()
+        needs = "|".join(n.name for n in type(need) if n in need)
         hps = ", ".join(
             f"{k}=<required>" if v is inspect.Parameter.empty else f"{k}={v!r}"
             for k, v in cls.hyperparameters().items()

@@ -16,7 +16,7 @@ EXPECTED = ("fixed", "mgda", "mgda_ub", "unitary")
 
 
 def test_methods_lists_the_registered_names():
-    names = mtopt.methods()
+    names = mtopt.available_methods()
     assert set(EXPECTED) <= set(names)
     assert names == sorted(names)
     for name in names:
@@ -146,3 +146,31 @@ def test_gramian_is_computed_once_and_requires_grads():
     assert inputs.num_tasks == 2
     with pytest.raises(RuntimeError, match="Gramian"):
         MethodInput(torch.ones(2), ("a", "b")).gramian()
+
+
+def test_one_method_per_module_named_as_registered():
+    """``mtopt.methods.<name>`` defines exactly the method registered as ``<name>``, in a class
+    whose name is the registered name in the paper's capitalisation."""
+    import importlib
+    import inspect as _inspect
+
+    from mtopt.core.method import Method
+    from mtopt.core.registry import method_class
+
+    for name in mtopt.available_methods():
+        cls = method_class(name)
+        assert cls.__module__ == f"mtopt.methods.{name}", name
+        assert cls.__name__.lower() == name.replace("_", ""), (name, cls.__name__)
+        module = importlib.import_module(f"mtopt.methods.{name}")
+        defined = [
+            c
+            for _, c in _inspect.getmembers(module, _inspect.isclass)
+            if issubclass(c, Method) and c.__module__ == module.__name__
+        ]
+        assert defined == [cls], (name, defined)
+
+
+def test_the_methods_subpackage_is_importable_by_module():
+    import mtopt.methods.imtl as imtl
+
+    assert imtl.IMTL.name == "imtl" and callable(mtopt.available_methods)

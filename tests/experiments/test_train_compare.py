@@ -143,7 +143,7 @@ def test_every_registered_method_runs_through_compare(problems, tmp_path):
     """Each registered method (fixed needs its weights) runs a few steps in `compare`."""
     import mtopt
 
-    specs = [m if m != "fixed" else "fixed:weights=0.3/0.7" for m in mtopt.methods()]
+    specs = [m if m != "fixed" else "fixed:weights=0.3/0.7" for m in mtopt.available_methods()]
     specs += ["uw:variant=typed", "dwa:mode=window:window=2", "rlw:distribution=dirichlet"]
     specs += ["auto_lambda:meta_split=val", "go4align:num_groups=2"]
     base = RunConfig(problem="multi_mnist/cl_rr", **{**TINY, "epochs": 3, "train_subset": 256})

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtopt
+from _context import make_context
 from mtopt.core.method import MethodInput
 
 
@@ -25,15 +26,13 @@ def quadratic_problem(seed: int, k: int = 3, d: int = 5):
     return theta, (lambda t: losses(t, a_tr, b_tr)), (lambda t: losses(t, a_me, b_me))
 
 
-def method_inputs(theta, train, meta, optimizer):
-    return MethodInput(
-        train(theta).detach(),
-        ("a", "b", "c"),
-        evaluate=lambda: train(theta),
-        evaluate_meta=lambda: meta(theta),
-        parameters=[theta],
-        optimizer=optimizer,
-    )
+def method_context(theta, train, meta, optimizer):
+    return make_context(lambda: train(theta), lambda: meta(theta), [theta], optimizer)
+
+
+def run(method, theta, train, meta, optimizer):
+    inputs = MethodInput(train(theta).detach(), ("a", "b", "c"))
+    return method.aggregate_in_context(inputs, method_context(theta, train, meta, optimizer))
 
 
 def explicit_meta_gradient(theta, train, meta, lam, lr, wd=0.0, momentum=0.0, buf=None):
@@ -56,7 +55,7 @@ def test_meta_gradient_matches_autograd_with_sgd(seed, lr, wd):
     method = mtopt.make("auto_lambda")
     method._ensure(3, lr)
     before = theta.detach().clone()
-    got = method.meta_gradient(method_inputs(theta, train, meta, opt))
+    got = method.meta_gradient(method_context(theta, train, meta, opt))
     expected = explicit_meta_gradient(theta, train, meta, method.lambdas.detach(), lr, wd)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)  # exact FD on quadratics
     assert torch.equal(theta.detach(), before)  # parameters restored bit for bit
@@ -71,7 +70,7 @@ def test_meta_gradient_uses_the_sgd_momentum_buffer():
     buf = opt.state[theta]["momentum_buffer"].clone()
     method = mtopt.make("auto_lambda")
     method._ensure(3, 0.05)
-    got = method.meta_gradient(method_inputs(theta, train, meta, opt))
+    got = method.meta_gradient(method_context(theta, train, meta, opt))
     expected = explicit_meta_gradient(
         theta, train, meta, method.lambdas.detach(), 0.05, momentum=0.9, buf=buf
     )
@@ -85,7 +84,7 @@ def test_with_adam_the_virtual_step_is_plain_sgd():
     opt = torch.optim.Adam([theta], lr=0.01)
     method = mtopt.make("auto_lambda")
     method._ensure(3, 0.01)
-    got = method.meta_gradient(method_inputs(theta, train, meta, opt))
+    got = method.meta_gradient(method_context(theta, train, meta, opt))
     expected = explicit_meta_gradient(theta, train, meta, method.lambdas.detach(), 0.01)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
 
@@ -116,11 +115,11 @@ def test_state_round_trip_and_validation():
     theta, train, meta = quadratic_problem(5)
     opt = torch.optim.SGD([theta], lr=0.05)
     a = mtopt.make("auto_lambda", meta_lr=0.01)
-    a.aggregate(method_inputs(theta, train, meta, opt))
+    run(a, theta, train, meta, opt)
     b = mtopt.make("auto_lambda", meta_lr=0.01)
     b.load_state_dict(a.state_dict())
-    wa = a.aggregate(method_inputs(theta, train, meta, opt)).weights
-    wb = b.aggregate(method_inputs(theta, train, meta, opt)).weights
+    wa = run(a, theta, train, meta, opt).weights
+    wb = run(b, theta, train, meta, opt).weights
     assert torch.equal(wa, wb)
     with pytest.raises(ValueError, match="meta_split"):
         mtopt.make("auto_lambda", meta_split="test")
@@ -136,15 +135,13 @@ def test_meta_gradient_with_per_group_learning_rates_and_a_frozen_group():
         opt = torch.optim.SGD([{"params": [a], "lr": lrs[0]}, {"params": [b], "lr": lrs[1]}])
         method = mtopt.make("auto_lambda")
         method._ensure(k, lrs[0])
-        inp = MethodInput(
-            train(torch.cat([a, b])).detach(),
-            ("a", "b", "c"),
-            evaluate=lambda a=a, b=b: train(torch.cat([a, b])),
-            evaluate_meta=lambda a=a, b=b: meta(torch.cat([a, b])),
-            parameters=[a, b],
-            optimizer=opt,
+        context = make_context(
+            lambda a=a, b=b: train(torch.cat([a, b])),
+            lambda a=a, b=b: meta(torch.cat([a, b])),
+            [a, b],
+            opt,
         )
-        got = method.meta_gradient(inp)
+        got = method.meta_gradient(context)
         lam = method.lambdas.detach().clone().requires_grad_(True)
         t = torch.cat([a, b]).detach().requires_grad_(True)
         (g,) = torch.autograd.grad((lam * train(t)).sum(), t, create_graph=True)

@@ -183,6 +183,7 @@ def test_non_conflicting_gradients_of_different_norms(solver):
 
 def test_defaults_follow_the_spec():
     assert mtopt.make("mgda").hparams == {
+        "level": "param",
         "normalization": "loss+",
         "solver": "wolfe",
         "apply_to": "raw_losses",
@@ -193,7 +194,9 @@ def test_defaults_follow_the_spec():
     }
     assert mtopt.make("mgda").needs == Need.PARAM_GRADS
     assert mtopt.make("mgda_ub").needs == Need.REP_GRADS
-    assert mtopt.make("mgda_ub").hparams == mtopt.make("mgda").hparams
+    # MGDA-UB is MGDA at the representation level: the same method, another default level
+    assert mtopt.make("mgda_ub").hparams == {**mtopt.make("mgda").hparams, "level": "rep"}
+    assert mtopt.make("mgda", level="rep").level == mtopt.make("mgda_ub").level == "rep"
 
 
 @pytest.mark.parametrize("name", ["mgda", "mgda_ub"])

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtopt
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
 from mtopt.methods.selective_groups import group_tasks, update_affinity
 
 F64 = torch.float64
@@ -99,7 +98,7 @@ def test_one_group_with_every_task_is_two_plain_steps():
     mto = mto_for(net, warmup_steps=0)
     mto.method.affinity = np.ones((3, 3))  # every task helps every other: one group
     info = mto.step(net.losses)
-    assert info.extras["groups"] == [["t0", "t1", "t2"], ["t0", "t1", "t2"]]
+    assert info.sequential.groups == [["t0", "t1", "t2"], ["t0", "t1", "t2"]]
     assert info.weights.tolist() == [2.0, 2.0, 2.0]
     opt = torch.optim.SGD(twin.parameters(), lr=0.1)
     for _ in range(2):
@@ -127,8 +126,8 @@ def test_a_step_that_hurts_a_task_gives_negative_affinity(attribution):
     mto = mto_for(net, lr=0.05, affinity_decay=1.0, seed=0, attribution=attribution)
     probe = copy.deepcopy(net)
     info = mto.step(net.losses)
-    first, second = (int(g[0][1]) for g in info.extras["groups"])
-    affinity = np.array(info.extras["affinity"])
+    first, second = (int(g[0][1]) for g in info.sequential.groups)
+    affinity = np.array(info.sequential.affinity)
     # replay the first group's step on a copy to know what it did to both losses
     opt = torch.optim.SGD(probe.parameters(), lr=0.05)
     before = {k: v.item() for k, v in probe.losses().items()}
@@ -187,17 +186,3 @@ def test_negative_losses_and_bad_options_are_refused():
         mtopt.make("selective_groups", attribution="poster")
     with pytest.raises(ValueError, match="affinity_decay"):
         mtopt.make("selective_groups", affinity_decay=0.0)
-
-
-def test_only_closure_methods_may_apply_the_update_themselves():
-    class Cheat(Method):
-        name = "cheat"
-        needs = Need.LOSSES
-
-        def aggregate(self, inputs: MethodInput) -> Aggregation:
-            return Aggregation(weights=torch.ones(inputs.num_tasks), applied=True)
-
-    net = Net(k=2)
-    mto = mtopt.MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), Cheat())
-    with pytest.raises(RuntimeError, match=r"without Need\.CLOSURE"):
-        mto.step(net.losses)

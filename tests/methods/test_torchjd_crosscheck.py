@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtopt
+from _context import make_context
 from mtopt.core.method import MethodInput
 from mtopt.core.min_norm import min_norm_weights
 
@@ -115,8 +116,7 @@ def test_famo_matches_torchjd(k, gamma, seed):
         inp = MethodInput(torch.tensor(before, dtype=torch.float64), tuple("abcd"[:k]))
         torch.testing.assert_close(ours.aggregate(inp).weights, expected, rtol=1e-9, atol=1e-12)
         theirs.update(torch.tensor(after, dtype=torch.float64))
-        inp.evaluate = lambda a=after: torch.tensor(a, dtype=torch.float64)
-        ours.after_step(inp)
+        ours.after_step(inp, make_context(lambda a=after: torch.tensor(a, dtype=torch.float64)))
 
 
 def _gram(seed: int, k: int, d: int) -> torch.Tensor:
@@ -132,7 +132,7 @@ def test_imtl_g_matches_torchjd(k, d, seed):
     M⁺‖g‖). Rank-deficient Grams (d < k): the direction's scale is not unique there (a null
     space of C changes Σw = 1); TorchJD takes the minimum-norm v, we the minimum-norm x = Nw on
     the unit gradients, so only the direction is compared, up to its sign and length."""
-    from mtopt.methods.imtl import imtl_g_weights
+    from mtopt.core.equal_projection import imtl_g_weights
 
     rng = np.random.default_rng(seed)
     G = rng.normal(size=(k, d)) * np.exp(rng.normal(size=(k, 1)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 
@@ -26,3 +28,9 @@ def require_positive_losses(
         raise ValueError(
             f"{method}: {why} needs loss{shift} {relation} 0 for every task; got {', '.join(bad)}"
         )
+
+
+def check_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise a ValueError naming the method, the option and the valid choices."""
+    if value not in choices:
+        raise ValueError(f"{method}: {name} must be one of {choices}, got {value!r}")

@@ -1,17 +1,23 @@
 """The contract every multi-task method implements.
 
-A method declares what it *needs* from a training step (:class:`Need`), receives exactly that in a
-:class:`MethodInput`, and answers with an :class:`Aggregation`: the effective per-task weights
-``w`` such that the shared update is ``d = Σ_k w_k g_k`` (``g_k`` the per-task gradients the method
-was given), and/or an explicit ``direction``. The engine (:mod:`mtopt.step`) turns that into
-``.grad`` values; a method never touches a model.
+A method works at one *level* (:data:`LEVELS`): on the task losses alone (``"loss"``), on the
+per-task gradients of the shared parameters (``"param"``, a ``K × D`` Jacobian or only its
+Gramian) or on the per-task gradients of the shared representation (``"rep"``). It receives a
+:class:`MethodInput` (what every method may read) and answers with an :class:`Aggregation`: the
+effective per-task weights ``w`` such that the shared update is ``d = Σ_k w_k g_k``, and/or an
+explicit ``direction``. The engine (:mod:`mtopt.engine`) turns that into ``.grad`` values; a
+method never touches a model.
+
+What a few methods need beyond that comes through small capabilities the engine checks with
+``isinstance`` (:mod:`mtopt.core.capabilities`): re-running the closure (FAMO, Auto-Lambda),
+updating the model itself group by group (selective group updates), transforming the
+representation per task (RotoGrad), being told when an epoch ends (DWA).
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -21,21 +27,36 @@ from torch import Tensor
 from mtopt.core.gradients import gram_matrix
 from mtopt.core.hparams import validated
 
+__all__ = [
+    "LEVELS",
+    "Aggregation",
+    "Method",
+    "MethodInput",
+    "Need",
+    "SolverReport",
+    "as_weights",
+]
+
+#: The levels a method works at: the losses, the shared parameters' gradients, the shared
+#: representation's gradients.
+LEVELS = ("loss", "param", "rep")
+Level = Literal["loss", "param", "rep"]
+
 HEAD_POLICIES = ("raw", "weighted")
 
 
 class Need(enum.Flag):
-    """What a method needs from a step; combine with ``|``.
+    """A description of what a method needs from a step (``Method.needs``, for listings and
+    reports; the engine itself dispatches on ``Method.level`` and the capabilities).
 
     - ``LOSSES``: the per-task loss values (every method gets them).
-    - ``PARAM_GRADS``: per-task gradients of the shared parameters, a ``K × D`` matrix.
-    - ``REP_GRADS``: per-task gradients of the shared representation ``z`` (flattened over batch
-      and features), a ``K × numel(z)`` matrix; the closure must return ``features=z``.
-    - ``CLOSURE``: the method re-runs the forward itself (sequential or bilevel methods); it
-      gets ``MethodInput.evaluate``, the optimized ``parameters`` and the base ``optimizer``.
-    - ``META_BATCH``: the method also needs the losses on a second ("meta") batch: pass
-      ``step(closure, meta_closure=...)``; the method's ``meta_split`` says which split the
-      trainer draws it from.
+    - ``PARAM_GRADS``: per-task gradients of the shared parameters (level ``param``).
+    - ``REP_GRADS``: per-task gradients of the shared representation ``z`` (level ``rep``); the
+      closure must return ``features=z``.
+    - ``CLOSURE``: the method re-runs the closure itself (:class:`~mtopt.core.capabilities.
+      ClosureMethod`).
+    - ``META_BATCH``: the method also needs the losses on a second ("meta") batch
+      (:class:`~mtopt.core.capabilities.MetaBatchMethod`): ``step(closure, meta_closure=...)``.
     """
 
     LOSSES = enum.auto()
@@ -45,8 +66,7 @@ class Need(enum.Flag):
     META_BATCH = enum.auto()
 
 
-#: Methods that work either on the shared parameters or on the representation (``level``).
-LEVEL_NEEDS = {"param": Need.PARAM_GRADS, "rep": Need.REP_GRADS}
+_LEVEL_NEEDS = {"loss": Need.LOSSES, "param": Need.PARAM_GRADS, "rep": Need.REP_GRADS}
 
 
 @dataclass(frozen=True)
@@ -70,66 +90,43 @@ class SolverReport:
 
 @dataclass
 class MethodInput:
-    """What the engine hands a method for one step.
+    """What the engine hands a method for one step (the same for every method).
 
     Attributes:
         losses: detached per-task losses, shape ``(K,)``.
         task_names: the K task names, in the order of ``losses``.
-        grads: per-task gradients (rows), ``(K, N)``, when the method needs them: of the shared
-            parameters (``Need.PARAM_GRADS``) or of the representation (``Need.REP_GRADS``).
         step: index of this step (0-based) in the optimizer's life.
+        grads: per-task gradients (rows), ``(K, N)``, at the method's level: of the shared
+            parameters (``param``) or of the representation (``rep``); ``None`` at level
+            ``loss``, and under the Gramian engine (which gives ``gramian`` only).
+        gramian: ``M = G Gᵀ`` (``K × K``, float64) when the engine formed it without ``G``;
+            otherwise read it with :meth:`gramian` (formed once, on demand).
+        features: at level ``rep``: the (detached) shared representation, shape ``(B, ...)``,
+            whose per-task gradients are the rows of ``grads``.
         loss_types: each task's loss type ("regression", "classification", "l1") when the user
             declared them (``MultiTaskOptimizer(..., loss_types=...)``), else ``None``.
-        evaluate_meta: for ``Need.META_BATCH`` methods: the per-task losses on the meta batch.
-        features: for ``Need.REP_GRADS`` methods: the (detached) shared representation itself,
-            shape ``(B, ...)``, whose per-task gradients are the rows of ``grads``.
-        parameters, optimizer: for ``Need.CLOSURE`` methods: every optimized parameter (shared
-            and task-specific) and the base optimizer (its lr, momentum, weight decay).
-        evaluate: for methods that declare ``Need.CLOSURE``: re-runs the user's closure on the
-            same batch and returns the validated per-task losses (a ``(K,)`` tensor that is still
-            part of the autograd graph); ``None`` otherwise.
-        evaluate_each: like ``evaluate`` but the K scalar losses as a list (back-propagating a
-            subset of them then reaches only their own heads; through a stacked tensor every
-            head would get a zero gradient).
-        live_losses: for ``Need.CLOSURE`` methods: the step's own losses, still attached to the
-            graph of the step's forward (so a method can back-propagate them without a second
-            forward).
-        update: for ``Need.CLOSURE`` methods: ``update(loss, zero_missing=False)`` runs one
-            update of the engine's kind on ``loss`` (a scalar in the autograd graph): zero every
-            gradient, back-propagate into the shared and task-specific parameters (a head that
-            ``loss`` does not reach keeps ``grad = None``, so the base optimizer skips it, unless
-            ``zero_missing`` gives it a zero gradient), apply ``max_grad_norm``, step the base
-            optimizer. A method that updates this way returns ``applied=True``.
     """
 
     losses: Tensor
     task_names: tuple[str, ...]
     grads: Tensor | None = None
     step: int = 0
-    evaluate: Callable[[], Tensor] | None = None
     loss_types: tuple[str, ...] | None = None
-    evaluate_meta: Callable[[], Tensor] | None = None
     features: Tensor | None = None
-    parameters: list[Tensor] | None = None
-    optimizer: Any = None
-    evaluate_each: Callable[[], list[Tensor]] | None = None
-    live_losses: list[Tensor] | None = None
-    update: Callable[..., None] | None = None
-    _gramian: Tensor | None = field(default=None, repr=False)
+    gramian_matrix: Tensor | None = field(default=None, repr=False)
 
     @property
     def num_tasks(self) -> int:
         return int(self.losses.shape[0])
 
     def gramian(self) -> Tensor:
-        """``M = G Gᵀ`` (``K × K``, float64), computed once per step without overflow whatever
-        the gradients' dtype (:func:`mtopt.core.gradients.gram_matrix`). Under the Gramian engine
-        it is all the method gets: ``grads`` is then ``None``."""
-        if self._gramian is None:
+        """``M = G Gᵀ`` (``K × K``, float64), formed once per step without overflow whatever
+        the gradients' dtype (:func:`mtopt.core.gradients.gram_matrix`)."""
+        if self.gramian_matrix is None:
             if self.grads is None:
-                raise RuntimeError("this method did not declare a gradient need; no Gramian")
-            self._gramian = gram_matrix(self.grads)
-        return self._gramian
+                raise RuntimeError("this method works on the losses only; it has no Gramian")
+            self.gramian_matrix = gram_matrix(self.grads)
+        return self.gramian_matrix
 
 
 @dataclass
@@ -138,18 +135,16 @@ class Aggregation:
 
     Attributes:
         weights: effective weights ``w`` with ``d = Σ_k w_k g_k`` (shape ``(K,)``); for
-            loss-only methods they weight the losses. ``None`` when the method has no natural
+            loss-level methods they weight the losses. ``None`` when the method has no natural
             weights (it must then give ``direction``).
         direction: explicit shared update in the space of ``MethodInput.grads``; overrides
             ``Gᵀw`` when given.
         solver: the inner solver's report, if the method has one.
-        extras: anything else worth logging (e.g. the min-norm simplex weights).
+        extras: anything else worth logging (e.g. the min-norm simplex weights); read by no
+            part of mtopt.
         head_weights: coefficients ``c`` for the task-specific parameters (they receive
             ``Σ c_k ∇ℓ_k``) when the method defines them itself (hybrid IMTL: ``e^{s_k}``);
             overrides the head policy.
-        applied: the method already updated the parameters itself through
-            ``MethodInput.update`` (sequential methods such as selective group updates): the
-            engine writes no gradient and does not step the optimizer again.
     """
 
     weights: Tensor | None
@@ -157,23 +152,24 @@ class Aggregation:
     solver: SolverReport | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     head_weights: Tensor | None = None
-    applied: bool = False
 
 
 class Method:
     """Base class of every multi-task method.
 
-    Subclasses set ``name`` and ``needs``, take their hyperparameters as keyword-only arguments of
-    ``__init__`` (with the papers' defaults) and store each one as an attribute of the same name,
-    then implement :meth:`aggregate`. ``head_policy`` says what task-specific parameters receive:
-    ``raw`` (head k gets ``∇ℓ_k``) or ``weighted`` (head k gets ``w_k ∇ℓ_k``).
+    Subclasses set ``name`` and ``levels`` (the levels they can work at; the first is the
+    default), take their hyperparameters as keyword-only arguments of ``__init__`` (with the
+    papers' defaults, annotated with what is valid: :mod:`mtopt.core.hparams`) and store each
+    one as an attribute of the same name, then implement :meth:`aggregate`. A method that can
+    work at several levels takes a ``level`` hyperparameter. ``head_policy`` says what
+    task-specific parameters receive: ``raw`` (head k gets ``∇ℓ_k``) or ``weighted`` (head k
+    gets ``w_k ∇ℓ_k``).
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[Need] = Need.LOSSES
+    #: the levels the method can work at, its default first
+    levels: ClassVar[tuple[str, ...]] = ("loss",)
     default_head_policy: ClassVar[str] = "weighted"
-    #: For ``Need.META_BATCH`` methods: the data split the meta batch is drawn from.
-    meta_split: str | None = None
     #: ``aggregate`` reads the gradients only through ``inputs.gramian()`` (and the losses) and
     #: returns weights, never a direction: the engine may then compute the Gramian without the
     #: ``K × D`` Jacobian (``MultiTaskOptimizer(engine="gramian")``).
@@ -193,6 +189,40 @@ class Method:
             )
         self.head_policy = policy
 
+    # -- the level -----------------------------------------------------------------------------
+    @property
+    def level(self) -> str:
+        """The level this instance works at (its ``level`` hyperparameter, if it has one)."""
+        return self.__dict__.get("_level") or type(self).levels[0]
+
+    @level.setter
+    def level(self, value: str) -> None:
+        if value not in type(self).levels:
+            raise ValueError(
+                f"{self.name}: level must be one of {type(self).levels}, got {value!r}"
+            )
+        self.__dict__["_level"] = value
+
+    @classmethod
+    def default_level(cls) -> str:
+        return cls.levels[0]
+
+    @property
+    def needs(self) -> Need:
+        """A description of what this instance needs (:class:`Need`)."""
+        return self.describe_needs(self.level)
+
+    @classmethod
+    def describe_needs(cls, level: str | None = None) -> Need:
+        from mtopt.core.capabilities import ClosureMethod, MetaBatchMethod
+
+        need = _LEVEL_NEEDS[level or cls.levels[0]]
+        if issubclass(cls, ClosureMethod):
+            need |= Need.CLOSURE
+        if issubclass(cls, MetaBatchMethod):
+            need |= Need.META_BATCH
+        return need
+
     # -- hyperparameters -------------------------------------------------------------------
     @classmethod
     def hyperparameters(cls) -> dict[str, Any]:
@@ -205,6 +235,8 @@ class Method:
             for p in inspect.signature(init).parameters.values():
                 if p.kind is inspect.Parameter.KEYWORD_ONLY:
                     out[p.name] = p.default
+        if "level" in out and out["level"] is None:
+            out["level"] = cls.levels[0]
         if "head_policy" in out:  # shown last, with the class's own default
             del out["head_policy"]
             out["head_policy"] = cls.default_head_policy
@@ -217,33 +249,6 @@ class Method:
     # -- the step ----------------------------------------------------------------------------
     def aggregate(self, inputs: MethodInput) -> Aggregation:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def after_step(self, inputs: MethodInput) -> dict[str, Any]:
-        """Called once the base optimizer has stepped, for methods that declare
-        ``Need.CLOSURE`` (e.g. a post-step update from the new losses of the same batch, which
-        ``inputs.evaluate()`` provides). Returns values to merge into ``StepInfo.extras``."""
-        return {}
-
-    def task_input(self, features: Tensor, index: int | None) -> Tensor:
-        """What the head of task ``index`` sees: ``features`` itself, unless the method
-        transforms the representation per task (RotoGrad rotates it). ``index`` is ``None``
-        while the engine does not know the task names yet (before the first step)."""
-        return features
-
-    def to(self, device: torch.device) -> None:
-        """Move state restored by ``load_state_dict`` to the model's device (no-op unless the
-        method holds tensors that join the computation, like RotoGrad's rotations)."""
-
-    def new_param_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups the method created since the last call (RotoGrad's rotations),
-        for the engine to add to the base optimizer. A group's ``lr_scale`` entry multiplies the
-        learning rate of the base optimizer's first group that is not a Muon group. Methods
-        without parameters return ``[]``."""
-        return []
-
-    def end_epoch(self) -> None:
-        """Told by :meth:`MultiTaskOptimizer.end_epoch` when a training epoch is over
-        (epoch-based methods such as DWA's original form use it; others ignore it)."""
 
     # -- state, like torch.optim ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -280,12 +285,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
-
-
-def check_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    """Raise a ValueError naming the method, the option and the valid choices."""
-    if value not in choices:
-        raise ValueError(f"{method}: {name} must be one of {choices}, got {value!r}")
 
 
 def as_weights(values: Any, inputs: MethodInput) -> Tensor:

@@ -20,7 +20,8 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def method_names() -> list[str]:
+def available_methods() -> list[str]:
+    """The registered method names, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -29,7 +30,7 @@ def method_class(name: str) -> type[Method]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown method {name!r}; registered methods: {', '.join(method_names())}"
+            f"unknown method {name!r}; registered methods: {', '.join(available_methods())}"
         ) from None
 
 

@@ -115,8 +115,11 @@ class SweepConfig(BaseModel):
     random_seed: NonNegativeInt = 1
     fixed_from: list[str] = Field(default_factory=list)
     name: FileName = "sweep"
-    #: §26.5 diagnostic: every N steps of the multi-task *unitary* runs, log the mean cosine
+    #: the gradient-cosine diagnostic (Gama & Grassi): every N steps of the multi-task runs of
+    #: the methods in ``cosine_methods``, log the mean pairwise cosine of the task gradients
     cosine_every: PositiveInt | None = None
+    #: the methods (names) whose runs log the cosine diagnostic; the paper logs it for unitary
+    cosine_methods: list[str] = Field(default_factory=lambda: ["unitary"])
     #: task → shared keys (scalars or lists) overriding the grid for its single-task runs
     references: dict[str, dict[SharedKey, Grid]] = Field(default_factory=dict)
 
@@ -260,6 +263,7 @@ class SweepResult:
                 "random_seed": self.config.random_seed,
                 "fixed_from": self.config.fixed_from,
                 "cosine_every": self.config.cosine_every,
+                "cosine_methods": self.config.cosine_methods,
                 "references": self.config.references,
             },
             "database": self.database,
@@ -502,7 +506,7 @@ def run_sweep(
         name, fixed = parse_method_spec(spec)
         candidates.append((spec, name, method_points(shared, fixed, grid)))
     selector = _Selector(runner, base, val_seeds, best_seeds, references, directions)
-    rows = selector.select(candidates, config.cosine_every)
+    rows = selector.select(candidates, config.cosine_every, set(config.cosine_methods))
 
     # 3. fixed weights extracted from SMTOs
     fixed_candidates, fixed_weights = [], []
@@ -516,7 +520,7 @@ def run_sweep(
         )
         fixed_weights.append(weights)
     for fixed_row, weights in zip(
-        selector.select(fixed_candidates, None), fixed_weights, strict=True
+        selector.select(fixed_candidates, None, set()), fixed_weights, strict=True
     ):
         fixed_row.weights = weights
         rows.append(fixed_row)
@@ -557,7 +561,7 @@ class _Selector:
         self.references, self.directions = references, directions
 
     def select(
-        self, candidates: Sequence[Candidate], cosine_every: int | None
+        self, candidates: Sequence[Candidate], cosine_every: int | None, cosine_methods: set[str]
     ) -> list[MethodResult]:
         def make(name: str, point: Mapping[str, Any], hparams: Mapping[str, Any], seed: int):
             return replace(
@@ -566,7 +570,7 @@ class _Selector:
                 method=name,
                 hparams=dict(hparams),
                 seed=seed,
-                cosine_every=cosine_every if name == "unitary" else None,
+                cosine_every=cosine_every if name in cosine_methods else None,
             )
 
         refs, n_val, n_best = self.references, len(self.val_seeds), len(self.best_seeds)

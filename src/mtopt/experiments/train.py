@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 import mtopt
+from mtopt.core.capabilities import MetaBatchMethod
 from mtopt.core.hparams import (
     HalfOpenUnit,
     NonNegative,
@@ -33,11 +34,10 @@ from mtopt.core.hparams import (
     PositiveInt,
     describe_fields,
 )
-from mtopt.core.method import Need
+from mtopt.engine import Losses, MultiTaskOptimizer
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
-from mtopt.step import Losses, MultiTaskOptimizer
 
 References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {"val"|"test": {task: {metric}}}
 Callback = Callable[[str, dict[str, Any]], None]
@@ -232,7 +232,7 @@ def train_run(
             )
     best: dict[str, dict[str, Any]] = {}
     meta_batches = None
-    if Need.META_BATCH in mto.method.needs:
+    if isinstance(mto.method, MetaBatchMethod):
         meta_split = {"train": train, "val": val}[str(mto.method.meta_split)]
         meta_batches = _endless(meta_split, config.batch_size, config.seed + 1)
 
@@ -284,10 +284,10 @@ def train_run(
             if info.solver is not None and not info.solver.converged:
                 solver_failures += 1
                 epoch_failures += 1
-            if "num_groups" in info.extras:  # selective group updates: groups and affinity
+            if info.sequential is not None:  # a sequential method: its groups and affinity
                 group_log["step"].append(info.step)
-                group_log["num_groups"].append(info.extras["num_groups"])
-                group_log["affinity"].append(info.extras["affinity"])
+                group_log["num_groups"].append(info.sequential.num_groups)
+                group_log["affinity"].append(info.sequential.affinity)
             if callback is not None:
                 callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
         mto.end_epoch()

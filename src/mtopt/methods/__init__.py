@@ -1,56 +1,58 @@
-"""All registered methods; importing this package registers them."""
+"""Every registered method, one module each, named as registered (``mtopt.methods.<name>``);
+importing this package registers them all."""
 
-from mtopt.core.registry import make, method_class, method_names
 from mtopt.methods.aligned_mtl import AlignedMTL
 from mtopt.methods.auto_lambda import AutoLambda
 from mtopt.methods.cagrad import CAGrad
 from mtopt.methods.cdtt import CDTT
 from mtopt.methods.db_mtl import DBMTL
-from mtopt.methods.dwa import DynamicWeightAverage
+from mtopt.methods.dwa import DWA
 from mtopt.methods.edm import EDM
 from mtopt.methods.famo import FAMO
+from mtopt.methods.fixed import Fixed
+from mtopt.methods.gls import GLS
 from mtopt.methods.go4align import GO4Align
 from mtopt.methods.graddrop import GradDrop
-from mtopt.methods.imtl import IMTL, IMTLG
-from mtopt.methods.learned_scales import IMTLL, UncertaintyWeighting
-from mtopt.methods.log_losses import GeometricLoss, ScaleInvariant
-from mtopt.methods.mgda import MGDA, MGDAUB
+from mtopt.methods.imtl import IMTL
+from mtopt.methods.imtl_g import IMTLG
+from mtopt.methods.imtl_l import IMTLL
+from mtopt.methods.mgda import MGDA
+from mtopt.methods.mgda_ub import MGDAUB
 from mtopt.methods.nash_mtl import NashMTL
 from mtopt.methods.pcgrad import PCGrad
-from mtopt.methods.rlw import RandomLossWeighting
+from mtopt.methods.rlw import RLW
 from mtopt.methods.rotograd import RotoGrad
-from mtopt.methods.scalarization import FixedWeights, UnitaryScalarization
 from mtopt.methods.selective_groups import SelectiveGroups
+from mtopt.methods.si import SI
+from mtopt.methods.unitary import Unitary
 from mtopt.methods.upgrad import UPGrad
+from mtopt.methods.uw import UW
 
 __all__ = [
     "CDTT",
     "DBMTL",
+    "DWA",
     "EDM",
     "FAMO",
+    "GLS",
     "IMTL",
     "IMTLG",
     "IMTLL",
     "MGDA",
     "MGDAUB",
+    "RLW",
+    "SI",
+    "UW",
     "AlignedMTL",
     "AutoLambda",
     "CAGrad",
-    "DynamicWeightAverage",
-    "FixedWeights",
+    "Fixed",
     "GO4Align",
-    "GeometricLoss",
     "GradDrop",
     "NashMTL",
     "PCGrad",
-    "RandomLossWeighting",
     "RotoGrad",
-    "ScaleInvariant",
     "SelectiveGroups",
     "UPGrad",
-    "UncertaintyWeighting",
-    "UnitaryScalarization",
-    "make",
-    "method_class",
-    "method_names",
+    "Unitary",
 ]

@@ -33,15 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from mtopt.core.method import (
-    LEVEL_NEEDS,
-    Aggregation,
-    Method,
-    MethodInput,
-    Need,
-    SolverReport,
-    as_weights,
-)
+from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.registry import register
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -94,7 +86,7 @@ class AlignedMTL(Method):
 
     gramian_only = True
     name = "aligned_mtl"
-    needs = Need.PARAM_GRADS
+    levels = ("param", "rep")
     default_head_policy = "raw"
 
     def __init__(
@@ -109,7 +101,6 @@ class AlignedMTL(Method):
         self.scale_mode = scale_mode
         self.reduction = reduction
         self.level = level
-        self.needs = LEVEL_NEEDS[level]  # type: ignore[misc]
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         gram = inputs.gramian().detach().cpu()

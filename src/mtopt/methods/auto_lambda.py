@@ -31,8 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mtopt.core.capabilities import MetaBatchMethod, StepContext
 from mtopt.core.hparams import Positive, Real
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector, VectorAdam
 
@@ -40,11 +41,11 @@ META_SPLITS = ("train", "val")
 
 
 @register
-class AutoLambda(Method):
+class AutoLambda(Method, MetaBatchMethod):
     """Auto-Lambda (Liu et al. 2022): task weights learned by a one-step look-ahead."""
 
     name = "auto_lambda"
-    needs = Need.LOSSES | Need.CLOSURE | Need.META_BATCH
+    levels = ("loss",)
 
     def __init__(
         self,
@@ -80,7 +81,7 @@ class AutoLambda(Method):
             self._model_lr = float(model_lr)
         self._vector.ensure(k)
 
-    def meta_gradient(self, inputs: MethodInput) -> Tensor:
+    def meta_gradient(self, context: StepContext) -> Tensor:
         """``∇_λ`` of the meta loss after a virtual step (finite-difference Hessian product).
 
         With a learning rate ``a_p`` per parameter the exact form is
@@ -89,16 +90,14 @@ class AutoLambda(Method):
         Both evaluations replay the step's random state (same dropout masks), so the difference
         measures the parameter change only.
         """
-        assert inputs.evaluate is not None and inputs.evaluate_meta is not None
-        assert inputs.parameters is not None and inputs.optimizer is not None
-        assert self.lambdas is not None
-        params = inputs.parameters
-        terms = _virtual_step_terms(inputs.optimizer, params)
+        assert context.evaluate_meta is not None and self.lambdas is not None
+        params = context.parameters
+        terms = _virtual_step_terms(context.optimizer, params)
         lam = self.lambdas.detach()
         saved = [p.data.clone() for p in params]
         try:
             with torch.enable_grad():
-                train = inputs.evaluate()
+                train = context.evaluate()
                 weighted = (lam.to(device=train.device, dtype=train.dtype) * train).sum()
                 grads = torch.autograd.grad(weighted, params, allow_unused=True)
             for p, g, (lr, wd, momentum, buf) in zip(params, grads, terms, strict=True):
@@ -107,7 +106,7 @@ class AutoLambda(Method):
                     step = step + momentum * buf
                 p.data.sub_(lr * step)
             with torch.enable_grad():
-                meta = inputs.evaluate_meta().sum()
+                meta = context.evaluate_meta().sum()
                 v = torch.autograd.grad(meta, params, allow_unused=True)
             u = [
                 torch.zeros_like(p) if g is None else t[0] * g
@@ -120,20 +119,20 @@ class AutoLambda(Method):
             with torch.no_grad():
                 for p, s, g in zip(params, saved, u, strict=True):
                     p.data.copy_(s + eps * g)
-                plus = inputs.evaluate().double().cpu()
+                plus = context.evaluate().double().cpu()
                 for p, s, g in zip(params, saved, u, strict=True):
                     p.data.copy_(s - eps * g)
-                minus = inputs.evaluate().double().cpu()
+                minus = context.evaluate().double().cpu()
         finally:
             for p, s in zip(params, saved, strict=True):
                 p.data.copy_(s)
         return -(plus - minus) / (2 * eps)
 
-    def aggregate(self, inputs: MethodInput) -> Aggregation:
-        assert inputs.optimizer is not None
-        self._ensure(inputs.num_tasks, float(inputs.optimizer.param_groups[0]["lr"]))
+    def aggregate_in_context(self, inputs: MethodInput, context: StepContext) -> Aggregation:
+        """One Adam step on λ along the meta-gradient, then λ as the weights."""
+        self._ensure(inputs.num_tasks, float(context.optimizer.param_groups[0]["lr"]))
         assert self.lambdas is not None
-        grad = self.meta_gradient(inputs)
+        grad = self.meta_gradient(context)
         self._vector.step(grad)
         if self.nonnegative:
             with torch.no_grad():

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from mtopt.core.ball_maxmin import GAP_RTOL, ball_maxmin
 from mtopt.core.hparams import NonNegative, PositiveInt
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.registry import register
 
 RESCALES = (0, 1, 2)
@@ -55,7 +55,7 @@ class CAGrad(Method):
 
     gramian_only = True
     name = "cagrad"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "raw"
 
     def __init__(

@@ -31,7 +31,7 @@ import torch
 from mtopt.core import accurate
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.hparams import PositiveInt, UnitInterval
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.methods.edm import EDM
 
@@ -72,7 +72,7 @@ class CDTT(Method):
 
     gramian_only = True
     name = "cdtt"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "raw"
 
     def __init__(

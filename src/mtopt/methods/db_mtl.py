@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.hparams import HalfOpenUnit, NonNegative
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 
 _EPS = 1e-8
@@ -32,7 +32,7 @@ class DBMTL(Method):
     """DB-MTL (Lin et al. 2023): EMA of log-loss gradients, each rescaled to the largest norm."""
 
     name = "db_mtl"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "raw"
 
     def __init__(

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import torch
 
+from mtopt.core.capabilities import EpochAware
 from mtopt.core.hparams import Positive, PositiveInt
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 
 MODES = ("epoch", "window")
@@ -37,11 +38,11 @@ def dwa_weights(ratios: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 @register
-class DynamicWeightAverage(Method):
+class DWA(Method, EpochAware):
     """DWA (Liu et al. 2019): weights ``K softmax(r/T)`` from the ratio of recent loss means."""
 
     name = "dwa"
-    needs = Need.LOSSES
+    levels = ("loss",)
 
     def __init__(
         self,

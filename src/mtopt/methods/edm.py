@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mtopt.core.hparams import NonNegativeInt, Positive
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.min_norm import KKT_RTOL, min_norm_weights
 from mtopt.core.registry import register
 
@@ -37,7 +37,7 @@ class EDM(Method):
 
     gramian_only = True
     name = "edm"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "raw"
 
     def __init__(

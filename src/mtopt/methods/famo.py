@@ -11,9 +11,10 @@ Logits :math:`\xi\in\mathbb R^K` (init 0), :math:`z=\mathrm{softmax}(\xi)`, refe
   :math:`\nabla_\xi = J_{\mathrm{softmax}}(\xi)^\top\Delta` and take one Adam step (lr 0.025,
   weight decay :math:`\gamma`).
 
-This is why FAMO declares ``Need.CLOSURE``: the engine re-evaluates the closure after the optimizer
-step (:meth:`Method.after_step`). Defaults: ``gamma=0.01`` (``famo.py``; the NYUv2/QM9 scripts and
-LibMTL use 1e-3, FAMO's ``weight_methods.py`` 1e-5; seed 002's grid is {1e-2, 1e-3, 1e-4}).
+This is why FAMO is a :class:`~mtopt.core.capabilities.ClosureMethod`: the engine re-evaluates
+the closure after the optimizer step (``after_step``). Defaults: ``gamma=0.01`` (the authors'
+method code; their NYUv2/QM9 scripts and LibMTL use 1e-3, another of their configurations 1e-5;
+Gama & Grassi's grid is {1e-2, 1e-3, 1e-4}).
 The reference loop clips the shared gradient norm to 1: use
 ``MultiTaskOptimizer(..., max_grad_norm=1.0)`` for that. Requires :math:`\ell > \ell^*` (checked,
 with an error naming the task). Heads: weighted.
@@ -26,9 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mtopt.core.capabilities import ClosureMethod, StepContext
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.hparams import NonNegative, Positive, Reals
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector, VectorAdam
 
@@ -36,11 +38,11 @@ _OFFSET = 1e-8
 
 
 @register
-class FAMO(Method):
+class FAMO(Method, ClosureMethod):
     """FAMO (Liu et al. 2023): softmax logits steered by the observed log-loss decrease."""
 
     name = "famo"
-    needs = Need.LOSSES | Need.CLOSURE
+    levels = ("loss",)
 
     def __init__(
         self,
@@ -91,11 +93,12 @@ class FAMO(Method):
         weights = z / (c * d)
         return Aggregation(weights.to(inputs.losses.dtype), extras={"famo_z": z.tolist()})
 
-    def after_step(self, inputs: MethodInput) -> dict[str, Any]:
-        assert inputs.evaluate is not None and self._previous is not None
-        assert self.logits is not None
+    def after_step(self, inputs: MethodInput, context: StepContext) -> dict[str, Any]:
+        """FAMO's logit update from the loss decrease on the same batch (the closure re-run
+        after the optimizer step)."""
+        assert self._previous is not None and self.logits is not None
         with torch.no_grad():
-            new = self._shifted(inputs.evaluate(), inputs.task_names)
+            new = self._shifted(context.evaluate(), inputs.task_names)
         delta = torch.log(self._previous) - torch.log(new)
         with torch.enable_grad():
             z = torch.softmax(self.logits, dim=0)

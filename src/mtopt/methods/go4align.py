@@ -33,7 +33,7 @@ import torch
 
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.hparams import NonNegative, PositiveInt
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.core.task_vector import floats_to_tensor
 
@@ -77,7 +77,7 @@ class GO4Align(Method):
     """GO4Align (Shen et al. 2024): grouped risk-guided weights, as in the released code."""
 
     name = "go4align"
-    needs = Need.LOSSES
+    levels = ("loss",)
 
     def __init__(
         self,

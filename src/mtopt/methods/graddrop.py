@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from mtopt.core.hparams import Real, Seed, UnitInterval
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
 
@@ -63,7 +63,7 @@ class GradDrop(SeededRandomness, Method):
     """GradDrop (Chen et al. 2020): per-feature sign-consistent dropout of task gradients."""
 
     name = "graddrop"
-    needs = Need.REP_GRADS
+    levels = ("rep",)
     default_head_policy = "raw"
 
     def __init__(

@@ -12,7 +12,7 @@ Normalisers :math:`n_k` (``normalization``): ``l2`` :math:`\|g_k\|`; ``loss`` :m
 ``loss+`` :math:`\ell_k\|g_k\|`; ``none`` 1. ``loss`` and ``loss+`` require positive losses. A zero
 gradient is not normalised (as in Gama & Grassi); the solver then returns ``d = 0`` and says so.
 
-How :math:`w^*` is applied (``apply_to``; the sources disagree, METHODS.md §8, §28.2):
+How :math:`w^*` is applied (``apply_to``; the reference implementations disagree):
 ``raw_losses`` (Sener's script, nash-mtl; default) uses :math:`d = \sum w^*_k g_k`, i.e.
 back-propagates :math:`\sum w^*_k \ell_k`; ``normalized_grads`` (LibMTL param mode, Gama's MGDA)
 uses :math:`d = \sum w^*_k g_k / n_k`. The logged ``weights`` are the effective ones (``w*`` or
@@ -33,10 +33,8 @@ gradients, or any set whose hull contains 0, give ``d = 0`` (a Pareto-stationary
 the weights of a convex combination that vanishes; a rank-deficient Gramian is no obstacle to
 the exact solver.
 
-MGDA-UB applies the same solver to the per-task gradients of the shared *representation*
-:math:`r_k = \nabla_z \ell_k` (flattened over batch and features), then back-propagates
-:math:`\sum w_k \ell_k` through the encoder: minimising :math:`\|\sum w_k r_k\|` minimises an upper
-bound of :math:`\|\sum w_k g_k\|` at the cost of K head-only backward passes.
+``level``: ``param`` (the shared parameters' gradients; default) or ``rep`` (the shared
+representation's, which is MGDA-UB: :mod:`mtopt.methods.mgda_ub`).
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ from pydantic import Field
 
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.hparams import NonNegativeInt, Positive
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.min_norm import KKT_RTOL, min_norm_weights
 from mtopt.core.registry import register
 
@@ -66,7 +64,7 @@ def gradient_normalizers(
     method: str,
     task_names: tuple[str, ...],
 ) -> np.ndarray:
-    """Per-task normalisers ``n_k`` of METHODS.md §8 (1 where a gradient is zero), in float64.
+    """Per-task normalisers ``n_k`` (1 where a gradient is zero), in float64.
 
     ``losses`` and ``sq_norms`` are float64 arrays (the ``K`` entries are handled in numpy: a
     torch call costs several microseconds, more than the arithmetic)."""
@@ -91,12 +89,13 @@ class MGDA(Method):
 
     gramian_only = True
     name = "mgda"
-    needs = Need.PARAM_GRADS
+    levels = ("param", "rep")
     default_head_policy = "weighted"
 
     def __init__(
         self,
         *,
+        level: Literal["param", "rep"] | None = None,
         normalization: Literal["l2", "loss", "loss+", "none"] = "loss+",
         solver: Literal["wolfe", "pgd", "fw"] = "wolfe",
         apply_to: Literal["raw_losses", "normalized_grads"] = "raw_losses",
@@ -106,6 +105,8 @@ class MGDA(Method):
         head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
         super().__init__(head_policy=head_policy)
+        if level is not None:
+            self.level = level
         self.normalization = normalization
         self.solver = solver
         self.apply_to = apply_to
@@ -152,14 +153,6 @@ class MGDA(Method):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._support = [int(i) for i in state.get("support", [])]
-
-
-@register
-class MGDAUB(MGDA):
-    """MGDA-UB (Sener & Koltun 2018): the min-norm weights of the representation gradients."""
-
-    name = "mgda_ub"
-    needs = Need.REP_GRADS
 
 
 def _message(status: str, names: tuple[str, ...], simplex: np.ndarray) -> str:

@@ -54,7 +54,7 @@ import torch
 
 from mtopt.core import accurate
 from mtopt.core.hparams import NonNegative, Positive, PositiveInt
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.min_norm import min_norm_weights
 from mtopt.core.registry import register
 
@@ -171,7 +171,7 @@ class NashMTL(Method):
 
     gramian_only = True
     name = "nash_mtl"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "weighted"
 
     def __init__(

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from mtopt.core.hparams import Seed
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, as_weights
+from mtopt.core.method import Aggregation, Method, MethodInput, as_weights
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
 
@@ -55,7 +55,7 @@ class PCGrad(SeededRandomness, Method):
 
     gramian_only = True
     name = "pcgrad"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "raw"
 
     def __init__(

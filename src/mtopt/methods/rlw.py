@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mtopt.core.hparams import Positive, Seed
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 
 DISTRIBUTIONS = ("normal", "dirichlet")
@@ -31,11 +31,11 @@ SUM_TO = ("one", "k")
 
 
 @register
-class RandomLossWeighting(Method):
+class RLW(Method):
     """RLW (Lin et al. 2022): random weights from softmax(N(0, I)) or Dirichlet(α)."""
 
     name = "rlw"
-    needs = Need.LOSSES
+    levels = ("loss",)
 
     def __init__(
         self,

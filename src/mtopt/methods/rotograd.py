@@ -78,8 +78,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mtopt.core.capabilities import RepresentationTransform
 from mtopt.core.hparams import NonNegativeInt, Positive, PositiveInt
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 
 _TINY = 1e-15
@@ -137,12 +138,12 @@ def magnitude_weights(norms: Tensor, initial_norms: Tensor) -> tuple[Tensor, Ten
 
 
 @register
-class RotoGrad(Method):
+class RotoGrad(Method, RepresentationTransform):
     """RotoGrad (Javaloy & Valera 2022): per-task rotations of the representation plus gradient
     magnitude homogenisation."""
 
     name = "rotograd"
-    needs = Need.REP_GRADS
+    levels = ("rep",)
     default_head_policy = "raw"
 
     def __init__(
@@ -194,9 +195,11 @@ class RotoGrad(Method):
         if not self._pending_group:
             return []
         self._pending_group = False
-        group = {"params": [self.generator], "lr_scale": self.rotation_lr_scale}
-        # rotations are not hidden weight matrices: never Muon's orthogonalised update
-        return [{**group, "weight_decay": 0.0, "use_muon": False}]
+        # the rotations take the optimizer's auxiliary learning rate (not a hidden layer's, under
+        # an optimizer that has both) times rotation_lr_scale, without weight decay
+        return [
+            {"params": [self.generator], "lr_scale": self.rotation_lr_scale, "weight_decay": 0.0}
+        ]
 
     def to(self, device: torch.device) -> None:
         """Move restored rotations (and their bookkeeping) to ``device`` before they join the

@@ -36,9 +36,12 @@ If a self-affinity is not positive yet (the reference divides by it unguarded) t
 skipped and the previous groups are kept; ``StepInfo.extras["grouping"]`` says which happened.
 
 Cost: :math:`M` forwards, backwards and optimizer steps per batch (+ one forward without
-gradients under ``"definition"``); no per-task gradient. ``StepInfo.weights`` counts the updates
-each task took part in; ``extras`` has the groups (in visiting order), their number and
-:math:`A`. Losses must be ≥ 0 (the affinity is a relative loss change); a target whose previous
+gradients under ``"definition"``); no per-task gradient. The method updates the model itself
+(:class:`~mtopt.core.capabilities.SequentialMethod`): ``StepInfo.updates`` is :math:`M`,
+``StepInfo.weights`` counts the updates each task took part in, and ``StepInfo.sequential`` holds
+the groups (in visiting order), their number and :math:`A`. The closure must return separate
+scalar losses (a dict or list, not one stacked tensor), so that a group's loss reaches only its
+own heads. Losses must be ≥ 0 (the affinity is a relative loss change); a target whose previous
 loss is exactly 0 is skipped, as in the reference. The reference's per-task head learning rate
 × K (``lr_ts``) is a training-setup choice left to the user's optimizer param groups.
 """
@@ -53,9 +56,10 @@ from pydantic import Field
 from torch import Tensor
 
 from mtopt.core.affinity_propagation import affinity_propagation
+from mtopt.core.capabilities import SequentialMethod, StepContext, UpdateReport
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.hparams import NonNegativeInt, PositiveInt, PositiveUnit, Real, Seed
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
 
@@ -122,12 +126,12 @@ def group_tasks(
 
 
 @register
-class SelectiveGroups(SeededRandomness, Method):
+class SelectiveGroups(SeededRandomness, Method, SequentialMethod):
     """Selective task group updates (Jeong & Yoon 2025): sequential per-group updates, groups
     from the tracked proximal inter-task affinity."""
 
     name = "selective_groups"
-    needs = Need.CLOSURE
+    levels = ("loss",)
     default_head_policy = "raw"
 
     def __init__(
@@ -165,10 +169,9 @@ class SelectiveGroups(SeededRandomness, Method):
     def _order(self, count: int) -> list[int]:
         return torch.randperm(count, generator=self._generator).tolist()
 
-    def aggregate(self, inputs: MethodInput) -> Aggregation:
-        assert inputs.evaluate is not None and inputs.evaluate_each is not None
-        assert inputs.update is not None
-        assert inputs.live_losses is not None
+    def apply(self, inputs: MethodInput, context: StepContext) -> UpdateReport:
+        """Update the groups of this step in a random order, one optimizer update each, and
+        track the affinity from the loss changes."""
         k = inputs.num_tasks
         names = inputs.task_names
         require_positive_losses(self.name, inputs.losses, names, "the affinity", allow_zero=True)
@@ -195,21 +198,14 @@ class SelectiveGroups(SeededRandomness, Method):
         if len(schedule) == 1:
             schedule = schedule * 2
 
-        live: list[Tensor] = inputs.live_losses
-        linked = {"UnbindBackward0", "SelectBackward0"}
-        if any(loss.grad_fn is not None and loss.grad_fn.name() in linked for loss in live):
-            raise ValueError(
-                "selective_groups: the closure returned the losses as one stacked tensor (or "
-                "indexed from one); then every head is in every group's graph and gets a zero "
-                "gradient instead of none. Return a dict or list of the separate scalar losses."
-            )
+        live: list[Tensor] = context.live_losses
         before: np.ndarray | None = None  # the losses before the current group's step
         previous_group: list[int] | None = None
         zero_missing = self.inactive_heads == "momentum"
         counts = torch.zeros(k, dtype=inputs.losses.dtype)
         for m, group in enumerate(schedule):
             if m > 0:
-                live = inputs.evaluate_each()
+                live = context.evaluate_each()
             now = torch.stack([loss.detach() for loss in live]).double().cpu()
             self._check(now, names)
             now = now.numpy()
@@ -220,12 +216,12 @@ class SelectiveGroups(SeededRandomness, Method):
             loss = torch.stack([live[i] for i in group]).sum()
             if self.group_norm:
                 loss = loss / len(group)
-            inputs.update(loss, zero_missing)
+            context.update(loss, zero_missing)
             counts[group] += 1
             before, previous_group = now, group
         if self.attribution == "definition":
             with torch.no_grad():
-                after = inputs.evaluate()
+                after = context.evaluate()
             self._check(after, names)
             update_affinity(
                 self.affinity,
@@ -234,17 +230,14 @@ class SelectiveGroups(SeededRandomness, Method):
                 after.double().cpu().numpy(),
                 self.affinity_decay,
             )
-        return Aggregation(
+        return UpdateReport(
             weights=counts,
-            applied=True,
-            extras={
-                "groups": [[names[i] for i in g] for g in schedule],
-                "num_groups": len(self.groups),
-                # a lone group is stepped twice, as in the released code
-                "num_updates": len(schedule),
-                "grouping": grouping,
-                "affinity": self.affinity.tolist(),
-            },
+            # a lone group is stepped twice, as in the released code
+            updates=len(schedule),
+            groups=[[names[i] for i in g] for g in schedule],
+            num_groups=len(self.groups),
+            affinity=self.affinity.tolist(),
+            extras={"grouping": grouping},
         )
 
     def _check(self, losses: Tensor, names: tuple[str, ...]) -> None:

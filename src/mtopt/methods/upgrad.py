@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from mtopt.core.hparams import NonNegative, NonNegatives
-from mtopt.core.method import Aggregation, Method, MethodInput, Need, SolverReport, as_weights
+from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.qp import RESIDUAL_RTOL, BoxQPResult, box_lower_qp_batch
 from mtopt.core.registry import register
 
@@ -56,7 +56,7 @@ class UPGrad(Method):
 
     gramian_only = True
     name = "upgrad"
-    needs = Need.PARAM_GRADS
+    levels = ("param",)
     default_head_policy = "raw"
 
     def __init__(

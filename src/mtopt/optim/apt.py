@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtopt.core.method import check_choice
+from mtopt.core.checks import check_choice
 
 EPS = 1e-12
 GRANULARITIES = ("tensor", "global")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtopt.core.method import check_choice
+from mtopt.core.checks import check_choice
 from mtopt.optim.adam import adam_group_step
 from mtopt.optim.apt import APTBetasMixin, check_apt_group, group_betas, preserve
 
@@ -92,8 +92,9 @@ class Muon(APTBetasMixin, torch.optim.Optimizer):
     Args:
         params: parameter groups, typically :func:`muon_param_groups` ``(model, ...)``. A group
             that does not set ``use_muon`` is a Muon group iff all its parameters have
-            ``ndim ≥ 2`` (so groups added later by code unaware of Muon stay valid); a Muon group
-            with a vector parameter is an error.
+            ``ndim ≥ 2`` and it is not marked ``auxiliary`` (the parameters a multi-task method
+            adds, :mod:`mtopt.engine.writeback`), so groups added later by code unaware of Muon
+            stay valid; a Muon group with a vector parameter is an error.
         lr, momentum, nesterov, ns_steps, scale_mode: defaults of the Muon groups (0.02, 0.95,
             ``True``, 5, ``"keller"``).
         weight_decay: decoupled decay :math:`W\leftarrow W(1-\eta\lambda)`, default of both kinds.
@@ -166,7 +167,13 @@ class Muon(APTBetasMixin, torch.optim.Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         group["params"] = params
         if "use_muon" not in group:
-            group["use_muon"] = bool(params) and all(p.ndim >= 2 for p in params)
+            # parameters a method adds (``auxiliary``: RotoGrad's rotations) are not hidden
+            # weight matrices: AdamW for them
+            group["use_muon"] = (
+                not group.get("auxiliary", False)
+                and bool(params)
+                and all(p.ndim >= 2 for p in params)
+            )
         use_muon = bool(group["use_muon"])
         for key, value in self._kind_defaults[use_muon].items():
             group.setdefault(key, value)
@@ -189,6 +196,14 @@ class Muon(APTBetasMixin, torch.optim.Optimizer):
                 )
         elif not all(0.0 <= b < 1.0 for b in group["betas"]) or not group["eps"] >= 0:
             raise ValueError("Muon: AdamW betas must be in [0, 1) and eps ≥ 0")
+
+    def auxiliary_lr(self) -> float:
+        """The learning rate parameters added by a multi-task method are scaled from: the first
+        AdamW group's (the AdamW default if there is none), not a hidden matrix's Muon rate."""
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                return float(group["lr"])
+        return float(self._kind_defaults[False]["lr"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

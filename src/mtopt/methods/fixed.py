@@ -1,6 +1,5 @@
-r"""Loss-only linear scalarizations: unitary scalarization (§1) and fixed weights (§2).
-
-Both back-propagate :math:`L = \sum_k w_k \ell_k` once.
+r"""Fixed (static) weights: back-propagate :math:`L = \sum_k c_k \ell_k` with constants the
+user gives (Gama & Grassi train with weights extracted from an SMTO's run, summing to 1).
 """
 
 from __future__ import annotations
@@ -11,51 +10,22 @@ from typing import Literal
 import torch
 
 from mtopt.core.hparams import Reals
-from mtopt.core.method import Aggregation, Method, MethodInput, Need
+from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import register
 
-REDUCTIONS = ("sum", "mean")
-
 
 @register
-class UnitaryScalarization(Method):
-    r"""Unitary scalarization ("equal weighting", EW/LS; Kurin et al. 2022; Gama & Grassi 2025).
-
-    :math:`L = \sum_k w_k \ell_k` with :math:`w_k = 1` (``reduction="sum"``, the default of
-    Kurin, LibMTL and nash-mtl) or :math:`w_k = 1/K` (``reduction="mean"``, Gama & Grassi's
-    default: use it to reproduce their numbers). With Adam the factor is nearly irrelevant.
-    Heads: weighted (identical to raw up to the constant).
-    """
-
-    name = "unitary"
-    needs = Need.LOSSES
-
-    def __init__(
-        self,
-        *,
-        reduction: Literal["sum", "mean"] = "sum",
-        head_policy: Literal["raw", "weighted"] | None = None,
-    ) -> None:
-        super().__init__(head_policy=head_policy)
-        self.reduction = reduction
-
-    def aggregate(self, inputs: MethodInput) -> Aggregation:
-        k = inputs.num_tasks
-        value = 1.0 if self.reduction == "sum" else 1.0 / k
-        return Aggregation(torch.full((k,), value, dtype=inputs.losses.dtype))
-
-
-@register
-class FixedWeights(Method):
+class Fixed(Method):
     r"""Fixed (static) weights :math:`L = \sum_k c_k \ell_k` with user constants ``weights``.
 
-    Seed 002 (Gama & Grassi) trains with weights extracted from an SMTO (they sum to 1, §26.4).
+    Gama & Grassi train with weights extracted from an SMTO's run (the mean of its weights, which
+    sum to 1; see ``docs/protocol.md``).
     ``weights`` is required; its length must equal the number of tasks, entries must be finite;
     a negative entry is allowed but warned about (it *ascends* that task's loss).
     """
 
     name = "fixed"
-    needs = Need.LOSSES
+    levels = ("loss",)
 
     def __init__(
         self, *, weights: Reals, head_policy: Literal["raw", "weighted"] | None = None

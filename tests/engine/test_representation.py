@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mtopt import Losses, MultiTaskOptimizer
+from mtopt.core.capabilities import RepresentationTransform
 
 K = 3
 
@@ -32,7 +33,8 @@ def _train(
         losses = {}
         for k, name in enumerate(["a", "b", "c"]):
             if mode == "direct":  # the method's own transform, bypassing the optimizer's copies
-                inp = mto.method.task_input(z, k)
+                method = mto.method
+                inp = method.task_input(z, k) if isinstance(method, RepresentationTransform) else z
             elif mode == "by_name":
                 inp = mto.task_input(z, name)
             else:  # "by_index"

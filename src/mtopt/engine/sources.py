@@ -1,0 +1,339 @@
+"""Where a method's per-task gradients come from, and how its answer reaches the shared
+parameters: one *gradient source* per level, chosen once when the optimizer is built.
+
+======================  ==================================================  ======================
+source                  per-task input                                      shared update
+======================  ==================================================  ======================
+:class:`LossSource`     none (the losses)                                   backward of Σ w_k ℓ_k
+:class:`JacobianSource` ``K × D`` Jacobian of the shared parameters, by K    ``Gᵀw`` (or the
+                        backward passes or one batched pass                 direction) written
+:class:`GramianSource`  only ``M = JJᵀ``, module by module                   ``Jᵀw`` from the kept
+                        (:mod:`mtopt.core.gramian`)                         rows or cotangents
+:class:`AutoSource`     the Jacobian, or the Gramian when ``K × D`` would   as the one it picked
+                        exceed the memory budget (decided at the first
+                        step, when K is known)
+:class:`RepresentationSource`  ``K × numel(z)`` gradients of the representation   backward of the
+                        (one backward pass when the heads read ``z``        direction through the
+                        through ``task_input``)                             encoder
+======================  ==================================================  ======================
+
+Every source checks that the per-task gradients are finite and names the tasks that are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mtopt.core.gradients import batched_jacobian, jacobian, write_flat_grad
+from mtopt.core.gramian import GramianEngine
+from mtopt.core.method import Aggregation
+from mtopt.engine.closure import Unpacked
+
+#: how a representation-level step hands the heads their copies of z: (source z, task, copy)
+SplitEntry = tuple[Tensor, "str | int", Tensor]
+
+
+@dataclass
+class PerTask:
+    """A source's per-task input for the method: the gradients (rows), or their Gramian."""
+
+    grads: Tensor | None = None
+    gramian: Tensor | None = None
+
+
+class GradientSource:
+    """Base class: no per-task gradients (loss level)."""
+
+    #: ``StepInfo.gradient_engine`` of the steps it serves
+    label: str | None = None
+
+    def recording(self, num_tasks: int | None) -> contextlib.AbstractContextManager[None]:
+        """A context around the closure's forward pass (the Gramian engine records modules)."""
+        return contextlib.nullcontext()
+
+    def compute(self, step: Unpacked) -> PerTask:
+        return PerTask()
+
+    def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
+        raise NotImplementedError
+
+    def write(
+        self,
+        agg: Aggregation,
+        step: Unpacked,
+        per_task: PerTask,
+        task_params: list[Tensor],
+        head_coeffs: Tensor | None,
+    ) -> None:
+        """``.grad`` of the shared parameters (the method's update) and of the task-specific
+        ones (``Σ_k c_k ∇ℓ_k``, ``c = head_coeffs``; ``None`` when there are none)."""
+        self.write_shared(agg, step, per_task)
+        if head_coeffs is not None and task_params:
+            torch.autograd.backward(weighted_sum(step.losses, head_coeffs), inputs=task_params)
+
+
+class LossSource(GradientSource):
+    """Loss level: the shared update is the backward pass of ``Σ_k w_k ℓ_k``."""
+
+    def __init__(self, shared: list[Tensor]) -> None:
+        self.shared = shared
+
+    def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
+        assert agg.weights is not None
+        total = weighted_sum(step.losses, agg.weights)
+        torch.autograd.backward(total, inputs=self.shared, retain_graph=True)
+
+    def write(
+        self,
+        agg: Aggregation,
+        step: Unpacked,
+        per_task: PerTask,
+        task_params: list[Tensor],
+        head_coeffs: Tensor | None,
+    ) -> None:
+        # one backward pass for everything when the heads get the same coefficients
+        if head_coeffs is None or head_coeffs is agg.weights:
+            assert agg.weights is not None
+            weighted_sum(step.losses, agg.weights).backward(inputs=self.shared + task_params)
+            return
+        super().write(agg, step, per_task, task_params, head_coeffs)
+
+
+class JacobianSource(GradientSource):
+    """The ``K × D`` Jacobian of the shared parameters, by K backward passes (``"jacobian"``)
+    or one batched pass (``"batched"``); the update ``Gᵀw`` is summed in float32 at least."""
+
+    def __init__(self, shared: list[Tensor], batched: bool = False) -> None:
+        self.shared = shared
+        self.batched = batched
+        self.label = "batched" if batched else "jacobian"
+
+    def compute(self, step: Unpacked) -> PerTask:
+        build = batched_jacobian if self.batched else jacobian
+        grads = build(step.losses, self.shared)
+        check_finite(step.names, grads=grads)
+        return PerTask(grads=grads)
+
+    def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
+        assert per_task.grads is not None
+        write_flat_grad(self.shared, combine(agg, per_task.grads).detach())
+
+
+class GramianSource(GradientSource):
+    """Only the Gramian, accumulated module by module (:class:`~mtopt.core.gramian.
+    GramianEngine`), checked against autograd at the first step; the update ``Jᵀw`` is written
+    from what the engine kept."""
+
+    label = "gramian"
+
+    def __init__(self, engine: GramianEngine) -> None:
+        self.engine = engine
+        self._verified = False
+
+    def recording(self, num_tasks: int | None) -> contextlib.AbstractContextManager[None]:
+        return self.engine.record()
+
+    def compute(self, step: Unpacked) -> PerTask:
+        gram = self.engine.gramian(step.losses)
+        if not self._verified:
+            self.engine.verify(step.losses, gram)
+            self._verified = True
+        check_finite(step.names, gram=gram)
+        return PerTask(gramian=gram)
+
+    def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
+        if agg.weights is None:
+            raise RuntimeError(
+                "under the Gramian engine a method must return weights, not a direction"
+            )
+        self.engine.write_grads(agg.weights.detach())
+
+
+class AutoSource(GradientSource):
+    """The Jacobian, unless ``K × D`` would exceed ``max_bytes``: then the Gramian. Decided at
+    the first step (when K is known); the forward of that step is recorded just in case."""
+
+    def __init__(self, jacobian: JacobianSource, gramian: GramianSource, row_bytes: int,
+                 max_bytes: int) -> None:  # fmt: skip
+        self.jacobian, self.gramian = jacobian, gramian
+        self.row_bytes, self.max_bytes = row_bytes, max_bytes
+        self.chosen: GradientSource | None = None
+        self._last: GradientSource = jacobian
+
+    def _pick(self, num_tasks: int) -> GradientSource:
+        if self.chosen is None:
+            big = num_tasks * self.row_bytes > self.max_bytes
+            self.chosen = self.gramian if big else self.jacobian
+        return self.chosen
+
+    @property
+    def label(self) -> str | None:  # type: ignore[override]
+        return self._last.label
+
+    def recording(self, num_tasks: int | None) -> contextlib.AbstractContextManager[None]:
+        if num_tasks is None or self._pick(num_tasks) is self.gramian:
+            return self.gramian.recording(num_tasks)
+        return contextlib.nullcontext()
+
+    def compute(self, step: Unpacked) -> PerTask:
+        source = self._pick(len(step.losses))
+        if source is self.jacobian:
+            self.gramian.engine.clear()  # the first step's recording is not needed
+        self._last = source
+        return source.compute(step)
+
+    def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
+        self._last.write_shared(agg, step, per_task)
+
+
+class RepresentationSource(GradientSource):
+    """The per-task gradients of the shared representation ``z`` (``K × numel(z)``), and the
+    update pushed through the encoder once (``backward(z, d)``).
+
+    While a step runs, :meth:`task_input` hands each head a detached copy of ``z`` (through the
+    method's transform, if it has one), so that one backward pass of ``Σ_k ℓ_k`` gives every row;
+    when some loss also reads ``z`` directly, or the copies are not used, K backward passes do."""
+
+    label = "representation"
+
+    def __init__(self, shared: list[Tensor], split_heads: bool) -> None:
+        self.shared = shared
+        self.split_heads = split_heads
+        #: the copies handed out while the closure runs, and those of the last forward
+        self.split: list[SplitEntry] | None = None
+        self.taken: list[SplitEntry] = []
+
+    @contextlib.contextmanager
+    def _splitting(self) -> Iterator[None]:
+        self.split = [] if self.split_heads else None
+        try:
+            yield
+        finally:
+            self.taken, self.split = self.split or [], None
+
+    def recording(self, num_tasks: int | None) -> contextlib.AbstractContextManager[None]:
+        return self._splitting()
+
+    def head_copy(self, features: Tensor, task: str | int) -> Tensor | None:
+        """A detached copy of ``features`` for one head, inside a step; ``None`` outside."""
+        if self.split is None or not features.requires_grad:
+            return None
+        leaf = features.detach().requires_grad_(True)
+        self.split.append((features, task, leaf))
+        return leaf
+
+    def compute(self, step: Unpacked) -> PerTask:
+        features = step.features
+        if features is None:
+            raise ValueError(
+                "this method needs the shared representation: return "
+                "mtopt.Losses(losses, features=z) from the closure"
+            )
+        if not features.requires_grad:
+            raise ValueError("features must be part of the autograd graph (requires_grad)")
+        rows = representation_rows(self.taken, step.names, step.losses, features)
+        check_finite(step.names, grads=rows)
+        return PerTask(grads=rows)
+
+    def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
+        assert per_task.grads is not None and step.features is not None
+        direction = combine(agg, per_task.grads).detach()
+        torch.autograd.backward(
+            step.features,
+            grad_tensors=direction.to(step.features.dtype).view_as(step.features),
+            inputs=self.shared,
+            retain_graph=True,
+        )
+
+
+def representation_rows(
+    split: list[SplitEntry], names: tuple[str, ...], losses: list[Tensor], features: Tensor
+) -> Tensor:
+    """Rows ``∂ℓ_k/∂z`` (``K × numel(z)``): one backward pass into the heads' copies when every
+    loss reads ``z`` only through its own copy, else K ``autograd.grad`` calls (through the
+    copies, whose gradients add to ``z``'s)."""
+    index_of = {name: i for i, name in enumerate(names)}
+    usable = bool(split) and all(src is features for src, _, _ in split)
+    tasks: list[int] = []
+    for _, task, _ in split:
+        index = task if isinstance(task, int) else index_of.get(task)
+        if index is None or not 0 <= index < len(losses):
+            usable = False
+            break
+        tasks.append(index)
+    if usable and len(set(tasks)) == len(losses):
+        leaves = [leaf for _, _, leaf in split]
+        total = torch.stack(losses).sum()
+        direct, *per_leaf = torch.autograd.grad(
+            total, [features, *leaves], retain_graph=True, allow_unused=True
+        )
+        if direct is None:  # no loss reads z except through its head's copy
+            rows = torch.zeros(
+                len(losses), features.numel(), dtype=features.dtype, device=features.device
+            )
+            for k, g in zip(tasks, per_leaf, strict=True):
+                if g is not None:
+                    rows[k] += g.reshape(-1)
+            return rows
+    if split:  # the copies cut z out of the heads' graphs: differentiate through them
+        leaves = [leaf for _, _, leaf in split]
+        if any(leaf.shape != features.shape for leaf in leaves):
+            raise ValueError(
+                "task_input was given a tensor other than the features the closure returned"
+            )
+        rows = jacobian(losses, [features, *leaves])
+        n = features.numel()
+        out = rows[:, :n].clone()
+        for j in range(len(leaves)):
+            out += rows[:, n * (j + 1) : n * (j + 2)]
+        return out
+    return jacobian(losses, [features])
+
+
+def combine(agg: Aggregation, grads: Tensor) -> Tensor:
+    """The shared update: the method's direction, or ``Gᵀw`` summed in float32 at least (under
+    a float16 model ``Σ w_k g_k`` in float16 would round, or overflow, where the weights are
+    large and the gradients cancel)."""
+    if agg.direction is not None:
+        return agg.direction
+    assert agg.weights is not None
+    work = torch.promote_types(grads.dtype, torch.float32)
+    return agg.weights.to(device=grads.device, dtype=work) @ grads.to(work)
+
+
+def weighted_sum(losses: list[Tensor], coeffs: Tensor) -> Tensor:
+    """``Σ_k c_k ℓ_k`` (the coefficients detached, in the losses' dtype)."""
+    c = coeffs.detach().to(device=losses[0].device, dtype=losses[0].dtype)
+    return (torch.stack(losses) * c).sum()
+
+
+def check_finite(
+    names: tuple[str, ...], grads: Tensor | None = None, gram: Tensor | None = None
+) -> None:
+    """Raise a ``FloatingPointError`` naming the tasks whose per-task gradient is not finite
+    (one reduction over the rows, or the Gramian's diagonal)."""
+    if grads is not None:
+        # a row sum is non-finite iff an entry is (or the sum overflows: then look closer)
+        peaks = grads.sum(dim=1).tolist()
+        if not all(math.isfinite(v) for v in peaks):
+            peaks = [
+                v if math.isfinite(v) else float(grads[k].abs().amax()) for k, v in enumerate(peaks)
+            ]
+    elif gram is not None:
+        peaks = torch.diagonal(gram).tolist()
+    else:
+        return
+    bad = [n for n, v in zip(names, peaks, strict=True) if not math.isfinite(v)]
+    if bad:
+        dtype = f" in {grads.dtype}" if grads is not None else ""
+        raise FloatingPointError(
+            f"the gradient of task(s) {bad} is not finite (inf or NaN): the loss is not "
+            f"differentiable there, or the backward pass overflowed{dtype} (a GradScaler or a "
+            "wider dtype helps with overflow)"
+        )

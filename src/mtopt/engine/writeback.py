@@ -1,0 +1,78 @@
+"""After a method answered: what the task-specific parameters receive, clipping, and the
+parameter groups a method adds to the base optimizer.
+
+* **Head policy.** Task-specific parameters ("heads") receive ``Σ_k c_k ∇ℓ_k`` with ``c = w``
+  under the ``weighted`` policy, ``c = 1`` under ``raw``, or the method's own ``head_weights``.
+* **Clipping.** ``max_grad_norm`` clips the shared parameters' gradient before the optimizer
+  steps (FAMO's and Nash-MTL's reference loops do).
+* **Method parameters.** A method that owns parameters (RotoGrad's rotations) hands the engine
+  parameter groups. The engine marks them ``auxiliary=True`` and turns a group's ``lr_scale``
+  into ``lr = lr_scale ×`` the base optimizer's *auxiliary* learning rate:
+  ``optimizer.auxiliary_lr()`` when the optimizer defines it, else the first group's ``lr``. An
+  optimizer whose groups do not all share one role (Muon's orthogonalised matrices next to its
+  AdamW parameters) defines ``auxiliary_lr`` and reads the ``auxiliary`` mark.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtopt.core.method import Aggregation, Method
+
+
+def head_coefficients(method: Method, agg: Aggregation, num_tasks: int) -> Tensor:
+    """``c`` of the heads' gradient ``Σ_k c_k ∇ℓ_k`` (module doc)."""
+    if agg.head_weights is not None:
+        return agg.head_weights
+    if method.head_policy == "weighted":
+        if agg.weights is None:
+            raise RuntimeError(
+                f"method {method.name!r} has no weights, so the 'weighted' head policy is undefined"
+            )
+        return agg.weights
+    return torch.ones(num_tasks)
+
+
+def clip(shared: list[Tensor], max_grad_norm: float | None) -> None:
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in shared if p.grad is not None], max_grad_norm)
+
+
+def auxiliary_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate for parameters a method adds (module doc)."""
+    own = getattr(optimizer, "auxiliary_lr", None)
+    return float(own()) if callable(own) else float(optimizer.param_groups[0]["lr"])
+
+
+def add_param_groups(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Add a method's parameter groups, marked ``auxiliary``, ``lr_scale`` turned into an
+    ``lr``."""
+    for group in groups:
+        group = {**group, "auxiliary": True}
+        scale = group.pop("lr_scale", None)
+        if scale is not None:
+            group["lr"] = scale * auxiliary_lr(optimizer)
+        optimizer.add_param_group(group)
+
+
+def check_aggregation(method: Method, agg: Aggregation, num_tasks: int) -> None:
+    """What a method returned must be usable: weights of the right shape, finite."""
+    name = method.name
+    if agg.weights is None and agg.direction is None:
+        raise RuntimeError(f"method {name!r} returned neither weights nor a direction")
+    if agg.weights is not None:
+        if agg.weights.shape != (num_tasks,):
+            raise RuntimeError(
+                f"method {name!r} returned weights of shape {tuple(agg.weights.shape)} "
+                f"for {num_tasks} tasks"
+            )
+        if not all(math.isfinite(v) for v in agg.weights.tolist()):
+            raise FloatingPointError(
+                f"method {name!r} produced non-finite weights {agg.weights.tolist()}"
+            )
+    if agg.head_weights is not None and not bool(torch.isfinite(agg.head_weights).all()):
+        raise FloatingPointError(f"method {name!r} produced non-finite head weights")
