@@ -58,8 +58,8 @@ from mtopt.core.gradients import gram_matrix, jacobian
 from mtopt.core.method import Method
 from mtopt.core.registry import method_class
 from mtopt.engine import Losses, MultiTaskOptimizer
-from mtopt.experiments.train import split_method_spec as parse_method_spec
 from mtopt.problems.multi_mnist import ClassificationHead, LeNetEncoder, ReconstructionHead
+from mtopt.specs import parse_spec
 
 WORKLOADS = ("lenet", "mlp11", "resnet3")
 PLAIN = "plain"
@@ -642,6 +642,12 @@ def counterpart_label(name: str, level: str, engine: str | None = None) -> str |
             return None
         suffix = GRAM_SUFFIX
     return TORCHJD_PREFIX + base + suffix
+
+
+def parse_method_spec(core: str) -> tuple[str, dict[str, Any]]:
+    """The name and hyperparameters of a method spec without suffixes (not built)."""
+    spec = parse_spec(core, build=False, allow=())
+    return spec.name, dict(spec.hparams)
 
 
 def split_engine(spec: str) -> tuple[str, str | None]:

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="fetch data sets into the cache")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="fetch a data set into the cache")
-    f.add_argument("dataset", choices=["mnist", "fashion", "yeast", "qm9"])
+    f.add_argument("dataset", choices=list(DATASETS))
     f.add_argument(
         "--data-dir",
         help="folder with the data set's own files (MNIST or Fashion-MNIST IDX files, "
@@ -127,7 +128,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one method (single-task references run first)")
     _run_options(t)
-    t.add_argument("--method", default="unitary")
+    t.add_argument(
+        "--method",
+        default="unitary",
+        help="a method spec NAME[:KEY=VALUE...][@OPTIMIZER][#ENGINE] (mtopt.specs), e.g. "
+        "'cagrad:c=0.2', 'mgda_ub@muon', 'upgrad#gramian'",
+    )
     t.add_argument(
         "--hp", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter"
     )
@@ -146,8 +152,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--methods",
         default=DEFAULT_COMPARE_METHODS,
-        help="comma-separated specs NAME[:KEY=VALUE...], lists as a/b, "
-        "e.g. 'unitary,mgda:normalization=l2,fixed:weights=0.1/0.9'",
+        help="comma-separated specs NAME[:KEY=VALUE...][@OPTIMIZER][#ENGINE], lists as a/b, "
+        "e.g. 'unitary,mgda:normalization=l2,fixed:weights=0.1/0.9,mgda_ub@muon,upgrad#gramian'",
     )
     c.add_argument("--seeds", type=int, help="number of seeds (run i uses seed 1 + i)")
     c.add_argument("--out", type=Path, help="write the comparison as JSON here")
@@ -242,7 +248,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         "--cosine-every",
         type=int,
         metavar="N",
-        help="every N steps log the mean cosine of the task gradients (§26.5 diagnostic)",
+        help="every N steps log the mean cosine of the task gradients (the gradient-cosine "
+        "diagnostic, docs/protocol.md)",
     )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
@@ -377,41 +384,47 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(name: str, data: Any) -> str:
+    return (
+        f"{name} ready: {data.train_images.shape[0]:,} train + "
+        f"{data.test_images.shape[0]:,} test images"
+    )
+
+
+#: dataset → (module, loader, one-line summary of what was loaded)
+DATASETS: dict[str, tuple[str, str, Callable[[Any], str]]] = {
+    "mnist": ("mtopt.problems.mnist_data", "load_mnist", lambda d: _images("MNIST", d)),
+    "fashion": (
+        "mtopt.problems.fashion_data",
+        "load_fashion_mnist",
+        lambda d: _images("Fashion-MNIST", d),
+    ),
+    "yeast": (
+        "mtopt.problems.yeast",
+        "load_yeast",
+        lambda d: (
+            f"Yeast ready: {d.features.shape[0]:,} genes × {d.features.shape[1]} features "
+            f"× {d.labels.shape[1]} labels"
+        ),
+    ),
+    "qm9": (
+        "mtopt.problems.qm9_data",
+        "load_qm9",
+        lambda d: f"QM9 ready: {len(d):,} molecules × {d.targets.shape[1]} targets",
+    ),
+}
+
+
 def cmd_data_fetch(args: argparse.Namespace) -> int:
+    import importlib
+
     from mtopt.problems.cache import describe
-    from mtopt.problems.mnist_data import load_mnist
 
     start = time.perf_counter()
-    data: Any
-    if args.dataset == "yeast":
-        from mtopt.problems.yeast import load_yeast
-
-        data = load_yeast(args.data_dir)
-        what = (
-            f"Yeast ready: {data.features.shape[0]:,} genes × {data.features.shape[1]} features "
-            f"× {data.labels.shape[1]} labels"
-        )
-    elif args.dataset == "qm9":
-        from mtopt.problems.qm9_data import load_qm9
-
-        data = load_qm9(args.data_dir)
-        what = f"QM9 ready: {len(data):,} molecules × {data.targets.shape[1]} targets"
-    elif args.dataset == "fashion":
-        from mtopt.problems.fashion_data import load_fashion_mnist
-
-        data = load_fashion_mnist(args.data_dir)
-        what = (
-            f"Fashion-MNIST ready: {data.train_images.shape[0]:,} train + "
-            f"{data.test_images.shape[0]:,} test images"
-        )
-    else:
-        data = load_mnist(args.data_dir)
-        what = (
-            f"MNIST ready: {data.train_images.shape[0]:,} train + "
-            f"{data.test_images.shape[0]:,} test images"
-        )
+    module, loader, summary = DATASETS[args.dataset]
+    data = getattr(importlib.import_module(module), loader)(args.data_dir)
     # the digest shown is the cache file's (recorded at write, checked at this load)
-    print(f"{what} ({time.perf_counter() - start:.1f} s)")
+    print(f"{summary(data)} ({time.perf_counter() - start:.1f} s)")
     for line in describe(data):
         print(line)
     return 0
@@ -429,13 +442,17 @@ def _store(run_dir: Path):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mtopt.experiments.compare import run_or_load, single_task_references
-    from mtopt.experiments.train import parse_method_spec
+    from mtopt.specs import format_spec, parse_spec, parse_value, run_options
 
     base = _base_config(args)
     bad = [item for item in args.hp if "=" not in item]
     if bad:
         raise ValueError(f"--hp expects KEY=VALUE, got {bad}")
-    method, hparams = parse_method_spec(":".join([args.method, *args.hp]))
+    spec = parse_spec(args.method, build=False)
+    extra = {k.strip(): parse_value(v.strip()) for k, _, v in (i.partition("=") for i in args.hp)}
+    method, hparams = spec.name, {**spec.hparams, **extra}
+    parse_spec(format_spec(method, hparams))  # builds the method: a bad name fails here
+    base = replace(base, **run_options(spec))
     problem = _problem(args)
     store = _store(args.run_dir)
     hook = _progress_hook(args.quiet)
@@ -471,7 +488,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mtopt.errors import ConfigError
     from mtopt.experiments.compare import compare, format_table
-    from mtopt.experiments.train import parse_method_spec
+    from mtopt.specs import parse_spec
 
     started = time.perf_counter()
     base = _base_config(args)
@@ -484,7 +501,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not specs:
         raise ConfigError("--methods names no method (e.g. --methods unitary,mgda)")
     for spec in specs:  # every spec builds before anything trains
-        parse_method_spec(spec.split("@")[0])
+        parse_spec(spec)
     store = _store(args.run_dir)
     print(_header(args, base, n_seeds))
     print(f"  methods: {', '.join(specs)}; results kept in {store.path}")

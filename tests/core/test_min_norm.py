@@ -1,4 +1,4 @@
-"""The min-norm solvers of ``mtopt.core.min_norm`` (METHODS.md §8), checked against the math.
+"""The min-norm solvers of ``mtopt.core.min_norm`` checked against the math.
 
 Optimality is certified by the KKT conditions of ``min_{w∈Δ} wᵀMw`` (necessary and sufficient for
 this convex QP), by comparison with every vertex and pair, and by brute force where it is cheap.
@@ -398,10 +398,11 @@ def test_bad_inputs_raise(M, kwargs, match):
 
 
 # -- reproduction of Sener & Koltun's solvers ---------------------------------------------------
-# An independent re-derivation of METHODS.md §8 (steps 1-3), with Sener's step rule: t is the
-# smallest ratio above 1e-7 among the coordinates heading to 0, then capped by those heading to 1;
-# t = 1 only when no coordinate heads to 0. (Sener's script returns the iterate *before* the last
-# update when it stops; mtopt returns the last one, a difference below tol in ‖·‖₁, mirrored here.)
+# An independent re-derivation of Sener & Koltun's min-norm algorithm (steps 1-3), with Sener's
+# step rule: t is the smallest ratio above 1e-7 among the coordinates heading to 0, then capped
+# by those heading to 1; t = 1 only when no coordinate heads to 0. (Sener's script returns the
+# iterate *before* the last update when it stops; mtopt returns the last one, a difference below
+# tol in ‖·‖₁, mirrored here.)
 def _ref_two_point(aa, ab, bb, clamp):
     if ab >= aa:
         return 1.0 - clamp

@@ -174,3 +174,18 @@ def test_the_methods_subpackage_is_importable_by_module():
     import mtopt.methods.imtl as imtl
 
     assert imtl.IMTL.name == "imtl" and callable(mtopt.available_methods)
+
+
+def test_problems_are_registered_like_methods():
+    from mtopt.problems import MultiMNIST, available_problems, get_problem, register_problem
+    from mtopt.problems.registry import _FAMILIES
+
+    names = available_problems()
+    assert "multi_mnist/cl_rr" in names and "yeast" in names and "qm9/mlp" in names
+    assert len(names) == len(set(names))
+    for bad in ("multi_mnist", "multi_mnist/xx", "yeast/a", "nope"):
+        with pytest.raises(ValueError, match="unknown problem"):
+            get_problem(bad)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_problem("multi_mnist")(type("Other", (MultiMNIST,), {}))
+    assert _FAMILIES["multi_mnist"][0] is MultiMNIST

@@ -1,4 +1,4 @@
-"""Δm (per-task and flat forms), average ranks with ties, mean rank (§26.1-26.2)."""
+"""Δm (per-task and flat forms), average ranks with ties, mean rank (docs/protocol.md)."""
 
 from __future__ import annotations
 

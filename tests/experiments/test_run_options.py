@@ -19,12 +19,13 @@ def test_keys_of_default_configs_did_not_change():
     old_fields = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in ("optimizer", "apt", "muon_lr", "cosine_every")
+        if k not in ("optimizer", "apt", "muon_lr", "cosine_every", "engine")
     }
     blob = json.dumps(old_fields, sort_keys=True, default=str)
     assert config.key() == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert RunConfig(problem="p", optimizer="muon").key() != RunConfig(problem="p").key()
     assert RunConfig(problem="p", apt=True).key() != RunConfig(problem="p").key()
+    assert RunConfig(problem="p", engine="gramian").key() != RunConfig(problem="p").key()
     assert RunConfig(problem="p", muon_lr=0.1).key() == RunConfig(problem="p").key()  # unused
     with pytest.raises(ValueError, match="optimizer must be 'adam' or 'muon'"):
         RunConfig(problem="p", optimizer="sgd")

@@ -1,4 +1,4 @@
-"""Sweeps: the §26.3 selection on a synthetic store, fixed-weight extraction (§26.4), the SQLite
+"""Sweeps: the protocol's selection on a synthetic store, fixed-weight extraction, the SQLite
 run database, and kill-and-resume of a real sweep in a subprocess."""
 
 from __future__ import annotations

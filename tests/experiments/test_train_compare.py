@@ -11,8 +11,9 @@ import pytest
 from mtopt.cli import main
 from mtopt.experiments.compare import compare, format_table
 from mtopt.experiments.database import RunDatabase
-from mtopt.experiments.train import RunConfig, parse_method_spec, train_run
+from mtopt.experiments.train import RunConfig, train_run
 from mtopt.problems.multi_mnist import MultiMNIST
+from mtopt.specs import parse_spec
 
 TINY = {"epochs": 2, "train_subset": 512, "batch_size": 128, "eval_subset": 500}
 
@@ -20,17 +21,6 @@ TINY = {"epochs": 2, "train_subset": 512, "batch_size": 128, "eval_subset": 500}
 @pytest.fixture(scope="module")
 def problems(mnist):
     return {v: MultiMNIST(v, mnist=mnist) for v in ("cl_cr", "cl_rr", "rl_rr")}
-
-
-def test_parse_method_spec():
-    assert parse_method_spec("mgda") == ("mgda", {})
-    assert parse_method_spec("mgda:normalization=l2:max_iter=10:tol=1e-6") == (
-        "mgda",
-        {"normalization": "l2", "max_iter": 10, "tol": 1e-6},
-    )
-    assert parse_method_spec("fixed:weights=0.1/0.9") == ("fixed", {"weights": [0.1, 0.9]})
-    with pytest.raises(ValueError, match="key=value"):
-        parse_method_spec("mgda:l2")
 
 
 def test_run_config_validates_and_hashes():
@@ -171,9 +161,13 @@ def test_multitask_selection_and_reproducibility_of_stateful_methods(problems):
         "test": {"CL": {"acc": 0.5}, "RR": {"mse": 0.8}},
     }
     for spec in ("rlw", "famo", "auto_lambda:meta_lr=0.01"):
-        name, hp = parse_method_spec(spec)
+        parsed = parse_spec(spec)
         config = RunConfig(
-            problem="multi_mnist/cl_rr", method=name, hparams=hp, dropout=0.2, **TINY
+            problem="multi_mnist/cl_rr",
+            method=parsed.name,
+            hparams=dict(parsed.hparams),
+            dropout=0.2,
+            **TINY,
         )
         a = train_run(config, references=refs, problem=problems["cl_rr"])
         b = train_run(config, references=refs, problem=problems["cl_rr"])

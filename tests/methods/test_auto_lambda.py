@@ -1,4 +1,5 @@
-"""Auto-Lambda (§16): the meta-gradient against autograd through an explicit unrolled step."""
+"""Auto-Lambda (Liu et al. 2022): the meta-gradient against autograd through an explicit
+unrolled step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gradient-balancing methods (§9, §11-§13): METHODS.md "Tests" lines on random Jacobians."""
+"""Gradient-balancing methods : each one's documented properties on random Jacobians."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def test_cagrad_c_zero_is_the_scaled_mean_and_rescale_options():
     assert out.solver.converged and out.solver.residual <= out.solver.tolerance
 
 
-# --------------------------------------------------------------------- seed 002 Appendix A.4 + bad
+# --------------------------------------------------------------------- Gama & Grassi App. A.4 + bad
 @pytest.mark.parametrize("name", ["cagrad", "imtl_g", "edm", "mgda", "nash_mtl", "upgrad", "cdtt"])
 @settings(max_examples=25, deadline=None)
 @given(d=st.integers(2, 8), seed=seeds)

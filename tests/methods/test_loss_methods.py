@@ -1,4 +1,4 @@
-"""Loss-based methods (§3-§7, §12 IMTL-L, §18): each METHODS.md "Tests" line, on random inputs."""
+"""Loss-based methods: each one's documented properties, on random inputs."""
 
 from __future__ import annotations
 

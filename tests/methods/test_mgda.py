@@ -1,4 +1,4 @@
-"""MGDA and MGDA-UB (METHODS.md §8, §8b) through ``mtopt.make`` and the engine."""
+"""MGDA and MGDA-UB (Sener & Koltun 2018) through ``mtopt.make`` and the engine."""
 
 from __future__ import annotations
 

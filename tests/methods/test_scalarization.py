@@ -1,4 +1,4 @@
-"""Unitary scalarization and fixed weights (METHODS.md §1, §2) as methods."""
+"""Unitary scalarization and fixed weights as methods."""
 
 from __future__ import annotations
 

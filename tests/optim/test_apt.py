@@ -1,4 +1,4 @@
-"""APT (METHODS.md §25, an EXPERIMENTAL reconstruction): adaptive momentum on Adam and Muon, and
+"""APT (Zhou et al.; an EXPERIMENTAL reconstruction): adaptive momentum on Adam and Muon, and
 Muon's light direction preservation; plus the APT-free Adam against ``torch.optim.Adam``."""
 
 from __future__ import annotations

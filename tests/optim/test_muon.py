@@ -1,4 +1,5 @@
-"""Muon (METHODS.md §24): Newton–Schulz, the update rule, the AdamW group, the parameter split."""
+"""Muon (Jordan et al. 2024): Newton–Schulz, the update rule, the AdamW group, the parameter
+split."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import mtopt
 from mtopt.optim import Muon, muon_param_groups, newton_schulz
 from mtopt.optim.muon import NS_COEFFICIENTS, shape_scale
 
-COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # METHODS.md §24
+COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic Newton–Schulz coefficients of Muon's authors
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -48,7 +49,7 @@ def quintic(s: np.ndarray, steps: int = 5) -> np.ndarray:
 
 
 def reference_ns(g: np.ndarray, steps: int = 5, eps: float = 1e-7) -> np.ndarray:
-    """An independent float64 NumPy transcription of the §24 iteration."""
+    """An independent float64 NumPy transcription of the Newton–Schulz iteration."""
     a, b, c = COEFFICIENTS
     x = g.T if g.shape[0] > g.shape[1] else g
     x = x / (np.linalg.norm(x) + eps)

@@ -1,4 +1,4 @@
-"""Dense problems (§26.7): dilated ResNets, DeepLab heads, pixel metrics, Cityscapes and NYUv2.
+"""Dense problems: dilated ResNets, DeepLab heads, pixel metrics, Cityscapes and NYUv2.
 
 The data sets cannot be downloaded here: tiny fixtures are written in exactly their file
 formats (Cityscapes: 64×32 PNGs, 8-bit label IDs, 16-bit instance IDs and raw disparity;

@@ -1,4 +1,4 @@
-"""Multi-MNIST construction (§26.6): canvas positions, max-overlap, resize, splits, determinism."""
+"""Multi-MNIST construction: canvas positions, max-overlap, resize, splits, determinism."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""QM9 (§26.8): CSV parsing, atomisation energies, splits, invariances, one training step per track.
+"""QM9: CSV parsing, atomisation energies, splits, invariances, one training step per track.
 
 Everything runs on a synthetic CSV in qm9pack's format (methane, ammonia, water with made-up
 coordinates and QM9's published energies) or on random molecules; the last test checks the real

@@ -1,4 +1,4 @@
-"""Δm, mean rank and friends (METHODS.md §26)."""
+"""Δm, mean rank and friends (the protocol of Gama & Grassi 2025; ``docs/protocol.md``)."""
 
 from mtopt.evaluation.metrics import average_ranks, delta_m, delta_m_flat, mean_rank
 

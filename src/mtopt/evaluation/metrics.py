@@ -1,4 +1,4 @@
-r"""Comparison metrics of the evaluation protocol (METHODS.md §26.1-26.2).
+r"""Comparison metrics of Gama & Grassi's evaluation protocol (``docs/protocol.md``).
 
 Metric tables are nested mappings ``{task: {metric: value}}``; ``lower_is_better`` has the same
 shape with booleans.

@@ -1,4 +1,4 @@
-"""Compare methods on one problem against single-task references (§26.1-26.3).
+"""Compare methods on one problem against single-task references (``docs/protocol.md``).
 
 1. Single-task references: one run per task (and seed) with unitary scalarization on that task
    alone; each metric keeps its best validation epoch; values are means over seeds.
@@ -23,11 +23,11 @@ from mtopt.experiments.train import (
     Callback,
     RunConfig,
     mean_table,
-    parse_method_spec,
     run_key,
     train_run,
 )
 from mtopt.problems import Problem, get_problem
+from mtopt.specs import parse_spec, run_options
 
 logger = logging.getLogger("mtopt")
 
@@ -168,21 +168,11 @@ def compare(
 
 
 def parse_row_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A comparison row: a method spec with an optional base-optimizer suffix, ``@muon``,
-    ``@apt`` (Adam with APT) or ``@muon+apt``: ``"mgda_ub@muon"`` → ``("mgda_ub", {},
-    {"optimizer": "muon", "apt": False})``. Without a suffix the row uses the base optimizer."""
-    method, at, suffix = spec.partition("@")
-    name, hparams = parse_method_spec(method)
-    if not at:
-        return name, hparams, {}
-    parts = set(suffix.split("+"))
-    if not parts <= {"adam", "muon", "apt"} or {"adam", "muon"} <= parts:
-        raise ValueError(f"bad optimizer suffix {suffix!r} in {spec!r}: use @muon, @apt, @muon+apt")
-    return (
-        name,
-        hparams,
-        {"optimizer": "muon" if "muon" in parts else "adam", "apt": "apt" in parts},
-    )
+    """A comparison row (:mod:`mtopt.specs`): ``"mgda_ub@muon"`` → ``("mgda_ub", {},
+    {"optimizer": "muon", "apt": False})``; the third item holds the run options the suffixes
+    set (base optimizer, gradient engine), empty without suffixes."""
+    parsed = parse_spec(spec)
+    return parsed.name, dict(parsed.hparams), run_options(parsed)
 
 
 def format_table(comparison: Comparison) -> str:

@@ -1,4 +1,4 @@
-"""Grid search with Gama & Grassi's selection protocol (METHODS.md §26.3, §26.4).
+"""Grid search with Gama & Grassi's selection protocol (``docs/protocol.md``).
 
 1. **Single-task references.** For every task and every shared configuration of the grid
    (lr × dropout × weight decay), runs with the first ``n_val_runs`` seeds. Each *metric* picks
@@ -55,11 +55,10 @@ from mtopt.experiments.train import (
     References,
     RunConfig,
     mean_table,
-    parse_method_spec,
-    parse_value,
     run_key,
     train_run,
 )
+from mtopt.specs import format_spec, parse_spec, parse_value, run_options
 
 SHARED_KEYS = ("lr", "dropout", "weight_decay")
 BASE_KEYS = ("epochs", "train_subset", "eval_subset", "batch_size", "lr_decay", "optimizer", "apt")
@@ -163,12 +162,13 @@ class SweepConfig(BaseModel):
             for point in _combinations(overrides):
                 _built(f"references.{task}", lambda p=point: replace(base, **p))
         for spec, grid in self.methods.items():
-            name, fixed = parse_method_spec(spec)
+            parsed = parse_spec(spec)
+            options = run_options(parsed)
             for combo in _combinations(grid):  # every grid point must build (fail fast)
                 own = {k: v for k, v in combo.items() if k not in SHARED_KEYS}
-                shared = {k: v for k, v in combo.items() if k in SHARED_KEYS}
+                shared = {**{k: v for k, v in combo.items() if k in SHARED_KEYS}, **options}
                 _built(f"methods.{spec}", lambda p=shared: replace(base, **p))
-                parse_method_spec(":".join([name, *_spec_pairs({**fixed, **own})]))
+                parse_spec(format_spec(parsed.name, {**parsed.hparams, **own}))
         return self
 
     @classmethod
@@ -503,8 +503,10 @@ def run_sweep(
     # 2. methods: grid × first n_val_runs seeds, then the best configuration to n_best_runs
     candidates = []
     for spec, grid in config.methods.items():
-        name, fixed = parse_method_spec(spec)
-        candidates.append((spec, name, method_points(shared, fixed, grid)))
+        parsed = parse_spec(spec)
+        options = run_options(parsed)
+        points = method_points(shared, dict(parsed.hparams), grid)
+        candidates.append((spec, parsed.name, [({**p, **options}, h) for p, h in points]))
     selector = _Selector(runner, base, val_seeds, best_seeds, references, directions)
     rows = selector.select(candidates, config.cosine_every, set(config.cosine_methods))
 
@@ -544,8 +546,9 @@ Candidate = tuple[str, str, Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]
 
 
 class _Selector:
-    """§26.3 for several methods at once: all their grid runs in one batch (so the pool is kept
-    busy), then all the selected configurations' extra seeds in a second batch."""
+    """The selection of ``docs/protocol.md`` for several methods at once: all their grid runs
+    in one batch (so the pool is kept busy), then all the selected configurations' extra seeds
+    in a second batch."""
 
     def __init__(
         self,
@@ -630,8 +633,9 @@ class _Selector:
 
 
 def extract_fixed_weights(history: Sequence[Mapping[str, Any]], beta: float = 0.9) -> list[float]:
-    """§26.4: per-epoch mean weights → normalised to sum 1 → EMA over epochs (``beta``, started
-    at the first epoch) → last value renormalised to sum 1."""
+    """Fixed weights from a run (``docs/protocol.md``): per-epoch mean weights → normalised to
+    sum 1 → EMA over epochs (``beta``, started at the first epoch) → last value renormalised to
+    sum 1."""
     epochs = [h["mean_weights"] for h in history if h.get("mean_weights") is not None]
     if not epochs:
         raise ValueError("the run logged no weights (a method without weights?)")
@@ -684,10 +688,3 @@ def _override(
 def _combinations(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
-
-
-def _spec_pairs(hparams: Mapping[str, Any]) -> list[str]:
-    def text(v: Any) -> str:
-        return "/".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
-
-    return [f"{k}={text(v)}" for k, v in hparams.items()]

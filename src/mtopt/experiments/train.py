@@ -1,4 +1,5 @@
-"""Train one run with best-validation-epoch selection (Gama & Grassi's protocol, §26.3).
+"""Train one run with best-validation-epoch selection (Gama & Grassi's protocol,
+``docs/protocol.md``).
 
 A multi-task run keeps the epoch with the best *validation* Δm against single-task references and
 evaluates that epoch's model once on test. A single-task run (one task) keeps, for each metric,
@@ -70,8 +71,11 @@ class RunConfig:
     #: experimental APT (adaptive momentum) on the shared parameters' groups
     apt: bool = False
     muon_lr: Positive = 0.02
-    #: every N steps, the mean cosine between each task's shared gradient and their mean (§26.5)
+    #: every N steps, the mean cosine between each task's shared gradient and their mean
+    #: (the gradient-cosine diagnostic, ``docs/protocol.md``)
     cosine_every: PositiveInt | None = None
+    #: how per-task gradients are obtained (``MultiTaskOptimizer(engine=...)``; same math)
+    engine: Literal["auto", "jacobian", "batched", "gramian"] = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,7 +120,13 @@ RunConfig = _one_line_errors(RunConfig)
 
 OPTIMIZERS = ("adam", "muon")
 #: fields added after the first records: left out of the key at their defaults
-_KEY_NEUTRAL_DEFAULTS = {"optimizer": "adam", "apt": False, "muon_lr": 0.02, "cosine_every": None}
+_KEY_NEUTRAL_DEFAULTS = {
+    "optimizer": "adam",
+    "apt": False,
+    "muon_lr": 0.02,
+    "cosine_every": None,
+    "engine": "auto",
+}
 
 
 def build_optimizer(config: RunConfig, model: MultiTaskModel) -> torch.optim.Optimizer:
@@ -152,8 +162,9 @@ def build_optimizer(config: RunConfig, model: MultiTaskModel) -> torch.optim.Opt
 
 
 def mean_gradient_cosine(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor]) -> float:
-    r"""§26.5: :math:`\frac1K\sum_i\cos(g_i,\bar g)` with :math:`g_i` task i's gradient of the
-    shared parameters and :math:`\bar g` their mean (a zero gradient counts as cosine 0)."""
+    r"""The gradient-cosine diagnostic: :math:`\frac1K\sum_i\cos(g_i,\bar g)` with
+    :math:`g_i` task i's gradient of the shared parameters and :math:`\bar g` their mean (a zero
+    gradient counts as cosine 0)."""
     from mtopt.core.gradients import jacobian
 
     grads = jacobian(list(losses), list(shared)).double()
@@ -218,6 +229,7 @@ def train_run(
         shared=model.encoder,
         tasks=tasks,
         loss_types=[s.loss_type for s in specs],
+        engine=config.engine,
         **config.hparams,
     )
 
@@ -367,42 +379,6 @@ def _endless(split, batch_size: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield from split.batches(batch_size, True, generator)
-
-
-def split_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"mgda:normalization=l2:solver=wolfe"`` → ``("mgda", {...})``; lists as ``0.1/0.9``.
-    Only the syntax is checked (see :func:`parse_method_spec`)."""
-    name, *pairs = spec.strip().split(":")
-    hparams: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
-        hparams[key] = parse_value(value)
-    return name.strip(), hparams
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """:func:`split_method_spec`, then the method is built once, so an unknown name or
-    hyperparameter fails before any training."""
-    name, hparams = split_method_spec(spec)
-    mtopt.make(name, **hparams)
-    return name, hparams
-
-
-def parse_value(text: str) -> Any:
-    """A value typed on the command line or in ``--set``: ``a/b`` a list, ``true``/``false``
-    booleans, then int, float, else the string itself."""
-    if "/" in text:
-        return [parse_value(t) for t in text.split("/")]
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def mean_table(tables: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-r"""GO4Align (Shen et al., NeurIPS 2024), as the released code computes it (METHODS.md §21).
+r"""GO4Align (Shen et al., NeurIPS 2024), as the authors' released code computes it.
 
 State: a task distribution :math:`p\in\Delta^K` (uniform at start). Each step, with the detached
 losses :math:`\ell`:

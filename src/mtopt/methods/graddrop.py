@@ -11,7 +11,7 @@ broadcast over the batch). The new activation gradient is
 the encoder.
 
 Defaults: leak :math:`\lambda=0`, :math:`f` the identity, :math:`\varepsilon=10^{-7}` (paper,
-LibMTL, Kurin). Kurin et al.'s variant (used by seed 002): :math:`f(P)=k(P-\tfrac12)+\tfrac12`
+LibMTL, Kurin). Kurin et al.'s variant (used by Gama & Grassi): :math:`f(P)=k(P-\tfrac12)+\tfrac12`
 (``k``, 1 by default) and ``renormalize=True`` rescales the output to the norm of
 :math:`\sum_i\nabla_i`. SamsungLabs' single global purity and inverted leak are not offered.
 Randomness: torch's global generator unless ``seed`` is given. Heads: raw.

@@ -22,19 +22,18 @@ from torch import Tensor
 from mtopt.core.checks import require_positive_losses
 from mtopt.core.equal_projection import imtl_g_solve
 from mtopt.core.hparams import Positive
-from mtopt.core.method import Aggregation, Method, MethodInput, as_weights
+from mtopt.core.method import Aggregation, MethodInput, as_weights
 from mtopt.core.registry import register
 from mtopt.core.task_vector import TaskVector, VectorAdam
+from mtopt.methods.imtl_g import IMTLG
 
 
 @register
-class IMTL(Method):
+class IMTL(IMTLG):
     """Hybrid IMTL (Liu et al. 2021): IMTL-G on the gradients of IMTL-L's scaled losses."""
 
     name = "imtl"
     levels = ("rep", "param")
-    gramian_only = True
-    default_head_policy = "raw"
 
     def __init__(
         self,
@@ -45,11 +44,9 @@ class IMTL(Method):
         lr: Positive = 0.025,
         head_policy: Literal["raw", "weighted"] | None = None,
     ) -> None:
-        super().__init__(head_policy=head_policy)
-        if level is not None:
-            self.level = level
-        self.solver = solver
-        self.weight_bound = None if weight_bound is None else float(weight_bound)
+        super().__init__(
+            level=level, solver=solver, weight_bound=weight_bound, head_policy=head_policy
+        )
         self.lr = float(lr)
         self._vector = TaskVector("imtl", 0.0, lambda ps: VectorAdam(ps, lr=self.lr))
 

@@ -44,23 +44,24 @@ gradients at :math:`z`.
 - ``normalize_losses=True``: every loss is divided by its value at step 0 (recorded again at
   ``burn_in_period``) for the rotation loss, the encoder and the heads, as the reference does.
 
-Defaults: ``rotation_size=None`` (all :math:`D` channels; seed 002 used 50 on Multi-MNIST, i.e. the
-whole LeNet representation, 64 on QM9, 512 on Cityscapes), ``rotation_lr_scale=0.1`` (the
-reference README asks for a smaller learning rate for the rotations; 0.1 was seed 002's best on
-Multi-MNIST and QM9 from the grid {5, 1, 0.5, 0.1}), ``burn_in_period=20``. Heads: raw.
+Defaults: ``rotation_size=None`` (all :math:`D` channels; Gama & Grassi used 50 on
+Multi-MNIST, i.e. the whole LeNet representation, 64 on QM9, 512 on Cityscapes),
+``rotation_lr_scale=0.1`` (the authors ask for a smaller learning rate for the rotations; 0.1 was
+Gama & Grassi's best on Multi-MNIST and QM9 from the grid {5, 1, 0.5, 0.1}),
+``burn_in_period=20``. Heads: raw.
 
 Divergences, and what we chose:
 
-- seed 002 (App. A.3) describes :math:`v` as the plain mean of unit vectors; the reference code
+- Gama & Grassi (App. A.3) describe :math:`v` as the plain mean of unit vectors; the reference code
   rescales it by :math:`\|\bar r\|`, which we follow (same direction, different scale of the
   rotation loss).
 - The reference's rotation loss is the batch *mean* for representations with trailing
   dimensions but the batch *sum* for plain ``(B, D)`` representations (a reshape undoes its own
-  ``unsqueeze``); we always take the mean, as METHODS.md specifies. Under Adam the factor
+  ``unsqueeze``); we always take the mean, as the paper's loss is written. Under Adam the factor
   :math:`B` does not matter; under SGD it is a factor :math:`B` on the rotation learning rate.
 - The reference registers the identity but then calls geotorch's ``orthogonal()``, which (from
   geotorch 0.2) overwrites it with a Haar-random rotation: its runs start from random
-  :math:`R_k`. We start from the identity (paper, METHODS.md). A random initial rotation only
+  :math:`R_k`. We start from the identity, as the paper does. A random initial rotation only
   re-parametrises each freshly initialised head (``W R`` is distributed like ``W`` for a
   rotation-invariant initialisation), so nothing is lost.
 - Only the channel dimension (dim 1) is rotated; the reference also allows rotating a flattened

@@ -2,7 +2,7 @@ r"""APT: adaptive momentum and light direction preservation (Zhou et al., arXiv 
 
 .. warning::
    EXPERIMENTAL. The paper's full text and code were not available: this is a reconstruction from
-   its abstract and third-party summaries (METHODS.md §25), not the authors' algorithm. Every rule
+   its abstract and third-party summaries, not the authors' algorithm. Every rule
    below is a guess behind a flag; replace it when the real method is known.
 
 **Adaptive momentum.** With :math:`d_t` the gradient the multi-task method left in ``.grad`` and

@@ -1,5 +1,5 @@
 r"""Muon (Jordan et al. 2024): momentum orthogonalised by Newton–Schulz, with an AdamW auxiliary
-group, in one optimizer (METHODS.md §24; the reference is ``KellerJordan/Muon``).
+group, in one optimizer (the authors' reference implementation is ``KellerJordan/Muon``).
 
 Muon groups (``use_muon=True``: hidden weight matrices, conv kernels viewed as
 :math:`(C_{out}, C_{in}k_hk_w)`), per matrix :math:`W` with gradient :math:`g`:

@@ -1,4 +1,4 @@
-"""Cityscapes (Cordts et al., CVPR 2016) as in METHODS.md §26.7 (Gama & Grassi's configuration).
+"""Cityscapes (Cordts et al., CVPR 2016) in Gama & Grassi's configuration.
 
 Files (the official layout, from ``leftImg8bit_trainvaltest.zip``, ``gtFine_trainvaltest.zip``
 and ``disparity_trainvaltest.zip``)::
@@ -43,15 +43,15 @@ Tasks (``S``, ``D``, ``I``): see :mod:`mtopt.problems.dense_models` for losses a
   computed per batch, after augmentation, from the stored instance map. Masked L1 loss over both
   channels of the valid pixels; metric L1-abs ↓.
 
-Splits (§26.7, reproducing the reference's ``generate_split``): the official train images,
+Splits (reproducing the reference's ``generate_split``): the official train images,
 sorted by ``<city>/<file>``, are permuted by ``numpy.random.RandomState(0).permutation``; the
 first ``int(0.8·n)`` are *train* (2380), the rest *val* (595), both in that permuted order (so
 ``subset(n)`` is a random sample); *test* is the official val split (500), sorted.
 
-Augmentation (train split only, on by default, §26.7): a random rotation, uniform in ±10°, and a
-horizontal flip with probability ½, drawn per sample from torch's global generator (seeded by
-the trainer). Rotated-out pixels become invalid (label −1, disparity 0, no instance), as in the
-reference.
+Augmentation (train split only, on by default, as in the paper): a random rotation, uniform in
+±10°, and a horizontal flip with probability ½, drawn per sample from torch's global generator
+(seeded by the trainer). Rotated-out pixels become invalid (label −1, disparity 0, no
+instance), as in the reference.
 
 Model: :func:`mtopt.problems.dense_models.dense_model` (dilated ResNet-18/50, DeepLab heads).
 ImageNet weights: ``pretrained=<torchvision state-dict file>``, or ``$MTOPT_RESNET18_WEIGHTS`` /
@@ -74,22 +74,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtopt.problems.base import Batch, MultiTaskModel, Problem, Split, TaskSpec
+from mtopt.problems.base import Batch, TaskSpec
 from mtopt.problems.dense_models import (
+    DenseProblem,
     array_cache_folder,
     check_shape,
     data_dir_from,
-    dense_model,
     l1_task,
     load_arrays,
     normalise_images,
-    official_splits,
     resize_nearest,
-    resolve_pretrained,
     save_arrays,
     segmentation_task,
 )
 from mtopt.problems.mnist_data import cache_dir
+from mtopt.problems.registry import register_problem
 
 # name, labelId, trainId, category, hasInstances, ignoreInEval (cityscapesScripts labels.py;
 # "license plate" has labelId −1 and never appears in the label images).
@@ -405,12 +404,13 @@ def _task_spec(name: str) -> TaskSpec:
     return l1_task(name, relative=name == "D")
 
 
-class Cityscapes(Problem):
+@register_problem("cityscapes", VARIANTS)
+class Cityscapes(DenseProblem):
     """One Cityscapes variant (``sd7``, ``sd19``, ``sdi7``, ``sdi19``); see the module
     docstring. ``width``/``head_channels`` shrink the model (``dense_models.SMALL``)."""
 
-    #: a sensible ``evaluate`` batch size for dense maps (its default, 1000, is meant for MNIST)
-    eval_batch_size = 16
+    train_fraction = TRAIN_FRACTION
+    split_seed = SPLIT_SEED
 
     def __init__(
         self,
@@ -432,17 +432,18 @@ class Cityscapes(Problem):
         self.name = f"cityscapes/{variant}"
         task_names, self.classes = VARIANTS[variant]
         self.tasks = tuple(_task_spec(t) for t in task_names)
-        self.data_dir = data_dir
+        self._model_options(
+            data_dir=data_dir,
+            encoder=encoder,
+            pretrained=pretrained,
+            width=width,
+            head_channels=head_channels,
+            encoder_dropout=encoder_dropout,
+            cache=cache,
+        )
         self.shape = check_shape(shape)
-        self.encoder = encoder
-        self.pretrained = pretrained
-        self.width = width
-        self.head_channels = head_channels
-        self.encoder_dropout = encoder_dropout
         self.augment = augment
-        self.cache = cache
         self.workers = workers
-        self._splits: dict[str, Split] | None = None
 
     def _arrays(self, split: str) -> dict[str, Tensor]:
         _, raw = load_official_split(self.data_dir, split, self.shape, self.cache, self.workers)
@@ -454,36 +455,12 @@ class Cityscapes(Problem):
             arrays["instance"] = torch.from_numpy(raw["instance"])
         return arrays
 
-    def splits(self) -> dict[str, Split]:
-        if self._splits is None:
-            augmenting = self.augment
+    def _prepare(self, batch: Batch, train: bool) -> Batch:
+        return prepare_batch(batch, train=train and self.augment)
 
-            def prepare_train(batch: Batch) -> Batch:
-                return prepare_batch(batch, train=augmenting)
+    def head_outputs(self) -> dict[str, tuple[int, str]]:
+        return {"S": (self.classes, "log_softmax"), "D": (1, "none"), "I": (2, "none")}
 
-            self._splits = official_splits(
-                self._arrays("train"),
-                self._arrays("val"),
-                TRAIN_FRACTION,
-                SPLIT_SEED,
-                prepare_train,
-                prepare_batch,
-            )
-        return self._splits
-
-    def make_model(
-        self, tasks: Sequence[str] | None = None, dropout: float = 0.0
-    ) -> MultiTaskModel:
-        names = self.model_tasks(tasks)
-        outputs = {"S": (self.classes, "log_softmax"), "D": (1, "none"), "I": (2, "none")}
+    def out_size(self) -> tuple[int, int]:
         w, h = self.shape
-        return dense_model(
-            {name: outputs[name] for name in names},
-            out_size=(h, w),
-            arch=self.encoder,
-            width=self.width,
-            head_channels=self.head_channels,
-            dropout=dropout,
-            encoder_dropout=self.encoder_dropout,
-            pretrained=resolve_pretrained(self.encoder, self.pretrained, self.width),
-        )
+        return h, w

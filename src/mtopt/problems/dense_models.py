@@ -1,4 +1,5 @@
-"""Dense-prediction models, tasks and metrics shared by Cityscapes and NYUv2 (METHODS.md §26.7).
+"""Dense-prediction models, tasks and metrics shared by Cityscapes and NYUv2 (Gama & Grassi's
+configuration).
 
 Encoder: ResNet-18 / ResNet-50 made *dilated* (output stride 8, as in DeepLab): the stride-2
 convolutions of ``layer3`` and ``layer4`` get stride 1, and their 3×3 convolutions dilation 2 and
@@ -694,3 +695,80 @@ def check_shape(shape: Sequence[int]) -> tuple[int, int]:
     if w < 1 or h < 1:
         raise ValueError(f"shape must be positive, got {shape!r}")
     return w, h
+
+
+class DenseProblem(Problem):
+    """What Cityscapes and NYUv2 share: a dilated-ResNet encoder with DeepLab heads
+    (:func:`dense_model`), official train/val files split into train/validation/test
+    (:func:`official_splits`), and the options of both. A subclass sets ``name``, ``tasks``,
+    ``train_fraction`` and ``split_seed`` and implements :meth:`_arrays`, :meth:`_prepare`,
+    :meth:`head_outputs` and :meth:`out_size`."""
+
+    #: a sensible ``evaluate`` batch size for dense maps (its default, 1000, is meant for MNIST)
+    eval_batch_size = 16
+    train_fraction: float
+    split_seed: int = 0
+
+    def _model_options(
+        self,
+        *,
+        data_dir: str | Path | None,
+        encoder: str,
+        pretrained: str | Path | bool | None,
+        width: int,
+        head_channels: int,
+        encoder_dropout: float,
+        cache: str | Path | None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.encoder = encoder
+        self.pretrained = pretrained
+        self.width = width
+        self.head_channels = head_channels
+        self.encoder_dropout = encoder_dropout
+        self.cache = cache
+        self._splits: dict[str, Split] | None = None
+
+    def _arrays(self, split: str) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """The tensors of an official split (``"train"`` or ``"val"``)."""
+        raise NotImplementedError
+
+    def _prepare(self, batch: Batch, train: bool) -> Batch:  # pragma: no cover - abstract
+        """A stored batch as the model and the tasks read it (``train``: may augment)."""
+        raise NotImplementedError
+
+    def head_outputs(self) -> dict[str, tuple[int, str]]:  # pragma: no cover - abstract
+        """Task → (output channels, output activation) of its head."""
+        raise NotImplementedError
+
+    def out_size(self) -> tuple[int, int]:  # pragma: no cover - abstract
+        """(H, W) of the model's outputs."""
+        raise NotImplementedError
+
+    def splits(self) -> dict[str, Split]:
+        if self._splits is None:
+            self._splits = official_splits(
+                self._arrays("train"),
+                self._arrays("val"),
+                self.train_fraction,
+                self.split_seed,
+                lambda batch: self._prepare(batch, True),
+                lambda batch: self._prepare(batch, False),
+            )
+        return self._splits
+
+    def make_model(
+        self, tasks: Sequence[str] | None = None, dropout: float = 0.0
+    ) -> MultiTaskModel:
+        names = self.model_tasks(tasks)
+        outputs = self.head_outputs()
+        return dense_model(
+            {name: outputs[name] for name in names},
+            out_size=self.out_size(),
+            arch=self.encoder,
+            width=self.width,
+            head_channels=self.head_channels,
+            dropout=dropout,
+            encoder_dropout=self.encoder_dropout,
+            pretrained=resolve_pretrained(self.encoder, self.pretrained, self.width),
+        )

@@ -43,6 +43,7 @@ from mtopt.problems.multi_mnist import (
     overlay,
     saved_right_indices,
 )
+from mtopt.problems.registry import register_problem
 
 VARIANTS = {"cl_cr": ("CL", "CR")}
 #: Mean and std of the composite train inputs (pixels in [0, 1], right seed 0) per family.
@@ -95,6 +96,7 @@ def _normalise(x: Tensor, mean: float, std: float) -> Tensor:
     return (x.float().div_(255.0) - mean) / std
 
 
+@register_problem("multi_fashion", VARIANTS)
 class MultiFashion(Problem):
     """Multi-Fashion: a Fashion-MNIST item left and one right (variant ``cl_cr``).
 
@@ -158,6 +160,7 @@ class MultiFashion(Problem):
         return MultiTaskModel(LeNetEncoder(dropout), heads)
 
 
+@register_problem("multi_fashion_mnist", VARIANTS)
 class MultiFashionMNIST(MultiFashion):
     """Multi-(Fashion+MNIST): an MNIST digit left and a Fashion-MNIST item right.
 

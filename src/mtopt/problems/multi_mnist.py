@@ -1,4 +1,4 @@
-"""Multi-MNIST (Sener & Koltun 2018; the variants of Gama & Grassi 2025, METHODS.md §26.6).
+"""Multi-MNIST (Sener & Koltun 2018; the variants of Gama & Grassi 2025, ``docs/protocol.md``).
 
 Each image overlays two MNIST digits on a 36×36 canvas: the *left* digit (image ``i``) at
 ``[0:28, 0:28]`` and a *right* digit (a random image of the same split, indices drawn once from a
@@ -33,6 +33,7 @@ from mtopt.errors import DataError
 from mtopt.problems import cache as cache_files
 from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, TaskSpec
 from mtopt.problems.mnist_data import MnistArrays, cache_dir, load_mnist
+from mtopt.problems.registry import register_problem
 
 CANVAS = 36
 LEFT_OFFSET = 0
@@ -178,6 +179,7 @@ class ReconstructionHead(nn.Sequential):
         )
 
 
+@register_problem("multi_mnist", VARIANTS)
 class MultiMNIST(Problem):
     """One Multi-MNIST variant (``cl_cr``, ``cl_rr`` or ``rl_rr``)."""
 

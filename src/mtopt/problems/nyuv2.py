@@ -46,23 +46,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtopt.problems.base import Batch, MultiTaskModel, Problem, Split
+from mtopt.problems.base import Batch
 from mtopt.problems.dense_models import (
+    DenseProblem,
     array_cache_folder,
     check_shape,
     data_dir_from,
-    dense_model,
     l1_task,
     load_arrays,
     normal_task,
     normalise_images,
-    official_splits,
     resize_nearest,
-    resolve_pretrained,
     save_arrays,
     segmentation_task,
 )
 from mtopt.problems.mnist_data import cache_dir
+from mtopt.problems.registry import register_problem
 
 CLASSES = 13
 FOLDERS = {"image": 3, "label": 0, "depth": 1, "normal": 3}  # channels (0: a 2-D map)
@@ -167,12 +166,13 @@ def load_nyuv2_split(
     return arrays
 
 
-class NYUv2(Problem):
+@register_problem("nyuv2")
+class NYUv2(DenseProblem):
     """NYUv2 with tasks ``S`` (13 classes), ``D`` (depth) and ``N`` (normals); see the module
     docstring. ``width``/``head_channels`` shrink the model (``dense_models.SMALL``)."""
 
-    #: a sensible ``evaluate`` batch size for dense maps (its default, 1000, is meant for MNIST)
-    eval_batch_size = 16
+    train_fraction = TRAIN_FRACTION
+    split_seed = SPLIT_SEED
 
     def __init__(
         self,
@@ -188,19 +188,20 @@ class NYUv2(Problem):
     ) -> None:
         self.name = "nyuv2"
         self.tasks = (segmentation_task("S"), l1_task("D", relative=True), normal_task("N"))
-        self.data_dir = data_dir
+        self._model_options(
+            data_dir=data_dir,
+            encoder=encoder,
+            pretrained=pretrained,
+            width=width,
+            head_channels=head_channels,
+            encoder_dropout=encoder_dropout,
+            cache=cache,
+        )
         self.shape = None if shape is None else check_shape(shape)
-        self.encoder = encoder
-        self.pretrained = pretrained
-        self.width = width
-        self.head_channels = head_channels
-        self.encoder_dropout = encoder_dropout
         self.imagenet_norm = imagenet_norm
-        self.cache = cache
-        self._splits: dict[str, Split] | None = None
         self._image_size: tuple[int, int] | None = None  # (H, W) of the loaded data
 
-    def _prepare(self, batch: Batch) -> Batch:
+    def _prepare(self, batch: Batch, train: bool) -> Batch:
         out = dict(batch)
         x = batch["x"].float()
         out["x"] = normalise_images(x, scale=1.0) if self.imagenet_norm else x
@@ -217,35 +218,10 @@ class NYUv2(Problem):
             "N": torch.from_numpy(raw["normal"]),
         }
 
-    def splits(self) -> dict[str, Split]:
-        if self._splits is None:
-            self._splits = official_splits(
-                self._arrays("train"),
-                self._arrays("val"),
-                TRAIN_FRACTION,
-                SPLIT_SEED,
-                self._prepare,
-                self._prepare,
-            )
-        return self._splits
+    def head_outputs(self) -> dict[str, tuple[int, str]]:
+        return {"S": (CLASSES, "log_softmax"), "D": (1, "none"), "N": (3, "normalize")}
 
-    def make_model(
-        self, tasks: Sequence[str] | None = None, dropout: float = 0.0
-    ) -> MultiTaskModel:
-        names = self.model_tasks(tasks)
-        outputs = {"S": (CLASSES, "log_softmax"), "D": (1, "none"), "N": (3, "normalize")}
-        return dense_model(
-            {name: outputs[name] for name in names},
-            out_size=self._out_size(),
-            arch=self.encoder,
-            width=self.width,
-            head_channels=self.head_channels,
-            dropout=dropout,
-            encoder_dropout=self.encoder_dropout,
-            pretrained=resolve_pretrained(self.encoder, self.pretrained, self.width),
-        )
-
-    def _out_size(self) -> tuple[int, int]:
+    def out_size(self) -> tuple[int, int]:
         """(H, W) of the model's outputs: ``shape``, else that of the first training image."""
         if self.shape is not None:
             return self.shape[1], self.shape[0]

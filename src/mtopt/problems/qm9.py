@@ -1,7 +1,7 @@
-"""QM9: 11 molecular-property regression tasks (METHODS.md §26.8), two model tracks.
+"""QM9: 11 molecular-property regression tasks (Gama & Grassi's configuration), two model tracks.
 
 Data: :mod:`mtopt.problems.qm9_data` (130,831 molecules, targets in PyG's units). Tasks, in the
-order of §26.8: ``mu`` (D), ``alpha`` (a₀³), ``homo``, ``lumo`` (eV), ``r2`` (a₀²), ``zpve``
+paper's order: ``mu`` (D), ``alpha`` (a₀³), ``homo``, ``lumo`` (eV), ``r2`` (a₀²), ``zpve``
 (eV), ``u0_atom``, ``u298_atom``, ``h298_atom``, ``g298_atom`` (atomisation energies, eV),
 ``cv`` (cal/mol/K).
 
@@ -72,6 +72,7 @@ from mtopt.problems.qm9_data import (
     Target,
     load_qm9,
 )
+from mtopt.problems.registry import register_problem
 
 TRACKS = ("mlp", "gnn")
 N_TEST = 10_000
@@ -343,7 +344,7 @@ class DenseSet2Set(nn.Module):
 
 
 class MPNNEncoder(nn.Module):
-    """Packed molecules (B, 29, 4) → shared features (B, 64) (Gilmer et al. MPNN, §26.8)."""
+    """Packed molecules (B, 29, 4) → shared features (B, 64) (Gilmer et al.'s MPNN)."""
 
     def __init__(
         self,
@@ -392,6 +393,7 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+@register_problem("qm9", TRACKS)
 class QM9(Problem):
     """QM9 with the ``mlp`` or ``gnn`` model track (see the module docstring).
 

@@ -61,7 +61,7 @@ original QM9 ``.xyz`` files write exponents Mathematica-style (``2.1997*^-6``), 
 Targets
 -------
 The 11 targets are stored in PyG's units (``torch_geometric/datasets/qm9.py``,
-``HAR2EV = 27.211386246``), in the order of METHODS.md §26.8 (PyG indices 0, 1, 2, 3, 5, 6, 12,
+``HAR2EV = 27.211386246``), in Gama & Grassi's order (PyG indices 0, 1, 2, 3, 5, 6, 12,
 13, 14, 15, 11); see :data:`TARGETS`:
 
 * ``mu`` = ``Dipole_debye`` (D); ``alpha`` = ``Polarizability_bohr3`` (a₀³);

@@ -52,6 +52,7 @@ from mtopt.problems.base import Batch, Metric, MultiTaskModel, Problem, Split, T
 from mtopt.problems.cache import CacheFile
 from mtopt.problems.mnist_data import cache_dir, load_by_resolution_order
 from mtopt.problems.pypi import download_wheel
+from mtopt.problems.registry import register_problem
 
 RIVER_VERSION = "0.26.1"
 RIVER_REQUIREMENT = f"river=={RIVER_VERSION}"
@@ -323,6 +324,7 @@ class LogitHead(nn.Linear):
         return super().forward(z).squeeze(-1)
 
 
+@register_problem("yeast")
 class Yeast(Problem):
     """Yeast with one binary task per label (``y1``…``y14``)."""
 
