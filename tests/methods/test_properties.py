@@ -59,6 +59,9 @@ from _battery import (
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import mtopt
+from mtopt.core.method import MethodInput
+
 # =========================================================================== the property table
 #: Method spec (``name`` or ``name:key=value,...``, the CLI's grammar, lists as ``a/b/c``) → the
 #: properties its docstring claims (names and claims: ``_battery.PROPERTY_CLAIMS``).
@@ -198,23 +201,9 @@ OPTIONS: dict[tuple[str, str], dict] = {
 }
 
 #: Properties a docstring claims that the method violates today: xfail(strict=True), with the
-#: reason; a fix turns them into XPASS failures, which asks for the line to be removed.
-KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("edm", PERMUTATION): (
-        "EDM with positively collinear gradients of different norms (g2 = a g1): the unit "
-        "gradients coincide, the min-norm solver puts all the weight on the first one, and "
-        "γ = 1/Σ(w_i/‖g_i‖) then depends on which task comes first: d = g1 or g2, not the "
-        "documented two-task d = (g1‖g2‖ + g2‖g1‖)/(‖g1‖ + ‖g2‖); COLLINEAR_PAIR"
-    ),
-    ("cdtt", PERMUTATION): "its first steps are EDM's, which depends on the task order for "
-    "collinear gradients of different norms (see edm); COLLINEAR_PAIR",
-    ("cagrad:c=1.5", PERMUTATION): (
-        "CAGrad c ≥ 1 with a zero task gradient: the stationary branch keeps d = 0 whenever the "
-        "projection of g0 onto {d: Gd ≥ 0} has a certificate gap > 0 by rounding "
-        "(core/ball_maxmin.py::_stationary compares zero_gap < gap), so the answer (projection "
-        "or 0, and the zero task's weight 1/K or 0) depends on the task order; CAGRAD_ZERO_ROW"
-    ),
-}
+#: reason; a fix turns them into XPASS failures, which asks for the line to be removed. (Empty:
+#: the battery's first findings, EDM's and CAGrad's order dependence, are fixed.)
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 
 # =============================================================================== the test cases
@@ -268,8 +257,9 @@ def _tolerances(spec: str, prop: str, **defaults) -> dict:
     return {k: _option(spec, prop, k, v) for k, v in defaults.items()}
 
 
-#: The explicit counterexample of KNOWN_VIOLATIONS (CAGrad, c ≥ 1, a zero gradient): every
-#: permutation test runs it first, for every method.
+#: CAGrad with c ≥ 1 and a zero gradient, where the stationary answer once depended on the task
+#: order (rounding decided between d = 0 and the projection): every permutation test runs it
+#: first, for every method.
 CAGRAD_ZERO_ROW = Problem(
     torch.tensor(
         [
@@ -286,7 +276,7 @@ CAGRAD_ZERO_ROW = Problem(
     -1,
 )
 
-#: Two positively collinear gradients of different norms (EDM's KNOWN_VIOLATIONS line); the
+#: Two positively collinear gradients of different norms (a tie EDM and MGDA split equally); the
 #: losses differ, so that MGDA's normalised gradients do not tie (see test_mgda_collinear_tie).
 COLLINEAR_PAIR = Problem(
     torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64),
@@ -527,23 +517,19 @@ def test_loss_scale_invariance(spec, case, data):
 
 
 # ======================================================= explicit findings outside the battery
-@pytest.mark.xfail(
-    strict=True,
-    reason="UPGrad sets M̂ = 0 when tr M < norm_eps (1e-4, absolute, as TorchJD), so "
-    "d(cG) = c·mean(G) instead of c·d(G) once c²·tr(GGᵀ) < 1e-4: the claimed "
-    "d(cG) = c d(G) fails for small gradients",
-)
-def test_upgrad_is_homogeneous_below_norm_eps():
+def test_upgrad_is_homogeneous_above_norm_eps_and_everywhere_without_it():
+    """The docstring: d(cG) = c d(G) while c² tr(M) ≥ norm_eps (absolute, TorchJD's 1e-4); below
+    it the weights are the preferences; with norm_eps = 0 homogeneity holds at every scale."""
     G = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)  # conflicting, tr = 3
-    assert_scale_behaviour(_subject("upgrad").aggregate, G, None, 2.0**-8, 1)
+    assert_scale_behaviour(_subject("upgrad").aggregate, G, None, 2.0**-2, 1)
+    exact = _subject("upgrad:norm_eps=0")
+    assert_scale_behaviour(exact.aggregate, G, None, 2.0**-8, 1)
+    tiny = 2.0**-8 * G  # tr = 3·2⁻¹⁶ < 1e-4
+    inputs = MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), tiny)
+    weights = mtopt.make("upgrad").aggregate(inputs).weights
+    torch.testing.assert_close(weights, torch.full((2,), 0.5, dtype=weights.dtype))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CAGrad c ≥ 1 with a zero task gradient returns d = 0 and all weights 0 where the "
-    "docstring says d is g0 projected onto {d: Gd ≥ 0} and the zero task's weight is 1/K "
-    "(core/ball_maxmin.py::_stationary prefers d = 0 on a rounding-level certificate gap)",
-)
 def test_cagrad_stationary_direction_is_the_projection_of_g0():
     # g0 = (0, -1/3); the cone {d: -d1 + 2 d2 ≥ 0, d1 - 3 d2 ≥ 0} is spanned by (-2,-1), (-3,-1);
     # the projection of g0 is (-2/15, -1/15), scaled by K/(1 + c²) (rescale=1, sum_scale).
@@ -560,15 +546,7 @@ def test_cagrad_stationary_direction_is_the_projection_of_g0():
     [
         pytest.param([[1.0, 0.0, 2.0], [-1.0, 3.0, 0.5]], id="generic"),
         pytest.param([[1.0, 0.0], [-4.0, 0.0]], id="opposite"),
-        pytest.param(
-            [[1.0, 0.0], [3.0, 0.0]],
-            id="collinear",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="EDM puts all the weight on the first of two equal unit gradients: "
-                "d = g1 = (1, 0) instead of (g1‖g2‖ + g2‖g1‖)/(‖g1‖ + ‖g2‖) = (1.5, 0)",
-            ),
-        ),
+        pytest.param([[1.0, 0.0], [3.0, 0.0]], id="collinear"),
     ],
 )
 @pytest.mark.parametrize("swap", [False, True])
@@ -583,17 +561,10 @@ def test_edm_two_task_closed_form(rows, swap):
 
 
 @pytest.mark.parametrize("spec", ["mgda", "mgda_ub"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tie in MGDA's definition resolved by position: with equal losses, collinear "
-    "gradients of different norms have equal normalised gradients g_k/(ℓ_k‖g_k‖), every split "
-    "of w* is a min-norm solution, the solver keeps the first task, and d = Σ w*_k g_k is g1 or "
-    "g2 by task order (the docstring's 'any split gives the same d' covers exact duplicates "
-    "only, where it holds)",
-)
 def test_mgda_collinear_tie(spec):
-    """Not a docstring claim (a tie of the definition), but the only input where MGDA's update
-    depends on the order of the tasks: recorded so that a canonical tie-break shows up."""
+    """A tie of the definition (equal losses, collinear gradients of different norms: equal
+    normalised gradients, every split of w* is a min-norm solution), resolved without regard to
+    the order of the tasks: the weight is split equally (``mtopt.core.min_norm.split_ties``)."""
     p = COLLINEAR_PAIR
     ones = torch.ones(2, dtype=torch.float64)
     assert_permutation_equivariant(_subject(spec).aggregate, p.G, ones, [1, 0])

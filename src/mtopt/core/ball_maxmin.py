@@ -34,8 +34,10 @@ then :math:`w^*` is exact up to rounding. The answer in weights is
   and the best worst-case gain is 0. Every :math:`d` in the ball with :math:`Gd\ge0` is then
   optimal; we take the one closest to the centre, the projection of :math:`g_0` onto the cone
   :math:`\{d:Gd\ge0\}`, which is UPGrad's QP :math:`\min v^\top Mv` s.t. :math:`v\ge\mathbf 1/K`
-  (:func:`mtopt.core.qp.box_lower_qp`; status ``stationary``). With ``c ≥ 1`` and 0 inside
-  the hull this is :math:`d=0`, the Pareto-stationary point the CAGrad paper describes.
+  (:func:`mtopt.core.qp.box_lower_qp`; status ``stationary``). When the cone is :math:`\{0\}`
+  this is :math:`d=0`, the Pareto-stationary point the CAGrad paper describes for ``c ≥ 1``; the
+  weights 0 are then reported (also when only they pass the certificate), never by a comparison
+  of rounding errors, which would make the answer depend on the order of the tasks.
 * A task whose gradient is exactly zero cannot change :math:`d`; its weight is reported as
   :math:`1/K` (its weight in :math:`g_0`), whatever the dual put on it.
 
@@ -227,11 +229,13 @@ def _stationary(
     v = np.where(norms > 0, v, uniform)
     gap = _gap(M, b, n0, s, v, w0) if ok else math.inf
     if s >= n0 and gap > 0:
-        # the ball contains d = 0; when the projection is 0 up to rounding, the weights 0 state
-        # it exactly (large v of a singular M would carry M's rounding into the gains)
-        zero = np.zeros(k)
+        # the ball contains d = 0. When the projection is 0 up to what M determines, the weights
+        # 0 state it exactly (large v of a singular M would carry M's rounding into the gains);
+        # so do they when only they pass the certificate. Otherwise the projection stands: the
+        # choice must not hang on rounding, or it would depend on the order of the tasks.
+        zero = np.where(norms > 0, 0.0, uniform)  # d = 0; a zero gradient keeps its 1/K
         zero_gap = _gap(M, b, n0, s, zero, w0)
-        if zero_gap < gap:
+        if _norm(M, v) == 0.0 or (gap > GAP_RTOL >= zero_gap):
             v, gap = zero, zero_gap
     return BallMaxMinResult(v, w0, 0.0, iterations + 2, "stationary", gap)
 

@@ -63,8 +63,9 @@ class MinNormResult:
     """Solver outcome: simplex weights, iterations used, how it ended, and the certificate.
 
     ``status``: ``converged`` (the KKT certificate holds), ``zero_gradient`` (some ``g_i = 0``,
-    so ``d = 0`` with ``w = e_i``; certified), ``stalled`` (the solver's own stopping rule fired
-    but the certificate fails), ``max_iter`` (iteration bound reached, certificate fails).
+    so ``d = 0``, the weight shared equally by the zero gradients; certified), ``stalled`` (the
+    solver's own stopping rule fired but the certificate fails), ``max_iter`` (iteration bound
+    reached, certificate fails).
     ``residual`` is the relative KKT residual :math:`\rho` of :func:`min_norm_residual`.
     """
 
@@ -219,9 +220,8 @@ def min_norm_weights(
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
     k = M.shape[0]
     zero = np.diagonal(M) <= 0.0
-    if zero.any():
-        w = np.zeros(k)
-        w[int(np.argmax(zero))] = 1.0
+    if zero.any():  # d = 0, the weight shared by the zero gradients (whatever their order)
+        w = zero / float(zero.sum())
         return MinNormResult(w, 0, "zero_gradient", 0.0, min_norm_residual(M, w))
     if k == 1:
         w = np.ones(1)
@@ -236,8 +236,49 @@ def min_norm_weights(
         w, it, finished = run(M, _best_pair(M, clamp), max_iter, tol, clamp)
         stop = "stalled" if finished else "max_iter"
     rho = min_norm_residual(M, w)
+    if solver == "wolfe" and rho <= KKT_RTOL:
+        # a tie of the problem, resolved without regard to the order of the tasks
+        split = split_ties(M, w)
+        rho_split = min_norm_residual(M, split)
+        if rho_split <= KKT_RTOL:
+            w, rho = split, rho_split
     status = "converged" if rho <= KKT_RTOL else stop
     return MinNormResult(w, it, status, float(w @ M @ w), rho)
+
+
+#: Two gradients count as the same when ``‖g_i − g_j‖² ≤ SAME_RTOL · max(‖g_i‖², ‖g_j‖²)``.
+SAME_RTOL = 2.0**-40
+
+
+def split_ties(M: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``w`` with the total weight of each group of identical gradients (rows of ``G`` equal to
+    ``SAME_RTOL``, read from ``M``; groups closed transitively) shared equally among its members.
+
+    With identical gradients the min-norm problem has a set of solutions: every split of their
+    weight gives the same ``d``. The solver keeps one member, so the split, and with it the
+    update of a method that applies the weights to other vectors (MGDA on the raw gradients,
+    EDM's rescaling), would depend on the order of the tasks; the equal split does not. The
+    caller keeps the result only if it is still certified."""
+    diag = np.diagonal(M)
+    sq_dist = diag[:, None] + diag[None, :] - 2.0 * M
+    same = sq_dist <= SAME_RTOL * np.maximum.outer(diag, diag)
+    out = np.asarray(w, dtype=np.float64).copy()
+    seen = np.zeros(len(out), dtype=bool)
+    for start in range(len(out)):
+        if seen[start]:
+            continue
+        group, frontier = {start}, [start]
+        while frontier:  # the connected component of ``start`` in the "same" graph
+            i = frontier.pop()
+            for j in np.flatnonzero(same[i]).tolist():
+                if j not in group:
+                    group.add(j)
+                    frontier.append(j)
+        members = sorted(group)
+        seen[members] = True
+        if len(members) > 1:
+            out[members] = math.fsum(out[members].tolist()) / len(members)
+    return out
 
 
 def _pgd(

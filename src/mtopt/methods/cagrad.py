@@ -28,9 +28,11 @@ lies in the hull of the gradients and the dual optimum is :math:`g_{w^*}=0` (a z
 task the others cannot help, exactly opposite tasks, or any Pareto-stationary point; always the
 case for ``c ≥ 1`` once 0 is inside the hull) every direction in the ball with :math:`Gd\ge0` is
 optimal: we take the one closest to :math:`g_0`, its projection onto that cone (status
-``stationary``; :math:`d=0` when the cone is :math:`\{0\}`, the Pareto-stationary point the paper
-describes for ``c ≥ 1``). A task with an exactly zero gradient is reported with weight
-:math:`1/K` (any weight gives the same :math:`d`). Duplicate tasks are one task counted twice.
+``stationary``). It is :math:`d=0`, the Pareto-stationary point the paper describes for
+``c ≥ 1``, when the cone is :math:`\{0\}`, and not otherwise: a zero gradient puts 0 in the
+hull while the other tasks may still share a direction of descent, which we then take. A task
+with an exactly zero gradient is reported with weight :math:`1/K` (any weight gives the same
+:math:`d`). Duplicate tasks are one task counted twice.
 
 Defaults: ``c=0.5`` (LibMTL, Gama & Grassi; the CAGrad repo runs 0.4; Gama & Grassi's grid
 {0.2, 0.5, 0.8}). ``max_iter`` bounds the exact QP solves per step (one or two in practice).

@@ -12,7 +12,11 @@ space, with :math:`\hat M=M/\mathrm{tr}(M)` (0 if the trace is below ``norm_eps`
 The K QPs share :math:`\tilde M` and are solved exactly, together, by block principal pivoting
 (:func:`mtopt.core.qp.box_lower_qp_batch`: one stacked solve per iteration for all K problems;
 TorchJD solves them one by one with quadprog). Properties: :math:`Gd\ge0` up to the
-regularisation, :math:`w\ge p`, no conflict ⇒ :math:`w=p`, :math:`d(cG)=c\,d(G)`. Heads: raw.
+regularisation, :math:`w\ge p`, no conflict ⇒ :math:`w=p`, and :math:`d(cG)=c\,d(G)` as long as
+:math:`c^2\mathrm{tr}(M)\ge` ``norm_eps``. ``norm_eps`` is an absolute threshold (1e-4, TorchJD's,
+kept so that the two agree): below it :math:`\hat M=0`, every QP is solved by
+:math:`v^{(i)}=p_ie_i`, and :math:`w=p` (the preference-weighted sum of the gradients);
+``norm_eps=0`` makes UPGrad homogeneous at every scale. Heads: raw.
 """
 
 from __future__ import annotations
