@@ -1,14 +1,19 @@
-"""``mtopt.bench``: result structure of a tiny interleaved run, the report, the target logic."""
+"""``mtopt.bench``: result structure of a tiny interleaved run, the report, the target logic, the
+spec grammar of its contenders, and that the harness names no method."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import mtopt
 from mtopt import bench
 from mtopt.bench import (
     PLAIN,
@@ -110,14 +115,14 @@ def test_target_logic_on_a_synthetic_result():
                 _contender(PLAIN, "plain", "plain", [1.0, 0.9, 1.1]),
                 _contender("unitary", "mtopt", "loss", [1.04, 1.0, 1.2]),  # 1.04 ≤ 1.05
                 _contender("dwa", "mtopt", "loss", [1.2]),  # 1.2 > 1.05
-                _contender("mgda_ub", "mtopt", "rep", [1.4], jd + "MGDA@rep"),
+                _contender("mgda_ub", "mtopt", "rep", [1.4], jd + "MGDA:level=rep"),
                 _contender("rotograd", "mtopt", "rep", [2.0]),
                 _contender("upgrad", "mtopt", "param", [2.0], jd + "UPGrad"),
                 _contender("mgda", "mtopt", "param", [3.0], jd + "MGDA"),
                 _contender("nash_mtl", "mtopt", "param", [2.0], jd + "NashMTL"),
                 _contender("cagrad", "mtopt", "param", [2.0], jd + "CAGrad"),  # not measured
                 _contender("selective_groups", "mtopt", "closure", [2.05], groups=[2, 2, 3]),
-                _contender(jd + "MGDA@rep", "torchjd", "torchjd", [1.5]),
+                _contender(jd + "MGDA:level=rep", "torchjd", "torchjd", [1.5]),
                 _contender(jd + "UPGrad", "torchjd", "torchjd", [2.5]),
                 _contender(jd + "MGDA", "torchjd", "torchjd", [2.0]),
                 _contender(jd + "NashMTL", "torchjd", "torchjd", [], error="set-up: no ecos"),
@@ -187,16 +192,15 @@ def test_options_from_cli_args_and_method_specs():
     assert options.workloads == ("mlp11", "lenet")
     assert options.methods == ("upgrad", "fixed:weights=1/2")
     assert not options.torchjd and options.steps == 7
-    assert bench.parse_method_spec("fixed:weights=1/2") == ("fixed", {"weights": [1, 2]})
-    assert bench.bench_hparams("fixed", {}, 3) == {"weights": [1.0, 1.0, 1.0]}
-    assert bench.bench_hparams("selective_groups", {}, 3) == {"warmup_steps": 0}
+    spec = bench.method_spec("fixed:weights=1/2")
+    assert (spec.name, dict(spec.hparams), spec.engine) == ("fixed", {"weights": [1, 2]}, None)
     with pytest.raises(ValueError, match="workload"):
         BenchOptions(workloads=("nope",)).validate()
     with pytest.raises(ValueError, match="steps"):
         BenchOptions(steps=0).validate()
     enabled = BenchOptions(methods=("mgda_ub", "imtl_g", "unitary"))
-    names = bench.select_torchjd(enabled, enabled.methods, 2)
-    assert names == ["MGDA@rep", "IMTLG"]
+    names = bench.select_torchjd(enabled, enabled.methods)
+    assert names == ["MGDA:level=rep", "IMTLG"]
     assert bench.command_line(options) == (
         "mtopt bench --workloads mlp11,lenet --steps 7 --warmup 2 "
         "--methods 'upgrad,fixed:weights=1/2' --no-torchjd --device cpu --seed 5"
@@ -297,25 +301,160 @@ def test_compare_solver_replays_every_gramian():
 
 def test_square_root_reproduces_the_gramian():
     j = torch.randn(4, 6, dtype=torch.float64)
-    root = bench._square_root(j @ j.T)
+    root = bench.square_root(j @ j.T)
     torch.testing.assert_close(root @ root.T, j @ j.T)
 
 
-def test_engine_suffix_and_default_specs():
-    assert bench.split_engine("upgrad@gramian") == ("upgrad", "gramian")
-    assert bench.split_engine(" mgda ") == ("mgda", None)
-    assert bench.split_engine("mgda@batched") == ("mgda", "batched")
-    specs = bench.default_specs()
-    assert "upgrad@gramian" in specs and "unitary@gramian" not in specs
-    assert "mgda_ub@gramian" not in specs  # representation level: no Gramian engine
-    assert bench.counterpart_label("upgrad", mtopt_needs("upgrad"), "gramian") == (
-        "torchjd:UPGrad@gram"
-    )
-    assert bench.counterpart_label("nash_mtl", mtopt_needs("nash_mtl"), "gramian") is None
-    assert bench.counterpart_label("nash_mtl", mtopt_needs("nash_mtl")) == "torchjd:NashMTL"
-
-
-def mtopt_needs(name):
+def _default_level(name):
     from mtopt.core.registry import method_class
 
-    return method_class(name).needs
+    return method_class(name).default_level()
+
+
+def test_engine_suffix_and_default_specs():
+    """The gradient engine is our grammar's ``#ENGINE`` suffix (mtopt.specs.parse_spec)."""
+    spec = bench.method_spec(" upgrad#gramian ")
+    assert (spec.text, spec.name, spec.engine) == ("upgrad#gramian", "upgrad", "gramian")
+    assert bench.method_spec("mgda").engine is None
+    spec = bench.method_spec("cagrad:c=0.2#batched")
+    assert (spec.name, dict(spec.hparams), spec.engine) == ("cagrad", {"c": 0.2}, "batched")
+    specs = bench.default_specs()
+    assert "upgrad#gramian" in specs and "unitary#gramian" not in specs
+    assert "mgda_ub#gramian" not in specs  # representation level: no Gramian engine
+    assert not any("@" in s for s in specs)
+    assert bench.counterpart_label("upgrad", _default_level("upgrad"), "gramian") == (
+        "torchjd:UPGrad#gramian"
+    )
+    assert bench.counterpart_label("nash_mtl", _default_level("nash_mtl"), "gramian") is None
+    assert bench.counterpart_label("nash_mtl", _default_level("nash_mtl")) == "torchjd:NashMTL"
+    assert bench.counterpart_label("mgda_ub", "rep") == "torchjd:MGDA:level=rep"
+
+
+def test_engine_suffix_picks_the_engine_of_the_row():
+    workload = bench.get_workload("mlp11")
+    model = workload.build()
+    row = bench.MtoptContender(model, workload, "upgrad#gramian")
+    assert row.mto.engine == "gramian"
+    assert row.result.label == "upgrad#gramian"
+    assert row.result.counterpart == "torchjd:UPGrad#gramian"
+    assert bench.MtoptContender(workload.build(), workload, "upgrad").mto.engine == "auto"
+
+
+def test_optimizer_suffix_is_refused_with_parse_specs_error(capsys):
+    """The bench always uses Adam: ``@OPTIMIZER`` is refused, before anything runs, with the
+    one line ``parse_spec`` gives; the old ``@gramian`` engine suffix is refused the same way."""
+    from mtopt.cli import main as cli_main
+    from mtopt.specs import parse_spec
+
+    with pytest.raises(ValueError) as expected:
+        parse_spec("upgrad@adam", build=False, allow=("engine",))
+    for spec in ("upgrad@adam", "upgrad@gramian"):
+        with pytest.raises(ValueError, match=r"base optimizer \(@\w+\) is not supported here"):
+            BenchOptions(methods=("unitary", spec)).validate()
+    with pytest.raises(ValueError) as got:
+        BenchOptions(methods=("upgrad@adam",)).validate()
+    assert str(got.value) == str(expected.value)
+    code = cli_main(["bench", "--workloads", "mlp11", "--methods", "upgrad@adam", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [f"mtopt: error: {expected.value}"]
+
+
+def test_torchjd_contenders_follow_the_spec_grammar():
+    assert bench.parse_torchjd("UPGrad").label == "torchjd:UPGrad"
+    assert bench.parse_torchjd("torchjd:MGDA:level=rep").name == "MGDA:level=rep"
+    assert bench.parse_torchjd("UPGrad:level=param").name == "UPGrad"
+    assert bench.parse_torchjd("UPGrad#gramian") == bench.TorchJDSpec("UPGrad", "param", "gramian")
+    assert all(bench.parse_torchjd(n).name == n for n in bench.DEFAULT_TORCHJD)
+    with pytest.raises(ValueError, match=r"level=rep"):
+        bench.parse_torchjd("GradDrop@rep")  # the old label: one line naming the new form
+    for bad in ("UPGrad:c=1", "UPGrad:level=loss", "UPGrad#batched", "MGDA:level=rep#gramian"):
+        with pytest.raises(ValueError, match="TorchJD contender"):
+            bench.parse_torchjd(bad)
+    with pytest.raises(ValueError, match="TorchJD contender"):
+        BenchOptions(torchjd_aggregators=("UPGrad@gram",)).validate()
+    chosen = BenchOptions(methods=("upgrad",), torchjd_aggregators=("torchjd:MGDA:level=rep",))
+    assert bench.select_torchjd(chosen, chosen.methods) == ["MGDA:level=rep"]
+    if HAS_TORCHJD:
+        assert bench.make_aggregator("UPGrad#gramian", 3).__class__.__name__ == "UPGradWeighting"
+        assert bench.make_aggregator("CAGrad:level=rep", 3).__class__.__name__ == "CAGrad"
+
+
+def test_methods_with_required_hyperparameters_leave_the_default_list(capsys):
+    """A method that cannot run with its defaults is left out of the default list with one
+    line saying what to pass, and runs when the spec gives it; the report records the line."""
+    required = {
+        name: bench.required_hyperparameters(name)
+        for name in mtopt.available_methods()
+        if bench.required_hyperparameters(name)
+    }
+    assert required.get("fixed") == ["weights"]
+    lines: list[str] = []
+    specs = bench.default_specs(lines.append)
+    assert lines == [bench.left_out_message(name, keys) for name, keys in required.items()]
+    assert "fixed: needs weights=...; pass it in --methods" in lines
+    assert not set(required) & {bench.method_spec(s).name for s in specs}
+    assert bench.method_specs(BenchOptions(), lines.append) == specs
+    assert bench.method_specs(BenchOptions(methods=("fixed:weights=1/2",))) == ["fixed:weights=1/2"]
+    result = BenchResult(BenchOptions(), [], {}, "n/a", notes=lines[:1])
+    report = markdown_report(result)
+    assert f"- left out of the default method list: {lines[0]}" in report
+    assert markdown_report(bench.result_from_dict(json.loads(json.dumps(result.to_dict())))) == (
+        report
+    )
+
+
+def test_given_hyperparameters_and_own_defaults_run_normally():
+    """``fixed`` runs once its spec gives the weights; ``selective_groups`` runs with its own
+    defaults, its M read from ``StepInfo.updates``."""
+    ones = "/".join(["1"] * 11)
+    options = BenchOptions(
+        workloads=("mlp11",),
+        steps=2,
+        warmup=0,
+        methods=(f"fixed:weights={ones}", "selective_groups"),
+        torchjd=False,
+        libmtl=False,
+    )
+    (w,) = run_bench(options).workloads
+    fixed, groups = w.contenders[f"fixed:weights={ones}"], w.contenders["selective_groups"]
+    assert fixed.error is None and len(fixed.times) == 2 and fixed.category == "loss"
+    assert groups.error is None and len(groups.times) == 2 and groups.category == "closure"
+    assert len(groups.groups) == 2 and all(m >= 1 for m in groups.groups)
+    assert any("M =" in t.target for t in evaluate_targets(BenchResult(options, [w], {}, "")))
+
+
+def _compared_strings(node: ast.AST) -> set[str]:
+    """String constants compared with ``==``, ``!=``, ``in``, ``not in`` (also inside a literal
+    tuple/list/set), or matched in a ``case``."""
+    found: set[str] = set()
+    for sub in ast.walk(node):
+        operands: list[ast.AST] = []
+        if isinstance(sub, ast.Compare):
+            operands = [sub.left, *sub.comparators]
+        elif isinstance(sub, ast.MatchValue):
+            operands = [sub.value]
+        for op in operands:
+            items = op.elts if isinstance(op, ast.Tuple | ast.List | ast.Set) else [op]
+            found |= {i.value for i in items if isinstance(i, ast.Constant)}
+        affixes = ("startswith", "endswith", "removeprefix", "removesuffix")
+        if isinstance(sub, ast.Call) and getattr(sub.func, "attr", None) in affixes:
+            found |= {a.value for a in sub.args if isinstance(a, ast.Constant)}
+    return {s for s in found if isinstance(s, str)}
+
+
+def test_no_module_of_the_harness_special_cases_a_method():
+    """The harness names no method: no registered name is compared against anywhere in
+    ``mtopt.bench`` (the counterpart tables, data about TorchJD and LibMTL, are keyed by our
+    names; that is not a comparison)."""
+    names = set(mtopt.available_methods())
+    root = Path(inspect.getfile(bench)).parent
+    sources = sorted(root.rglob("*.py"))
+    assert {p.name for p in sources} >= {"workloads.py", "measure.py", "report.py", "torchjd.py"}
+    for path in sources:
+        text = path.read_text()
+        special = _compared_strings(ast.parse(text)) & names
+        assert not special, f"{path.name} compares with method name(s) {sorted(special)}"
+        for quoted in ('"fixed"', "'fixed'", '"selective_groups"', "'selective_groups'"):
+            assert quoted not in text, f"{path.name} names {quoted}"
+    assert not (root.parent / "bench.py").exists()

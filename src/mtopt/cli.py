@@ -192,7 +192,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     b.add_argument(
         "--methods",
-        help="comma-separated specs NAME[:KEY=VALUE...] (default: every registered method)",
+        help="comma-separated specs NAME[:KEY=VALUE...][#ENGINE], e.g. upgrad#gramian (default: "
+        "every registered method that has no required hyperparameter, and NAME#gramian rows)",
     )
     b.add_argument(
         "--threads",
@@ -211,8 +212,9 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--torchjd-aggregators",
         metavar="NAMES",
-        help="comma-separated TorchJD aggregators (NAME@rep: on the features); default: all "
-        "of them without --methods, else the counterparts of --methods",
+        help="comma-separated TorchJD aggregators NAME[:level=rep][#gramian] (level=rep: on the "
+        "features; #gramian: autogram); default: all of them without --methods, else the "
+        "counterparts of --methods",
     )
     b.set_defaults(func=cmd_bench)
     return p

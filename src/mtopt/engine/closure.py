@@ -123,3 +123,13 @@ def replayed_rng(state: tuple[Tensor, list[Tensor] | None] | None) -> Iterator[N
             if state[1] is not None:
                 torch.cuda.set_rng_state_all(state[1])
         yield
+
+
+def require_separate(method: str, step: Unpacked) -> None:
+    """A method that back-propagates subsets of the losses needs them as separate tensors."""
+    if not step.separate:
+        raise ValueError(
+            f"{method}: the closure returned the losses as one stacked tensor (or views of "
+            "one); this method back-propagates subsets of them, and every head would then be in "
+            "every subset's graph. Return a dict or list of the separate scalar losses."
+        )

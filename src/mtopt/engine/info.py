@@ -1,7 +1,10 @@
-"""The record of one step, :class:`StepInfo`."""
+"""The record of one step, :class:`StepInfo`, and the log of uncertified solves."""
 
 from __future__ import annotations
 
+import collections
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,3 +49,54 @@ class StepInfo:
         if self.weights is None:
             return None
         return dict(zip(self.task_names, self.weights.tolist(), strict=True))
+
+
+logger = logging.getLogger("mtopt")
+
+
+class UncertifiedLog:
+    """Uncertified solves so far, by (solver name, status): the first of each kind is logged
+    with its details at WARNING, later ones at DEBUG (``logging.getLogger("mtopt")`` at DEBUG,
+    or ``mtopt --verbose``, shows every one)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def record(self, step: int, method: str, report: SolverReport) -> None:
+        kind = (report.name, report.status)
+        self.counts[kind] += 1
+        first = self.counts[kind] == 1
+        residual = "" if report.residual is None else f", residual {report.residual:.3g}"
+        tolerance = "" if report.tolerance is None else f" > {report.tolerance:.3g}"
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "step %d: %s solver %s not certified (%s after %d iterations%s%s): %s%s",
+            step,
+            method,
+            report.name,
+            report.status,
+            report.iterations,
+            residual,
+            tolerance,
+            report.message,
+            "; further steps like this are counted, not logged (--verbose logs them)"
+            if first
+            else "",
+        )
+
+
+class PhaseClock:
+    """Seconds per phase of a step (``StepInfo.times``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[phase] = now - self.last
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        self.times["total"] = time.perf_counter() - self.start
+        return self.times

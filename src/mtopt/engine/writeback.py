@@ -4,13 +4,13 @@ parameter groups a method adds to the base optimizer.
 * **Head policy.** Task-specific parameters ("heads") receive ``Σ_k c_k ∇ℓ_k`` with ``c = w``
   under the ``weighted`` policy, ``c = 1`` under ``raw``, or the method's own ``head_weights``.
 * **Clipping.** ``max_grad_norm`` clips the shared parameters' gradient before the optimizer
-  steps (FAMO's and Nash-MTL's reference loops do).
-* **Method parameters.** A method that owns parameters (RotoGrad's rotations) hands the engine
-  parameter groups. The engine marks them ``auxiliary=True`` and turns a group's ``lr_scale``
-  into ``lr = lr_scale ×`` the base optimizer's *auxiliary* learning rate:
+  steps (some methods' reference training loops do).
+* **Method parameters.** A method that owns parameters (a representation transform) hands the
+  engine parameter groups. The engine marks them ``auxiliary=True`` and turns a group's
+  ``lr_scale`` into ``lr = lr_scale ×`` the base optimizer's *auxiliary* learning rate:
   ``optimizer.auxiliary_lr()`` when the optimizer defines it, else the first group's ``lr``. An
-  optimizer whose groups do not all share one role (Muon's orthogonalised matrices next to its
-  AdamW parameters) defines ``auxiliary_lr`` and reads the ``auxiliary`` mark.
+  optimizer whose groups do not all share one role (orthogonalised hidden matrices next to
+  element-wise parameters, say) defines ``auxiliary_lr`` and reads the ``auxiliary`` mark.
 """
 
 from __future__ import annotations

@@ -35,10 +35,11 @@ from mtopt.core.hparams import (
     PositiveInt,
     describe_fields,
 )
-from mtopt.engine import Losses, MultiTaskOptimizer
+from mtopt.engine import Losses, MultiTaskOptimizer, StepInfo
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
+from mtopt.problems.base import Batch
 
 References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {"val"|"test": {task: {metric}}}
 Callback = Callable[[str, dict[str, Any]], None]
@@ -198,180 +199,243 @@ def train_run(
     callback: Callback | None = None,
 ) -> dict[str, Any]:
     """Train, select the best validation epoch(s), evaluate on test; return a JSON-able record."""
-    problem = problem if problem is not None else get_problem(config.problem)
-    tasks = config.tasks if config.tasks is not None else problem.task_names
-    for t in tasks:
-        problem.task(t)  # validates the name
-    directions = {t: problem.lower_is_better()[t] for t in tasks}
-    if len(tasks) > 1 and (references is None or "val" not in references):
-        raise ValueError(
-            "a multi-task run selects its best-validation-Δm epoch and needs single-task "
-            "references (run the single-task runs first, e.g. with `mtopt compare`)"
-        )
-
-    generator = seed_everything(config.seed)
-    splits = problem.splits()
-    train = splits["train"].subset(config.train_subset)
-    val = splits["val"].subset(config.eval_subset)
-    test = splits["test"].subset(config.eval_subset)
-    model = problem.make_model(tasks, dropout=config.dropout)
-    eval_batch = getattr(problem, "eval_batch_size", 1000)  # dense problems need smaller ones
-    optimizer = build_optimizer(config, model)
-    scheduler = (
-        torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-        if config.lr_decay
-        else None
-    )
-    specs = [problem.task(t) for t in tasks]
-    mto = MultiTaskOptimizer(
-        optimizer,
-        config.method,
-        shared=model.encoder,
-        tasks=tasks,
-        loss_types=[s.loss_type for s in specs],
-        engine=config.engine,
-        **config.hparams,
-    )
-
-    criteria: dict[str, Callable[[dict], float]] = {}
-    if len(tasks) > 1:
-        assert references is not None
-        criteria["delta_m"] = lambda val_m: delta_m(val_m, references["val"], directions)
-    else:
-        for metric, lower in directions[tasks[0]].items():
-            criteria[metric] = lambda val_m, m=metric, lo=lower: (
-                (-1 if lo else 1) * val_m[tasks[0]][m]
-            )
-    best: dict[str, dict[str, Any]] = {}
-    meta_batches = None
-    if isinstance(mto.method, MetaBatchMethod):
-        meta_split = {"train": train, "val": val}[str(mto.method.meta_split)]
-        meta_batches = _endless(meta_split, config.batch_size, config.seed + 1)
-
-    history = []
-    step_times: list[float] = []
-    solver_failures = 0
-    started = time.perf_counter()
-    n_batches = (len(train) + config.batch_size - 1) // config.batch_size
+    run = _Run(config, references, problem, callback)
     for epoch in range(config.epochs):
-        model.train()
-        loss_sums = dict.fromkeys(tasks, 0.0)
-        group_log: dict[str, list] = {"step": [], "num_groups": [], "affinity": []}
-        cosines: list[float] = []
-        epoch_failures = 0
-        weight_sum: torch.Tensor | None = None
-        n_weighted = 0
-        for i, batch in enumerate(train.batches(config.batch_size, True, generator)):
+        run.train_epoch(epoch)
+    return run.result()
 
-            def closure(batch=batch):
-                z, outputs = model(batch["x"], mto.task_input)
-                return Losses({s.name: s.loss(outputs[s.name], batch) for s in specs}, features=z)
 
-            meta_closure = None
-            if meta_batches is not None:
-                meta_batch = next(meta_batches)
+class _Run:
+    """One training run (:func:`train_run`): set-up, epochs with best-epoch tracking, selection."""
 
-                def meta_closure(meta=meta_batch):
-                    _, outputs = model(meta["x"], mto.task_input)
-                    return {s.name: s.loss(outputs[s.name], meta) for s in specs}
-
-            if config.cosine_every and mto.step_count % config.cosine_every == 0:
-                # the run's random stream and buffers (BatchNorm statistics) are left as they were
-                saved = [b.detach().clone() for b in model.buffers()]
-                with torch.random.fork_rng():
-                    cosines.append(
-                        mean_gradient_cosine(list(closure().losses.values()), mto.shared)
-                    )
-                with torch.no_grad():
-                    for b, old in zip(model.buffers(), saved, strict=True):
-                        b.copy_(old)
-            info = mto.step(closure, meta_closure=meta_closure)
-            step_times.append(info.times["total"])
-            for t, v in info.losses.items():
-                loss_sums[t] += v
-            if info.weights is not None:
-                w = info.weights.double()
-                weight_sum = w if weight_sum is None else weight_sum + w
-                n_weighted += 1
-            if info.solver is not None and not info.solver.converged:
-                solver_failures += 1
-                epoch_failures += 1
-            if info.sequential is not None:  # a sequential method: its groups and affinity
-                group_log["step"].append(info.step)
-                group_log["num_groups"].append(info.sequential.num_groups)
-                group_log["affinity"].append(info.sequential.affinity)
-            if callback is not None:
-                callback("step", {"epoch": epoch, "batch": i, "batches": n_batches, "info": info})
-        mto.end_epoch()
-        val_metrics = evaluate(
-            model, problem, val, batch_size=eval_batch, task_input=mto.task_input
+    def __init__(
+        self,
+        config: RunConfig,
+        references: References | None,
+        problem: Problem | None,
+        callback: Callback | None,
+    ) -> None:
+        problem = problem if problem is not None else get_problem(config.problem)
+        tasks = config.tasks if config.tasks is not None else problem.task_names
+        for t in tasks:
+            problem.task(t)  # validates the name
+        self.directions = {t: problem.lower_is_better()[t] for t in tasks}
+        if len(tasks) > 1 and (references is None or "val" not in references):
+            raise ValueError(
+                "a multi-task run selects its best-validation-Δm epoch and needs single-task "
+                "references (run the single-task runs first, e.g. with `mtopt compare`)"
+            )
+        self.config, self.references, self.problem, self.callback = (
+            config,
+            references,
+            problem,
+            callback,
         )
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": {t: s / n_batches for t, s in loss_sums.items()},
-            "val": val_metrics,
-            "mean_weights": None if weight_sum is None else (weight_sum / n_weighted).tolist(),
-            "lr": optimizer.param_groups[0]["lr"],
-            "solver_failures": epoch_failures,
+        self.tasks = tuple(tasks)
+        self.generator = seed_everything(config.seed)
+        splits = problem.splits()
+        self.train = splits["train"].subset(config.train_subset)
+        self.val = splits["val"].subset(config.eval_subset)
+        self.test = splits["test"].subset(config.eval_subset)
+        self.model = problem.make_model(tasks, dropout=config.dropout)
+        self.eval_batch = getattr(problem, "eval_batch_size", 1000)  # dense maps: smaller
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = (
+            torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)
+            if config.lr_decay
+            else None
+        )
+        self.specs = [problem.task(t) for t in tasks]
+        self.mto = MultiTaskOptimizer(
+            self.optimizer,
+            config.method,
+            shared=self.model.encoder,
+            tasks=tasks,
+            loss_types=[s.loss_type for s in self.specs],
+            engine=config.engine,
+            **config.hparams,
+        )
+        self.criteria = self._criteria()
+        self.best: dict[str, dict[str, Any]] = {}
+        self.meta_batches = None
+        if isinstance(self.mto.method, MetaBatchMethod):
+            meta_split = {"train": self.train, "val": self.val}[str(self.mto.method.meta_split)]
+            self.meta_batches = _endless(meta_split, config.batch_size, config.seed + 1)
+        self.history: list[dict[str, Any]] = []
+        self.step_times: list[float] = []
+        self.solver_failures = 0
+        self.started = time.perf_counter()
+        self.n_batches = (len(self.train) + config.batch_size - 1) // config.batch_size
+
+    def _criteria(self) -> dict[str, Callable[[dict], float]]:
+        """Validation scores to select epochs by (higher is better): Δm for a multi-task run,
+        each metric for a single-task run."""
+        tasks, references = self.tasks, self.references
+        if len(tasks) > 1:
+            assert references is not None
+            return {"delta_m": lambda val_m: delta_m(val_m, references["val"], self.directions)}
+        return {
+            metric: lambda val_m, m=metric, lo=lower: (-1 if lo else 1) * val_m[tasks[0]][m]
+            for metric, lower in self.directions[tasks[0]].items()
         }
-        if group_log["step"]:
-            record["groups"] = group_log
-        if cosines:
-            record["cosine"] = statistics.fmean(cosines)
-            record["cosine_samples"] = len(cosines)
-        for name, score_fn in criteria.items():
+
+    def _closures(self, batch: Batch) -> tuple[Callable[[], Losses], Callable[[], Any] | None]:
+        model, mto, specs = self.model, self.mto, self.specs
+
+        def closure() -> Losses:
+            z, outputs = model(batch["x"], mto.task_input)
+            return Losses({s.name: s.loss(outputs[s.name], batch) for s in specs}, features=z)
+
+        if self.meta_batches is None:
+            return closure, None
+        meta = next(self.meta_batches)
+
+        def meta_closure() -> dict[str, torch.Tensor]:
+            _, outputs = model(meta["x"], mto.task_input)
+            return {s.name: s.loss(outputs[s.name], meta) for s in specs}
+
+        return closure, meta_closure
+
+    def _cosine(self, closure: Callable[[], Losses]) -> float:
+        """The gradient-cosine diagnostic; the run's random stream and buffers (BatchNorm
+        statistics) are left as they were."""
+        saved = [b.detach().clone() for b in self.model.buffers()]
+        with torch.random.fork_rng():
+            value = mean_gradient_cosine(list(closure().losses.values()), self.mto.shared)
+        with torch.no_grad():
+            for b, old in zip(self.model.buffers(), saved, strict=True):
+                b.copy_(old)
+        return value
+
+    def train_epoch(self, epoch: int) -> None:
+        config, mto = self.config, self.mto
+        self.model.train()
+        log = _EpochLog(self.tasks)
+        for i, batch in enumerate(self.train.batches(config.batch_size, True, self.generator)):
+            closure, meta_closure = self._closures(batch)
+            if config.cosine_every and mto.step_count % config.cosine_every == 0:
+                log.cosines.append(self._cosine(closure))
+            info = mto.step(closure, meta_closure=meta_closure)
+            self.step_times.append(info.times["total"])
+            log.add(info)
+            if self.callback is not None:
+                progress = {"epoch": epoch, "batch": i, "batches": self.n_batches, "info": info}
+                self.callback("step", progress)
+        self.solver_failures += log.failures
+        mto.end_epoch()
+        val_metrics = self._evaluate(self.val)
+        record = log.record(epoch, self.n_batches, val_metrics, self.optimizer)
+        for name, score_fn in self.criteria.items():
             score = score_fn(val_metrics)
             record[f"score_{name}"] = score
-            if name not in best or score > best[name]["score"]:
-                best[name] = {
+            if name not in self.best or score > self.best[name]["score"]:
+                self.best[name] = {
                     "epoch": epoch,
                     "score": score,
-                    "state": copy.deepcopy(model.state_dict()),
+                    "state": copy.deepcopy(self.model.state_dict()),
                     "method_state": copy.deepcopy(mto.method.state_dict()),
                 }
-        history.append(record)
-        if scheduler is not None:
-            scheduler.step()
-        if callback is not None:
-            callback("epoch", record)
+        self.history.append(record)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.callback is not None:
+            self.callback("epoch", record)
 
-    val_best: dict[str, dict[str, float]] = {t: {} for t in tasks}
-    test_best: dict[str, dict[str, float]] = {t: {} for t in tasks}
-    selection = {}
-    for name, chosen in best.items():
-        model.load_state_dict(chosen["state"])
-        mto.method.load_state_dict(chosen["method_state"])  # e.g. RotoGrad's rotations
-        test_metrics = evaluate(
-            model, problem, test, batch_size=eval_batch, task_input=mto.task_input
+    def _evaluate(self, split: Any) -> dict[str, dict[str, float]]:
+        return evaluate(
+            self.model,
+            self.problem,
+            split,
+            batch_size=self.eval_batch,
+            task_input=self.mto.task_input,
         )
-        val_metrics = history[chosen["epoch"]]["val"]
-        selection[name] = {"epoch": chosen["epoch"], "val_score": chosen["score"]}
-        for t in tasks:
-            metrics = directions[t] if name == "delta_m" else {name: None}
-            for m in metrics:
-                val_best[t][m] = val_metrics[t][m]
-                test_best[t][m] = test_metrics[t][m]
 
-    result: dict[str, Any] = {
-        "key": run_key(config, references),
-        "config": config.to_dict(),
-        "method_repr": repr(mto.method),
-        "tasks": list(tasks),
-        "history": history,
-        "selection": selection,
-        "val": val_best,
-        "test": test_best,
-        "solver_failures": solver_failures,
-        "seconds": time.perf_counter() - started,
-        "step_seconds_median": statistics.median(step_times),
-        "mtopt_version": mtopt.__version__,
-        "torch_version": torch.__version__,
-    }
-    if len(tasks) > 1 and references is not None:
-        result["val_delta_m"] = delta_m(val_best, references["val"], directions)
-        if "test" in references:
-            result["test_delta_m"] = delta_m(test_best, references["test"], directions)
-    return result
+    def result(self) -> dict[str, Any]:
+        """Each criterion's best epoch evaluated on test, and the run's record."""
+        tasks, references = self.tasks, self.references
+        val_best: dict[str, dict[str, float]] = {t: {} for t in tasks}
+        test_best: dict[str, dict[str, float]] = {t: {} for t in tasks}
+        selection = {}
+        for name, chosen in self.best.items():
+            self.model.load_state_dict(chosen["state"])
+            self.mto.method.load_state_dict(chosen["method_state"])  # e.g. RotoGrad's rotations
+            test_metrics = self._evaluate(self.test)
+            val_metrics = self.history[chosen["epoch"]]["val"]
+            selection[name] = {"epoch": chosen["epoch"], "val_score": chosen["score"]}
+            for t in tasks:
+                metrics = self.directions[t] if name == "delta_m" else {name: None}
+                for m in metrics:
+                    val_best[t][m] = val_metrics[t][m]
+                    test_best[t][m] = test_metrics[t][m]
+        result: dict[str, Any] = {
+            "key": run_key(self.config, references),
+            "config": self.config.to_dict(),
+            "method_repr": repr(self.mto.method),
+            "tasks": list(tasks),
+            "history": self.history,
+            "selection": selection,
+            "val": val_best,
+            "test": test_best,
+            "solver_failures": self.solver_failures,
+            "seconds": time.perf_counter() - self.started,
+            "step_seconds_median": statistics.median(self.step_times),
+            "mtopt_version": mtopt.__version__,
+            "torch_version": torch.__version__,
+        }
+        if len(tasks) > 1 and references is not None:
+            result["val_delta_m"] = delta_m(val_best, references["val"], self.directions)
+            if "test" in references:
+                result["test_delta_m"] = delta_m(test_best, references["test"], self.directions)
+        return result
+
+
+class _EpochLog:
+    """What one epoch's steps leave in its history record."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.loss_sums = dict.fromkeys(tasks, 0.0)
+        self.groups: dict[str, list] = {"step": [], "num_groups": [], "affinity": []}
+        self.cosines: list[float] = []
+        self.failures = 0
+        self.weight_sum: torch.Tensor | None = None
+        self.weighted = 0
+
+    def add(self, info: StepInfo) -> None:
+        for t, v in info.losses.items():
+            self.loss_sums[t] += v
+        if info.weights is not None:
+            w = info.weights.double()
+            self.weight_sum = w if self.weight_sum is None else self.weight_sum + w
+            self.weighted += 1
+        if info.solver is not None and not info.solver.converged:
+            self.failures += 1
+        if info.sequential is not None:  # a sequential method: its groups and affinity
+            self.groups["step"].append(info.step)
+            self.groups["num_groups"].append(info.sequential.num_groups)
+            self.groups["affinity"].append(info.sequential.affinity)
+
+    def record(
+        self,
+        epoch: int,
+        n_batches: int,
+        val_metrics: dict[str, dict[str, float]],
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Any]:
+        mean = None if self.weight_sum is None else (self.weight_sum / self.weighted).tolist()
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": {t: s / n_batches for t, s in self.loss_sums.items()},
+            "val": val_metrics,
+            "mean_weights": mean,
+            "lr": optimizer.param_groups[0]["lr"],
+            "solver_failures": self.failures,
+        }
+        if self.groups["step"]:
+            record["groups"] = self.groups
+        if self.cosines:
+            record["cosine"] = statistics.fmean(self.cosines)
+            record["cosine_samples"] = len(self.cosines)
+        return record
 
 
 def _endless(split, batch_size: int, seed: int):
