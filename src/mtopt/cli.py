@@ -179,6 +179,20 @@ def _build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="tables (markdown, LaTeX) and PNG plots of a sweep")
     r.add_argument("sweep", type=Path, help="the sweep result, RUN_DIR/sweeps/NAME.json")
     r.add_argument("--out-dir", type=Path, help="default: reports/NAME")
+    r.add_argument(
+        "--baseline",
+        help="the row every method is compared with: a label or a method name (default: the "
+        "unitary row, if there is one)",
+    )
+    r.add_argument(
+        "--level", type=float, default=0.95, help="confidence level of the intervals (0.95)"
+    )
+    r.add_argument(
+        "--paper",
+        default="gama_grassi_2025",
+        help="published numbers to print beside ours: a shipped name (gama_grassi_2025) or a "
+        "TOML file; 'none' for none",
+    )
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser(
@@ -575,9 +589,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from mtopt.errors import ConfigError
     from mtopt.experiments.database import RunDatabase
-    from mtopt.report.plots import plot_cosine, plot_delta_m, plot_weights
+    from mtopt.report import comparison
+    from mtopt.report.plots import plot_cosine, plot_delta_m, plot_delta_m_ci, plot_weights
     from mtopt.report.tables import latex_table, markdown_table
+
+    if not 0.0 < args.level < 1.0:
+        raise ConfigError(f"--level must be in (0, 1), got {args.level}")
+    published = None if args.paper == "none" else comparison.load_published(args.paper)
 
     result = _read_sweep_result(args.sweep)
     db = RunDatabase(result["database"], readonly=True)
@@ -590,6 +610,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
     written.append(plot_delta_m(result, out_dir / "delta_m.png"))
+    baseline = args.baseline
+    if baseline is None:
+        labels = [row["label"] for row in result["rows"]]
+        baseline = next((x for x in labels if comparison.published_key(x, ["unitary"])), None)
+    stats = comparison.compare(result, records, baseline, args.level, published)
+    (out_dir / "statistics.md").write_text(comparison.markdown(stats))
+    written += [out_dir / "statistics.md", plot_delta_m_ci(stats, out_dir / "delta_m_ci.png")]
     for name, plot in (("weights.png", plot_weights), ("cosine.png", plot_cosine)):
         path = plot(result, records, out_dir / name)
         if path is None:
@@ -597,6 +624,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             written.append(path)
     print(markdown_table(result))
+    print(comparison.markdown(stats))
     for path in written:
         print(f"  wrote {path}")
     return 0

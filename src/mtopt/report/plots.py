@@ -182,3 +182,34 @@ def plot_cosine(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_delta_m_ci(comparison: Any, path: str | Path) -> Path:
+    """Δm per method with its confidence interval (:mod:`mtopt.report.comparison`), best first;
+    the baseline's mean as a dashed line, published values as open markers when given."""
+    plt = _pyplot()
+    rows = sorted(comparison.rows, key=lambda r: -r.delta_m.mean)
+    x = np.arange(len(rows))
+    means = np.array([r.delta_m.mean for r in rows])
+    lo = np.array([r.delta_m.lo for r in rows])
+    hi = np.array([r.delta_m.hi for r in rows])
+    errors = np.where(np.isnan(lo), 0.0, np.vstack([means - lo, hi - means]))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(rows) + 2), 5.0), constrained_layout=True)
+    ax.errorbar(x, means, yerr=errors, fmt="o", capsize=3, label="this study (mean, CI)")
+    published = [(i, r.published) for i, r in enumerate(rows) if r.published is not None]
+    if published:
+        px, py = zip(*published, strict=True)
+        ax.plot(px, py, "s", mfc="none", color="tab:green", label=comparison.published_title)
+    base = next((r for r in rows if r.label == comparison.baseline), None)
+    if base is not None:
+        ax.axhline(base.delta_m.mean, color="tab:red", linestyle="--", label=base.label)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(x, [r.label for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("test Δm vs single-task, % (↑ better)")
+    pct = round(100 * comparison.level)
+    ax.set_title(f"{comparison.problem}: Δm with {pct} % t intervals over seeds", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,277 @@
+"""The statistics of a sweep's comparison (``mtopt report``): per method, Δm with its confidence
+interval, the difference to a baseline with its interval and a verdict, the mean rank with its
+spread over seeds, and, next to them, published numbers with the rank correlation between the
+two orderings and the gradient-cosine level. The intervals are those of
+:mod:`mtopt.evaluation.statistics`."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mtopt.errors import ConfigError
+from mtopt.evaluation.metrics import delta_m, mean_rank
+from mtopt.evaluation.statistics import (
+    Difference,
+    Interval,
+    difference_interval,
+    mean_interval,
+    rank_correlation,
+    verdict,
+)
+from mtopt.specs import parse_spec
+
+#: Published results shipped with mtopt (``--paper NAME``), in ``mtopt/report/published``.
+PUBLISHED = ("gama_grassi_2025",)
+
+
+@dataclass
+class MethodStats:
+    """One row of the statistics table."""
+
+    label: str
+    delta_m: Interval
+    by_seed: dict[int, float]
+    versus: Difference | None = None
+    verdict: str = ""
+    mean_rank: Interval | None = None
+    published: float | None = None
+
+
+@dataclass
+class Comparison:
+    """The statistics of one sweep result."""
+
+    problem: str
+    baseline: str | None
+    level: float
+    rows: list[MethodStats]
+    published_title: str | None = None
+    correlation: tuple[float, int] = (math.nan, 0)
+    cosine: dict[str, float] = field(default_factory=dict)
+    published_cosine: float | None = None
+
+
+def load_published(name_or_path: str) -> dict[str, Any]:
+    """A file of published numbers: a shipped name (``gama_grassi_2025``) or a TOML path."""
+    try:
+        if name_or_path in PUBLISHED:
+            text = (
+                resources.files("mtopt.report")
+                .joinpath(f"published/{name_or_path}.toml")
+                .read_text()
+            )
+        else:
+            text = Path(name_or_path).read_text()
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no published results {name_or_path!r}: give a TOML file or one of {PUBLISHED}"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name_or_path}: not valid TOML ({exc})") from None
+    if not isinstance(data.get("problems"), dict):
+        raise ConfigError(f"{name_or_path}: no [problems.*] tables of published numbers")
+    return data
+
+
+def published_key(label: str, keys: list[str]) -> str | None:
+    """The key of ``keys`` that a row label matches (module doc of the published files): the
+    same method name, the key's hyperparameters among the row's; ``fixed`` for a fixed-weights
+    row. The most specific match wins."""
+    if label.startswith("fixed"):
+        return "fixed" if "fixed" in keys else None
+    try:
+        row = parse_spec(label, build=False)
+    except ValueError:
+        return None
+    best, best_size = None, -1
+    for key in keys:
+        spec = parse_spec(key, build=False)
+        same = spec.name == row.name and all(
+            row.hparams.get(k) == v for k, v in spec.hparams.items()
+        )
+        if same and len(spec.hparams) > best_size:
+            best, best_size = key, len(spec.hparams)
+    return best
+
+
+def compare(
+    result: Mapping[str, Any],
+    records: Mapping[str, Mapping[str, Any]],
+    baseline: str | None = "unitary",
+    level: float = 0.95,
+    published: Mapping[str, Any] | None = None,
+) -> Comparison:
+    """The statistics of a sweep result (``SweepResult.to_dict()``) from its runs' records."""
+    directions = result["directions"]
+    refs = result["references"]["test"]
+    per_seed: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    for row in result["rows"]:
+        tests = {}
+        for key in row["keys"]:
+            record = records.get(key)
+            if record is not None:
+                tests[int(record["config"]["seed"])] = record["test"]
+        per_seed[row["label"]] = tests
+    rows = []
+    for label, tests in per_seed.items():
+        if not tests:
+            continue
+        by_seed = {s: delta_m(t, refs, directions) for s, t in sorted(tests.items())}
+        rows.append(MethodStats(label, mean_interval(list(by_seed.values()), level), by_seed))
+    _ranks(rows, per_seed, directions, level)
+    base = _baseline_row(rows, baseline)
+    if base is not None:
+        for row in rows:
+            if row is not base:
+                row.versus = difference_interval(row.by_seed, base.by_seed, level)
+                row.verdict = verdict(row.versus)
+    out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
+    out.cosine = _cosine(result, records, base)
+    if published is not None:
+        _attach_published(out, published)
+    return out
+
+
+def _ranks(
+    rows: list[MethodStats],
+    per_seed: Mapping[str, Mapping[int, Any]],
+    directions: Mapping[str, Mapping[str, bool]],
+    level: float,
+) -> None:
+    """Mean rank per seed over the methods that ran that seed, then its mean and spread."""
+    seeds = sorted({s for tests in per_seed.values() for s in tests})
+    ranks: dict[str, list[float]] = {row.label: [] for row in rows}
+    for seed in seeds:
+        tables = {label: tests[seed] for label, tests in per_seed.items() if seed in tests}
+        if len(tables) < 2:
+            continue
+        for label, value in mean_rank(tables, directions).items():
+            if label in ranks:
+                ranks[label].append(value)
+    for row in rows:
+        if ranks[row.label]:
+            row.mean_rank = mean_interval(ranks[row.label], level)
+
+
+def _baseline_row(rows: list[MethodStats], baseline: str | None) -> MethodStats | None:
+    if baseline is None:
+        return None
+    exact = [r for r in rows if r.label == baseline]
+    if exact:
+        return exact[0]
+    named = [r for r in rows if published_key(r.label, [baseline]) == baseline]
+    if not named:
+        known = ", ".join(r.label for r in rows)
+        raise ConfigError(f"no row matches --baseline {baseline!r}; rows: {known}")
+    return named[0]
+
+
+def _cosine(
+    result: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]], base: MethodStats | None
+) -> dict[str, float]:
+    """The cosine diagnostic's level: its mean over all epochs and over the last quarter, over
+    the baseline's runs (the rows that logged it)."""
+    if base is None:
+        return {}
+    row = next(r for r in result["rows"] if r["label"] == base.label)
+    curves = [
+        [e["cosine"] for e in records[k]["history"] if "cosine" in e]
+        for k in row["keys"]
+        if k in records
+    ]
+    curves = [c for c in curves if c]
+    if not curves:
+        return {}
+    length = min(len(c) for c in curves)
+    tail = max(1, length // 4)
+    return {
+        "all epochs": statistics.fmean(v for c in curves for v in c[:length]),
+        "last quarter": statistics.fmean(v for c in curves for v in c[length - tail : length]),
+    }
+
+
+def _attach_published(out: Comparison, published: Mapping[str, Any]) -> None:
+    table = published["problems"].get(out.problem)
+    out.published_title = str(published.get("title", "published"))
+    if table is None:
+        return
+    numbers = table.get("delta_m", {})
+    keys = list(numbers)
+    ours, theirs = {}, {}
+    for row in out.rows:
+        key = published_key(row.label, keys)
+        if key is not None:
+            row.published = float(numbers[key])
+            ours[row.label], theirs[row.label] = row.delta_m.mean, row.published
+    out.correlation = rank_correlation(ours, theirs)
+    if out.baseline is not None:
+        cos = table.get("cosine", {})
+        key = published_key(out.baseline, list(cos))
+        out.published_cosine = None if key is None else float(cos[key])
+
+
+def markdown(comparison: Comparison) -> str:
+    """The statistics table, with a note on how every column was computed."""
+    pct = f"{round(100 * comparison.level)} %"
+    base = comparison.baseline
+    header = ["method", "seeds", "Δm % (mean ± sd)", f"Δm {pct} CI"]
+    if base is not None:
+        header += [f"− {base} ({pct} CI)", "verdict"]
+    header += ["MR (mean ± sd over seeds)"]
+    if comparison.published_title:
+        header += [f"Δm, {comparison.published_title}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(comparison.rows, key=lambda r: -r.delta_m.mean):
+        d = row.delta_m
+        cells = [row.label, str(d.n), f"{d.mean:+.2f} ± {d.std:.2f}", _ci(d)]
+        if base is not None:
+            if row.versus is None:
+                cells += ["(baseline)", ""]
+            else:
+                v = row.versus
+                shown = f"{v.mean:+.2f}" if math.isnan(v.lo) else f"{v.mean:+.2f} {_ci(v)} {v.kind}"
+                cells += [shown, row.verdict]
+        mr = row.mean_rank
+        cells.append("—" if mr is None else f"{mr.mean:.2f} ± {mr.std:.2f}")
+        if comparison.published_title:
+            cells.append("—" if row.published is None else f"{row.published:+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        f"Δm: Gama & Grassi's Δm against this study's single-task references (%, higher is "
+        f"better); {pct} t intervals over seeds. Differences to {base}: paired by seed when "
+        "both rows ran the same seeds, else Welch; verdict: better / worse when the whole "
+        "interval is above / below 0, else not distinguishable. MR: mean rank among the rows, "
+        "per seed, then mean ± sd over seeds (lower is better).",
+    ]
+    if comparison.published_title:
+        rho, n = comparison.correlation
+        shown = "n/a" if math.isnan(rho) else f"{rho:+.2f}"
+        notes.append(
+            f"Against {comparison.published_title}: Spearman rank correlation of the Δm "
+            f"orderings {shown} over the {n} methods in both (their Δm is against their own "
+            "references and budget: compare orderings, not values)."
+        )
+    if comparison.cosine:
+        ours = ", ".join(f"{k} {v:.2f}" for k, v in comparison.cosine.items())
+        paper = (
+            ""
+            if comparison.published_cosine is None
+            else f"; {comparison.published_title}: about {comparison.published_cosine:.2f}"
+        )
+        notes.append(f"Gradient-cosine diagnostic under {base}: {ours}{paper}.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _ci(i: Interval) -> str:
+    if math.isnan(i.lo):
+        return "—"
+    return f"[{i.lo:+.2f}, {i.hi:+.2f}]"

@@ -1,0 +1,76 @@
+"""Confidence intervals, differences to a baseline, verdicts, rank correlation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtopt.evaluation.statistics import (
+    difference_interval,
+    mean_interval,
+    rank_correlation,
+    verdict,
+)
+
+
+def test_a_known_t_interval():
+    one = mean_interval([1.0, 2.0, 3.0])
+    # t(0.975, 2) = 4.302653; s = 1
+    assert one.mean == 2.0 and one.std == 1.0 and one.n == 3
+    assert one.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(mean_interval([5.0]).lo)
+    with pytest.raises(ValueError, match="level"):
+        mean_interval([1.0, 2.0], level=1.0)
+
+
+def test_intervals_cover_at_their_level():
+    """Over 4000 normal samples of 3, the 95 % interval covers the true mean 95 % ± 1.5 %."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    trials = 4000
+    for _ in range(trials):
+        x = rng.normal(1.5, 2.0, size=3).tolist()
+        one = mean_interval(x)
+        covered += one.lo <= 1.5 <= one.hi
+    assert abs(covered / trials - 0.95) < 0.015
+
+
+def test_paired_by_seed_when_the_seeds_match_else_welch():
+    base = {1: -8.0, 2: -9.0, 3: -7.5}
+    shifted = {s: v + 2.0 + 0.01 * s for s, v in base.items()}  # same noise, +2
+    paired = difference_interval(shifted, base)
+    assert paired.kind == "paired" and paired.mean == pytest.approx(2.02)
+    assert paired.lo > 1.9 and verdict(paired) == "better"  # the shared noise cancels
+    other_seeds = {4: -6.0, 5: -7.0, 6: -5.5}
+    welch = difference_interval(other_seeds, base)
+    assert welch.kind == "welch" and welch.mean == pytest.approx(2.0)
+    assert verdict(difference_interval(base, shifted)) == "worse"
+    assert verdict(difference_interval({1: 0.0, 2: 1.0, 3: -1.0}, {1: 0.0, 2: 0.0, 3: 0.0})) == (
+        "not distinguishable"
+    )
+    assert verdict(difference_interval({1: 3.0}, {1: 0.0})) == "one seed"
+
+
+@given(
+    st.lists(st.floats(-50, 50), min_size=2, max_size=6),
+    st.floats(-10, 10),
+)
+def test_a_constant_shift_is_measured_exactly_when_paired(values, shift):
+    base = dict(enumerate(values))
+    moved = {s: v + shift for s, v in base.items()}
+    diff = difference_interval(moved, base)
+    assert diff.kind == "paired"
+    assert diff.mean == pytest.approx(shift, abs=1e-9)
+    assert diff.hi - diff.lo == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rank_correlation():
+    ours = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    assert rank_correlation(ours, {"a": 10, "b": 20, "c": 30, "d": 40, "e": 0}) == (1.0, 4)
+    assert rank_correlation(ours, {"a": 4, "b": 3, "c": 2, "d": 1})[0] == pytest.approx(-1.0)
+    rho, n = rank_correlation(ours, {"a": 1, "x": 2})
+    assert math.isnan(rho) and n == 1

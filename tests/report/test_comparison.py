@@ -1,0 +1,116 @@
+"""``mtopt report``'s statistics: per-seed Δm from the run records, intervals, the baseline
+difference paired by seed, the verdict, MR spread, published numbers and their matching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mtopt.errors import ConfigError
+from mtopt.report.comparison import compare, load_published, markdown, published_key
+
+DIRECTIONS = {"A": {"acc": False}, "B": {"mse": True}}
+REFS = {
+    "test": {"A": {"acc": 0.9}, "B": {"mse": 0.2}},
+    "val": {"A": {"acc": 0.9}, "B": {"mse": 0.2}},
+}
+
+
+def _record(seed: int, acc: float, mse: float, cosine: float | None = None) -> dict:
+    history = [{"epoch": 0}] if cosine is None else [{"epoch": 0, "cosine": cosine}]
+    return {
+        "config": {"seed": seed},
+        "test": {"A": {"acc": acc}, "B": {"mse": mse}},
+        "history": history,
+    }
+
+
+def _study():
+    records, rows = {}, []
+    runs = {
+        "unitary:reduction=mean": [(0.88, 0.24, 0.7), (0.87, 0.25, 0.6), (0.885, 0.235, 0.65)],
+        "cagrad": [(0.89, 0.205, None), (0.885, 0.21, None), (0.89, 0.2, None)],
+        "rlw:distribution=dirichlet:sum_to=k": [
+            (0.88, 0.25, None),
+            (0.86, 0.26, None),
+            (0.89, 0.22, None),
+        ],
+        "fixed from cagrad": [(0.89, 0.21, None), (0.88, 0.22, None), (0.89, 0.21, None)],
+    }
+    for label, seeds in runs.items():
+        keys = []
+        for seed, (acc, mse, cos) in enumerate(seeds, start=1):
+            key = f"{label}-{seed}"
+            records[key] = _record(seed, acc, mse, cos)
+            keys.append(key)
+        rows.append({"label": label, "keys": keys})
+    result = {
+        "problem": "multi_mnist/cl_rr",
+        "directions": DIRECTIONS,
+        "references": REFS,
+        "rows": rows,
+    }
+    return result, records
+
+
+def test_statistics_per_method_and_against_the_baseline():
+    result, records = _study()
+    comp = compare(result, records, baseline="unitary")
+    rows = {r.label: r for r in comp.rows}
+    assert comp.baseline == "unitary:reduction=mean"
+    cagrad = rows["cagrad"]
+    assert cagrad.delta_m.n == 3 and cagrad.versus is not None and cagrad.versus.kind == "paired"
+    assert cagrad.verdict == "better"
+    # per seed: Δm = ½(acc/0.9 − 1) + ½(1 − mse/0.2), in %
+    expected = 100 * (0.5 * (0.89 / 0.9 - 1) + 0.5 * (1 - 0.205 / 0.2))
+    assert cagrad.by_seed[1] == pytest.approx(expected)
+    assert rows["rlw:distribution=dirichlet:sum_to=k"].verdict in ("not distinguishable", "worse")
+    assert rows["unitary:reduction=mean"].versus is None
+    assert all(r.mean_rank is not None and r.mean_rank.n == 3 for r in comp.rows)
+    assert comp.cosine["all epochs"] == pytest.approx(0.65)
+
+
+def test_published_numbers_and_rank_correlation():
+    result, records = _study()
+    comp = compare(result, records, "unitary", published=load_published("gama_grassi_2025"))
+    rows = {r.label: r for r in comp.rows}
+    assert rows["unitary:reduction=mean"].published == -8.952
+    assert rows["rlw:distribution=dirichlet:sum_to=k"].published == -10.31
+    assert rows["fixed from cagrad"].published == -3.251
+    rho, n = comp.correlation
+    assert n == 4 and -1.0 <= rho <= 1.0 and comp.published_cosine == 0.6
+    text = markdown(comp)
+    assert "Spearman" in text and "verdict" in text and "paired" in text
+
+
+def test_matching_a_row_to_published_keys():
+    keys = ["rlw", "rlw:distribution=dirichlet", "unitary", "fixed"]
+    assert (
+        published_key("rlw:distribution=dirichlet:sum_to=k", keys) == "rlw:distribution=dirichlet"
+    )
+    assert published_key("rlw:distribution=normal", keys) == "rlw"
+    assert published_key("unitary@muon", keys) == "unitary"
+    assert published_key("fixed from cagrad", keys) == "fixed"
+    assert published_key("cagrad", keys) is None
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    result, records = _study()
+    with pytest.raises(ConfigError, match="no row matches --baseline 'nope'"):
+        compare(result, records, baseline="nope")
+    with pytest.raises(ConfigError, match="no published results"):
+        load_published(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("title = 1\n")
+    with pytest.raises(ConfigError, match="no \\[problems"):
+        load_published(str(bad))
+
+
+def test_one_seed_has_no_interval():
+    result, records = _study()
+    for row in result["rows"]:
+        row["keys"] = row["keys"][:1]
+    comp = compare(result, records, "unitary")
+    assert all(math.isnan(r.delta_m.lo) for r in comp.rows)
+    assert {r.verdict for r in comp.rows if r.versus is not None} == {"one seed"}
