@@ -293,3 +293,43 @@ def test_per_method_and_per_task_shared_settings_override_the_grid(fake, tmp_pat
             RunDatabase(tmp_path / "o.sqlite"),
             workers=1,
         )
+
+
+def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp_path, monkeypatch):
+    """A Muon row's Δm is also measured against single-task runs trained with Muon."""
+
+    def with_optimizer_bonus(config, references=None, problem=None, callback=None):
+        record = fake_train_run(config, references, problem, callback)
+        if config.optimizer == "muon":  # Muon trains every run better, single-task ones too
+            for split in ("val", "test"):
+                for task, metrics in record[split].items():
+                    for m in metrics:
+                        metrics[m] += 0.05 if task == "a" else -0.05
+        return record
+
+    monkeypatch.setattr(sweep_module, "train_run", with_optimizer_bonus)
+    config = SweepConfig(
+        problem="fake",
+        methods={"unitary": {}, "unitary@muon": {}, "cagrad:c=0.5@muon": {}},
+        grid={"lr": [0.01]},
+        base={"epochs": 1},
+        n_best_runs=2,
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    result = run_sweep(config, db, workers=1)
+    rows = {r.label: r for r in result.rows}
+    assert rows["unitary"].optimizer == "adam" and rows["unitary"].delta_m_own is None
+    muon = rows["unitary@muon"]
+    assert muon.optimizer == "muon" and muon.delta_m_own is not None
+    # against Adam's references Muon looks better; against its own, the gain is gone
+    assert statistics.fmean(muon.delta_m) > statistics.fmean(rows["unitary"].delta_m) + 1
+    assert statistics.fmean(muon.delta_m_own) == pytest.approx(
+        statistics.fmean(rows["unitary"].delta_m), abs=1e-9
+    )
+    single_muon = [
+        r
+        for r in db.records()
+        if r["config"]["tasks"] is not None and r["config"]["optimizer"] == "muon"
+    ]
+    assert len(single_muon) == 2 * 2  # two tasks, n_best_runs seeds
+    assert set(result.to_dict()["optimizer_references"]) == {"muon"}

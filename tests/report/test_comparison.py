@@ -114,3 +114,24 @@ def test_one_seed_has_no_interval():
     comp = compare(result, records, "unitary")
     assert all(math.isnan(r.delta_m.lo) for r in comp.rows)
     assert {r.verdict for r in comp.rows if r.versus is not None} == {"one seed"}
+
+
+def test_rows_on_another_optimizer_are_also_measured_against_their_own_references():
+    result, records = _study()
+    muon_refs = {"A": {"acc": 0.95}, "B": {"mse": 0.15}}  # Muon trains single tasks better too
+    result["optimizer_references"] = {"muon": muon_refs}
+    for label, shift in (("unitary@muon", 0.0), ("cagrad@muon", 0.01)):
+        keys = []
+        for seed in (1, 2, 3):
+            key = f"{label}-{seed}"
+            records[key] = _record(seed, 0.93 + shift + 0.001 * seed, 0.17 - shift)
+            keys.append(key)
+        result["rows"].append({"label": label, "keys": keys, "optimizer": "muon"})
+    comp = compare(result, records, "unitary")
+    rows = {r.label: r for r in comp.rows}
+    cagrad_muon = rows["cagrad@muon"]
+    assert cagrad_muon.own is not None and cagrad_muon.own.mean < cagrad_muon.delta_m.mean
+    assert cagrad_muon.versus_same is not None and cagrad_muon.verdict_same == "better"
+    assert rows["unitary@muon"].versus_same is None  # the baseline of its optimizer
+    assert rows["cagrad"].own is None
+    assert "own-optimizer refs" in markdown(comp)

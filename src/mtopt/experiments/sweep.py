@@ -40,7 +40,7 @@ import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,7 +69,8 @@ Progress = Callable[[str], None]
 Scalar = bool | int | float | str
 #: A grid: one value, or a non-empty list of them.
 Grid = Annotated[list[Scalar], Field(min_length=1)]
-#: A name that is a plain file name (the sweep's result is ``RUN_DIR/sweeps/NAME.json``).
+# A name that is a plain file name (the sweep's result is ``RUN_DIR/sweeps/NAME.json``); not
+# a documented alias: Sphinx would render its regex pattern as reStructuredText.
 FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120)]
 SharedKey = Literal["lr", "dropout", "weight_decay"]
 BaseKey = Literal[
@@ -237,6 +238,11 @@ class MethodResult:
     delta_m_flat: list[float] | None = None
     #: runs of the selected configuration that failed (left out of the means)
     failed_runs: int = 0
+    #: the row's base optimizer (``adam``, ``apt``, ``muon``, ``muon+apt``)
+    optimizer: str = "adam"
+    #: per-seed Δm against single-task references trained with the row's own base optimizer
+    #: (``None`` when that is the sweep's base optimizer: then it is ``delta_m``)
+    delta_m_own: list[float] | None = None
 
 
 @dataclass
@@ -249,6 +255,8 @@ class SweepResult:
     runs: int
     code_version: str
     database: str = ""
+    #: test references per other base optimizer (``muon``, ``apt``, ...), for ``delta_m_own``
+    optimizer_references: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -270,6 +278,7 @@ class SweepResult:
             "directions": self.directions,
             "references": self.references,
             "reference_configs": self.reference_configs,
+            "optimizer_references": self.optimizer_references,
             "rows": [vars(r) for r in self.rows],
             "runs": self.runs,
             "code_version": self.code_version,
@@ -454,51 +463,20 @@ def run_sweep(
     shared = config.shared_configs()
     val_seeds, best_seeds = config.seeds(config.n_val_runs), config.seeds(config.n_best_runs)
 
-    # 1. single-task references: each metric picks its own best shared configuration
-    def single(task: str, point: Mapping[str, Any], seed: int) -> RunConfig:
-        return replace(base, **point, method="unitary", hparams={}, tasks=(task,), seed=seed)
-
-    unknown = sorted(set(config.references) - set(problem.task_names))
-    if unknown:
-        raise ValueError(f"references name tasks {unknown}; tasks are {list(problem.task_names)}")
-    task_points = {
-        t: _override(shared, _combinations(config.references.get(t, {})))
-        for t in problem.task_names
-    }
-    jobs = [
-        (single(t, p, s), None)
-        for t in problem.task_names
-        for p in task_points[t]
-        for s in val_seeds
-    ]
-    runner.run(jobs, "single-task grid")
-    chosen: list[tuple[str, str, Mapping[str, Any]]] = []
-    for task in problem.task_names:
-        points = task_points[task]
-        for metric, lower in directions[task].items():
-            sign = -1.0 if lower else 1.0
-
-            def score(point: Mapping[str, Any], task=task, metric=metric, sign=sign) -> float:
-                runs = [db.get(run_key(single(task, point, s))) for s in val_seeds]
-                return _score(
-                    [None if "failed" in r else sign * r["val"][task][metric] for r in runs]
-                )
-
-            best = max(points, key=score)
-            if score(best) == float("-inf"):
-                raise RuntimeError(f"single-task {task}/{metric}: every configuration failed")
-            chosen.append((task, metric, best))
-    jobs = [(single(t, p, s), None) for t, _, p in chosen for s in best_seeds]
-    records = runner.run(jobs, "single-task selected configurations")
-    references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
-    reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, (task, metric, point) in enumerate(chosen):
-        runs = _usable(records[i * len(best_seeds) : (i + 1) * len(best_seeds)], task)
-        for split in ("val", "test"):
-            references[split].setdefault(task, {})[metric] = statistics.fmean(
-                r[split][task][metric] for r in runs
-            )
-        reference_configs.setdefault(task, {})[metric] = dict(point)
+    # 1. single-task references, with the base optimizer and with every other base optimizer a
+    #    method row uses (a row's Δm is then also measured against its own optimizer's)
+    references, reference_configs = _references(config, problem, base, runner, db)
+    by_optimizer: dict[str, References] = {}
+    for spec in config.methods:
+        options = parse_spec(spec).optimizer
+        label = _optimizer_label(options)
+        if (
+            options
+            and label != _optimizer_label(_base_optimizer(base))
+            and label not in by_optimizer
+        ):
+            refs, _ = _references(config, problem, replace(base, **options), runner, db)
+            by_optimizer[label] = refs
 
     # 2. methods: grid × first n_val_runs seeds, then the best configuration to n_best_runs
     candidates = []
@@ -530,6 +508,11 @@ def run_sweep(
     ranks = mean_rank({r.label: r.test for r in rows}, directions)
     for r in rows:
         r.mean_rank = ranks[r.label]
+    for r in rows:
+        own = by_optimizer.get(r.optimizer)
+        if own is not None:
+            tests = [db.get(k) for k in r.keys]
+            r.delta_m_own = [delta_m(x["test"], own["test"], directions) for x in tests if x]
     return SweepResult(
         config,
         directions,
@@ -539,7 +522,82 @@ def run_sweep(
         runner.executed,
         code_version(),
         str(db.path),
+        {label: refs["test"] for label, refs in by_optimizer.items()},
     )
+
+
+def _base_optimizer(config: RunConfig) -> dict[str, Any]:
+    return {"optimizer": config.optimizer, "apt": config.apt}
+
+
+def _optimizer_label(options: Mapping[str, Any]) -> str:
+    """``adam``, ``apt``, ``muon`` or ``muon+apt`` for a run's base-optimizer options."""
+    name = str(options.get("optimizer", "adam"))
+    if options.get("apt"):
+        return "apt" if name == "adam" else f"{name}+apt"
+    return name
+
+
+def _references(
+    config: SweepConfig, problem: Any, base: RunConfig, runner: Runner, db: RunDatabase
+) -> tuple[References, dict[str, dict[str, dict[str, Any]]]]:
+    """The single-task references of ``base``'s optimizer: every task over the shared grid
+    (with its ``references`` overrides), each metric picking its own best configuration, which
+    then runs to ``n_best_runs`` seeds."""
+    directions = problem.lower_is_better()
+    shared = config.shared_configs()
+    val_seeds, best_seeds = config.seeds(config.n_val_runs), config.seeds(config.n_best_runs)
+
+    def single(task: str, point: Mapping[str, Any], seed: int) -> RunConfig:
+        return replace(base, **point, method="unitary", hparams={}, tasks=(task,), seed=seed)
+
+    unknown = sorted(set(config.references) - set(problem.task_names))
+    if unknown:
+        raise ValueError(f"references name tasks {unknown}; tasks are {list(problem.task_names)}")
+    task_points = {
+        t: _override(shared, _combinations(config.references.get(t, {})))
+        for t in problem.task_names
+    }
+    jobs = [
+        (single(t, p, s), None)
+        for t in problem.task_names
+        for p in task_points[t]
+        for s in val_seeds
+    ]
+    tag = (
+        ""
+        if base.optimizer == "adam" and not base.apt
+        else f" ({_optimizer_label(_base_optimizer(base))})"
+    )
+    runner.run(jobs, "single-task grid" + tag)
+    chosen: list[tuple[str, str, Mapping[str, Any]]] = []
+    for task in problem.task_names:
+        points = task_points[task]
+        for metric, lower in directions[task].items():
+            sign = -1.0 if lower else 1.0
+
+            def score(point: Mapping[str, Any], task=task, metric=metric, sign=sign) -> float:
+                runs = [db.get(run_key(single(task, point, s))) for s in val_seeds]
+                return _score(
+                    [None if "failed" in r else sign * r["val"][task][metric] for r in runs]
+                )
+
+            best = max(points, key=score)
+            if score(best) == float("-inf"):
+                raise RuntimeError(f"single-task {task}/{metric}: every configuration failed")
+            chosen.append((task, metric, best))
+    jobs = [(single(t, p, s), None) for t, _, p in chosen for s in best_seeds]
+    records = runner.run(jobs, "single-task selected configurations" + tag)
+    references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
+    reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
+    for i, (task, metric, point) in enumerate(chosen):
+        runs = _usable(records[i * len(best_seeds) : (i + 1) * len(best_seeds)], task)
+        for split in ("val", "test"):
+            references[split].setdefault(task, {})[metric] = statistics.fmean(
+                r[split][task][metric] for r in runs
+            )
+        reference_configs.setdefault(task, {})[metric] = dict(point)
+    return references, reference_configs
 
 
 Candidate = tuple[str, str, Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]]
@@ -627,6 +685,7 @@ class _Selector:
                     step_seconds=statistics.median(r["step_seconds_median"] for r in final),
                     keys=[r["key"] for r in final],
                     failed_runs=failed,
+                    optimizer=_optimizer_label({**_base_optimizer(self.base), **point}),
                 )
             )
         return rows

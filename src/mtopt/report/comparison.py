@@ -42,6 +42,13 @@ class MethodStats:
     verdict: str = ""
     mean_rank: Interval | None = None
     published: float | None = None
+    #: the row's base optimizer, and for another one than the sweep's: Δm against single-task
+    #: references trained with it, and the difference to the baseline method on it
+    optimizer: str = "adam"
+    own: Interval | None = None
+    own_by_seed: dict[int, float] = field(default_factory=dict)
+    versus_same: Difference | None = None
+    verdict_same: str = ""
 
 
 @dataclass
@@ -120,12 +127,20 @@ def compare(
             if record is not None:
                 tests[int(record["config"]["seed"])] = record["test"]
         per_seed[row["label"]] = tests
+    optimizers = {row["label"]: row.get("optimizer", "adam") for row in result["rows"]}
+    own_refs = result.get("optimizer_references", {})
     rows = []
     for label, tests in per_seed.items():
         if not tests:
             continue
         by_seed = {s: delta_m(t, refs, directions) for s, t in sorted(tests.items())}
-        rows.append(MethodStats(label, mean_interval(list(by_seed.values()), level), by_seed))
+        row = MethodStats(label, mean_interval(list(by_seed.values()), level), by_seed)
+        row.optimizer = optimizers[label]
+        if row.optimizer in own_refs:
+            own = own_refs[row.optimizer]
+            row.own_by_seed = {s: delta_m(t, own, directions) for s, t in sorted(tests.items())}
+            row.own = mean_interval(list(row.own_by_seed.values()), level)
+        rows.append(row)
     _ranks(rows, per_seed, directions, level)
     base = _baseline_row(rows, baseline)
     if base is not None:
@@ -133,6 +148,8 @@ def compare(
             if row is not base:
                 row.versus = difference_interval(row.by_seed, base.by_seed, level)
                 row.verdict = verdict(row.versus)
+    if base is not None:
+        _same_optimizer_baselines(rows, base, level)
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
     out.cosine = _cosine(result, records, base)
     if published is not None:
@@ -159,6 +176,26 @@ def _ranks(
     for row in rows:
         if ranks[row.label]:
             row.mean_rank = mean_interval(ranks[row.label], level)
+
+
+def _same_optimizer_baselines(rows: list[MethodStats], base: MethodStats, level: float) -> None:
+    """For rows on another base optimizer: the difference to the baseline method run on that
+    optimizer, both against that optimizer's references (does the optimizer help the balancing,
+    or only the optimization?)."""
+    name = parse_spec(base.label, build=False).name if not base.label.startswith("fixed") else None
+    for row in rows:
+        if not row.own_by_seed or name is None:
+            continue
+        peers = [
+            r
+            for r in rows
+            if r.optimizer == row.optimizer
+            and r.own_by_seed
+            and published_key(r.label, [name]) == name
+        ]
+        if peers and peers[0] is not row:
+            row.versus_same = difference_interval(row.own_by_seed, peers[0].own_by_seed, level)
+            row.verdict_same = verdict(row.versus_same)
 
 
 def _baseline_row(rows: list[MethodStats], baseline: str | None) -> MethodStats | None:
@@ -226,6 +263,9 @@ def markdown(comparison: Comparison) -> str:
     if base is not None:
         header += [f"− {base} ({pct} CI)", "verdict"]
     header += ["MR (mean ± sd over seeds)"]
+    others = any(r.own is not None for r in comparison.rows)
+    if others:
+        header += ["optimizer", "Δm vs own-optimizer refs", "− baseline on that optimizer"]
     if comparison.published_title:
         header += [f"Δm, {comparison.published_title}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -241,6 +281,11 @@ def markdown(comparison: Comparison) -> str:
                 cells += [shown, row.verdict]
         mr = row.mean_rank
         cells.append("—" if mr is None else f"{mr.mean:.2f} ± {mr.std:.2f}")
+        if others:
+            cells.append(row.optimizer)
+            cells.append("—" if row.own is None else f"{row.own.mean:+.2f} {_ci(row.own)}")
+            v = row.versus_same
+            cells.append("—" if v is None else f"{v.mean:+.2f} {_ci(v)} {row.verdict_same}")
         if comparison.published_title:
             cells.append("—" if row.published is None else f"{row.published:+.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -252,6 +297,13 @@ def markdown(comparison: Comparison) -> str:
         "interval is above / below 0, else not distinguishable. MR: mean rank among the rows, "
         "per seed, then mean ± sd over seeds (lower is better).",
     ]
+    if any(r.own is not None for r in comparison.rows):
+        notes.append(
+            "Rows on another base optimizer than the sweep's: Δm also against single-task "
+            "references trained with that optimizer, and the difference to the baseline method "
+            "run with it (paired by seed), so that a better optimizer is not counted as better "
+            "balancing."
+        )
     if comparison.published_title:
         rho, n = comparison.correlation
         shown = "n/a" if math.isnan(rho) else f"{rho:+.2f}"
