@@ -177,3 +177,13 @@ def test_multitask_selection_and_reproducibility_of_stateful_methods(problems):
         assert a["val_delta_m"] == pytest.approx(max(scores))
     other = {"val": {"CL": {"acc": 0.6}, "RR": {"mse": 0.8}}, "test": refs["test"]}
     assert run_key(config, refs) != run_key(config, other) != config.key()
+
+
+def test_the_plateau_schedule_keeps_the_rate_until_the_loss_stalls(problems):
+    base = {"problem": "multi_mnist/cl_rr", "tasks": ("CL",), **TINY, "epochs": 3}
+    plateau = train_run(RunConfig(**base, lr_schedule="plateau"), problem=problems["cl_rr"])
+    exponential = train_run(RunConfig(**base), problem=problems["cl_rr"])
+    assert [h["lr"] for h in plateau["history"]] == [1e-3] * 3  # patience 5 epochs
+    assert [h["lr"] for h in exponential["history"]] == pytest.approx([1e-3, 9.5e-4, 9.025e-4])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        RunConfig(problem="p", lr_schedule="cosine")

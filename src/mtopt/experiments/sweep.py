@@ -61,7 +61,17 @@ from mtopt.experiments.train import (
 from mtopt.specs import format_spec, parse_spec, parse_value, run_options
 
 SHARED_KEYS = ("lr", "dropout", "weight_decay")
-BASE_KEYS = ("epochs", "train_subset", "eval_subset", "batch_size", "lr_decay", "optimizer", "apt")
+BASE_KEYS = (
+    "epochs",
+    "train_subset",
+    "eval_subset",
+    "batch_size",
+    "lr_decay",
+    "lr_schedule",
+    "optimizer",
+    "apt",
+    "engine",
+)
 Progress = Callable[[str], None]
 
 
@@ -74,7 +84,15 @@ Grid = Annotated[list[Scalar], Field(min_length=1)]
 FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120)]
 SharedKey = Literal["lr", "dropout", "weight_decay"]
 BaseKey = Literal[
-    "epochs", "train_subset", "eval_subset", "batch_size", "lr_decay", "optimizer", "apt"
+    "epochs",
+    "train_subset",
+    "eval_subset",
+    "batch_size",
+    "lr_decay",
+    "lr_schedule",
+    "optimizer",
+    "apt",
+    "engine",
 ]
 
 
