@@ -51,11 +51,14 @@ def test_every_contender_is_measured_each_round(tiny_run):
     for c in w.contenders.values():
         assert c.error is None, c.error
         assert len(c.times) == 3
-        assert c.min is not None and c.median is not None and c.max is not None
+        assert c.min is not None
+        assert c.median is not None
+        assert c.max is not None
         assert 0 < c.min <= c.median <= c.max
         assert len(c.peak_memory) == 3
     # warm-up + measured rounds, each one a permutation of every contender
-    assert w.warmup == 1 and len(w.order) == 4
+    assert w.warmup == 1
+    assert len(w.order) == 4
     for round_order in w.order:
         assert sorted(round_order) == sorted(expected)
     assert len({tuple(o) for o in w.order}) > 1  # shuffled per round (fixed seed)
@@ -82,7 +85,8 @@ def test_markdown_has_one_row_per_contender(tiny_run, tmp_path):
     rows = [line for line in markdown_table(w).splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(w.contenders)
     report = markdown_report(tiny_run)
-    assert "LibMTL" in report and "## Targets" in report
+    assert "LibMTL" in report
+    assert "## Targets" in report
     written = bench.write_outputs(tiny_run, tmp_path)
     assert {p.name for p in written} == {"bench.md", "bench.json", "bench.png"}
     assert (tmp_path / "bench.png").stat().st_size > 0
@@ -161,7 +165,8 @@ def test_target_logic_on_a_synthetic_result():
     checks = {(t.workload, t.label): t for t in evaluate_targets(result) if "M =" in t.target}
     assert checks["mlp11", "selective_groups"].limit == pytest.approx(2.1)
     nash = next(t for t in evaluate_targets(result) if t.label == "nash_mtl")
-    assert nash.verdict == "n/a" and "ecos" in nash.note
+    assert nash.verdict == "n/a"
+    assert "ecos" in nash.note
     assert "not evaluable" in markdown_report(result)
 
 
@@ -170,9 +175,12 @@ def test_failing_contender_is_reported_not_fatal():
         workloads=("mlp11",), steps=1, warmup=0, methods=("no_such_method",), torchjd=False
     )
     (w,) = run_bench(options).workloads
-    assert w.contenders[PLAIN].error is None and len(w.contenders[PLAIN].times) == 1
+    assert w.contenders[PLAIN].error is None
+    assert len(w.contenders[PLAIN].times) == 1
     bad = w.contenders["no_such_method"]
-    assert bad.error is not None and "no_such_method" in bad.error and bad.median is None
+    assert bad.error is not None
+    assert "no_such_method" in bad.error
+    assert bad.median is None
     assert "FAILED" in markdown_table(w)
 
 
@@ -191,7 +199,8 @@ def test_options_from_cli_args_and_method_specs():
     options = bench.options_from_args(args)
     assert options.workloads == ("mlp11", "lenet")
     assert options.methods == ("upgrad", "fixed:weights=1/2")
-    assert not options.torchjd and options.steps == 7
+    assert not options.torchjd
+    assert options.steps == 7
     spec = bench.method_spec("fixed:weights=1/2")
     assert (spec.name, dict(spec.hparams), spec.engine) == ("fixed", {"weights": [1, 2]}, None)
     with pytest.raises(ValueError, match="workload"):
@@ -221,7 +230,8 @@ def test_memory_probe_cpu():
     peak = probe.stop()
     block.close()
     if probe.available:
-        assert peak is not None and peak >= 32 * 2**20
+        assert peak is not None
+        assert peak >= 32 * 2**20
     else:
         assert peak is None
 
@@ -237,7 +247,8 @@ def test_libmtl_counterparts_when_installed():
     result = run_bench(options)
     w = result.workloads[0]
     assert {"libmtl:EW", "libmtl:GLS"} <= set(w.contenders)
-    assert w.contenders["libmtl:EW"].error is None and len(w.contenders["libmtl:EW"].times) == 2
+    assert w.contenders["libmtl:EW"].error is None
+    assert len(w.contenders["libmtl:EW"].times) == 2
     ratio = w.ratio_to_libmtl("unitary")
     assert ratio == pytest.approx(w.contenders["unitary"].median / w.contenders["libmtl:EW"].median)
     assert "libmtl:EW" in bench.markdown_table(w)
@@ -260,7 +271,8 @@ def test_groups_target_pairs_each_step_with_its_own_group_count():
     )
     (check,) = evaluate_targets(BenchResult(BenchOptions(), [w], {}, "n/a"))
     assert check.limit == pytest.approx(2.1)  # median M = 2
-    assert check.ratio == pytest.approx(2.075) and check.met  # the plain ratio 2.06 ignores M
+    assert check.ratio == pytest.approx(2.075)
+    assert check.met
 
 
 def test_solver_targets_and_report_round_trip():
@@ -280,7 +292,8 @@ def test_solver_targets_and_report_round_trip():
     assert verdicts == {"nash_mtl": True, "other": False, "missing": None}  # 2/20.5, 1/4
     assert w.solvers[0].ratio == pytest.approx(2.0 / 20.5)
     report = markdown_report(result)
-    assert "10.2×" in report and "no ecos" in report
+    assert "10.2×" in report
+    assert "no ecos" in report
     again = bench.result_from_dict(json.loads(json.dumps(result.to_dict())))
     assert markdown_report(again) == report
 
@@ -296,7 +309,8 @@ def test_compare_solver_replays_every_gramian():
     if out.error is not None:  # cvxpy/ECOS missing: said, not raised
         assert "Error" in out.error
         return
-    assert len(out.ours) == len(out.theirs) == 3 and out.ratio is not None
+    assert len(out.ours) == len(out.theirs) == 3
+    assert out.ratio is not None
 
 
 def test_square_root_reproduces_the_gramian():
@@ -319,7 +333,8 @@ def test_engine_suffix_and_default_specs():
     spec = bench.method_spec("cagrad:c=0.2#batched")
     assert (spec.name, dict(spec.hparams), spec.engine) == ("cagrad", {"c": 0.2}, "batched")
     specs = bench.default_specs()
-    assert "upgrad#gramian" in specs and "unitary#gramian" not in specs
+    assert "upgrad#gramian" in specs
+    assert "unitary#gramian" not in specs
     assert "mgda_ub#gramian" not in specs  # representation level: no Gramian engine
     assert not any("@" in s for s in specs)
     assert bench.counterpart_label("upgrad", _default_level("upgrad"), "gramian") == (
@@ -346,12 +361,12 @@ def test_optimizer_suffix_is_refused_with_parse_specs_error(capsys):
     from mtopt.cli import main as cli_main
     from mtopt.specs import parse_spec
 
-    with pytest.raises(ValueError) as expected:
+    with pytest.raises(ValueError, match="not supported here") as expected:
         parse_spec("upgrad@adam", build=False, allow=("engine",))
     for spec in ("upgrad@adam", "upgrad@gramian"):
         with pytest.raises(ValueError, match=r"base optimizer \(@\w+\) is not supported here"):
             BenchOptions(methods=("unitary", spec)).validate()
-    with pytest.raises(ValueError) as got:
+    with pytest.raises(ValueError, match="not supported here") as got:
         BenchOptions(methods=("upgrad@adam",)).validate()
     assert str(got.value) == str(expected.value)
     code = cli_main(["bench", "--workloads", "mlp11", "--methods", "upgrad@adam", "--steps", "1"])
@@ -418,9 +433,14 @@ def test_given_hyperparameters_and_own_defaults_run_normally():
     )
     (w,) = run_bench(options).workloads
     fixed, groups = w.contenders[f"fixed:weights={ones}"], w.contenders["selective_groups"]
-    assert fixed.error is None and len(fixed.times) == 2 and fixed.category == "loss"
-    assert groups.error is None and len(groups.times) == 2 and groups.category == "closure"
-    assert len(groups.groups) == 2 and all(m >= 1 for m in groups.groups)
+    assert fixed.error is None
+    assert len(fixed.times) == 2
+    assert fixed.category == "loss"
+    assert groups.error is None
+    assert len(groups.times) == 2
+    assert groups.category == "closure"
+    assert len(groups.groups) == 2
+    assert all(m >= 1 for m in groups.groups)
     assert any("M =" in t.target for t in evaluate_targets(BenchResult(options, [w], {}, "")))
 
 

@@ -49,14 +49,15 @@ def _summary():
 
 
 def _run(argv: list[str], root: Path, capsys) -> None:
-    before = {p for p in root.rglob("*")}
+    before = set(root.rglob("*"))
     capsys.readouterr()
     try:
         code = main(argv)
     except SystemExit as exc:  # --help and friends
         code = int(exc.code or 0)
     out = capsys.readouterr()
-    assert "Traceback" not in out.err and "Traceback" not in out.out, (argv, out.err)
+    assert "Traceback" not in out.err, (argv, out.err)
+    assert "Traceback" not in out.out, (argv, out.out)
     assert code in (0, 2), (argv, code, out.err)
     if code == 2:
         lines = [line for line in out.err.splitlines() if line.strip()]
@@ -65,7 +66,7 @@ def _run(argv: list[str], root: Path, capsys) -> None:
         STATS["exit 2, one line"] += 1
     else:
         STATS["exit 0"] += 1
-    written = {p for p in root.rglob("*")} - before
+    written = set(root.rglob("*")) - before
     outside = [p for p in written if not p.is_relative_to(root / "runs")]
     assert not outside, (argv, outside)
 

@@ -11,7 +11,8 @@ from mtopt.specs import OPTIMIZERS, format_spec, parse_spec, parse_value, run_op
 
 
 def test_the_method_part():
-    assert parse_spec("mgda").name == "mgda" and parse_spec("mgda").hparams == {}
+    assert parse_spec("mgda").name == "mgda"
+    assert parse_spec("mgda").hparams == {}
     spec = parse_spec("mgda:normalization=l2:max_iter=10:tol=1e-6")
     assert (spec.name, dict(spec.hparams)) == (
         "mgda",
@@ -23,8 +24,10 @@ def test_the_method_part():
 
 def test_the_suffixes_are_distinct():
     spec = parse_spec("cagrad:c=0.5@apt#jacobian")
-    assert spec.name == "cagrad" and spec.hparams == {"c": 0.5}
-    assert spec.optimizer == {"optimizer": "adam", "apt": True} and spec.engine == "jacobian"
+    assert spec.name == "cagrad"
+    assert spec.hparams == {"c": 0.5}
+    assert spec.optimizer == {"optimizer": "adam", "apt": True}
+    assert spec.engine == "jacobian"
     assert run_options(spec) == {"optimizer": "adam", "apt": True, "engine": "jacobian"}
     assert run_options(parse_spec("upgrad#gramian")) == {"engine": "gramian"}
     assert run_options(parse_spec("mgda_ub@muon")) == {"optimizer": "muon", "apt": False}
@@ -34,7 +37,7 @@ def test_the_suffixes_are_distinct():
 
 
 @pytest.mark.parametrize(
-    "text, match",
+    ("text", "match"),
     [
         ("mgda:l2", "key=value"),
         ("", "names no method"),
@@ -70,9 +73,12 @@ def test_compare_rows_use_the_grammar():
 
 
 def test_values():
-    assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3
-    assert parse_value("true") is True and parse_value("False") is False
-    assert parse_value("a/2/0.5") == ["a", 2, 0.5] and parse_value("l2") == "l2"
+    assert parse_value("3") == 3
+    assert parse_value("1e-3") == 1e-3
+    assert parse_value("true") is True
+    assert parse_value("False") is False
+    assert parse_value("a/2/0.5") == ["a", 2, 0.5]
+    assert parse_value("l2") == "l2"
 
 
 words = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)
@@ -90,5 +96,6 @@ def test_format_and_parse_are_inverse(name, hparams):
         name, {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in hparams.items()}
     )
     spec = parse_spec(text, build=False)
-    assert spec.name == name and dict(spec.hparams) == hparams
+    assert spec.name == name
+    assert dict(spec.hparams) == hparams
     assert spec.method == format_spec(name, spec.hparams)

@@ -40,9 +40,11 @@ def _check_report(label: str, where: str, out) -> None:
     if out.converged is None:
         return
     if out.converged:
-        assert out.residual is not None and math.isfinite(out.residual), (label, where)
+        assert out.residual is not None, (label, where)
+        assert math.isfinite(out.residual), (label, where)
     else:
-        assert out.status in NAMED_FAILURES and out.message, (label, where, out.status)
+        assert out.status in NAMED_FAILURES, (label, where, out.status)
+        assert out.message, (label, where, out.status)
         assert label in APPROXIMATE, f"{label} (exact) not certified on {where}: {out}"
 
 

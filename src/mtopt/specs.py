@@ -52,7 +52,13 @@ class MethodSpec:
 
 def run_options(spec: MethodSpec) -> dict[str, Any]:
     """The run-configuration fields a spec's suffixes set (``optimizer``, ``apt``, ``engine``;
-    empty without suffixes)."""
+    empty without suffixes).
+
+    >>> run_options(parse_spec("mgda_ub@muon#jacobian"))
+    {'optimizer': 'muon', 'apt': False, 'engine': 'jacobian'}
+    >>> run_options(parse_spec("mgda_ub"))
+    {}
+    """
     options = dict(spec.optimizer)
     if spec.engine is not None:
         options["engine"] = spec.engine
@@ -61,7 +67,11 @@ def run_options(spec: MethodSpec) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """A value typed in a spec, on the command line or in ``--set``: ``a/b`` a list,
-    ``true``/``false`` booleans, then int, float, else the string itself."""
+    ``true``/``false`` booleans, then int, float, else the string itself.
+
+    >>> parse_value("0.1/0.9"), parse_value("True"), parse_value("2"), parse_value("l2")
+    ([0.1, 0.9], True, 2, 'l2')
+    """
     if "/" in text:
         return [parse_value(t) for t in text.split("/")]
     if text.lower() in ("true", "false"):
@@ -75,7 +85,11 @@ def parse_value(text: str) -> Any:
 
 
 def format_spec(name: str, hparams: Mapping[str, Any]) -> str:
-    """The inverse of the method part of :func:`parse_spec`: ``NAME:key=value...``."""
+    """The inverse of the method part of :func:`parse_spec`: ``NAME:key=value...``.
+
+    >>> format_spec("fixed", {"weights": [0.1, 0.9]})
+    'fixed:weights=0.1/0.9'
+    """
 
     def text(v: Any) -> str:
         return "/".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
@@ -91,7 +105,26 @@ def parse_spec(
 ) -> MethodSpec:
     """Parse ``text`` (module doc). ``build``: build the method once, so an unknown name or a bad
     hyperparameter fails here. ``allow``: the suffixes the caller supports (a ``ValueError``
-    names a suffix it does not)."""
+    names a suffix it does not).
+
+    >>> spec = parse_spec("cagrad:c=0.5@apt#jacobian")
+    >>> spec.name, dict(spec.hparams), spec.engine
+    ('cagrad', {'c': 0.5}, 'jacobian')
+    >>> dict(spec.optimizer)
+    {'optimizer': 'adam', 'apt': True}
+    >>> spec.method
+    'cagrad:c=0.5'
+    >>> parse_spec("fixed:weights=0.1/0.9").hparams
+    {'weights': [0.1, 0.9]}
+    >>> parse_spec("mgda@sgd")
+    Traceback (most recent call last):
+    ...
+    ValueError: bad optimizer suffix @sgd in 'mgda@sgd': use @adam, @muon, @apt, @muon+apt
+    >>> parse_spec("mgda#gramian", allow=("optimizer",))
+    Traceback (most recent call last):
+    ...
+    ValueError: 'mgda#gramian': a gradient engine (#gramian) is not supported here
+    """
     spec = text.strip()
     rest, hash_, engine = spec.partition("#")
     rest, at, optimizer = rest.partition("@")

@@ -34,7 +34,8 @@ def _family(kind: str, k: int, d: int, seed: int) -> np.ndarray:
 def _check(G: np.ndarray, c: float):
     M = G @ G.T
     res = ball_maxmin(M, c)
-    assert res.converged and res.gap <= GAP_RTOL, (res.status, res.gap)
+    assert res.converged, (res.status, res.gap)
+    assert res.gap <= GAP_RTOL, (res.status, res.gap)
     g0 = G.mean(0)
     s = c * np.linalg.norm(g0)
     d = G.T @ res.weights
@@ -45,7 +46,8 @@ def _check(G: np.ndarray, c: float):
     spread = float(np.abs(res.weights - 1.0 / k) @ np.sqrt(M.diagonal()))
     rounding = (k + 2) * 2.0**-53 * spread**2 / max(s, 1e-300) + 1e-14 * spread
     assert np.linalg.norm(d - g0) <= s * (1 + 1e-9) + 1e-12 * scale + rounding
-    assert np.isclose(res.dual.sum(), 1.0) and (res.dual >= 0).all()
+    assert np.isclose(res.dual.sum(), 1.0)
+    assert (res.dual >= 0).all()
     return res, d, s, scale
 
 
@@ -87,24 +89,29 @@ def test_weights_are_homogeneous_of_degree_zero(k, seed, c, exponent):
 def test_c_zero_and_zero_mean_give_the_mean():
     G = _family("generic", 4, 10, 1)
     res = ball_maxmin(G @ G.T, 0.0)
-    assert res.status == "trivial" and res.converged
+    assert res.status == "trivial"
+    assert res.converged
     np.testing.assert_array_equal(res.weights, np.full(4, 0.25))
     G = np.array([[1.0, 0.0], [-1.0, 0.0]])  # g0 = 0: the ball is {0}
     res = ball_maxmin(G @ G.T, 0.5)
-    assert res.status == "trivial" and np.allclose(res.weights @ G, 0.0)
+    assert res.status == "trivial"
+    assert np.allclose(res.weights @ G, 0.0)
 
 
 def test_stationary_cases_project_the_mean_onto_the_dual_cone():
     # exactly opposite tasks: only d ⟂ both gains nothing and loses nothing; here that is d = 0
     G = np.array([[1.0, 2.0], [-1.0, -2.0], [0.5, 1.0]])
     res = ball_maxmin(G @ G.T, 2.0)
-    assert res.status == "stationary" and res.converged
+    assert res.status == "stationary"
+    assert res.converged
     d = G.T @ res.weights
-    assert (G @ d >= -1e-12).all() and np.linalg.norm(d) <= 1e-12
+    assert (G @ d >= -1e-12).all()
+    assert np.linalg.norm(d) <= 1e-12
     # a zero gradient: its weight is 1/K (it cannot change d)
     G = np.array([[1.0, 0.2, 0.0], [0.0, 0.0, 0.0], [0.3, 1.0, 0.1]])
     res = ball_maxmin(G @ G.T, 0.5)
-    assert res.converged and res.weights[1] == pytest.approx(1 / 3)
+    assert res.converged
+    assert res.weights[1] == pytest.approx(1 / 3)
 
 
 def test_warm_start_gives_the_same_answer():

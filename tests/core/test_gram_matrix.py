@@ -24,7 +24,8 @@ def test_no_overflow_no_underflow(dtype, scales):
     rows = rows[torch.isfinite(rows).all(dim=1) & (rows.abs().amax(dim=1) > 0)]
     M = gram_matrix(rows)
     ref = _reference(rows)
-    assert M.dtype == torch.float64 and torch.equal(M, M.T)
+    assert M.dtype == torch.float64
+    assert torch.equal(M, M.T)
     work = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     bound = 500 * work * torch.outer(ref.diagonal().sqrt(), ref.diagonal().sqrt())
     assert bool(((M - ref).abs() <= bound).all())
@@ -41,7 +42,8 @@ def test_zero_rows_stay_exactly_zero_and_tiny_rows_are_not_zero():
     rows[1] = 1.0
     rows[2] = 1e-30  # squares underflow float32 (1e-60), the row is not zero
     M = gram_matrix(rows)
-    assert M[0].abs().sum() == 0 and M[:, 0].abs().sum() == 0
+    assert M[0].abs().sum() == 0
+    assert M[:, 0].abs().sum() == 0
     assert M[2, 2].item() == pytest.approx(10 * 1e-60, rel=1e-6)
 
 

@@ -179,7 +179,8 @@ def test_gramian_only_methods_read_nothing_but_the_gramian(name, k, seed):
     only = MethodInput(losses, names)
     only.gramian_matrix = grads @ grads.T
     reduced = mtopt.make(name, **hparams).aggregate(only)
-    assert full.direction is None and reduced.direction is None
+    assert full.direction is None
+    assert reduced.direction is None
     torch.testing.assert_close(reduced.weights, full.weights, rtol=1e-9, atol=1e-12)
 
 
@@ -262,7 +263,7 @@ def test_engine_errors():
     assert Need.PARAM_GRADS in mtopt.make("upgrad").needs
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_batched_jacobian_matches_the_loop(dtype, tol):
     torch.manual_seed(0)
     enc = _Block().to(dtype)
@@ -273,7 +274,8 @@ def test_batched_jacobian_matches_the_loop(dtype, tol):
     params = [*enc.parameters(), unused]
     got = batched_jacobian(losses, params)
     want = jacobian(losses, params)
-    assert got.shape == want.shape and torch.equal(got[:, -2:], torch.zeros(3, 2, dtype=dtype))
+    assert got.shape == want.shape
+    assert torch.equal(got[:, -2:], torch.zeros(3, 2, dtype=dtype))
     assert _relative(got, want) < tol
 
 

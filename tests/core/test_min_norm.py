@@ -148,7 +148,8 @@ def test_two_point_clamp_branches():
     assert two_point_min_norm(bb, abv, aa, clamp=0.0) == (0.0, aa)
     # identical points: any γ is optimal, the cost is ‖a‖²
     g, c = two_point_min_norm(aa, aa, aa, clamp=0.0)
-    assert g in (0.0, 1.0) and c == aa
+    assert g in (0.0, 1.0)
+    assert c == aa
 
 
 # -- min_norm_weights: the exact solver --------------------------------------------------------
@@ -158,7 +159,8 @@ def test_wolfe_is_optimal(G):
     M = G @ G.T
     s = _scale(M)
     res = min_norm_weights(M, solver="wolfe")
-    assert res.status == "converged" and res.converged
+    assert res.status == "converged"
+    assert res.converged
     assert_on_simplex(res.weights, atol=1e-12)
     assert_min_norm_kkt(G, res.weights, rtol=1e-9)
     assert res.cost == pytest.approx(min_norm_cost(M, res.weights), abs=1e-14 * s)
@@ -343,10 +345,12 @@ def test_dominated_pair_gives_the_clamped_vertex(g1, perp, t):
         # ‖g1‖², where the segment is flat at the vertex and the clamped point is optimal too)
         assert res.converged == (res.residual <= KKT_RTOL)
         if M[0, 1] - M[0, 0] > 1e-6 * M[0, 0]:
-            assert res.status == "stalled" and not res.converged
+            assert res.status == "stalled"
+            assert not res.converged
         exact = min_norm_weights(M, solver=solver, clamp=0)
         np.testing.assert_array_equal(exact.weights, [1, 0])
-        assert exact.status == "converged" and exact.residual <= KKT_RTOL
+        assert exact.status == "converged"
+        assert exact.residual <= KKT_RTOL
         # task order does not matter
         np.testing.assert_allclose(
             min_norm_weights(M[::-1, ::-1], solver=solver).weights, [0.001, 0.999], atol=1e-12
@@ -356,7 +360,9 @@ def test_dominated_pair_gives_the_clamped_vertex(g1, perp, t):
 
 def test_single_task_is_exact():
     res = min_norm_weights(np.array([[4.0]]))
-    assert res.status == "converged" and res.weights.tolist() == [1.0] and res.cost == 4.0
+    assert res.status == "converged"
+    assert res.weights.tolist() == [1.0]
+    assert res.cost == 4.0
     assert res.residual == 0.0
 
 
@@ -373,7 +379,9 @@ def test_zero_gradient(G, solver, data):
     G[sorted(zeros)] = 0.0
     res = min_norm_weights(G @ G.T, solver=solver)
     assert res.status == "zero_gradient"
-    assert res.converged and res.iterations == 0 and res.cost == 0.0
+    assert res.converged
+    assert res.iterations == 0
+    assert res.cost == 0.0
     expected = np.zeros(k)
     expected[sorted(zeros)] = 1.0 / len(zeros)  # shared by the zero gradients, order-free
     np.testing.assert_array_equal(res.weights, expected)

@@ -131,14 +131,16 @@ def test_batched_phase_is_short_on_a_conflicting_gramian():
     M = G @ G.T
     M = M / np.trace(M) + 1e-4 * np.eye(11)
     res = box_lower_qp_batch(M, np.eye(11) / 11)
-    assert res.all_converged and res.sequential == 0
+    assert res.all_converged
+    assert res.sequential == 0
     assert res.iterations <= 4 * 11 + 5
 
 
 def test_no_conflict_needs_one_iteration():
     M = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.1], [0.0, 0.1, 3.0]])
     res = box_lower_qp_batch(M, np.eye(3))
-    assert res.iterations == 1 and res.all_converged
+    assert res.iterations == 1
+    assert res.all_converged
     np.testing.assert_array_equal(res.solutions, np.eye(3))
 
 
@@ -151,7 +153,8 @@ def test_handing_over_to_the_sequential_method(monkeypatch):
     expected = box_lower_qp_batch(M, lowers).solutions
     monkeypatch.setattr(qp, "_EXCHANGE_ALLOWANCE", -1)
     res = box_lower_qp_batch(M, lowers)
-    assert res.all_converged and res.sequential > 0
+    assert res.all_converged
+    assert res.sequential > 0
     np.testing.assert_allclose(res.solutions, expected, rtol=0, atol=1e-12)
 
 
@@ -164,7 +167,8 @@ def test_singular_stacked_system_goes_to_the_sequential_method():
     assert np.all(v >= -1.0)
     # A singular stacked solve hands the whole unfinished batch over.
     res = box_lower_qp_batch(M, np.array([[-1.0, -1.0], [1.0, 0.0]]))
-    assert res.sequential == 2 and res.all_converged
+    assert res.sequential == 2
+    assert res.all_converged
     np.testing.assert_allclose(res.solutions[1], [1.0, 0.0], atol=1e-15)
 
 

@@ -21,7 +21,8 @@ def test_methods_lists_the_registered_names():
     assert names == sorted(names)
     for name in names:
         cls = method_class(name)
-        assert issubclass(cls, Method) and cls.name == name
+        assert issubclass(cls, Method)
+        assert cls.name == name
 
 
 def test_make_rejects_unknown_method_and_lists_valid_ones():
@@ -64,7 +65,8 @@ def test_hyperparameters_are_attributes_and_head_policy_is_last(name):
     assert set(method.hparams) == set(hps)
     assert method.hparams["head_policy"] == method.head_policy == "weighted"
     method_raw = mtopt.make(name, head_policy="raw", **extra)
-    assert method_raw.head_policy == "raw" and method_raw.hparams["head_policy"] == "raw"
+    assert method_raw.head_policy == "raw"
+    assert method_raw.hparams["head_policy"] == "raw"
     with pytest.raises(ValueError, match="head_policy"):
         mtopt.make(name, head_policy="sum", **extra)
     assert repr(method).startswith(type(method).__name__ + "(")
@@ -173,7 +175,8 @@ def test_one_method_per_module_named_as_registered():
 def test_the_methods_subpackage_is_importable_by_module():
     import mtopt.methods.imtl as imtl
 
-    assert imtl.IMTL.name == "imtl" and callable(mtopt.available_methods)
+    assert imtl.IMTL.name == "imtl"
+    assert callable(mtopt.available_methods)
 
 
 def test_problems_are_registered_like_methods():
@@ -181,7 +184,9 @@ def test_problems_are_registered_like_methods():
     from mtopt.problems.registry import _FAMILIES
 
     names = available_problems()
-    assert "multi_mnist/cl_rr" in names and "yeast" in names and "qm9/mlp" in names
+    assert "multi_mnist/cl_rr" in names
+    assert "yeast" in names
+    assert "qm9/mlp" in names
     assert len(names) == len(set(names))
     for bad in ("multi_mnist", "multi_mnist/xx", "yeast/a", "nope"):
         with pytest.raises(ValueError, match="unknown problem"):

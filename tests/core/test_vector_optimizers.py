@@ -41,7 +41,8 @@ def test_vector_adam_equals_torch_adam(k, lr, weight_decay, seed):
     state = a.state_dict()
     again = VectorAdam([ours.detach().clone().requires_grad_(True)], lr=lr)
     again.load_state_dict(state)
-    assert again.step_count == 8 and torch.equal(again.exp_avg, a.exp_avg)
+    assert again.step_count == 8
+    assert torch.equal(again.exp_avg, a.exp_avg)
 
 
 def test_task_vector_round_trip():
@@ -118,4 +119,5 @@ def test_floats_to_tensor_rounds_like_torch_tensor(dtype):
     g = torch.Generator().manual_seed(0)
     values = [*(torch.randn(50, dtype=torch.float64, generator=g) * 1e3).tolist(), 1 / 3, 1e-40]
     out = floats_to_tensor(values, dtype)
-    assert out.dtype == dtype and torch.equal(out, torch.tensor(values, dtype=dtype))
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.tensor(values, dtype=dtype))

@@ -70,12 +70,14 @@ def test_a_plain_method_is_only_asked_to_aggregate():
     info = mtopt.MultiTaskOptimizer(torch.optim.SGD([theta], lr=0.1), Plain()).step(
         lambda: [theta.sum(), theta.pow(2).sum()]
     )
-    assert len(calls) == 1 and "after_step" not in info.times
+    assert len(calls) == 1
+    assert "after_step" not in info.times
     # the input carries what every method may read, and nothing about the closure
     assert calls[0] == sorted(
         ["losses", "task_names", "grads", "step", "loss_types", "features", "gramian_matrix"]
     )
-    assert info.sequential is None and info.updates == 1
+    assert info.sequential is None
+    assert info.updates == 1
 
 
 def test_evaluate_replays_the_dropout_masks_of_the_step():
@@ -153,7 +155,9 @@ def test_a_sequential_method_updates_the_model_itself():
     info = mto.step(lambda: {"a": (theta - 3) ** 2, "b": (theta + 1) ** 2})
     # θ = 1 → 1 - 0.25·2(1 - 3) = 2 → 2 - 0.25·2(2 + 1) = 0.5: two updates, no combined one
     assert theta.item() == 0.5
-    assert info.updates == 2 and info.sequential is not None and info.sequential.num_groups == 2
+    assert info.updates == 2
+    assert info.sequential is not None
+    assert info.sequential.num_groups == 2
 
 
 @pytest.mark.parametrize("form", ["stacked", "views"])
@@ -237,7 +241,8 @@ def test_a_representation_transform_gets_its_parameters_trained_at_the_auxiliary
 
     mto.step(closure)
     group = opt.param_groups[-1]
-    assert group["params"] == [shift.bias] and group["auxiliary"] is True
+    assert group["params"] == [shift.bias]
+    assert group["auxiliary"] is True
     assert group["lr"] == pytest.approx(0.1)  # lr_scale × the first group's lr
     # the group joins before the optimizer steps: the step that created it trains it
     torch.testing.assert_close(shift.bias.detach(), torch.full((2,), -0.1))

@@ -137,7 +137,8 @@ def test_written_grads_match_reference(name, hparams, head_policy):
             torch.testing.assert_close(w, simplex, rtol=0, atol=0)
         assert info.solver.converged
     else:
-        assert info.solver is not None and info.solver.iterations <= 250
+        assert info.solver is not None
+        assert info.solver.iterations <= 250
     assert not torch.all(shared_ref == 0)
 
 
@@ -357,7 +358,8 @@ def test_non_finite_loss_names_the_task(bad):
 
     with pytest.raises(ValueError, match=rf"t1={bad}") as exc:
         mto.step(closure)
-    assert "t0" not in str(exc.value) and "t2" not in str(exc.value)
+    assert "t0" not in str(exc.value)
+    assert "t2" not in str(exc.value)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -389,7 +391,7 @@ def test_unsupported_closure_return_type(out):
 
 def test_empty_losses():
     with pytest.raises(ValueError, match="no losses"):
-        _mto(Net(k=2)).step(lambda: {})
+        _mto(Net(k=2)).step(dict)
 
 
 def test_rep_grads_method_needs_features():
@@ -435,12 +437,14 @@ def test_state_dict_round_trip():
     for _ in range(3):
         mto.step(model.closure)
     state = copy.deepcopy(mto.state_dict())
-    assert state["step"] == 3 and state["task_names"] == ["t0", "t1", "t2"]
+    assert state["step"] == 3
+    assert state["task_names"] == ["t0", "t1", "t2"]
 
     twin = copy.deepcopy(model)
     twin_mto = fresh(twin)
     twin_mto.load_state_dict(state)
-    assert twin_mto.step_count == 3 and twin_mto.task_names == ("t0", "t1", "t2")
+    assert twin_mto.step_count == 3
+    assert twin_mto.task_names == ("t0", "t1", "t2")
 
     control = copy.deepcopy(model)  # same parameters, but no momentum: must differ
     fresh(control).step(control.closure)
@@ -467,8 +471,10 @@ def test_non_converged_solver_is_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="mtopt"):
         info = mto.step(model.closure)
     # one pgd iteration cannot reach an interior optimum: the certificate fails on any machine
-    assert info.solver.converged is False and info.solver.residual > info.solver.tolerance
-    assert info.solver.status == "max_iter" and info.solver.iterations == 1
+    assert info.solver.converged is False
+    assert info.solver.residual > info.solver.tolerance
+    assert info.solver.status == "max_iter"
+    assert info.solver.iterations == 1
     records = [r for r in caplog.records if r.name == "mtopt"]
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING
@@ -526,7 +532,8 @@ def test_a_repeated_uncertified_solve_is_logged_once_then_counted(caplog):
         for _ in range(5):
             mto.step(model.closure)
     warnings = [r for r in caplog.records if r.name == "mtopt" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "counted" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert "counted" in warnings[0].getMessage()
     assert sum(mto.uncertified.values()) == 5
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="mtopt"):  # --verbose: every occurrence

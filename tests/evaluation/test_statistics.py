@@ -20,7 +20,9 @@ from mtopt.evaluation.statistics import (
 def test_a_known_t_interval():
     one = mean_interval([1.0, 2.0, 3.0])
     # t(0.975, 2) = 4.302653; s = 1
-    assert one.mean == 2.0 and one.std == 1.0 and one.n == 3
+    assert one.mean == 2.0
+    assert one.std == 1.0
+    assert one.n == 3
     assert one.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
     assert math.isnan(mean_interval([5.0]).lo)
     with pytest.raises(ValueError, match="level"):
@@ -43,11 +45,14 @@ def test_paired_by_seed_when_the_seeds_match_else_welch():
     base = {1: -8.0, 2: -9.0, 3: -7.5}
     shifted = {s: v + 2.0 + 0.01 * s for s, v in base.items()}  # same noise, +2
     paired = difference_interval(shifted, base)
-    assert paired.kind == "paired" and paired.mean == pytest.approx(2.02)
-    assert paired.lo > 1.9 and verdict(paired) == "better"  # the shared noise cancels
+    assert paired.kind == "paired"
+    assert paired.mean == pytest.approx(2.02)
+    assert paired.lo > 1.9
+    assert verdict(paired) == "better"
     other_seeds = {4: -6.0, 5: -7.0, 6: -5.5}
     welch = difference_interval(other_seeds, base)
-    assert welch.kind == "welch" and welch.mean == pytest.approx(2.0)
+    assert welch.kind == "welch"
+    assert welch.mean == pytest.approx(2.0)
     assert verdict(difference_interval(base, shifted)) == "worse"
     assert verdict(difference_interval({1: 0.0, 2: 1.0, 3: -1.0}, {1: 0.0, 2: 0.0, 3: 0.0})) == (
         "not distinguishable"
@@ -73,4 +78,5 @@ def test_rank_correlation():
     assert rank_correlation(ours, {"a": 10, "b": 20, "c": 30, "d": 40, "e": 0}) == (1.0, 4)
     assert rank_correlation(ours, {"a": 4, "b": 3, "c": 2, "d": 1})[0] == pytest.approx(-1.0)
     rho, n = rank_correlation(ours, {"a": 1, "x": 2})
-    assert math.isnan(rho) and n == 1
+    assert math.isnan(rho)
+    assert n == 1

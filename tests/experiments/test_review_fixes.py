@@ -62,8 +62,10 @@ def test_cosine_diagnostic_leaves_batchnorm_statistics_alone():
         )
         for every in (None, 1)
     ]
-    assert runs[0]["val"] == runs[1]["val"] and runs[0]["test"] == runs[1]["test"]
-    assert "cosine" in runs[1]["history"][0] and "cosine" not in runs[0]["history"][0]
+    assert runs[0]["val"] == runs[1]["val"]
+    assert runs[0]["test"] == runs[1]["test"]
+    assert "cosine" in runs[1]["history"][0]
+    assert "cosine" not in runs[0]["history"][0]
 
 
 def test_rotograd_rotations_follow_a_fused_optimizer():
@@ -120,7 +122,8 @@ def test_muon_with_dense_heads_and_with_rotograd():
     )
     group = muon.param_groups[-1]
     assert group["params"][0] is mto.method.generator
-    assert group["use_muon"] is False and group["lr"] == pytest.approx(0.1 * 1e-3)
+    assert group["use_muon"] is False
+    assert group["lr"] == pytest.approx(0.1 * 1e-3)
 
 
 def test_selective_groups_refuse_stacked_losses():

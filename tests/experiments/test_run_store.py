@@ -35,7 +35,8 @@ def test_a_claim_is_exclusive_until_its_lease_lapses(tmp_path):
     time.sleep(0.8)
     assert b.claim("k") == CLAIMED  # the stale claim is taken over
     b.put(_record("k"))
-    assert a.claim("k") == DONE and b.claim("k") == DONE
+    assert a.claim("k") == DONE
+    assert b.claim("k") == DONE
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
     assert a.count() == 1
@@ -57,11 +58,14 @@ def test_a_damaged_record_is_quarantined_and_the_rest_goes_on(tmp_path, caplog):
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE runs SET record = ? WHERE key = 'bad'", ('{"key": "bad", trunc',))
     assert [r["key"] for r in db.records()] == ["good"]
-    assert db.get("bad") is None and "bad" not in db
-    assert "bad" in caplog.text and "set aside" in caplog.text
+    assert db.get("bad") is None
+    assert "bad" not in db
+    assert "bad" in caplog.text
+    assert "set aside" in caplog.text
     with sqlite3.connect(path) as conn:
         kept = conn.execute("SELECT key, reason FROM quarantine").fetchall()
-    assert kept[0][0] == "bad" and "does not parse" in kept[0][1]
+    assert kept[0][0] == "bad"
+    assert "does not parse" in kept[0][1]
     assert db.claim("bad") == CLAIMED  # redone
     assert db.integrity_check() == "ok"
 
@@ -74,7 +78,8 @@ def test_read_only_use_never_creates_a_store(tmp_path):
     path = tmp_path / "mtopt.sqlite"
     RunDatabase(path).put(_record("k"))
     ro = RunDatabase(path, readonly=True)
-    assert ro.get("k")["key"] == "k" and ro.count() == 1
+    assert ro.get("k")["key"] == "k"
+    assert ro.count() == 1
     with pytest.raises(StoreError, match="read-only"):
         ro.put(_record("other"))
     with pytest.raises(StoreError, match="read-only"):
@@ -86,7 +91,8 @@ def test_a_file_that_is_not_a_store_is_one_clear_error(tmp_path):
     path.write_bytes(b"this is not sqlite, just bytes" * 100)
     with pytest.raises(StoreError, match="not a usable run store") as exc:
         RunDatabase(path)
-    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert str(path) in str(exc.value)
     other = tmp_path / "other.sqlite"
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE x (a)")
@@ -104,4 +110,5 @@ def test_json_run_folders_of_earlier_versions_are_imported_once(tmp_path, caplog
     assert db.import_json_runs(folder) == 2
     assert db.import_json_runs(folder) == 0
     assert {r["key"] for r in db.records()} == {"a", "b"}
-    assert (folder / "c.json.corrupt").exists() and "c.json" in caplog.text
+    assert (folder / "c.json.corrupt").exists()
+    assert "c.json" in caplog.text

@@ -120,17 +120,20 @@ def test_selection_follows_the_protocol(fake, tmp_path):
     best = max(points, key=lambda p: score(*p))
     assert (cagrad.shared["lr"], cagrad.hparams["c"]) == best
     assert cagrad.val_score == pytest.approx(score(*best))
-    assert len(cagrad.delta_m) == 3 and len(cagrad.keys) == 3
+    assert len(cagrad.delta_m) == 3
+    assert len(cagrad.keys) == 3
     assert cagrad.delta_m_flat == pytest.approx(cagrad.delta_m)  # one metric per task
     # only the best configuration got the extra seed 3
     seed3 = [
         r for r in db.records() if r["config"]["seed"] == 3 and r["config"]["method"] == "cagrad"
     ]
-    assert len(seed3) == 1 and seed3[0]["config"]["hparams"] == {"c": best[1]}
+    assert len(seed3) == 1
+    assert seed3[0]["config"]["hparams"] == {"c": best[1]}
     assert result.runs == db.count()
     # a second sweep reuses every stored run
     again = run_sweep(config, db, workers=1)
-    assert again.runs == 0 and [r.delta_m for r in again.rows] == [r.delta_m for r in result.rows]
+    assert again.runs == 0
+    assert [r.delta_m for r in again.rows] == [r.delta_m for r in result.rows]
 
 
 def test_fixed_weights_follow_the_hand_computed_ema():
@@ -160,8 +163,10 @@ def test_bad_sweep_files_are_refused(tmp_path):
     config = SweepConfig.from_toml(
         path, ["base.epochs=2", "methods.cagrad.c=0.8", "grid.lr=0.1/0.2"]
     )
-    assert config.base == {"epochs": 2} and config.grid == {"lr": [0.1, 0.2]}
-    assert config.methods == {"cagrad": {"c": [0.8]}} and config.name == "s"
+    assert config.base == {"epochs": 2}
+    assert config.grid == {"lr": [0.1, 0.2]}
+    assert config.methods == {"cagrad": {"c": [0.8]}}
+    assert config.name == "s"
 
 
 # -- kill and resume a real sweep --------------------------------------------------------------
@@ -218,12 +223,15 @@ def test_a_killed_sweep_resumes_without_losing_or_duplicating_runs(tmp_path, mni
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()
 
     final = {r["key"]: r for r in db.records()}
-    assert kept <= set(final) and len(final) == 5  # 2 single-task + 3 methods, no duplicate
+    assert kept <= set(final)
+    assert len(final) == 5
     assert db.unfinished() == []
     straight_result = json.loads((tmp_path / "straight" / "sweeps" / "resume.json").read_text())
     resumed_result = json.loads((killed_dir / "sweeps" / "resume.json").read_text())
     for a, b in zip(straight_result["rows"], resumed_result["rows"], strict=True):
-        assert a["label"] == b["label"] and a["test"] == b["test"] and a["delta_m"] == b["delta_m"]
+        assert a["label"] == b["label"]
+        assert a["test"] == b["test"]
+        assert a["delta_m"] == b["delta_m"]
     assert straight_result["references"] == resumed_result["references"]
 
 
@@ -234,7 +242,8 @@ def test_compare_table_shows_the_flat_form_only_when_it_differs():
     ref = {"S": {"acc": 0.8, "miou": 0.5}, "D": {"l1": 1.0}}
     row = MethodRow("unitary", ref, -1.5, 0.2, 1.0, 0.1, 2, delta_m_flat=-2.25)
     table = format_table(Comparison("p", two_metrics, {"test": ref}, [row]))
-    assert "Δm flat % ↑" in table and "-2.25" in table
+    assert "Δm flat % ↑" in table
+    assert "-2.25" in table
     one_metric = {"S": {"acc": False}, "D": {"l1": True}}
     table = format_table(Comparison("p", one_metric, {"test": ref}, [row]))
     assert "flat" not in table
@@ -252,7 +261,8 @@ def test_a_diverging_configuration_is_stored_as_failed_and_never_selected(fake, 
     assert result.rows[0].shared == {"lr": 0.01}
     assert result.reference_configs["a"]["acc"] == {"lr": 0.01}
     failed = [r for r in db.records() if "failed" in r]
-    assert failed and all("non-finite" in r["failed"] for r in failed)
+    assert failed
+    assert all("non-finite" in r["failed"] for r in failed)
     assert db.unfinished() == []
     assert run_sweep(config, db, workers=1).runs == 0  # failures are not redone
     everything_fails = SweepConfig(
@@ -282,7 +292,8 @@ def test_per_method_and_per_task_shared_settings_override_the_grid(fake, tmp_pat
     assert cagrad.shared == {"lr": 0.01}
     assert [p for p, _ in cagrad.grid_scores] == [{"lr": 0.01, "c": 0.0}, {"lr": 0.01, "c": 0.5}]
     runs = [r for r in db.records() if r["config"]["method"] == "cagrad"]
-    assert len(runs) == 2 and all("lr" not in r["config"]["hparams"] for r in runs)
+    assert len(runs) == 2
+    assert all("lr" not in r["config"]["hparams"] for r in runs)
     unitary = next(r for r in result.rows if r.label == "unitary")
     assert len(unitary.grid_scores) == 2  # the shared grid, untouched
     with pytest.raises(ValueError, match=r"references\.a"):
@@ -318,9 +329,11 @@ def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp
     db = RunDatabase(tmp_path / "runs.sqlite")
     result = run_sweep(config, db, workers=1)
     rows = {r.label: r for r in result.rows}
-    assert rows["unitary"].optimizer == "adam" and rows["unitary"].delta_m_own is None
+    assert rows["unitary"].optimizer == "adam"
+    assert rows["unitary"].delta_m_own is None
     muon = rows["unitary@muon"]
-    assert muon.optimizer == "muon" and muon.delta_m_own is not None
+    assert muon.optimizer == "muon"
+    assert muon.delta_m_own is not None
     # against Adam's references Muon looks better; against its own, the gain is gone
     assert statistics.fmean(muon.delta_m) > statistics.fmean(rows["unitary"].delta_m) + 1
     assert statistics.fmean(muon.delta_m_own) == pytest.approx(

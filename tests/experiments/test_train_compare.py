@@ -74,25 +74,28 @@ def test_end_to_end_comparison_per_variant(problems, variant, tmp_path):
 
     def hook(label, config, cached):
         seen.append((label, cached))
-        return None
+        return
 
     store = RunDatabase(tmp_path / "mtopt.sqlite")
     methods = ["unitary:reduction=mean", "mgda", "mgda_ub:normalization=l2"]
     result = compare(f"multi_mnist/{variant}", methods, base, [1], store, hook, problems[variant])
     assert [r.label for r in result.rows] == ["single-task", *methods]
     for row in result.rows[1:]:
-        assert row.delta_m is not None and row.mean_rank is not None
+        assert row.delta_m is not None
+        assert row.mean_rank is not None
         assert 1.0 <= row.mean_rank <= len(methods)
     assert sum(r.mean_rank for r in result.rows[1:]) == pytest.approx(
         len(methods) * (len(methods) + 1) / 2
     )
     table = format_table(result)
-    assert "Δm % ↑" in table and "MR ↓" in table
+    assert "Δm % ↑" in table
+    assert "MR ↓" in table
     assert all(not cached for _, cached in seen)
     # resumable: a second comparison over the same store retrains nothing
     seen.clear()
     again = compare(f"multi_mnist/{variant}", methods, base, [1], store, hook, problems[variant])
-    assert seen and all(cached for _, cached in seen)
+    assert seen
+    assert all(cached for _, cached in seen)
     assert [r.delta_m for r in again.rows] == [r.delta_m for r in result.rows]
 
 
@@ -125,7 +128,9 @@ def test_cli_reports_bad_input(capsys):
 def test_cli_methods_lists_hyperparameters(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "mgda_ub" in out and "normalization='loss+'" in out and "weights=<required>" in out
+    assert "mgda_ub" in out
+    assert "normalization='loss+'" in out
+    assert "weights=<required>" in out
 
 
 @pytest.mark.slow
@@ -148,7 +153,8 @@ def test_every_registered_method_runs_through_compare(problems, tmp_path):
     )
     assert [r.label for r in result.rows[1:]] == specs
     for row in result.rows[1:]:
-        assert math.isfinite(row.delta_m) and row.solver_failures == 0
+        assert math.isfinite(row.delta_m)
+        assert row.solver_failures == 0
 
 
 @pytest.mark.slow
@@ -171,7 +177,8 @@ def test_multitask_selection_and_reproducibility_of_stateful_methods(problems):
         )
         a = train_run(config, references=refs, problem=problems["cl_rr"])
         b = train_run(config, references=refs, problem=problems["cl_rr"])
-        assert a["history"] == b["history"] and a["test"] == b["test"]
+        assert a["history"] == b["history"]
+        assert a["test"] == b["test"]
         scores = [h["score_delta_m"] for h in a["history"]]
         assert a["selection"]["delta_m"]["epoch"] == scores.index(max(scores))
         assert a["val_delta_m"] == pytest.approx(max(scores))

@@ -106,7 +106,9 @@ def _names() -> list[str]:
 def _method_input_class() -> type:
     cls = getattr(mtopt, "MethodInput", None)
     if cls is None:  # pragma: no cover - the documented location
-        from mtopt.core.method import MethodInput as cls
+        from mtopt.core.method import MethodInput
+
+        return MethodInput
     return cls
 
 
@@ -465,7 +467,8 @@ def assert_permutation_equivariant(
     if weigh is None:
         return
     w0, w1 = weigh(G, losses, names), weigh(G[idx], losses[idx], moved)
-    assert w0 is not None and w1 is not None
+    assert w0 is not None
+    assert w1 is not None
     gap = float((w1 - w0[idx]).abs().max())
     tol = rtol * float(w0.abs().max())
     assert gap <= tol, (
@@ -488,7 +491,8 @@ def assert_scale_behaviour(
     it does not depend on their common scale (Nash-MTL, normalised-gradient methods).
 
     Use powers of two for ``c``: ``cG`` is then exact and the test adds no rounding."""
-    assert c > 0 and math.log2(c).is_integer(), "use a power of two for c"
+    assert c > 0, "use a power of two for c"
+    assert math.log2(c).is_integer(), "use a power of two for c"
     d0 = aggregate(G, losses)
     d1 = aggregate(G * c, losses)
     factor = c**degree

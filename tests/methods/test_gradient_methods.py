@@ -62,7 +62,8 @@ def test_pcgrad_two_conflicting_tasks_become_orthogonal(d, seed):
     g1 = G[0] - (G[0] @ G[1]) / (G[1] @ G[1]) * G[1]
     g2 = G[1] - (G[1] @ G[0]) / (G[0] @ G[0]) * G[0]
     torch.testing.assert_close(direction, g1 + g2)
-    assert abs(float(g1 @ G[1])) < 1e-9 and abs(float(g2 @ G[0])) < 1e-9
+    assert abs(float(g1 @ G[1])) < 1e-9
+    assert abs(float(g2 @ G[0])) < 1e-9
 
 
 def test_pcgrad_without_conflict_is_the_plain_sum_and_mean_divides_by_k():
@@ -110,7 +111,8 @@ def test_edm_two_tasks_closed_form_and_zero_gradient():
     torch.testing.assert_close(direction, (G[0] * n[1] + G[1] * n[0]) / (n[0] + n[1]))
     G[1] = 0
     out, direction = run("edm", G)
-    assert out.solver.status == "zero_gradient" and "t1" in out.solver.message
+    assert out.solver.status == "zero_gradient"
+    assert "t1" in out.solver.message
     assert torch.count_nonzero(direction) == 0
 
 
@@ -149,7 +151,8 @@ def test_imtl_g_flags_an_ascent_direction(k, seed):
     out, d = run("imtl_g", G)
     proj = (G / G.norm(dim=1, keepdim=True)) @ d
     if out.solver.status == "ascent":
-        assert torch.all(proj < 0) and "ascends" in out.solver.message
+        assert torch.all(proj < 0)
+        assert "ascends" in out.solver.message
     else:
         assert torch.all(proj > 0)
 
@@ -166,13 +169,15 @@ def test_imtl_g_weight_bound_and_singular_closed_form():
         run("imtl_g", duplicate, solver="closed_form")
     # pinv: duplicates are one constraint twice, the projections are equalised exactly
     out, d = run("imtl_g", duplicate)
-    assert out.solver.status == "ok" and out.solver.residual <= 1e-9
+    assert out.solver.status == "ok"
+    assert out.solver.residual <= 1e-9
     proj = (duplicate / duplicate.norm(dim=1, keepdim=True)) @ d
     torch.testing.assert_close(proj, proj.mean().expand(3))
     # three directions in a plane (K > D): no direction has equal projections on all of them
     plane = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.1]], dtype=torch.float64)
     out, d = run("imtl_g", plane)
-    assert out.solver.status == "degenerate" and out.solver.converged
+    assert out.solver.status == "degenerate"
+    assert out.solver.converged
     assert torch.equal(out.weights, torch.zeros(3, dtype=torch.float64))
 
 
@@ -224,7 +229,8 @@ def test_cagrad_c_zero_is_the_scaled_mean_and_rescale_options():
             mtopt.make("cagrad", c=bad)
     # c ≥ 1 is allowed (the paper: converges to a Pareto-stationary point)
     out = run("cagrad", G, c=1.5)[0]
-    assert out.solver.converged and out.solver.residual <= out.solver.tolerance
+    assert out.solver.converged
+    assert out.solver.residual <= out.solver.tolerance
 
 
 # --------------------------------------------------------------------- Gama & Grassi App. A.4 + bad
@@ -257,7 +263,8 @@ def test_degenerate_inputs_give_finite_documented_results(name, case):
     G = BAD[case]
     hp = {"level": "param"} if name == "imtl" else {}
     out, direction = run(name, G, **hp)
-    assert torch.isfinite(out.weights).all() and torch.isfinite(direction).all()
+    assert torch.isfinite(out.weights).all()
+    assert torch.isfinite(direction).all()
     if case == "zero" and name in ("edm", "mgda"):
         assert out.solver.status == "zero_gradient"
 
@@ -275,7 +282,8 @@ def test_aligned_gradients_are_orthogonal_with_equal_norm(k, seed):
     aligned = B @ G
     torch.testing.assert_close(aligned @ aligned.T, eigvals.min() * torch.eye(k, dtype=M.dtype))
     w, rank, residual = aligned_weights(M)
-    assert rank == k and residual <= 1e-12
+    assert rank == k
+    assert residual <= 1e-12
     torch.testing.assert_close(w @ G, aligned.sum(0))
 
 
@@ -324,8 +332,10 @@ def test_box_lower_qp_meets_kkt():
         lower = rng.normal(size=k)
         v, ok = box_lower_qp(M, lower)
         grad = 2 * M @ v
-        assert ok and np.all(v >= lower - 1e-12)
-        assert np.all(grad >= -1e-9) and np.all(np.abs(grad * (v - lower)) <= 1e-9)
+        assert ok
+        assert np.all(v >= lower - 1e-12)
+        assert np.all(grad >= -1e-9)
+        assert np.all(np.abs(grad * (v - lower)) <= 1e-9)
 
 
 # ---------------------------------------------------------------------------------------- Nash-MTL
@@ -335,7 +345,8 @@ def test_nash_bargaining_solution(k, seed):
     G = jac(seed, k, k + 2)
     out, d = run("nash_mtl", G, max_norm=0.0)
     alpha = out.weights
-    assert out.solver.converged and torch.all(alpha > 0)
+    assert out.solver.converged
+    assert torch.all(alpha > 0)
     torch.testing.assert_close(
         alpha * (G @ d), torch.ones(k, dtype=torch.float64), rtol=1e-7, atol=0
     )
@@ -374,7 +385,8 @@ def test_nash_has_no_solution_when_zero_is_in_the_hull_and_never_reuses_old_weig
         MethodInput(torch.ones(2, dtype=torch.float64), ("a", "b"), grads=opposite)
     )
     # defined: no direction improves both tasks, so the shared update is 0; heads weight 1
-    assert out.solver.status == "stationary" and out.solver.converged
+    assert out.solver.status == "stationary"
+    assert out.solver.converged
     assert "no direction improves every task" in out.solver.message
     assert torch.equal(out.weights, torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(out.head_weights, torch.ones(2, dtype=torch.float64))
@@ -385,9 +397,11 @@ def test_nash_leaves_a_zero_gradient_task_out_of_the_bargaining():
     out = mtopt.make("nash_mtl", max_norm=0.0).aggregate(
         MethodInput(torch.ones(3, dtype=torch.float64), ("a", "z", "b"), grads=G)
     )
-    assert out.solver.converged and out.solver.residual <= 1e-9
+    assert out.solver.converged
+    assert out.solver.residual <= 1e-9
     alpha = out.weights
-    assert alpha[1] == 0.0 and out.head_weights[1] == 1.0
+    assert alpha[1] == 0.0
+    assert out.head_weights[1] == 1.0
     gains = alpha * (G @ (alpha @ G))
     torch.testing.assert_close(gains[[0, 2]], torch.ones(2, dtype=torch.float64))
     # the others bargain exactly as without the zero task
@@ -406,7 +420,9 @@ def test_nash_update_weights_every_reuses_alpha_in_between():
         )
         for i in range(4)
     ]
-    assert outs[0].solver is not None and outs[1].solver is None and outs[2].solver is None
+    assert outs[0].solver is not None
+    assert outs[1].solver is None
+    assert outs[2].solver is None
     torch.testing.assert_close(outs[1].weights, outs[0].weights)
     assert outs[3].solver is not None
     torch.testing.assert_close(outs[3].weights, outs[0].weights / 4, rtol=1e-6, atol=0)
@@ -586,7 +602,8 @@ def test_cagrad_two_task_dual_is_exact(d, seed, c, cancelling):
     w = res.dual
     ours = float(w @ b + s * np.sqrt(max(w @ M @ w, 0.0)))
     scale = np.sqrt(M.diagonal().max()) * (np.sqrt(max(M.mean(), 0.0)) + s)
-    assert res.converged and res.gap <= 1e-10
+    assert res.converged
+    assert res.gap <= 1e-10
     # (near 0, √(wᵀMw) computed naively carries √ε of rounding: allowed for)
     sqrt_noise = s * np.sqrt(8 * np.finfo(float).eps * float(np.abs(w) @ np.abs(M) @ np.abs(w)))
     assert ours <= values.min() + 1e-12 * scale + sqrt_noise

@@ -161,12 +161,12 @@ def edge_values(annotation: Any) -> list[Any]:
 
 
 def _cases(values, extra: dict[str, list[Any]] | None = None) -> list[Any]:
-    cases = []
-    for name in NAMES:
-        for hp, annotation in annotations(name).items():
-            for value in [*values(annotation), *(extra or {}).get(hp, [])]:
-                cases.append(pytest.param(name, hp, value, id=f"{name}-{hp}-{value!r}"))
-    return cases
+    return [
+        pytest.param(name, hp, value, id=f"{name}-{hp}-{value!r}")
+        for name in NAMES
+        for hp, annotation in annotations(name).items()
+        for value in [*values(annotation), *(extra or {}).get(hp, [])]
+    ]
 
 
 # -- the tests ---------------------------------------------------------------------------------
@@ -196,12 +196,13 @@ def test_every_hyperparameter_is_constrained(name):
                 if item is float:
                     assert _finite_only(item_constraints), f"{name}: {hp} accepts nan/inf"
             if base is str:
-                assert hp == "head_policy" and name == "gls", f"{name}: {hp} is a bare str"
+                assert hp == "head_policy", f"{name}: {hp} is a bare str"
+                assert name == "gls", f"{name}: {hp} is a bare str"
 
 
 @pytest.mark.parametrize(("name", "hp", "value"), _cases(bad_values, {"head_policy": ["sum"]}))
 def test_bad_values_are_refused_at_construction(name, hp, value):
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(ValueError, match=f"^{name}: ") as exc:
         make(name, **{hp: value})
     message = str(exc.value)
     assert message.startswith(f"{name}: "), message
@@ -271,7 +272,9 @@ def test_choices_match_the_constants_the_code_dispatches_on():
 
 def test_values_are_coerced_the_way_a_user_means_them():
     method = make("cagrad", c="0.25", max_iter=7.0)
-    assert method.c == 0.25 and method.max_iter == 7 and isinstance(method.max_iter, int)
+    assert method.c == 0.25
+    assert method.max_iter == 7
+    assert isinstance(method.max_iter, int)
     np = pytest.importorskip("numpy")
     import torch
 

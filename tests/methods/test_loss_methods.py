@@ -115,7 +115,8 @@ def test_rlw_weights_positive_sum_and_unbiased(distribution, sum_to):
 def test_rlw_dirichlet_one_is_uniform_on_the_simplex():
     method = mtopt.make("rlw", distribution="dirichlet", seed=0)
     first = np.array([float(method.aggregate(inputs([1.0, 1.0])).weights[0]) for _ in range(6000)])
-    assert abs(first.mean() - 0.5) < 0.015 and abs(first.var() - 1 / 12) < 0.005
+    assert abs(first.mean() - 0.5) < 0.015
+    assert abs(first.var() - 1 / 12) < 0.005
 
 
 def test_rlw_is_reproducible_and_resumable():
@@ -138,8 +139,7 @@ def test_rlw_is_reproducible_and_resumable():
 def run_epochs(method, epoch_losses, steps=3):
     out = []
     for losses in epoch_losses:
-        for _ in range(steps):
-            out.append(method.aggregate(inputs(losses)).weights)
+        out.extend(method.aggregate(inputs(losses)).weights for _ in range(steps))
         method.end_epoch()
     return out
 
@@ -320,7 +320,8 @@ def test_famo_weights_sum_to_one(losses, logits):
     with torch.no_grad():
         method.logits.copy_(torch.tensor(logits[: len(losses)], dtype=torch.float64))
     w = method.aggregate(inputs(losses)).weights
-    assert w.sum().item() == pytest.approx(1.0) and torch.all(w > 0)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert torch.all(w > 0)
 
 
 def test_famo_task_that_improved_more_loses_weight():
@@ -330,7 +331,8 @@ def test_famo_task_that_improved_more_loses_weight():
     # task 0 fell faster
     method.after_step(before, make_context(lambda: torch.tensor([0.5, 0.9], dtype=torch.float64)))
     w1 = method.aggregate(inputs([1.0, 1.0])).weights
-    assert w1[0] < w0[0] and w1[1] > w0[1]
+    assert w1[0] < w0[0]
+    assert w1[1] > w0[1]
 
 
 def test_famo_runs_its_post_step_update_through_the_engine():

@@ -77,7 +77,8 @@ def test_kkt_on_normalised_gradients(normalization, apply_to, problem):
         np.testing.assert_allclose(d, dn, atol=1e-9 * np.abs(Gn).max())
     assert agg.solver is not None
     assert agg.solver.name == "min_norm/wolfe"
-    assert agg.solver.converged and agg.solver.status == "converged"
+    assert agg.solver.converged
+    assert agg.solver.status == "converged"
 
 
 @pytest.mark.parametrize("solver", ["pgd", "fw"])
@@ -113,7 +114,8 @@ def test_loss_normalisation_needs_positive_losses(normalization, bad):
             names=("depth", "segmentation", "normal"),
             normalization=normalization,
         )
-    assert "depth" not in str(exc.value) and "normal=" not in str(exc.value)
+    assert "depth" not in str(exc.value)
+    assert "normal=" not in str(exc.value)
 
 
 @pytest.mark.parametrize("apply_to", APPLY_TO)
@@ -133,7 +135,8 @@ def test_zero_gradient_gives_zero_direction(normalization, apply_to, solver):
     np.testing.assert_array_equal(agg.weights.numpy() @ G, np.zeros(6))
     assert agg.solver.status == "zero_gradient"
     assert agg.solver.converged
-    assert "'c'" in agg.solver.message and "zero gradient" in agg.solver.message
+    assert "'c'" in agg.solver.message
+    assert "zero gradient" in agg.solver.message
     assert agg.extras["simplex_weights"] == [0.0, 0.0, 1.0, 0.0]
 
 

@@ -47,7 +47,8 @@ def test_matches_the_reference_cccp_wherever_it_solves():
         gram = g @ g.T
         result = nash_weights(gram, max_iter=100, tol=1e-12)
         ours = result.alpha
-        assert result.converged and result.residual <= 1e-12
+        assert result.converged
+        assert result.residual <= 1e-12
         np.testing.assert_allclose(ours * (gram @ ours), np.ones(k), rtol=1e-9)
         ref = reference_cccp(gram)
         if ref is None:

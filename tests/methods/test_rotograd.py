@@ -192,7 +192,8 @@ def test_rotations_train_stay_orthogonal_and_feed_the_heads():
         assert info.extras["rotation_loss"] >= 0
     group = mto.optimizer.param_groups[-1]
     assert len(mto.optimizer.param_groups) == 2
-    assert group["lr"] == pytest.approx(1e-3) and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(1e-3)
+    assert group["weight_decay"] == 0.0
     assert group["params"][0] is mto.method.generator
     R = mto.method.rotations()
     eye = torch.eye(4, dtype=F64).expand(3, 4, 4)

@@ -88,7 +88,8 @@ def test_grouping_waits_for_positive_self_affinity():
     groups, how = group_tasks(
         affinity, preference=None, damping=0.5, max_iter=200, convergence_iter=50, max_retries=3
     )
-    assert groups is None and how == "kept_previous:non_positive_self_affinity"
+    assert groups is None
+    assert how == "kept_previous:non_positive_self_affinity"
 
 
 # -- through the engine ----------------------------------------------------------------------------
@@ -135,12 +136,15 @@ def test_a_step_that_hurts_a_task_gives_negative_affinity(attribution):
     probe.losses()[f"t{first}"].backward()
     opt.step()
     after = {k: v.item() for k, v in probe.losses().items()}
-    assert after[f"t{first}"] < before[f"t{first}"] and after[f"t{second}"] > before[f"t{second}"]
+    assert after[f"t{first}"] < before[f"t{first}"]
+    assert after[f"t{second}"] > before[f"t{second}"]
     expected = 1 - after[f"t{second}"] / before[f"t{second}"]
     if attribution == "definition":  # credited to the group that stepped
-        assert affinity[first, second] == pytest.approx(expected) and expected < 0
+        assert affinity[first, second] == pytest.approx(expected)
+        assert expected < 0
         assert affinity[first, first] > 0
-        assert affinity[second, first] < 0 and affinity[second, second] > 0
+        assert affinity[second, first] < 0
+        assert affinity[second, second] > 0
     else:  # the released loop credits the first step's effect to the second group
         assert affinity[second, first] == pytest.approx(
             1 - after[f"t{first}"] / before[f"t{first}"]
@@ -150,15 +154,19 @@ def test_a_step_that_hurts_a_task_gives_negative_affinity(attribution):
 
 
 def test_inactive_heads_are_skipped_or_moved_by_momentum():
-    counts = {}
+    counts, orders = {}, {}
     for mode in ("skip", "momentum"):
         net = Net(k=3)
         mto = mto_for(net, optimizer=torch.optim.Adam, lr=1e-2, inactive_heads=mode, seed=0)
-        for _ in range(2):
-            mto.step(net.losses)
+        orders[mode] = [int(g[0][1]) for g in mto.step(net.losses).sequential.groups]
+        mto.step(net.losses)
         counts[mode] = [int(mto.optimizer.state[h.weight]["step"]) for h in net.heads]
     assert counts["skip"] == [2, 2, 2]  # each singleton group once per batch
-    assert counts["momentum"] == [6, 6, 6]  # every sub-step touches every head
+    # "momentum", as the released code under torch 1.13: a head gets zero gradients (Adam steps
+    # it) only once it has been updated, so in the first batch the head of the j-th group
+    # visited takes 3 - j steps; in the second batch every sub-step touches every head
+    assert counts["momentum"] == [3 - orders["momentum"].index(t) + 3 for t in range(3)]
+    assert sorted(counts["momentum"]) == [4, 5, 6]
 
 
 def test_warmup_then_groups_from_affinity_and_state_round_trip():

@@ -85,7 +85,8 @@ def test_method_reports_iterations_and_converges():
     G = torch.from_numpy(make_jacobian("generic", 11, 300, 4))
     names = tuple(f"t{i}" for i in range(11))
     out = mtopt.make("upgrad").aggregate(MethodInput(torch.ones(11, dtype=torch.float64), names, G))
-    assert out.solver.converged and out.solver.status == "converged"
+    assert out.solver.converged
+    assert out.solver.status == "converged"
     assert 1 <= out.solver.iterations <= 4 * 11 + 5
     assert out.solver.message == ""
 

@@ -42,12 +42,14 @@ def test_apt_beta_is_affine_in_kappa_and_within_range(kappa, a, b):
     beta = apt_beta(kappa, lo, hi)
     assert lo <= beta <= hi
     assert beta == pytest.approx(lo + (hi - lo) * (1 + kappa) / 2, abs=1e-15)
-    assert apt_beta(1.0, lo, hi) == hi and apt_beta(-1.0, lo, hi) == lo
+    assert apt_beta(1.0, lo, hi) == hi
+    assert apt_beta(-1.0, lo, hi) == lo
 
 
 def test_agreement():
     d = torch.tensor([1.0, 2.0, -1.0])
-    assert agreement([(d, None)]) == 1.0 and agreement([(d, torch.zeros(3))]) == 1.0
+    assert agreement([(d, None)]) == 1.0
+    assert agreement([(d, torch.zeros(3))]) == 1.0
     assert agreement([(d, 3 * d)]) == pytest.approx(1.0)
     assert agreement([(d, -d)]) == pytest.approx(-1.0)
     assert agreement([(d, torch.tensor([2.0, -1.0, 0.0]))]) == 0.0
@@ -102,7 +104,7 @@ def test_adam_equals_torch_adam_bit_for_bit(apt, weight_decay, dtype):
     single-tensor Adam in the same order, hence identical bits (L2 decay in the gradient)."""
     ours = [param((5, 3), 0, dtype), param((4,), 1, dtype)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=weight_decay)
+    kw = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": weight_decay}
     opt = Adam(ours, **kw, apt=apt, beta_min=0.8, beta_max=0.8)
     ref = torch.optim.Adam(theirs, **kw, foreach=False)
     for step in range(10):
@@ -144,7 +146,7 @@ def test_muon_apt_with_fixed_beta_is_muon(nesterov, granularity):
     """beta_min = beta_max = momentum and preserve=None: plain Muon exactly (bf16 NS)."""
     ours = [param((6, 4)), param((3, 2, 2, 2), 1)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    kw = dict(momentum=0.95, nesterov=nesterov, weight_decay=0.01)
+    kw = {"momentum": 0.95, "nesterov": nesterov, "weight_decay": 0.01}
     opt = Muon(ours, **kw, apt=True, beta_min=0.95, beta_max=0.95, granularity=granularity)
     ref = Muon(theirs, **kw)
     for step in range(5):
@@ -154,7 +156,8 @@ def test_muon_apt_with_fixed_beta_is_muon(nesterov, granularity):
         ref.step()
         for a, b in zip(ours, theirs, strict=True):
             assert torch.equal(a, b), step
-    assert opt.apt_betas() == 0.95 and ref.apt_betas() is None
+    assert opt.apt_betas() == 0.95
+    assert ref.apt_betas() is None
 
 
 def test_apt_is_applied_only_to_groups_that_enable_it():
@@ -171,7 +174,8 @@ def test_apt_is_applied_only_to_groups_that_enable_it():
         set_grads([shared, twin], step)
         opt.step()
         ref.step()
-    assert "apt_beta" in opt.state[shared] and "apt_beta" not in opt.state[head]
+    assert "apt_beta" in opt.state[shared]
+    assert "apt_beta" not in opt.state[head]
     assert torch.equal(head, twin), "no APT and no preservation in the apt=False group"
 
 
@@ -237,7 +241,8 @@ def test_reinject_in_muon_with_rho_zero_is_plain_apt_muon():
     a, _ = muon_delta("reinject", g_seq, rho=0.0)
     b, _ = muon_delta(None, g_seq)
     c, _ = muon_delta("reinject", g_seq, rho=0.5)
-    assert torch.equal(a, b) and not torch.allclose(b, c)
+    assert torch.equal(a, b)
+    assert not torch.allclose(b, c)
 
 
 def test_reinject_first_step_matches_hand_computation():
@@ -281,6 +286,7 @@ def test_apt_adam_trains_a_two_head_model_with_mgda():
     losses = [sum(mto.step(closure).losses.values()) for _ in range(20)]
     assert losses[-1] < 0.9 * losses[0], losses
     betas = opt.apt_betas()
-    assert betas is not None and 0.5 <= betas <= 0.9
+    assert betas is not None
+    assert 0.5 <= betas <= 0.9
     assert all("apt_beta" not in opt.state[p] for p in heads.parameters())
     assert np.isfinite(losses).all()

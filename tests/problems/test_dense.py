@@ -128,12 +128,16 @@ def test_png_fixtures_have_the_cityscapes_bit_depths(city_root):
 
 def test_label_tables_follow_the_official_definitions():
     train_ids, categories = label_lookup(19), label_lookup(7)
-    assert train_ids[CAR] == 13 and CLASSES_19[13] == "car"
+    assert train_ids[CAR] == 13
+    assert CLASSES_19[13] == "car"
     assert CATEGORIES[categories[CAR]] == "vehicle"
-    assert train_ids[ROAD] == 0 and CATEGORIES[categories[ROAD]] == "flat"
-    assert train_ids[PERSON] == 11 and CATEGORIES[categories[PERSON]] == "human"
+    assert train_ids[ROAD] == 0
+    assert CATEGORIES[categories[ROAD]] == "flat"
+    assert train_ids[PERSON] == 11
+    assert CATEGORIES[categories[PERSON]] == "human"
     for ignored in (0, 6, PARKING, 10, 14, 15, 16, 18, CARAVAN, 30, 34, 255):
-        assert train_ids[ignored] == -1 and categories[ignored] == -1
+        assert train_ids[ignored] == -1
+        assert categories[ignored] == -1
     assert sorted(set(train_ids[train_ids >= 0].tolist())) == list(range(19))
     assert sorted(set(categories[categories >= 0].tolist())) == list(range(7))
     things = np.flatnonzero(thing_lookup()).tolist()
@@ -150,15 +154,20 @@ def test_loaded_targets_at_native_size(city_root):
     test = city(city_root, "sdi19").splits()["test"]
     batch = next(test.batches(2))
     s, d = batch["S"][0], batch["D"][0, 0]
-    assert s[6, 10] == 13 and s[24, 42] == 13 and s[20, 25] == 11  # cars, person
-    assert s[20, 2] == 0 and s[5, 2] == 10  # road, sky
-    assert s[30, 2] == -1 and s[1, 60] == -1  # parking, caravan: ignored
+    assert s[6, 10] == 13
+    assert s[24, 42] == 13
+    assert s[20, 25] == 11
+    assert s[20, 2] == 0
+    assert s[5, 2] == 10
+    assert s[30, 2] == -1
+    assert s[1, 60] == -1
     assert city(city_root, "sd7").splits()["test"].arrays["S"][0, 6, 10] == 6  # vehicle
     scale = 256 * 2048 / W0
     assert d[10, 10] == pytest.approx((RAW_DISPARITY - 1) / scale)
     assert d[21, 3] == pytest.approx((FAR_DISPARITY - 1) / scale)
     assert torch.all(batch["D"][:, :, :2] == 0)  # raw 0: invalid
-    assert batch["x"].shape == (2, 3, H0, W0) and batch["x"].dtype == torch.float32
+    assert batch["x"].shape == (2, 3, H0, W0)
+    assert batch["x"].dtype == torch.float32
 
 
 def test_instance_offsets_point_from_the_centroid(city_root):
@@ -169,8 +178,12 @@ def test_instance_offsets_point_from_the_centroid(city_root):
     assert offsets[:, 11, 19].tolist() == [11 - 7.5, 19 - 13.5]
     # the car group (rows 28..31, cols 50..59) is one instance
     assert offsets[:, 28, 50].tolist() == [28 - 29.5, 50 - 54.5]
-    assert valid[6, 10] and valid[20, 25] and valid[29, 55]
-    assert not valid[1, 60] and not valid[20, 2] and not valid[30, 2]  # caravan, road, parking
+    assert valid[6, 10]
+    assert valid[20, 25]
+    assert valid[29, 55]
+    assert not valid[1, 60]
+    assert not valid[20, 2]
+    assert not valid[30, 2]
     assert torch.all(offsets[:, ~valid] == 0)
     assert valid.sum() == 8 * 12 + 8 * 8 + 12 * 4 + 4 * 10
 
@@ -181,8 +194,10 @@ def test_instance_offsets_of_several_samples():
     inst[1, 1:, 3] = 1  # (1, 3), (2, 3) → centroid (1.5, 3)
     inst[1, 0, 0] = 2  # a single pixel: offset 0
     off = instance_offsets(inst)
-    assert off[0, :, 0, 0].tolist() == [0.0, -0.5] and off[0, :, 0, 1].tolist() == [0.0, 0.5]
-    assert off[1, :, 1, 3].tolist() == [-0.5, 0.0] and off[1, :, 2, 3].tolist() == [0.5, 0.0]
+    assert off[0, :, 0, 0].tolist() == [0.0, -0.5]
+    assert off[0, :, 0, 1].tolist() == [0.0, 0.5]
+    assert off[1, :, 1, 3].tolist() == [-0.5, 0.0]
+    assert off[1, :, 2, 3].tolist() == [0.5, 0.0]
     assert off[1, :, 0, 0].tolist() == [0.0, 0.0]
     assert torch.count_nonzero(off) == 4  # Δx in sample 0, Δy in sample 1
 
@@ -190,7 +205,8 @@ def test_instance_offsets_of_several_samples():
 def test_resize_halves_the_maps(city_root):
     problem = city(city_root, "sdi19", shape=(32, 16))
     batch = next(problem.splits()["test"].batches(1))
-    assert batch["x"].shape == (1, 3, 16, 32) and batch["S"].shape == (1, 16, 32)
+    assert batch["x"].shape == (1, 3, 16, 32)
+    assert batch["S"].shape == (1, 16, 32)
     # nearest at pixel centres samples source rows/cols 2i + 1
     assert batch["D"][0, 0, 5, 5] == pytest.approx((RAW_DISPARITY - 1) / (256 * 2048 / 32))
     assert batch["S"][0, 3, 5] == 13
@@ -203,7 +219,8 @@ def test_resize_nearest_keeps_labels_integral():
     labels = np.random.default_rng(0).choice([7, 23, 26, 33], size=(32, 64)).astype(np.uint8)
     for shape in ((24, 10), (48, 20), (64, 32), (100, 70)):
         out = resize_nearest(labels, shape)
-        assert out.shape == (shape[1], shape[0]) and out.dtype == np.uint8
+        assert out.shape == (shape[1], shape[0])
+        assert out.dtype == np.uint8
         assert set(np.unique(out)) <= {7, 23, 26, 33}
     np.testing.assert_array_equal(resize_nearest(labels, (32, 16)), labels[1::2, 1::2])
     stacked = np.stack([labels, labels + 1])
@@ -226,7 +243,8 @@ def test_split_is_deterministic_and_reproduces_the_reference(city_root):
         split, i = ("train", position) if position < 4 else ("val", position - 4)
         np.testing.assert_array_equal(first[split].arrays["x"][i].numpy(), official[k])
     train, val = train_val_indices(2975, 0.8)
-    assert len(train) == 2380 and len(val) == 595
+    assert len(train) == 2380
+    assert len(val) == 595
     assert sorted(np.concatenate([train, val]).tolist()) == list(range(2975))
 
 
@@ -275,7 +293,8 @@ def test_rotation_invalidates_the_corners(city_root):
     raw = city(city_root).splits()["test"].arrays
     turn = torch.tensor([[math.radians(10.0), 1.0, 0.0]] * 2)
     rotated = prepare_batch(raw, augment_params=turn, train=True)
-    assert torch.all(rotated["S"][:, 0, 0] == -1) and torch.all(rotated["S"][:, 0, -1] == -1)
+    assert torch.all(rotated["S"][:, 0, 0] == -1)
+    assert torch.all(rotated["S"][:, 0, -1] == -1)
     assert torch.all(rotated["D"][:, 0, 0, 0] == 0)
     assert set(rotated["S"].unique().tolist()) <= {-1, 0, 10, 11, 13}
     assert rotated["S"][0, 16, 32] == prepare_batch(raw)["S"][0, 16, 32]  # the centre stays
@@ -469,7 +488,8 @@ def test_nyuv2_loads_mtan_files(nyu_root, tmp_path):
     np.testing.assert_array_equal(arrays["D"][0, 0].numpy(), sample["depth"][..., 0])
     np.testing.assert_array_equal(arrays["N"][0].numpy(), sample["normal"].transpose(2, 0, 1))
     test = next(splits["test"].batches(3))
-    assert test["S"].dtype == torch.int64 and test["x"].shape == (3, 3, NH, NW)
+    assert test["S"].dtype == torch.int64
+    assert test["x"].shape == (3, 3, NH, NW)
     first_test = nyu_sample(10)["image"].transpose(2, 0, 1)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -481,7 +501,8 @@ def test_nyuv2_loads_mtan_files(nyu_root, tmp_path):
 def test_nyuv2_resize_and_cache(nyu_root, tmp_path, monkeypatch):
     splits = nyu(nyu_root, shape=(12, 8), cache=tmp_path).splits()
     arrays = splits["test"].arrays
-    assert arrays["x"].shape == (3, 3, 8, 12) and arrays["N"].shape == (3, 3, 8, 12)
+    assert arrays["x"].shape == (3, 3, 8, 12)
+    assert arrays["N"].shape == (3, 3, 8, 12)
     assert set(arrays["S"].unique().tolist()) <= set(range(-1, 13))
     norms = arrays["N"].norm(dim=1)
     assert torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))
@@ -547,7 +568,8 @@ def one_step(problem: Problem) -> None:
         for task in problem.tasks:
             assert set(scores[task.name]) == {m.name for m in task.metrics}
             assert all(np.isfinite(v) and v >= 0 for v in scores[task.name].values())
-        assert 0 <= scores["S"]["pixel_acc"] <= 1 and 0 <= scores["S"]["miou"] <= 1
+        assert 0 <= scores["S"]["pixel_acc"] <= 1
+        assert 0 <= scores["S"]["miou"] <= 1
 
 
 @pytest.mark.parametrize("variant", ["sdi19", "sd7"])

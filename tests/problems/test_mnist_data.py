@@ -100,4 +100,5 @@ def test_real_mnist_matches_known_facts(mnist):
         5851,
         5949,
     ]
-    assert mnist.train_images.max() == 255 and mnist.train_images.min() == 0
+    assert mnist.train_images.max() == 255
+    assert mnist.train_images.min() == 0

@@ -79,7 +79,8 @@ def test_idx_directory_is_read_first(tmp_path):
     loaded = load_fashion_mnist(tmp_path / "idx", tmp_path / "cache", False, tmp_path / "sys")
     np.testing.assert_array_equal(loaded.train_images, arrays.train_images)
     np.testing.assert_array_equal(loaded.test_labels, arrays.test_labels)
-    assert "IDX" in loaded.source and not (tmp_path / "cache").exists()
+    assert "IDX" in loaded.source
+    assert not (tmp_path / "cache").exists()
 
 
 def test_missing_data_without_download_says_what_to_do(tmp_path):
@@ -149,7 +150,8 @@ def test_images_and_labels_of_each_variant(tmp_path, small_train, family):
     mnist = make_idx_dir(tmp_path / "mnist", 4)
     cls = MultiFashion if family == "multi_fashion" else MultiFashionMNIST
     problem = cls("cl_cr", fashion=fashion, mnist=mnist, right_seed=5)
-    assert problem.name == f"{family}/cl_cr" and problem.task_names == ("CL", "CR")
+    assert problem.name == f"{family}/cl_cr"
+    assert problem.task_names == ("CL", "CR")
     left = fashion if family == "multi_fashion" else mnist
     splits = problem.splits()
     assert {k: len(v) for k, v in splits.items()} == {"train": 8, "val": 4, "test": 5}
@@ -165,7 +167,8 @@ def test_pairs_are_deterministic_and_follow_the_seed(tmp_path, small_train):
     a = MultiFashion(fashion=fashion).splits()["train"].arrays
     b = MultiFashion(fashion=fashion).splits()["train"].arrays
     c = MultiFashion(fashion=fashion, right_seed=1).splits()["train"].arrays
-    assert torch.equal(a["x"], b["x"]) and torch.equal(a["label_right"], b["label_right"])
+    assert torch.equal(a["x"], b["x"])
+    assert torch.equal(a["label_right"], b["label_right"])
     assert not torch.equal(a["x"], c["x"])
 
 
@@ -188,7 +191,8 @@ def test_batches_are_normalised_with_the_problems_constants():
     mean, std = NORMALISATION["multi_fashion_mnist"]
     split = build_pair_split((images, labels), (images, labels), "val", 0, None, (mean, std))
     batch = next(split.batches(4))
-    assert batch["x"].shape == (4, 1, 28, 28) and batch["x"].dtype == torch.float32
+    assert batch["x"].shape == (4, 1, 28, 28)
+    assert batch["x"].dtype == torch.float32
     expected = (split.arrays["x"][:4].numpy().astype(np.float32) / 255 - mean) / std
     np.testing.assert_allclose(batch["x"][:, 0].numpy(), expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="right"):
@@ -217,7 +221,8 @@ def test_one_training_step_through_the_optimizer(tmp_path, small_train, cls):
         return mtopt.Losses({t.name: t.loss(outputs[t.name], batch) for t in problem.tasks}, z)
 
     info = mto.step(closure)
-    assert set(info.losses) == {"CL", "CR"} and all(np.isfinite(list(info.losses.values())))
+    assert set(info.losses) == {"CL", "CR"}
+    assert all(np.isfinite(list(info.losses.values())))
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 

@@ -42,7 +42,8 @@ def test_positions_of_left_and_right_digits():
     assert out[0, 0] == 200
     assert out[25, 25] == 100
     assert np.count_nonzero(out) == 2
-    assert list(RESIZE_INDEX[:3]) == [0, 1, 3] and RESIZE_INDEX[-1] == 35
+    assert list(RESIZE_INDEX[:3]) == [0, 1, 3]
+    assert RESIZE_INDEX[-1] == 35
 
 
 def test_overlap_takes_the_pixelwise_max():
@@ -70,7 +71,8 @@ def test_right_indices_are_deterministic_and_saved(tmp_path):
     a, b = right_indices(1000, 3), right_indices(1000, 3)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, right_indices(1000, 4))
-    assert a.min() >= 0 and a.max() < 1000
+    assert a.min() >= 0
+    assert a.max() < 1000
     saved = saved_right_indices(1000, "val", 0, tmp_path)
     assert (tmp_path / "right_indices_val_seed0.txt").exists()
     np.testing.assert_array_equal(saved, saved_right_indices(1000, "val", 0, tmp_path))
@@ -89,7 +91,8 @@ def test_build_split_keeps_targets_consistent():
     np.testing.assert_array_equal(split.arrays["img_right"].numpy(), images[idx])
     np.testing.assert_array_equal(split.arrays["x"].numpy(), overlay(images, images[idx]))
     batch = next(split.batches(8))
-    assert batch["x"].shape == (8, 1, 28, 28) and batch["x"].dtype == torch.float32
+    assert batch["x"].shape == (8, 1, 28, 28)
+    assert batch["x"].dtype == torch.float32
     expected = (images[:8].astype(np.float32) / 255 - 0.1307) / 0.3081
     np.testing.assert_allclose(batch["img_left"].numpy(), expected, rtol=1e-6, atol=1e-6)
 

@@ -102,7 +102,7 @@ def synthetic_arrays(n: int = 40, seed: int = 0) -> QM9Arrays:
 
 
 @pytest.mark.parametrize(
-    "text, value",
+    ("text", "value"),
     [("-0.0126981359", -0.0126981359), ("0.", 0.0), ("18.", 18.0), ("2.1997E-6", 2.1997e-6),
      ("1.2*^-5", 1.2e-5), ("-3.5*^2", -350.0)],
 )  # fmt: skip
@@ -118,11 +118,13 @@ def test_parse_rows_atoms_coordinates_and_atomisation_energies(csv_dir):
     np.testing.assert_array_equal(data.z[0, :6], [6, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(data.z[1, :5], [7, 1, 1, 1, 0])
     np.testing.assert_array_equal(data.z[2, :4], [8, 1, 1, 0])
-    assert data.z.shape == (3, MAX_ATOMS) and data.pos.shape == (3, MAX_ATOMS, 3)
+    assert data.z.shape == (3, MAX_ATOMS)
+    assert data.pos.shape == (3, MAX_ATOMS, 3)
     assert data.pos[0, 0, 2] == np.float32(1.2e-5)  # Mathematica exponent
     assert data.pos[2, 2, 2] == np.float32(2.5e-6)  # E exponent
     np.testing.assert_allclose(data.pos[0, 4], [0.6291, -0.6291, -0.6291], rtol=1e-7)
-    assert not data.pos[0, 5:].any() and not data.pos[2, 3:].any()
+    assert not data.pos[0, 5:].any()
+    assert not data.pos[2, 3:].any()
 
     t = dict(zip(TARGET_NAMES, data.targets[0], strict=True))  # methane, by hand:
     u0_atom_hartree = -40.47893 - (-37.846772 + 4 * -0.500273)  # = -0.631066 Ha
@@ -262,11 +264,15 @@ def test_graph_features_of_methane(csv_dir):
     x = torch.from_numpy(pack_atoms(data.z, data.pos))
     graph = molecular_graph(x)
     node, edge, adj = graph.node[0], graph.edge[0], graph.adj[0]
-    assert graph.mask[0].sum() == 5 and adj.sum() == 5 * 4
+    assert graph.mask[0].sum() == 5
+    assert adj.sum() == 5 * 4
     torch.testing.assert_close(node[0], torch.tensor([0, 1, 0, 0, 0, 6, 0, 0, 0, 1, 4.0]))
     torch.testing.assert_close(node[1], torch.tensor([1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0.0]))
-    assert not node[5:].any() and not edge[5:].any() and not edge[:, 5:].any()
-    assert edge[0, 1, 0] == 1 and edge[1, 2, 0] == 0  # C–H bonded, H···H not
+    assert not node[5:].any()
+    assert not edge[5:].any()
+    assert not edge[:, 5:].any()
+    assert edge[0, 1, 0] == 1
+    assert edge[1, 2, 0] == 0
     assert edge[0, 1, 4] == pytest.approx(0.6291 * 3**0.5, rel=1e-5)
     near = molecular_graph(x, cutoff=1.5)  # keeps the four C–H pairs (both directions)
     assert near.adj[0].sum() == 8
@@ -358,8 +364,10 @@ def test_one_training_step_per_track(track):
 )
 def test_real_dataset_size_splits_and_methane():
     data = load_qm9(download=False)
-    assert len(data) == 130_831 and data.n_atoms.max() == 29
-    assert data.index[0] == 1 and data.index[-1] == 133_885
+    assert len(data) == 130_831
+    assert data.n_atoms.max() == 29
+    assert data.index[0] == 1
+    assert data.index[-1] == 133_885
     parts = split_indices(len(data))
     assert {k: len(v) for k, v in parts.items()} == {
         "train": 110_831,

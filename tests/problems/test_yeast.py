@@ -53,8 +53,10 @@ def test_synthetic_file_gives_shapes_and_label_counts(tmp_path):
     features, labels = synthetic()
     (tmp_path / "yeast.csv.gz").write_bytes(gzip.compress(csv_text(features, labels).encode()))
     loaded = load_yeast(data_dir=tmp_path, cache=tmp_path / "cache", download=False)
-    assert loaded.features.shape == (40, 103) and loaded.features.dtype == np.float32
-    assert loaded.labels.shape == (40, 14) and loaded.labels.dtype == np.uint8
+    assert loaded.features.shape == (40, 103)
+    assert loaded.features.dtype == np.float32
+    assert loaded.labels.shape == (40, 14)
+    assert loaded.labels.dtype == np.uint8
     np.testing.assert_array_equal(loaded.labels.sum(0), labels.sum(0))
     np.testing.assert_allclose(loaded.features, features, rtol=1e-6, atol=1e-6)
 
@@ -68,7 +70,7 @@ def test_format_errors_are_rejected():
     with pytest.raises(ValueError, match="0 or 1"):
         parse_yeast_csv(csv_text(features, labels), "x")
     short = text.replace(",0\n", "\n", 1).replace(",1\n", "\n", 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^x: not a table of 117 numbers per row"):
         parse_yeast_csv(short, "x")
 
 
@@ -92,7 +94,8 @@ def test_wheel_member_is_verified_then_read_and_cached(tmp_path, monkeypatch):
     (tmp_path / "cache" / "wheels").mkdir(parents=True)
     wheel.rename(tmp_path / "cache" / "wheels" / yeast.RIVER_WHEEL)  # no pip call
     loaded = load_yeast(data_dir=tmp_path / "none", cache=tmp_path / "cache")
-    assert loaded.features.shape == (12, 103) and "river" in loaded.source
+    assert loaded.features.shape == (12, 103)
+    assert "river" in loaded.source
     assert (tmp_path / "cache" / "yeast.npz").exists()
     cached = load_yeast(data_dir=tmp_path / "none", cache=tmp_path / "cache", download=False)
     np.testing.assert_array_equal(cached.labels, loaded.labels)
@@ -141,7 +144,8 @@ def test_a_constant_feature_does_not_divide_by_zero():
     data = arrays(20)
     data.features[:, 5] = 3.0
     x = build_splits(data, 0, None)["val"].arrays["x"].numpy()
-    assert np.isfinite(x).all() and np.all(x[:, 5] == 0.0)
+    assert np.isfinite(x).all()
+    assert np.all(x[:, 5] == 0.0)
 
 
 def test_metrics_are_per_sample_sums():
@@ -151,7 +155,8 @@ def test_metrics_are_per_sample_sums():
     y[:, 1] = torch.tensor([1.0, 1.0, 0.0, 0.0])
     batch = {"y": y}
     acc, bce = task.metrics
-    assert (acc.name, bce.name) == ("acc", "bce") and bce.lower_is_better
+    assert (acc.name, bce.name) == ("acc", "bce")
+    assert bce.lower_is_better
     assert float(acc.batch_sum(pred, batch)) == 2.0
     manual = -sum(
         np.log(1 / (1 + np.exp(-p))) if t else np.log(1 - 1 / (1 + np.exp(-p)))
@@ -166,7 +171,8 @@ def test_model_shapes_and_task_names():
     assert problem.task_names == tuple(f"y{i}" for i in range(1, 15))
     model = problem.make_model(["y1", "y14"], dropout=0.2)
     z, outputs = model(torch.zeros(5, 103))
-    assert z.shape == (5, 128) and set(outputs) == {"y1", "y14"}
+    assert z.shape == (5, 128)
+    assert set(outputs) == {"y1", "y14"}
     assert all(o.shape == (5,) for o in outputs.values())
     encoder_params = sum(p.numel() for p in model.encoder.parameters())
     assert encoder_params == 103 * 256 + 256 + 256 * 128 + 128
@@ -198,7 +204,8 @@ def test_one_training_step_through_the_optimizer():
 )
 def test_real_yeast_matches_known_facts():
     data = load_yeast(data_dir=cache_dir() / "no-user-data", download=False)
-    assert data.features.shape == (2417, 103) and data.labels.shape == (2417, 14)
+    assert data.features.shape == (2417, 103)
+    assert data.labels.shape == (2417, 14)
     counts = [762, 1038, 983, 862, 722, 597, 428, 480, 178, 253, 289, 1816, 1799, 34]
     assert data.labels.sum(0).tolist() == counts
     splits = Yeast(data=data).splits()

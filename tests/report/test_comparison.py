@@ -60,7 +60,9 @@ def test_statistics_per_method_and_against_the_baseline():
     rows = {r.label: r for r in comp.rows}
     assert comp.baseline == "unitary:reduction=mean"
     cagrad = rows["cagrad"]
-    assert cagrad.delta_m.n == 3 and cagrad.versus is not None and cagrad.versus.kind == "paired"
+    assert cagrad.delta_m.n == 3
+    assert cagrad.versus is not None
+    assert cagrad.versus.kind == "paired"
     assert cagrad.verdict == "better"
     # per seed: Δm = ½(acc/0.9 − 1) + ½(1 − mse/0.2), in %
     expected = 100 * (0.5 * (0.89 / 0.9 - 1) + 0.5 * (1 - 0.205 / 0.2))
@@ -79,9 +81,13 @@ def test_published_numbers_and_rank_correlation():
     assert rows["rlw:distribution=dirichlet:sum_to=k"].published == -10.31
     assert rows["fixed from cagrad"].published == -3.251
     rho, n = comp.correlation
-    assert n == 4 and -1.0 <= rho <= 1.0 and comp.published_cosine == 0.6
+    assert n == 4
+    assert -1.0 <= rho <= 1.0
+    assert comp.published_cosine == 0.6
     text = markdown(comp)
-    assert "Spearman" in text and "verdict" in text and "paired" in text
+    assert "Spearman" in text
+    assert "verdict" in text
+    assert "paired" in text
 
 
 def test_matching_a_row_to_published_keys():
@@ -130,8 +136,10 @@ def test_rows_on_another_optimizer_are_also_measured_against_their_own_reference
     comp = compare(result, records, "unitary")
     rows = {r.label: r for r in comp.rows}
     cagrad_muon = rows["cagrad@muon"]
-    assert cagrad_muon.own is not None and cagrad_muon.own.mean < cagrad_muon.delta_m.mean
-    assert cagrad_muon.versus_same is not None and cagrad_muon.verdict_same == "better"
+    assert cagrad_muon.own is not None
+    assert cagrad_muon.own.mean < cagrad_muon.delta_m.mean
+    assert cagrad_muon.versus_same is not None
+    assert cagrad_muon.verdict_same == "better"
     assert rows["unitary@muon"].versus_same is None  # the baseline of its optimizer
     assert rows["cagrad"].own is None
     assert "own-optimizer refs" in markdown(comp)

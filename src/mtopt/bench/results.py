@@ -178,7 +178,7 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (medians and ratios included)."""
-        out = {
+        out: dict[str, Any] = {
             "options": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()
             },

@@ -95,9 +95,9 @@ def imtl_g_weights(gram: Tensor, solver: str = "pinv") -> tuple[Tensor, str, flo
         raise ValueError(
             f"imtl: singular D Uᵀ in the closed form ({exc}); use solver='pinv'"
         ) from exc
-    w = torch.cat([(1 - rest.sum()).reshape(1), rest])
-    status, spread = _status_and_spread(m, w.detach().cpu().double().numpy())
-    return w, status, spread
+    weights = torch.cat([(1 - rest.sum()).reshape(1), rest])
+    status, spread = _status_and_spread(m, weights.detach().cpu().double().numpy())
+    return weights, status, spread
 
 
 def _status_and_spread(m: np.ndarray, w: np.ndarray) -> tuple[str, float]:

@@ -59,7 +59,9 @@ _CONFIG = ConfigDict(arbitrary_types_allowed=True)
 def validated(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` with its arguments validated against its annotations; a failure is a one-line
     ``ValueError`` naming the method (the instance's ``name``) and the hyperparameter."""
-    checked = validate_call(init, config=_CONFIG)
+    # the decorator-factory form: the same call as ``validate_call(init, config=...)``, which
+    # pydantic's overloads do not spell
+    checked = validate_call(config=_CONFIG)(init)
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -53,8 +53,8 @@ class Need(enum.Flag):
     - ``PARAM_GRADS``: per-task gradients of the shared parameters (level ``param``).
     - ``REP_GRADS``: per-task gradients of the shared representation ``z`` (level ``rep``); the
       closure must return ``features=z``.
-    - ``CLOSURE``: the method re-runs the closure itself (:class:`~mtopt.core.capabilities.
-      ClosureMethod`).
+    - ``CLOSURE``: the method re-runs the closure itself
+      (:class:`~mtopt.core.capabilities.ClosureMethod`).
     - ``META_BATCH``: the method also needs the losses on a second ("meta") batch
       (:class:`~mtopt.core.capabilities.MetaBatchMethod`): ``step(closure, meta_closure=...)``.
     """

@@ -60,7 +60,7 @@ _MIN_STEP = 1e-7
 
 @dataclass(frozen=True)
 class MinNormResult:
-    """Solver outcome: simplex weights, iterations used, how it ended, and the certificate.
+    r"""Solver outcome: simplex weights, iterations used, how it ended, and the certificate.
 
     ``status``: ``converged`` (the KKT certificate holds), ``zero_gradient`` (some ``g_i = 0``,
     so ``d = 0``, the weight shared equally by the zero gradients; certified), ``stalled`` (the
@@ -359,6 +359,7 @@ def shifted_min_norm(
         support = [start]
         w = np.zeros(k)
         w[start] = 1.0
+    assert w is not None  # the warm start's weights (kept only if valid) or the vertex e_start
     for it in range(1, max_iter + 1):
         g = M @ w + shift
         level = float(w @ g)

@@ -126,6 +126,7 @@ def box_lower_qp_batch(M: np.ndarray, lowers: np.ndarray, max_iter: int = 500) -
         if best is None:
             best, allowance = count, np.full(n, _EXCHANGE_ALLOWANCE)
         else:
+            assert allowance is not None  # set together with best
             allowance = np.where(count < best, _EXCHANGE_ALLOWANCE, allowance - 1)
             best = np.minimum(best, count)
         sequential |= (count > 0) & (allowance < 0)

@@ -21,11 +21,21 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def available_methods() -> list[str]:
-    """The registered method names, sorted."""
+    """The registered method names, sorted.
+
+    >>> import mtopt
+    >>> {"mgda", "unitary", "upgrad"} <= set(mtopt.available_methods())
+    True
+    """
     return sorted(_REGISTRY)
 
 
 def method_class(name: str) -> type[Method]:
+    """The class registered under ``name`` (a ``ValueError`` lists the registered names).
+
+    >>> method_class("mgda").levels
+    ('param', 'rep')
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -35,7 +45,19 @@ def method_class(name: str) -> type[Method]:
 
 
 def make(name: str, **hparams: Any) -> Method:
-    """Build a method by name, rejecting unknown hyperparameters with the list of valid ones."""
+    """Build a method by name, rejecting unknown hyperparameters with the list of valid ones.
+
+    >>> make("unitary", reduction="mean")
+    Unitary(reduction='mean', head_policy='weighted')
+    >>> make("unitary", reductoin="mean")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown hyperparameter(s) ['reductoin'] for method 'unitary'; valid: ...
+    >>> make("fixed")
+    Traceback (most recent call last):
+    ...
+    ValueError: method 'fixed' requires hyperparameter(s) ['weights']
+    """
     cls = method_class(name)
     valid = cls.hyperparameters()
     unknown = sorted(set(hparams) - set(valid))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -12,7 +12,7 @@ class SeededRandomness:
     ``seed_everything``) or a private ``torch.Generator`` seeded by the ``seed`` hyperparameter,
     whose state goes into the method's ``state_dict``."""
 
-    name: str
+    name: ClassVar[str]  # the method's name, a class constant (as on Method)
     _generator: torch.Generator | None
 
     def _init_generator(self, seed: int | None) -> None:

@@ -35,7 +35,17 @@ def _relative_changes(values: Table, reference: Table, lower_is_better: Directio
 
 
 def delta_m(values: Table, reference: Table, lower_is_better: Directions) -> float:
-    """Per-task Δm in percent (Gama & Grassi's Δ_mtm; higher is better)."""
+    """Per-task Δm in percent (Gama & Grassi's Δ_mtm; higher is better).
+
+    Accuracy 2 % better than the single-task reference on one task, error 10 % worse on the
+    other:
+
+    >>> values = {"cl": {"acc": 0.918}, "rr": {"mse": 0.55}}
+    >>> reference = {"cl": {"acc": 0.9}, "rr": {"mse": 0.5}}
+    >>> lower = {"cl": {"acc": False}, "rr": {"mse": True}}
+    >>> round(delta_m(values, reference, lower), 6)
+    -4.0
+    """
     per_task = [sum(r) / len(r) for _, r in _relative_changes(values, reference, lower_is_better)]
     if not per_task:
         raise ValueError("Δm needs at least one task")
@@ -51,7 +61,11 @@ def delta_m_flat(values: Table, reference: Table, lower_is_better: Directions) -
 
 
 def average_ranks(values: list[float], lower_is_better: bool) -> list[float]:
-    """Ranks starting at 1 for the best value; ties share the mean of their ranks."""
+    """Ranks starting at 1 for the best value; ties share the mean of their ranks.
+
+    >>> average_ranks([0.3, 0.1, 0.3], lower_is_better=True)
+    [2.5, 1.0, 2.5]
+    """
     order = sorted(range(len(values)), key=lambda i: values[i] if lower_is_better else -values[i])
     ranks = [0.0] * len(values)
     i = 0
@@ -66,13 +80,21 @@ def average_ranks(values: list[float], lower_is_better: bool) -> list[float]:
 
 
 def mean_rank(results: Mapping[str, Table], lower_is_better: Directions) -> dict[str, float]:
-    """Mean rank (MR) of each method over the compared set ``{method: table}``."""
+    """Mean rank (MR) of each method over the compared set ``{method: table}``.
+
+    >>> results = {
+    ...     "unitary": {"cl": {"acc": 0.90}, "rr": {"mse": 0.50}},
+    ...     "mgda": {"cl": {"acc": 0.92}, "rr": {"mse": 0.60}},
+    ... }
+    >>> mean_rank(results, {"cl": {"acc": False}, "rr": {"mse": True}})
+    {'unitary': 1.5, 'mgda': 1.5}
+    """
     methods = list(results)
     if not methods:
         raise ValueError("mean rank needs at least one method")
-    per_task_sums = {m: 0.0 for m in methods}
+    per_task_sums = dict.fromkeys(methods, 0.0)
     for task, metrics in lower_is_better.items():
-        task_ranks = {m: 0.0 for m in methods}
+        task_ranks = dict.fromkeys(methods, 0.0)
         for metric, lower in metrics.items():
             column = [results[m][task][metric] for m in methods]
             for m, r in zip(methods, average_ranks(column, lower), strict=True):

@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -73,6 +73,8 @@ BASE_KEYS = (
     "engine",
 )
 Progress = Callable[[str], None]
+#: the keys of a grid: any names, or the shared keys only (a mapping is invariant in its keys)
+_Key = TypeVar("_Key", bound=str)
 
 
 #: A grid value as written in a sweep file: a number, a boolean or a string (a spec's choice).
@@ -106,6 +108,20 @@ def _built(where: str, build: Callable[[], RunConfig]) -> RunConfig:
         raise ValueError(f"{where}: {str(exc).removeprefix('run configuration: ')}") from None
 
 
+def _default_grid() -> dict[SharedKey, list[Scalar]]:
+    """The shared grid of a sweep file without one: ``lr = 1e-3``."""
+    return {"lr": [1e-3]}
+
+
+def _replaced(base: RunConfig, changes: Mapping[str, Any]) -> Callable[[], RunConfig]:
+    """The builder of ``base`` with ``changes`` (for :func:`_built`)."""
+
+    def build() -> RunConfig:
+        return replace(base, **changes)
+
+    return build
+
+
 def _listed(value: Any) -> Any:
     """A scalar grid entry stands for a one-point grid."""
     return value if isinstance(value, list | tuple) else [value]
@@ -126,7 +142,7 @@ class SweepConfig(BaseModel):
 
     problem: str
     methods: dict[str, dict[str, Grid]] = Field(min_length=1)
-    grid: dict[SharedKey, Grid] = Field(default_factory=lambda: {"lr": [1e-3]})
+    grid: dict[SharedKey, Grid] = Field(default_factory=_default_grid)
     base: dict[BaseKey, Any] = Field(default_factory=dict)
     n_val_runs: PositiveInt = 1
     n_best_runs: PositiveInt = 1
@@ -176,17 +192,17 @@ class SweepConfig(BaseModel):
             raise ValueError(f"fixed_from names methods that are not in the sweep: {unknown}")
         base = _built("base", self.base_config)
         for point in _combinations(self.grid):
-            _built("grid", lambda p=point: replace(base, **p))
+            _built("grid", _replaced(base, point))
         for task, overrides in self.references.items():
             for point in _combinations(overrides):
-                _built(f"references.{task}", lambda p=point: replace(base, **p))
+                _built(f"references.{task}", _replaced(base, point))
         for spec, grid in self.methods.items():
             parsed = parse_spec(spec)
             options = run_options(parsed)
             for combo in _combinations(grid):  # every grid point must build (fail fast)
                 own = {k: v for k, v in combo.items() if k not in SHARED_KEYS}
                 shared = {**{k: v for k, v in combo.items() if k in SHARED_KEYS}, **options}
-                _built(f"methods.{spec}", lambda p=shared: replace(base, **p))
+                _built(f"methods.{spec}", _replaced(base, shared))
                 parse_spec(format_spec(parsed.name, {**parsed.hparams, **own}))
         return self
 
@@ -484,7 +500,7 @@ def run_sweep(
     # 1. single-task references, with the base optimizer and with every other base optimizer a
     #    method row uses (a row's Δm is then also measured against its own optimizer's)
     references, reference_configs = _references(config, problem, base, runner, db)
-    by_optimizer: dict[str, References] = {}
+    by_optimizer: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for spec in config.methods:
         options = parse_spec(spec).optimizer
         label = _optimizer_label(options)
@@ -558,7 +574,7 @@ def _optimizer_label(options: Mapping[str, Any]) -> str:
 
 def _references(
     config: SweepConfig, problem: Any, base: RunConfig, runner: Runner, db: RunDatabase
-) -> tuple[References, dict[str, dict[str, dict[str, Any]]]]:
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, Any]]]]:
     """The single-task references of ``base``'s optimizer: every task over the shared grid
     (with its ``references`` overrides), each metric picking its own best configuration, which
     then runs to ``n_best_runs`` seeds."""
@@ -595,7 +611,10 @@ def _references(
             sign = -1.0 if lower else 1.0
 
             def score(point: Mapping[str, Any], task=task, metric=metric, sign=sign) -> float:
-                runs = [db.get(run_key(single(task, point, s))) for s in val_seeds]
+                # every point's runs are in the database: the grid above ran them
+                runs = [
+                    cast(dict[str, Any], db.get(run_key(single(task, point, s)))) for s in val_seeds
+                ]
                 return _score(
                     [None if "failed" in r else sign * r["val"][task][metric] for r in runs]
                 )
@@ -762,6 +781,6 @@ def _override(
     return out
 
 
-def _combinations(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    keys = list(grid)
+def _combinations(grid: Mapping[_Key, Sequence[Any]]) -> list[dict[str, Any]]:
+    keys: list[str] = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]

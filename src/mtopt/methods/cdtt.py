@@ -96,13 +96,14 @@ class CDTT(Method):
         require_positive_losses(self.name, inputs.losses.detach(), inputs.task_names, "log10 ℓ")
         central = self._edm.aggregate(inputs)
         like = central.weights
+        assert like is not None  # EDM always gives weights
         gram = inputs.gramian().detach().to(torch.float64).cpu().numpy()
         norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
         self._norms = [*self._norms, norms.tolist()][-self.history :]
         if central.solver is not None and central.solver.status == "zero_gradient":
             self._previous_sum = None
             return Aggregation(like, solver=central.solver)
-        lam = central.weights.detach().to(torch.float64).cpu().numpy()
+        lam = like.detach().to(torch.float64).cpu().numpy()
         omega = lam.copy()
         extras: dict[str, Any] = {}
         if len(self._norms) == self.history:

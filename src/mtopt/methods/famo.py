@@ -15,8 +15,11 @@ This is why FAMO is a :class:`~mtopt.core.capabilities.ClosureMethod`: the engin
 the closure after the optimizer step (``after_step``). Defaults: ``gamma=0.01`` (the authors'
 method code; their NYUv2/QM9 scripts and LibMTL use 1e-3, another of their configurations 1e-5;
 Gama & Grassi's grid is {1e-2, 1e-3, 1e-4}).
-The reference loop clips the shared gradient norm to 1: use
-``MultiTaskOptimizer(..., max_grad_norm=1.0)`` for that. Requires :math:`\ell > \ell^*` (checked,
+No gradient clipping: the authors' released training loop (Liu et al., NeurIPS 2023) calls a
+clip to norm 1 on the shared parameters, but before the backward pass of the step, when their
+gradients have just been zeroed (or are the previous step's, already used); the gradients the
+optimizer then steps with are never clipped, so the clip has no effect on the update. To clip
+anyway, ``MultiTaskOptimizer(..., max_grad_norm=1.0)``. Requires :math:`\ell > \ell^*` (checked,
 with an error naming the task). Heads: weighted.
 """
 

@@ -215,8 +215,8 @@ class NashMTL(Method):
             )
             self._alpha = result.alpha
             # heads: α on the bargaining tasks, 1 on the others and at a stationary point
-            heads = np.where(result.active, result.alpha, 1.0)
-            self._heads = np.ones(k) if result.status == "stationary" else heads
+            active_heads = np.where(result.active, result.alpha, 1.0)
+            self._heads = np.ones(k) if result.status == "stationary" else active_heads
         self._steps += 1
         alpha, heads = self._alpha, self._heads
         assert alpha is not None and heads is not None

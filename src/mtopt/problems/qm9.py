@@ -54,6 +54,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -309,7 +310,7 @@ class DenseNNConv(nn.Module):
     ) -> Tensor:
         """``h`` (B, N, C) padded node states → ``(R, C)`` outputs of the real atoms."""
         c = h.shape[-1]
-        last = self.edge_net[2]
+        last = cast(nn.Linear, self.edge_net[2])  # Sequential's item is typed as a Module
         k = last.in_features
         weight = last.weight.view(c, c, k).permute(2, 0, 1).reshape(k * c, c)  # [(k, c), o]
         neighbours = h[real[0]]  # (R, N, C): the states of each real atom's molecule
@@ -371,7 +372,8 @@ class MPNNEncoder(nn.Module):
             return torch.cat([self(part) for part in x.split(self.eval_chunk)])
         x = x[:, (x[..., 0] > 0).any(0)]  # drop the slots that are padding in every molecule
         graph = molecular_graph(x, self.cutoff)
-        real = graph.mask.nonzero(as_tuple=True)
+        # the mask is (B, N): its nonzero indices are a pair
+        real = cast(tuple[Tensor, Tensor], graph.mask.nonzero(as_tuple=True))
         h_real = F.relu(self.lin0(graph.node[real]))  # (R, C): node states of the real atoms
         hidden = self.conv.edge_hidden(graph, real)
         for _ in range(self.rounds):

@@ -29,29 +29,29 @@ Resolution order (:func:`load_qm9`):
 CSV format (``qm9pack/data/qm9_part{1,2,3}.csv``, 43,610 + 43,611 + 43,610 rows, ascending
 ``Index``; comma-separated with double-quoted list fields; one header row). Columns:
 
-=========================== ==================================================================
-``XYZ_file``                original file name, ``"dsgdb9nsd_000001.xyz"``
-``Index``                   GDB-9 index, 1 … 133,885 (3,054 missing)
-``SMILES``, ``InChi``       strings (unused)
-``N_atoms``                 number of atoms, 3 … 29
-``Stoichiometry``           ``"[nH,nC,nN,nO,nF]"`` (checked against ``Elements``)
-``Elements``                ``"['C','H','H','H','H']"``, in the order of the coordinates
-``XYZ_Ang``                 ``"[[x,y,z],...]"`` in Å (B3LYP-relaxed geometry)
-``Mulliken_pop``            per-atom Mulliken charges, e (unused)
-``Harmonic_Freq_cmi``       harmonic frequencies, cm⁻¹ (unused)
-``RotA_GHz`` … ``RotC_GHz`` rotational constants, GHz (unused)
-``Dipole_debye``            μ, D
-``Polarizability_bohr3``    α, a₀³
-``HOMO_au``, ``LUMO_au``    ε_HOMO, ε_LUMO, Hartree
-``HOMO_LUMO_gap_au``        Δε, Hartree (unused: not one of the 11 tasks)
-``R2_bohr2``                ⟨R²⟩, a₀²
-``ZPVE_au``                 zero-point vibrational energy, Hartree
-``InternalEnergy_0K_au``    U0, total energy, Hartree
-``InternalEnergy_298K_au``  U at 298.15 K, Hartree
-``Enthalphy_298K_au``       H at 298.15 K, Hartree (sic: "Enthalphy")
-``GibbsFreeEnergy_298K_au`` G at 298.15 K, Hartree
+============================= ==================================================================
+``XYZ_file``                  original file name, ``"dsgdb9nsd_000001.xyz"``
+``Index``                     GDB-9 index, 1 … 133,885 (3,054 missing)
+``SMILES``, ``InChi``         strings (unused)
+``N_atoms``                   number of atoms, 3 … 29
+``Stoichiometry``             ``"[nH,nC,nN,nO,nF]"`` (checked against ``Elements``)
+``Elements``                  ``"['C','H','H','H','H']"``, in the order of the coordinates
+``XYZ_Ang``                   ``"[[x,y,z],...]"`` in Å (B3LYP-relaxed geometry)
+``Mulliken_pop``              per-atom Mulliken charges, e (unused)
+``Harmonic_Freq_cmi``         harmonic frequencies, cm⁻¹ (unused)
+``RotA_GHz`` … ``RotC_GHz``   rotational constants, GHz (unused)
+``Dipole_debye``              μ, D
+``Polarizability_bohr3``      α, a₀³
+``HOMO_au``, ``LUMO_au``      ε_HOMO, ε_LUMO, Hartree
+``HOMO_LUMO_gap_au``          Δε, Hartree (unused: not one of the 11 tasks)
+``R2_bohr2``                  ⟨R²⟩, a₀²
+``ZPVE_au``                   zero-point vibrational energy, Hartree
+``InternalEnergy_0K_au``      U0, total energy, Hartree
+``InternalEnergy_298K_au``    U at 298.15 K, Hartree
+``Enthalphy_298K_au``         H at 298.15 K, Hartree (sic: "Enthalphy")
+``GibbsFreeEnergy_298K_au``   G at 298.15 K, Hartree
 ``Heatcapacity_Cv_cal_mol_K`` c_v at 298.15 K, cal/(mol K)
-=========================== ==================================================================
+============================= ==================================================================
 
 Numbers appear as ``-0.0126981359``, ``0.`` / ``18.`` (trailing dot) and ``2.1997E-6``; the
 original QM9 ``.xyz`` files write exponents Mathematica-style (``2.1997*^-6``), which

@@ -14,8 +14,10 @@ from mtopt.problems.base import Problem
 
 P = TypeVar("P", bound=type[Problem])
 
-#: family → (class, its variants; empty when the family is one problem)
-_FAMILIES: dict[str, tuple[type[Problem], tuple[str, ...]]] = {}
+#: family → (class, its variants; empty when the family is one problem). The class is held as a
+#: callable: each family's constructor takes its own arguments (the variant first, or none),
+#: which ``Problem`` itself does not declare.
+_FAMILIES: dict[str, tuple[Callable[..., Problem], tuple[str, ...]]] = {}
 
 
 def register_problem(family: str, variants: Iterable[str] = ()) -> Callable[[P], P]:

@@ -103,7 +103,11 @@ def parse_yeast_csv(text: str, source: str) -> YeastArrays:
     columns = tuple(c.strip() for c in header.strip().split(","))
     if columns != FEATURE_NAMES + LABEL_NAMES:
         raise ValueError(f"{source}: header is not Att1..Att103,Class1..Class14: {columns[:4]}…")
-    values = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
+    try:
+        values = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as exc:  # ragged rows or a non-number: numpy's message names the line
+        expected = len(columns)
+        raise ValueError(f"{source}: not a table of {expected} numbers per row ({exc})") from None
     if values.shape[1] != len(columns):
         raise ValueError(f"{source}: rows have {values.shape[1]} values, expected {len(columns)}")
     labels = values[:, N_FEATURES:]

@@ -284,8 +284,10 @@ def markdown(comparison: Comparison) -> str:
         if others:
             cells.append(row.optimizer)
             cells.append("—" if row.own is None else f"{row.own.mean:+.2f} {_ci(row.own)}")
-            v = row.versus_same
-            cells.append("—" if v is None else f"{v.mean:+.2f} {_ci(v)} {row.verdict_same}")
+            same = row.versus_same
+            cells.append(
+                "—" if same is None else f"{same.mean:+.2f} {_ci(same)} {row.verdict_same}"
+            )
         if comparison.published_title:
             cells.append("—" if row.published is None else f"{row.published:+.2f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -184,6 +184,85 @@ def plot_cosine(
     return path
 
 
+def learning_curves(
+    result: dict[str, Any], records: dict[str, dict[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Per row (label → array ``runs × epochs``): the best validation Δm up to each epoch
+    (the protocol's model selection, :doc:`/protocol`), from each run's epoch log. Rows whose runs
+    log no Δm (single-task references) are left out; runs of one row are cut to the shortest."""
+    curves: dict[str, np.ndarray] = {}
+    for row in result["rows"]:
+        runs = []
+        for key in row["keys"]:
+            record = records.get(key)
+            if record is None:
+                continue
+            values = [h.get("score_delta_m") for h in record["history"]]
+            if values and all(v is not None for v in values):
+                runs.append(np.maximum.accumulate(np.asarray(values, dtype=float)))
+        if runs:
+            length = min(len(r) for r in runs)
+            curves[row["label"]] = np.stack([r[:length] for r in runs])
+    return curves
+
+
+def plot_learning_curves(
+    result: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    path: str | Path,
+    baseline: str | None = None,
+) -> Path | None:
+    """The curves that justify a study's epoch budget: per method, the best validation Δm up to
+    each epoch (mean over runs; left), and its difference to ``baseline``'s (right), which is what
+    a comparison reads: once it is flat, more epochs would not change the verdicts. ``None`` if no
+    run logs a validation Δm."""
+    curves = learning_curves(result, records)
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    base = curves.get(baseline) if baseline is not None else None
+    for label, c in curves.items():
+        x = np.arange(1, c.shape[1] + 1)
+        (line,) = left.plot(x, c.mean(axis=0), label=f"{label} ({len(c)} run(s))")
+        if base is not None and label != baseline:
+            n = min(c.shape[1], base.shape[1])
+            right.plot(x[:n], c.mean(axis=0)[:n] - base.mean(axis=0)[:n], color=line.get_color())
+    left.set_xlabel("epoch")
+    left.set_ylabel("best validation Δm so far (%)")
+    left.legend(fontsize=7)
+    right.axhline(0.0, color="0.5", lw=0.8)
+    right.set_xlabel("epoch")
+    right.set_ylabel(f"difference to {baseline} (points)" if base is not None else "")
+    fig.suptitle(f"{result['problem']}: learning curves ({result['name']})", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def learning_curve_table(
+    result: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    epochs: tuple[int, ...] = (10, 20, 30, 40, 60, 80, 100),
+) -> str:
+    """Markdown: the best validation Δm up to the given epochs (mean over runs), per method."""
+    curves = learning_curves(result, records)
+    if not curves:
+        return ""
+    longest = max(c.shape[1] for c in curves.values())
+    cols = [e for e in epochs if e <= longest] or [longest]
+    lines = [
+        "| method | " + " | ".join(f"epoch {e}" for e in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for label, c in curves.items():
+        mean = c.mean(axis=0)
+        cells = [f"{mean[e - 1]:+.2f}" if e <= len(mean) else "" for e in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_delta_m_ci(comparison: Any, path: str | Path) -> Path:
     """Δm per method with its confidence interval (:mod:`mtopt.report.comparison`), best first;
     the baseline's mean as a dashed line, published values as open markers when given."""

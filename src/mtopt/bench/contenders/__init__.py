@@ -16,6 +16,7 @@ TorchJD, LibMTL); a contender that cannot be set up becomes a result carrying it
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -141,13 +142,21 @@ def build_contenders(
     if options.plain:
         add(lambda m: PlainContender(m, workload), PLAIN, "plain")
     for spec in specs:
-        add(lambda m, s=spec: MtoptContender(m, workload, s), spec.strip(), "mtopt")
+        add(functools.partial(MtoptContender, workload=workload, spec=spec), spec.strip(), "mtopt")
     for name in select_torchjd(options, specs):
-        add(lambda m, n=name: TorchJDContender(m, workload, n), TORCHJD_PREFIX + name, "torchjd")
+        add(
+            functools.partial(TorchJDContender, workload=workload, name=name),
+            TORCHJD_PREFIX + name,
+            "torchjd",
+        )
     if options.libmtl and libmtl_available():
         names = {spec.name for spec in _parsed(specs) if spec.engine is None}
         for name, (weighting, _) in LIBMTL_COUNTERPARTS.items():
             if name in names:
                 label = LIBMTL_PREFIX + weighting
-                add(lambda m, n=name: LibMTLContender(m, workload, n), label, "libmtl")
+                add(
+                    functools.partial(LibMTLContender, workload=workload, name=name),
+                    label,
+                    "libmtl",
+                )
     return ready, failed

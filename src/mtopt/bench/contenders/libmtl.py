@@ -76,7 +76,7 @@ def _bind(base: type, model: BenchModel, workload: Workload) -> Any:
     encoder = model.encoder
     device = next(model.parameters()).device
 
-    class Bound(base):  # type: ignore[misc, valid-type]
+    class Bound(base):
         def __init__(self) -> None:
             super().__init__()
             self.task_num = workload.num_tasks

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+from torch import Tensor
+
 from mtopt.bench.contenders.base import Contender, StepOutcome
 from mtopt.bench.labels import PLAIN
 from mtopt.bench.results import ContenderResult
@@ -20,6 +24,6 @@ class PlainContender(Contender):
     def step(self, batch: Batch) -> StepOutcome:
         self.optimizer.zero_grad()
         _, losses = forward(self.model, self.workload, batch)
-        sum(losses).backward()
+        cast(Tensor, sum(losses)).backward()  # a sum of K ≥ 1 tensors
         self.optimizer.step()
         return StepOutcome()

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -84,7 +84,8 @@ class TorchJDContender(Contender):
         elif self.rep:
             (matrix,) = self.autojac.jac(losses, z, retain_graph=True)
             direction = self.aggregator(matrix.flatten(1))
-            torch.autograd.backward(sum(losses), inputs=self.head_params, retain_graph=True)
+            total = cast(torch.Tensor, sum(losses))  # a sum of K ≥ 1 tensors
+            torch.autograd.backward(total, inputs=self.head_params, retain_graph=True)
             torch.autograd.backward(z, grad_tensors=direction.view_as(z), inputs=self.shared)
         else:
             self.autojac.mtl_backward(
