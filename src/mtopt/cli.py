@@ -1,4 +1,4 @@
-"""``mtopt``: train | compare | sweep | report | bench | methods | data.
+"""``mtopt``: train | compare | sweep | report | bench | toy | methods | data.
 
 The CLI owns the terminal (tables, progress bars); the library prints nothing.
 """
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for `make run` on 2 CPU cores; says so in the printed header.
@@ -100,7 +100,7 @@ class _Parser(argparse.ArgumentParser):
             help="log every warning (by default each kind once per run, then counted)",
         )
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         from mtopt.errors import ConfigError
 
         raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -170,7 +170,30 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config entry, dotted keys, lists as a/b (e.g. base.epochs=2)",
     )
-    w.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
+    w.add_argument(
+        "--workers",
+        type=int,
+        help="parallel runs (default: one per core; with --executor ray, as many as the "
+        "cluster's CPUs hold)",
+    )
+    w.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where runs train: a local process pool, or one Ray task per run (pip install "
+        "'mtopt[ray]'); the run store stays with this process either way",
+    )
+    w.add_argument(
+        "--address",
+        help="--executor ray: the cluster's head HOST:PORT, or auto on a cluster node "
+        "(default: start a local Ray instance)",
+    )
+    w.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run, and CPUs each Ray task asks for (default: 1; torch's "
+        "choice with --workers 1)",
+    )
     w.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
     w.add_argument("--db", type=Path, help="SQLite run database (default RUN_DIR/mtopt.sqlite)")
     w.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -231,6 +254,31 @@ def _build_parser() -> argparse.ArgumentParser:
         "counterparts of --methods",
     )
     b.set_defaults(func=cmd_bench)
+
+    y = sub.add_parser(
+        "toy",
+        help="the two-objective toy of CAGrad, Nash-MTL and FAMO: every method's path over the "
+        "Pareto front (PNG) and a table of the end points",
+    )
+    y.add_argument(
+        "--methods",
+        help="comma-separated specs NAME[:KEY=VALUE...] (default: unitary, mgda, cagrad, pcgrad, "
+        "nash_mtl, famo, imtl_g, upgrad; the papers' toy settings fill in unset hyperparameters)",
+    )
+    y.add_argument(
+        "--starts",
+        choices=["nash", "cagrad"],
+        default="nash",
+        help="nash: the five start points of Nash-MTL's and FAMO's scripts (default: scale 0.1, "
+        "35,000 steps); cagrad: the three of CAGrad's (scale 1, 100,000 steps)",
+    )
+    y.add_argument("--steps", type=int, help="Adam steps from each start (default: see --starts)")
+    y.add_argument("--scale", type=float, help="the factor on L1 (default: see --starts)")
+    y.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (1e-3)")
+    y.add_argument("--out", type=Path, default=Path("toy.png"), help="the figure (PNG)")
+    y.add_argument("--table", type=Path, help="also write the end points as a markdown table")
+    y.add_argument("--quiet", action="store_true", help="no progress lines")
+    y.set_defaults(func=cmd_toy)
     return p
 
 
@@ -266,6 +314,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="every N steps log the mean cosine of the task gradients (the gradient-cosine "
         "diagnostic, docs/protocol.md)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and the data live: cpu, cuda or cuda:N (under torchrun: each "
+        "rank's LOCAL_RANK device)",
     )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
@@ -306,6 +360,7 @@ def _base_config(args: argparse.Namespace):
         apt=args.apt,
         muon_lr=args.muon_lr,
         cosine_every=args.cosine_every,
+        device=args.device,
     )
 
 
@@ -391,7 +446,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         cls = method_class(name)
         doc = (inspect.getdoc(cls) or "").splitlines()[0]
         need = cls.describe_needs()
-        needs = "|".join(n.name for n in type(need) if n in need)
+        needs = "|".join(cast(str, n.name) for n in type(need) if n in need)
         hps = ", ".join(
             f"{k}=<required>" if v is inspect.Parameter.empty else f"{k}={v!r}"
             for k, v in cls.hyperparameters().items()
@@ -457,6 +512,7 @@ def _store(run_dir: Path):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mtopt.experiments import data_parallel
     from mtopt.experiments.compare import run_or_load, single_task_references
     from mtopt.specs import format_spec, parse_spec, parse_value, run_options
 
@@ -470,8 +526,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     parse_spec(format_spec(method, hparams))  # builds the method: a bad name fails here
     base = replace(base, **run_options(spec))
     problem = _problem(args)
-    store = _store(args.run_dir)
-    hook = _progress_hook(args.quiet)
+    rank = 0
+    if data_parallel.launched():  # torchrun: one run over the launcher's processes
+        rank, _ = data_parallel.init()
+        if rank:  # rank 0 speaks and writes; the others train in step with it
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
+        store: Any = data_parallel.RankZeroStore(_store(args.run_dir) if rank == 0 else None)
+    else:
+        store = _store(args.run_dir)
+    hook = _progress_hook(args.quiet or rank > 0)
     print(_header(args, base, 1))
     refs = None
     if len(problem.task_names) > 1:
@@ -491,7 +554,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result["solver_failures"]:
         count = result["solver_failures"]
         print(f"  WARNING: the solver's answer was not certified on {count} step(s)")
-    if args.out:
+    if args.out and rank == 0:
         args.out.write_text(json.dumps(result, indent=1))
         print(f"  record written to {args.out}")
     if args.plot_groups:
@@ -561,6 +624,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig.from_toml(args.config, args.set)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be ≥ 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.address is not None and args.executor != "ray":
+        raise ConfigError("--address names a Ray cluster: use it with --executor ray")
+    executor = None
+    if args.executor == "ray":
+        from mtopt.experiments.executors import RayExecutor
+
+        executor = RayExecutor(args.address, args.threads or 1, args.workers).start()
+    with contextlib.ExitStack() as stack:
+        if executor is not None:
+            stack.callback(executor.close)
+        return _sweep(args, config, executor, started)
+
+
+def _sweep(args: argparse.Namespace, config: Any, executor: Any, started: float) -> int:
+    """``mtopt sweep`` once its options are checked and its executor started."""
+    from mtopt.experiments.database import RunDatabase
+    from mtopt.experiments.sweep import run_sweep
+    from mtopt.report.tables import markdown_table
+
     db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
     unfinished = db.unfinished()
     print(f"mtopt sweep {config.name} — {config.problem}; runs kept in {db.path}")
@@ -574,7 +658,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  [{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
-    result = run_sweep(config, db, workers=args.workers, progress=progress)
+    result = run_sweep(
+        config, db, args.workers, progress, executor=executor, threads=args.threads
+    )
     out = args.run_dir / "sweeps" / f"{config.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=1, default=str))
@@ -592,7 +678,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mtopt.errors import ConfigError
     from mtopt.experiments.database import RunDatabase
     from mtopt.report import comparison
-    from mtopt.report.plots import plot_cosine, plot_delta_m, plot_delta_m_ci, plot_weights
+    from mtopt.report.plots import (
+        learning_curve_table,
+        plot_cosine,
+        plot_delta_m,
+        plot_delta_m_ci,
+        plot_learning_curves,
+        plot_weights,
+    )
     from mtopt.report.tables import latex_table, markdown_table
 
     if not 0.0 < args.level < 1.0:
@@ -623,6 +716,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"  ({name}: nothing to plot in this sweep)")
         else:
             written.append(path)
+    curves = plot_learning_curves(result, records, out_dir / "learning_curves.png", baseline)
+    if curves is not None:
+        (out_dir / "learning_curves.md").write_text(learning_curve_table(result, records))
+        written += [curves, out_dir / "learning_curves.md"]
     print(markdown_table(result))
     print(comparison.markdown(stats))
     for path in written:
@@ -652,6 +749,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mtopt.bench import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from mtopt.errors import ConfigError
+    from mtopt.experiments import toy
+
+    paper = args.starts == "nash"
+    starts = toy.START_POINTS if paper else toy.CAGRAD_START_POINTS
+    steps = args.steps if args.steps is not None else (toy.STEPS if paper else toy.CAGRAD_STEPS)
+    scale = args.scale if args.scale is not None else (toy.SCALE if paper else 1.0)
+    specs = [s.strip() for s in (args.methods or ",".join(toy.DEFAULT_METHODS)).split(",")]
+    if not all(specs):
+        raise ConfigError(f"--methods {args.methods!r} has an empty entry (e.g. unitary,mgda)")
+    if steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1, got {steps}")
+    if args.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {args.out}: the figure is a PNG file (NAME.png)")
+    for option, path in (("--out", args.out), ("--table", args.table)):
+        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
+            raise ConfigError(f"{option} {path}: not a file in an existing folder")
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"  [{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr)
+
+    results = toy.run_toy(specs, starts, steps, args.lr, scale, progress)
+    table = toy.format_table(results)
+    print(table)
+    if args.table is not None:
+        args.table.write_text(table + "\n")
+        print(f"  wrote {args.table}")
+    print(f"  wrote {toy.plot_toy(results, args.out, scale)}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

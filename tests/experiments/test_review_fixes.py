@@ -140,7 +140,8 @@ def test_multitask_run_keys_ignore_new_default_fields():
     old = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in ("optimizer", "apt", "muon_lr", "cosine_every", "engine", "lr_schedule")
+        if k
+        not in ("optimizer", "apt", "muon_lr", "cosine_every", "engine", "lr_schedule", "device")
     }
     blob = json.dumps([old, REFS["val"]], sort_keys=True, default=str)
     assert run_key(config, REFS) == hashlib.sha256(blob.encode()).hexdigest()[:16]

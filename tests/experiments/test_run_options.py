@@ -19,13 +19,17 @@ def test_keys_of_default_configs_did_not_change():
     old_fields = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in ("optimizer", "apt", "muon_lr", "cosine_every", "engine", "lr_schedule")
+        if k
+        not in ("optimizer", "apt", "muon_lr", "cosine_every", "engine", "lr_schedule", "device")
     }
     blob = json.dumps(old_fields, sort_keys=True, default=str)
     assert config.key() == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert RunConfig(problem="p", optimizer="muon").key() != RunConfig(problem="p").key()
     assert RunConfig(problem="p", apt=True).key() != RunConfig(problem="p").key()
     assert RunConfig(problem="p", engine="gramian").key() != RunConfig(problem="p").key()
+    assert RunConfig(problem="p", device="cuda").key() != RunConfig(problem="p").key()
+    with pytest.raises(ValueError, match="device"):
+        RunConfig(problem="p", device="tpu")
     assert RunConfig(problem="p", muon_lr=0.1).key() == RunConfig(problem="p").key()  # unused
     with pytest.raises(ValueError, match="optimizer must be 'adam' or 'muon'"):
         RunConfig(problem="p", optimizer="sgd")

@@ -29,6 +29,13 @@ from torch import Tensor
 from mtopt.core.method import Aggregation, MethodInput
 
 
+def autograd_grad(outputs: Any, inputs: Any, **kwargs: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` with ``allow_unused=True`` by default (``StepContext.grad`` of
+    one process)."""
+    kwargs.setdefault("allow_unused", True)
+    return tuple(torch.autograd.grad(outputs, inputs, **kwargs))
+
+
 @dataclass
 class StepContext:
     """What the engine lends a :class:`ClosureMethod` for one step.
@@ -47,6 +54,9 @@ class StepContext:
             ``loss`` does not reach keeps ``grad = None`` unless ``zero_missing``), apply
             ``max_grad_norm``, step the base optimizer.
         evaluate_meta: for a :class:`MetaBatchMethod`: the per-task losses on the meta batch.
+        grad: ``grad(outputs, inputs, **kwargs)``: ``torch.autograd.grad`` (``allow_unused``
+            by default) of the full batch: in a process group, averaged over the ranks. A method
+            that differentiates the losses itself (not through :attr:`update`) calls this.
     """
 
     evaluate: Callable[[], Tensor]
@@ -56,6 +66,7 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     update: Callable[..., None]
     evaluate_meta: Callable[[], Tensor] | None = None
+    grad: Callable[..., tuple[Tensor | None, ...]] = field(default=autograd_grad)
 
 
 class ClosureMethod(ABC):  # noqa: B024 - a capability; its hooks have defaults

@@ -53,9 +53,10 @@ task disagrees; the optimizer runs it on the first step.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +109,7 @@ class GramianEngine:
             for module in root.modules():
                 if module in self._owned:
                     continue
-                direct = [
+                direct: list[tuple[str, Tensor]] = [
                     (n, p)
                     for n, p in module.named_parameters(recurse=False)
                     if id(p) in wanted and id(p) not in owned_ids
@@ -122,6 +123,8 @@ class GramianEngine:
         self._pending: list[_Pending] = []
         self._batched = True
         self.keep_bytes = int(keep_bytes)
+        #: machine epsilon of the coarsest float of the last recorded forward and backward
+        self.working_eps = 0.0
         self._kept_bytes = 0
 
     @property
@@ -179,6 +182,13 @@ class GramianEngine:
         if not edges and not self.unowned:
             return gram
         cotangents = self._cotangents(losses, edges + self.unowned)
+        # the coarsest float the forward and backward ran in (bfloat16 under autocast, say)
+        floats = [c.dtype for c in cotangents if c is not None] + [
+            a.dtype for call in calls for a in call.args if isinstance(a, Tensor)
+        ]
+        self.working_eps = max(
+            (torch.finfo(d).eps for d in floats if d.is_floating_point), default=0.0
+        )
         per_call: list[list[Tensor | None]] = []
         offset = 0
         for call in calls:
@@ -192,7 +202,7 @@ class GramianEngine:
             if rows is not None:
                 flat = rows.reshape(num_tasks, -1)
                 gram += gram_product(flat)
-                precise.append(lambda flat=flat: float64_gram(flat))
+                precise.append(functools.partial(float64_gram, flat))
                 self._pending.append(_weighted_rows(p, rows))
 
         by_module: dict[nn.Module, list[tuple[_Call, list[Tensor | None]]]] = {}
@@ -205,19 +215,22 @@ class GramianEngine:
                 contribution, rows, pending = _linear_rule(module, owned, entries, num_tasks)
                 gram += contribution
                 self._pending.append(self._keep(owned, rows, pending))
-                precise.append(
-                    lambda m=module, o=owned, e=entries: _linear_rule(
-                        m, o, e, num_tasks, precise=True
-                    )[0]
-                )
+                precise.append(_precise_linear(module, owned, entries, num_tasks))
                 continue
 
-            def module_rows(module=module, owned=owned, entries=entries):
+            def module_rows(
+                module: nn.Module = module,
+                owned: list[tuple[str, Tensor]] = owned,
+                entries: list[tuple[_Call, list[Tensor | None]]] = entries,
+            ) -> tuple[Tensor, list[_Pending]]:
                 jac: Tensor | None = None
                 pendings: list[_Pending] = []
                 for call, cots in entries:
                     if isinstance(module, _CONVS) and _conv_supported(module) and not call.kwargs:
-                        rows, pending = _conv_rule(module, owned, call, cots[0], num_tasks)
+                        # a convolution has one output, whose cotangents are there (else the
+                        # call would not be among the entries)
+                        cot = cast(Tensor, cots[0])
+                        rows, pending = _conv_rule(module, owned, call, cot, num_tasks)
                     else:
                         rows, pending = _functional_rule(module, owned, call, cots, num_tasks)
                     jac = rows if jac is None else jac + rows
@@ -228,7 +241,7 @@ class GramianEngine:
             jac, pendings = module_rows()
             gram += gram_product(jac)
             self._pending.append(self._keep(owned, jac, _chain(pendings)))
-            precise.append(lambda rows_of=module_rows: float64_gram(rows_of()[0]))
+            precise.append(_precise_rows(module_rows))
         self._calls = []
         if (
             ref.dtype != torch.float64
@@ -236,8 +249,8 @@ class GramianEngine:
             and not well_resolved(gram)
         ):
             gram = torch.zeros_like(gram)
-            for contribution in precise:
-                gram += contribution()
+            for thunk in precise:
+                gram += thunk()
         return gram
 
     def _keep(
@@ -306,7 +319,12 @@ class GramianEngine:
         """Check ``diag M`` against ``‖∇_θ ℓ_k‖²`` computed by autograd (K backward passes, one
         gradient in memory at a time); raise a ``RuntimeError`` naming the first task that
         disagrees. Catches shared parameters used outside their module's forward and modules
-        whose forward cannot be re-run identically."""
+        whose forward cannot be re-run identically (both give differences of order 1).
+
+        The autograd reference carries the rounding of the dtype the forward and backward ran
+        in, so the relative tolerance is at least 4 ε of the coarsest one (bfloat16 under
+        autocast: ε = 2⁻⁷, tolerance 3 %; float16: 0.4 %), else ``rtol``."""
+        rtol = max(rtol, 4 * self.working_eps)
         diag = gram.detach().diagonal().tolist()
         for k, loss in enumerate(losses):
             grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
@@ -323,11 +341,34 @@ class GramianEngine:
 
 
 # -- per-layer rules -----------------------------------------------------------------------------
-def _plain_calls(entries: list[tuple[_Call, list[Tensor]]]) -> bool:
+def _plain_calls(entries: list[tuple[_Call, list[Tensor | None]]]) -> bool:
     return all(
         len(c.args) == 1 and not c.kwargs and isinstance(c.args[0], Tensor) and cots[0] is not None
         for c, cots in entries
     )
+
+
+def _precise_linear(
+    module: nn.Linear,
+    owned: list[tuple[str, Tensor]],
+    entries: list[tuple[_Call, list[Tensor | None]]],
+    num_tasks: int,
+) -> Callable[[], Tensor]:
+    """The thunk that forms a Linear layer's contribution again in float64 arithmetic."""
+
+    def contribution() -> Tensor:
+        return _linear_rule(module, owned, entries, num_tasks, precise=True)[0]
+
+    return contribution
+
+
+def _precise_rows(rows_of: Callable[[], tuple[Tensor, list[_Pending]]]) -> Callable[[], Tensor]:
+    """The thunk that forms a module's contribution again in float64 from its recomputed rows."""
+
+    def contribution() -> Tensor:
+        return float64_gram(rows_of()[0])
+
+    return contribution
 
 
 def _weighted_rows(p: Tensor, rows: Tensor) -> _Pending:
@@ -422,7 +463,7 @@ def _kernel_gram(x: Tensor, c: Tensor, with_bias: bool, precise: bool = False) -
     return 0.5 * (inner + inner.T)
 
 
-def _conv_supported(module: nn.Module) -> bool:
+def _conv_supported(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
     return (
         module.groups == 1
         and module.padding_mode == "zeros"
@@ -431,7 +472,7 @@ def _conv_supported(module: nn.Module) -> bool:
 
 
 def _conv_rule(
-    module: nn.Module,
+    module: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     owned: list[tuple[str, Tensor]],
     call: _Call,
     cot: Tensor,
@@ -512,7 +553,11 @@ def _functional_rule(
         leaves, _ = tree_flatten(out)
         return tuple(leaves[i] for i in call.positions)
 
-    outputs, vjp_fn = torch.func.vjp(forward, *values)
+    # without has_aux, vjp returns the pair (outputs, vjp_fn)
+    outputs, vjp_fn = cast(
+        tuple[tuple[Tensor, ...], Callable[..., tuple[Tensor, ...]]],
+        torch.func.vjp(forward, *values),
+    )
     for out, shape in zip(outputs, call.shapes, strict=True):
         if out.shape != shape:
             raise RuntimeError(
@@ -533,7 +578,7 @@ def _functional_rule(
     return rows, pending
 
 
-def _shape_of(template: Any, grads: list[Tensor | None]) -> torch.Size:
+def _shape_of(template: Any, grads: Sequence[Tensor | None]) -> torch.Size:
     if isinstance(template, Tensor):
         return template.shape
     return next(g for g in grads if g is not None).shape

@@ -1,6 +1,6 @@
-"""What the engine lends a closure method for one step (:class:`~mtopt.core.capabilities.
-StepContext`): re-running the closure on the step's batch with its random state replayed, the
-meta closure, and plain optimizer updates."""
+"""What the engine lends a closure method for one step
+(:class:`~mtopt.core.capabilities.StepContext`): re-running the closure on the step's batch
+with its random state replayed, the meta closure, and plain optimizer updates."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtopt.core.capabilities import MetaBatchMethod, StepContext
+from mtopt.core.capabilities import MetaBatchMethod, StepContext, autograd_grad
 from mtopt.core.method import Method
 from mtopt.engine import writeback
 from mtopt.engine.closure import Closure, Unpacked, replayed_rng, unpack
+from mtopt.engine.distributed import ProcessGroupSync
 
 
 def make_context(
@@ -25,23 +26,29 @@ def make_context(
     task_params: list[Tensor],
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float | None,
+    sync: ProcessGroupSync | None = None,
 ) -> StepContext:
-    """The context of one step of a closure method."""
+    """The context of one step of a closure method; in a process group (``sync``) the losses it
+    hands out are the global ones and its updates and gradients are averaged over the ranks
+    (:mod:`mtopt.engine.distributed`)."""
     names = step.names
+
+    def globalised(losses: list[Tensor]) -> list[Tensor]:
+        return losses if sync is None else sync.losses(losses)[0]
 
     def evaluate_each() -> list[Tensor]:
         # the step's random state replayed: the same dropout masks as its forward, and the
         # caller's random stream untouched; under no_grad the losses need no graph
         with replayed_rng(replay):
             out = closure()
-        return unpack(out, names, require_grad=torch.is_grad_enabled()).losses
+        return globalised(unpack(out, names, require_grad=torch.is_grad_enabled()).losses)
 
     evaluate_meta = None
     if meta_closure is not None and isinstance(method, MetaBatchMethod):
 
         def evaluate_meta() -> Tensor:
             out = unpack(meta_closure(), names, require_grad=torch.is_grad_enabled())
-            return torch.stack(out.losses)
+            return torch.stack(globalised(out.losses))
 
     def update(loss: Tensor, zero_missing: bool = False) -> None:
         """One plain update on ``loss`` (``StepContext.update``)."""
@@ -51,6 +58,8 @@ def make_context(
             for p in task_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+        if sync is not None:
+            sync.average_grads([p for g in optimizer.param_groups for p in g["params"]])
         writeback.clip(shared, max_grad_norm)
         optimizer.step()
 
@@ -62,4 +71,5 @@ def make_context(
         optimizer=optimizer,
         update=update,
         evaluate_meta=evaluate_meta,
+        grad=autograd_grad if sync is None else sync.grad,
     )

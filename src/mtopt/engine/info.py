@@ -32,6 +32,10 @@ class StepInfo:
             ``"representation"``, or ``None`` (the method works on the losses only).
         updates: optimizer updates made in this step (1, or what a sequential method made).
         sequential: a sequential method's report (its groups, their number, the affinity).
+        communicated_bytes: in a process group, the payload this rank contributed to the
+            step's collectives (0 in one process).
+        skipped: under a ``GradScaler``, the step found an inf or NaN gradient and did not
+            update the parameters (the scaler lowered its scale), as ``GradScaler.step`` does.
     """
 
     step: int
@@ -44,6 +48,8 @@ class StepInfo:
     gradient_engine: str | None = None
     updates: int = 1
     sequential: UpdateReport | None = None
+    communicated_bytes: int = 0
+    skipped: bool = False
 
     def weight_dict(self) -> dict[str, float] | None:
         if self.weights is None:

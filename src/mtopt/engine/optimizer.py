@@ -13,6 +13,7 @@ only through ``features``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,12 +29,14 @@ from mtopt.core.capabilities import (
 )
 from mtopt.core.method import Aggregation, Method, MethodInput
 from mtopt.core.registry import make
-from mtopt.engine import writeback
+from mtopt.engine import accumulation, writeback
 from mtopt.engine.closure import Closure, Losses, Unpacked, require_separate, rng_state, unpack
 from mtopt.engine.context import make_context
+from mtopt.engine.distributed import make_sync
 from mtopt.engine.info import PhaseClock, StepInfo, UncertifiedLog
+from mtopt.engine.scaling import Scaling
 from mtopt.engine.setup import ENGINES, Shared, choose_source, split_parameters
-from mtopt.engine.sources import RepresentationSource
+from mtopt.engine.sources import PerTask, RepresentationSource
 
 __all__ = ["ENGINES", "Losses", "MultiTaskOptimizer", "StepInfo"]
 
@@ -60,15 +63,43 @@ class MultiTaskOptimizer:
         max_jacobian_bytes: under ``"auto"``, the size of the ``K × D`` Jacobian above which the
             Gramian engine is used; the Gramian engine keeps at most this many bytes of
             per-module rows. Default 1 GiB.
+        process_group: data parallelism (:mod:`mtopt.engine.distributed`): ``"auto"`` works in
+            the default ``torch.distributed`` group when one is initialised with more than one
+            rank; ``None`` never communicates; or a group. Each rank's closure computes the
+            losses of its own part of the batch (the model not wrapped in DDP); every rank's
+            method then sees the full batch's losses and gradients, and all apply the same
+            update. Parameters are broadcast from the group's first rank when the optimizer is
+            built.
+        grad_scaler: a ``torch.amp.GradScaler`` for mixed precision
+            (:mod:`mtopt.engine.scaling`): the step back-propagates the scaled losses, the method
+            sees the per-task gradients unscaled, and a step whose gradients are not finite is
+            skipped and the scale lowered, as ``GradScaler.step`` and ``update`` do (the step
+            calls both).
         **hparams: the method's hyperparameters when ``method`` is a name (``optimizer`` is
             positional-only, so a method's own ``optimizer`` hyperparameter can be
             passed here).
 
-    Example::
+    Example:
+        Two regression heads on a shared encoder, balanced by MGDA:
 
-        mto = MultiTaskOptimizer(torch.optim.Adam(model.parameters()), "mgda_ub",
-                                 shared=model.encoder)
-        info = mto.step(lambda: Losses({"a": la, "b": lb}, features=z))
+        >>> import torch
+        >>> from mtopt import Losses, MultiTaskOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> encoder = torch.nn.Linear(4, 8)
+        >>> heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 1), "b": torch.nn.Linear(8, 1)})
+        >>> params = [*encoder.parameters(), *heads.parameters()]
+        >>> mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "mgda",
+        ...                          shared=encoder, normalization="l2")
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 2)
+        >>> def closure():
+        ...     z = encoder(x)
+        ...     return Losses({k: ((heads[k](z).squeeze(1) - y[:, i]) ** 2).mean()
+        ...                    for i, k in enumerate(heads)})
+        >>> info = mto.step(closure)
+        >>> info.task_names, tuple(info.weights.shape), bool(info.weights.sum() > 0)
+        (('a', 'b'), (2,), True)
+        >>> info.gradient_engine
+        'jacobian'
     """
 
     def __init__(
@@ -83,6 +114,8 @@ class MultiTaskOptimizer:
         max_grad_norm: float | None = None,
         engine: str = "auto",
         max_jacobian_bytes: int = 2**30,
+        process_group: Any = "auto",
+        grad_scaler: torch.amp.GradScaler | None = None,
         **hparams: Any,
     ) -> None:
         if isinstance(method, Method):
@@ -107,9 +140,14 @@ class MultiTaskOptimizer:
         self.task_names: tuple[str, ...] | None = tuple(tasks) if tasks is not None else None
         self.loss_types = None if loss_types is None else tuple(loss_types)
         self.shared, self.task_params, modules = split_parameters(optimizer, shared, self.method)
+        self.sync = make_sync(process_group)
+        self.scaling = Scaling.make(grad_scaler, self.method)
         self.source = choose_source(
-            self.method, engine, self.shared, modules, self.max_jacobian_bytes
+            self.method, engine, self.shared, modules, self.max_jacobian_bytes, self.sync
         )
+        if self.sync is not None:
+            self.sync.check_method(self.method)
+            self.sync.broadcast_parameters(self.shared + self.task_params)
 
     @property
     def uncertified(self) -> collections.Counter[tuple[str, str]]:
@@ -151,63 +189,60 @@ class MultiTaskOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- the step ------------------------------------------------------------------------------
-    def step(self, closure: Closure, meta_closure: Closure | None = None) -> StepInfo:
+    def step(
+        self,
+        closure: Closure | Sequence[Closure],
+        meta_closure: Closure | Sequence[Closure] | None = None,
+    ) -> StepInfo:
         """One multi-task step; the closure runs the forward pass and returns the losses.
 
-        ``meta_closure`` (only for methods that read a meta batch, ``MetaBatchMethod``) returns
-        the losses on that batch; the method's ``meta_split`` says which split it comes from.
+        A list of closures is one step on their micro-batches together (gradient accumulation,
+        :mod:`mtopt.engine.accumulation`). ``meta_closure`` (only for methods that read a meta
+        batch, ``MetaBatchMethod``) returns the losses on that batch (or is a list, like
+        ``closure``); the method's ``meta_split`` says which split it comes from.
         """
+        if isinstance(meta_closure, Sequence):
+            meta_closure = accumulation.mean_closure(meta_closure)
+        if isinstance(closure, Sequence):
+            accumulation.check(self, closure)
+            if accumulation.is_streaming(self):
+                return accumulation.streaming_step(self, closure)
+            closure = accumulation.mean_closure(closure)
         method = self.method
         if isinstance(method, MetaBatchMethod) and meta_closure is None:
             raise ValueError(
                 f"method {method.name!r} needs a meta batch: call step(closure, "
                 f"meta_closure=...) with losses on a {method.meta_split!r} batch"
             )
-        clock = PhaseClock()
-        self.optimizer.zero_grad(set_to_none=True)
-        index = self.step_count
+        clock, index = PhaseClock(), self.step_count
+        sent = 0 if self.sync is None else self.sync.sent_bytes
         replay = rng_state() if isinstance(method, ClosureMethod) else None
-        known = None if self.task_names is None else len(self.task_names)
-        with torch.enable_grad(), self.source.recording(known):
-            step = unpack(closure(), self.task_names)
-        if self.task_names is None:
-            self.task_names = step.names
+        step = self._forward(closure)
         clock.lap("forward")
-        per_task = self.source.compute(step)
+        try:
+            per_task = self.source.compute(step)
+        except FloatingPointError:
+            if self.scaling is None:
+                raise
+            return self._skip(index, step, clock, sent)
         clock.lap("gradients")
-        features = step.features if method.level == "rep" else None
-        inputs = MethodInput(
-            step.stacked,
-            step.names,
-            grads=per_task.grads,
-            step=index,
-            loss_types=self.loss_types,
-            features=None if features is None else features.detach(),
-            gramian_matrix=per_task.gramian,
-        )
+        inputs = self._method_input(step, per_task, index)
         context = None
         if isinstance(method, ClosureMethod):
             context = make_context(
-                method,
-                closure,
-                meta_closure,
-                step,
-                replay,
-                self.shared,
-                self.task_params,
-                self.optimizer,
-                self.max_grad_norm,
-            )
+                method, closure, meta_closure, step, replay, self.shared, self.task_params,
+                self.optimizer, self.max_grad_norm, self.sync,
+            )  # fmt: skip
+        report, skipped = None, False
         if isinstance(method, SequentialMethod):
             assert context is not None
             require_separate(method.name, step)
             report = method.apply(inputs, context)
-            agg, updates = Aggregation(report.weights, extras=dict(report.extras)), report.updates
+            agg = Aggregation(report.weights, extras=dict(report.extras))
             self._add_param_groups()
             clock.lap("method")
         else:
-            report, updates = None, 1
-            agg = self._update_once(inputs, step, per_task, context, clock)
+            agg, skipped = self._update_once(inputs, step, per_task, context, clock)
         self.step_count += 1
         extras = dict(agg.extras)
         if context is not None:
@@ -225,14 +260,52 @@ class MultiTaskOptimizer:
             times=clock.done(),
             extras=extras,
             gradient_engine=self.source.label,
-            updates=updates,
+            updates=1 if report is None else report.updates,
             sequential=report,
+            communicated_bytes=0 if self.sync is None else self.sync.sent_bytes - sent,
+            skipped=skipped,
+        )
+
+    def _forward(self, closure: Closure) -> Unpacked:
+        """The closure's losses, checked; in a process group the global ones (global values,
+        local gradients); under a grad scaler the back-propagated ones scaled."""
+        self.optimizer.zero_grad(set_to_none=True)
+        known = None if self.task_names is None else len(self.task_names)
+        with torch.enable_grad(), self.source.recording(known):
+            step = unpack(closure(), self.task_names)
+        if self.task_names is None:
+            self.task_names = step.names
+        if self.sync is not None:
+            losses, mean = self.sync.losses(step.losses)
+            step = dataclasses.replace(step, losses=losses, stacked=mean, values=mean.tolist())
+        if self.scaling is not None:
+            step = self.scaling.scaled(step)
+        return step
+
+    def _method_input(self, step: Unpacked, per_task: PerTask, index: int) -> MethodInput:
+        """What the method reads: the losses, and the per-task gradients (unscaled) or their
+        Gramian, and the (gathered) features at the representation level."""
+        grads, gram = per_task.grads, per_task.gramian
+        if self.scaling is not None:
+            grads, gram = self.scaling.unscaled(per_task)
+        features = None
+        if self.method.level == "rep":
+            features = per_task.features if per_task.features is not None else step.features
+        return MethodInput(
+            step.stacked,
+            step.names,
+            grads=grads,
+            step=index,
+            loss_types=self.loss_types,
+            features=None if features is None else features.detach(),
+            gramian_matrix=gram,
         )
 
     def _update_once(
         self, inputs: MethodInput, step: Unpacked, per_task: Any, context: Any, clock: PhaseClock
-    ) -> Aggregation:
-        """The method's aggregation, written into ``.grad`` and applied by one optimizer step."""
+    ) -> tuple[Aggregation, bool]:
+        """The method's aggregation, written into ``.grad`` and applied by one optimizer step;
+        whether a grad scaler skipped that step."""
         method = self.method
         if context is not None:
             assert isinstance(method, ClosureMethod)
@@ -245,16 +318,51 @@ class MultiTaskOptimizer:
         heads = (
             writeback.head_coefficients(method, agg, inputs.num_tasks) if self.task_params else None
         )
-        self.source.write(agg, step, per_task, self.task_params, heads)
+        written = agg if self.scaling is None else self.scaling.scaled_direction(agg)
+        self.source.write(written, step, per_task, self.task_params, heads)
+        if self.sync is not None:
+            skip = self.shared if self.source.writes_global else []
+            self.sync.average_grads(self._optimized(), skip=skip)
+        if self.scaling is not None:
+            self.scaling.unscale(self.optimizer)
         writeback.clip(self.shared, self.max_grad_norm)
         clock.lap("backward")
-        self.optimizer.step()
+        skipped = False
+        if self.scaling is None:
+            self.optimizer.step()
+        else:
+            skipped = self.scaling.step(self.optimizer)
         clock.lap("optimizer")
-        return agg
+        return agg, skipped
+
+    def _skip(self, index: int, step: Unpacked, clock: PhaseClock, sent: int) -> StepInfo:
+        """A step whose scaled per-task gradients are not finite: no update, a lower scale."""
+        assert self.scaling is not None
+        self.scaling.skip(self.optimizer, self.shared)
+        self.step_count += 1
+        return StepInfo(
+            step=index,
+            losses=dict(zip(step.names, step.values, strict=True)),
+            weights=None,
+            task_names=step.names,
+            solver=None,
+            times=clock.done(),
+            gradient_engine=self.source.label,
+            updates=0,
+            communicated_bytes=0 if self.sync is None else self.sync.sent_bytes - sent,
+            skipped=True,
+        )
+
+    def _optimized(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _add_param_groups(self) -> None:
         if isinstance(self.method, RepresentationTransform):
+            known = len(self.optimizer.param_groups)
             writeback.add_param_groups(self.optimizer, self.method.new_param_groups())
+            if self.sync is not None:  # a method's own parameters start from rank 0's too
+                added = [p for g in self.optimizer.param_groups[known:] for p in g["params"]]
+                self.sync.broadcast_parameters(added)
 
     # -- state, like torch.optim ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ level (:mod:`mtopt.engine.sources`), chosen once."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from mtopt.core.capabilities import ClosureMethod
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Method
+from mtopt.engine.distributed import ProcessGroupSync
 from mtopt.engine.sources import (
     AutoSource,
     GradientSource,
@@ -41,12 +43,13 @@ def split_parameters(
             "train)"
         )
     modules: list[nn.Module] | None = None
+    items: list[Tensor | nn.Module] = []  # the shared part as given, when not one module
     if isinstance(shared, nn.Module):
         modules = [shared]
     elif shared is not None:
-        shared = list(shared)
-        if shared and all(isinstance(m, nn.Module) for m in shared):
-            modules = list(shared)  # type: ignore[arg-type]
+        items = list(shared)
+        if items and all(isinstance(m, nn.Module) for m in items):
+            modules = cast(list[nn.Module], list(items))  # all modules: checked just above
     params: list[Tensor]
     if modules is not None:
         unique: dict[int, Tensor] = {}
@@ -57,7 +60,7 @@ def split_parameters(
     elif shared is None:
         params = optimized
     else:
-        params = list(shared)  # type: ignore[arg-type]
+        params = cast(list[Tensor], list(items))  # parameters (not all items are modules)
     if shared is not None:
         ids = {id(p) for p in optimized}
         params = [p for p in params if p.requires_grad]
@@ -79,11 +82,15 @@ def choose_source(
     shared: list[Tensor],
     modules: list[nn.Module] | None,
     max_jacobian_bytes: int,
+    sync: ProcessGroupSync | None = None,
 ) -> GradientSource:
-    """The gradient source for the method's level and the requested engine."""
+    """The gradient source for the method's level and the requested engine; in a process group
+    (``sync``) the source reduces what it computes (:mod:`mtopt.engine.distributed`)."""
     level = method.level
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if sync is not None:
+        return _data_parallel_source(method, engine, shared, sync)
     if engine == "gramian" and level != "param":
         raise ValueError(
             f"engine='gramian' is not possible: method {method.name!r} does not use parameter "
@@ -112,3 +119,24 @@ def choose_source(
         return gram
     row_bytes = sum(p.numel() for p in shared) * shared[0].element_size()
     return AutoSource(jac, gram, row_bytes, max_jacobian_bytes)
+
+
+def _data_parallel_source(
+    method: Method, engine: str, shared: list[Tensor], sync: ProcessGroupSync
+) -> GradientSource:
+    """The source in a process group: the Jacobian at the parameter level ("auto" included),
+    never the Gramian engine, whose full-batch Gramian needs every rank's rows."""
+    if engine == "gramian":
+        raise ValueError(
+            "engine='gramian' is not possible in a process group: the full batch's Gramian "
+            "has cross-rank terms J_r J_sᵀ that only the rows carry; use engine='jacobian' "
+            "(or 'auto', which picks it there)"
+        )
+    if method.level == "loss":
+        source: GradientSource = LossSource(shared)
+        source.sync = sync
+        return source
+    if method.level == "rep":
+        split = not isinstance(method, ClosureMethod)
+        return RepresentationSource(shared, split, sync=sync, gramian_only=method.gramian_only)
+    return JacobianSource(shared, batched=engine == "batched", sync=sync)

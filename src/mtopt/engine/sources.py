@@ -1,21 +1,21 @@
 """Where a method's per-task gradients come from, and how its answer reaches the shared
 parameters: one *gradient source* per level, chosen once when the optimizer is built.
 
-======================  ==================================================  ======================
-source                  per-task input                                      shared update
-======================  ==================================================  ======================
-:class:`LossSource`     none (the losses)                                   backward of Σ w_k ℓ_k
-:class:`JacobianSource` ``K × D`` Jacobian of the shared parameters, by K    ``Gᵀw`` (or the
-                        backward passes or one batched pass                 direction) written
-:class:`GramianSource`  only ``M = JJᵀ``, module by module                   ``Jᵀw`` from the kept
-                        (:mod:`mtopt.core.gramian`)                         rows or cotangents
-:class:`AutoSource`     the Jacobian, or the Gramian when ``K × D`` would   as the one it picked
-                        exceed the memory budget (decided at the first
-                        step, when K is known)
-:class:`RepresentationSource`  ``K × numel(z)`` gradients of the representation   backward of the
-                        (one backward pass when the heads read ``z``        direction through the
-                        through ``task_input``)                             encoder
-======================  ==================================================  ======================
+=============================  =============================================  =====================
+source                         per-task input                                 shared update
+=============================  =============================================  =====================
+:class:`LossSource`            none (the losses)                              backward of Σ w_k ℓ_k
+:class:`JacobianSource`        ``K × D`` Jacobian of the shared parameters,   ``Gᵀw`` (or the
+                               by K backward passes or one batched pass       direction) written
+:class:`GramianSource`         only ``M = JJᵀ``, module by module             ``Jᵀw`` from the kept
+                               (:mod:`mtopt.core.gramian`)                    rows or cotangents
+:class:`AutoSource`            the Jacobian, or the Gramian when ``K × D``    as the one it picked
+                               would exceed the memory budget (decided at
+                               the first step, when K is known)
+:class:`RepresentationSource`  ``K × numel(z)`` gradients of the              backward of the
+                               representation (one backward pass when the     direction through the
+                               heads read ``z`` through ``task_input``)       encoder
+=============================  =============================================  =====================
 
 Every source checks that the per-task gradients are finite and names the tasks that are not.
 """
@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtopt.core.gradients import batched_jacobian, jacobian, write_flat_grad
+from mtopt.core.gradients import batched_jacobian, gram_matrix, jacobian, write_flat_grad
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Aggregation
 from mtopt.engine.closure import Unpacked
+from mtopt.engine.distributed import ProcessGroupSync
 
 #: how a representation-level step hands the heads their copies of z: (source z, task, copy)
 SplitEntry = tuple[Tensor, "str | int", Tensor]
@@ -41,10 +42,15 @@ SplitEntry = tuple[Tensor, "str | int", Tensor]
 
 @dataclass
 class PerTask:
-    """A source's per-task input for the method: the gradients (rows), or their Gramian."""
+    """A source's per-task input for the method: the gradients (rows), or their Gramian; in a
+    process group also this rank's own rows (``local``), where they sit among the gathered ones
+    (``span``), and the gathered features (:mod:`mtopt.engine.distributed`)."""
 
     grads: Tensor | None = None
     gramian: Tensor | None = None
+    local: Tensor | None = None
+    span: tuple[int, int] | None = None
+    features: Tensor | None = None
 
 
 class GradientSource:
@@ -52,6 +58,10 @@ class GradientSource:
 
     #: ``StepInfo.gradient_engine`` of the steps it serves
     label: str | None = None
+    #: the process group's reductions (:mod:`mtopt.engine.distributed`), or ``None``
+    sync: ProcessGroupSync | None = None
+    #: whether the shared parameters' gradients it writes are already global (not averaged)
+    writes_global: bool = False
 
     def recording(self, num_tasks: int | None) -> contextlib.AbstractContextManager[None]:
         """A context around the closure's forward pass (the Gramian engine records modules)."""
@@ -109,15 +119,21 @@ class JacobianSource(GradientSource):
     """The ``K × D`` Jacobian of the shared parameters, by K backward passes (``"jacobian"``)
     or one batched pass (``"batched"``); the update ``Gᵀw`` is summed in float32 at least."""
 
-    def __init__(self, shared: list[Tensor], batched: bool = False) -> None:
+    def __init__(
+        self, shared: list[Tensor], batched: bool = False, sync: ProcessGroupSync | None = None
+    ) -> None:
         self.shared = shared
         self.batched = batched
         self.label = "batched" if batched else "jacobian"
+        self.sync = sync
+        self.writes_global = sync is not None
 
     def compute(self, step: Unpacked) -> PerTask:
         build = batched_jacobian if self.batched else jacobian
         grads = build(step.losses, self.shared)
         check_finite(step.names, grads=grads)
+        if self.sync is not None:  # the full batch's Jacobian: the mean of the ranks'
+            grads = self.sync.mean(grads)
         return PerTask(grads=grads)
 
     def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
@@ -126,9 +142,9 @@ class JacobianSource(GradientSource):
 
 
 class GramianSource(GradientSource):
-    """Only the Gramian, accumulated module by module (:class:`~mtopt.core.gramian.
-    GramianEngine`), checked against autograd at the first step; the update ``Jᵀw`` is written
-    from what the engine kept."""
+    """Only the Gramian, accumulated module by module
+    (:class:`~mtopt.core.gramian.GramianEngine`), checked against autograd at the first step;
+    the update ``Jᵀw`` is written from what the engine kept."""
 
     label = "gramian"
 
@@ -202,9 +218,18 @@ class RepresentationSource(GradientSource):
 
     label = "representation"
 
-    def __init__(self, shared: list[Tensor], split_heads: bool) -> None:
+    def __init__(
+        self,
+        shared: list[Tensor],
+        split_heads: bool,
+        sync: ProcessGroupSync | None = None,
+        gramian_only: bool = False,
+    ) -> None:
         self.shared = shared
         self.split_heads = split_heads
+        self.sync = sync
+        #: in a process group: reduce only the K × K Gramian (the method reads nothing else)
+        self.gramian_only = gramian_only
         #: the copies handed out while the closure runs, and those of the last forward
         self.split: list[SplitEntry] | None = None
         self.taken: list[SplitEntry] = []
@@ -239,11 +264,31 @@ class RepresentationSource(GradientSource):
             raise ValueError("features must be part of the autograd graph (requires_grad)")
         rows = representation_rows(self.taken, step.names, step.losses, features)
         check_finite(step.names, grads=rows)
-        return PerTask(grads=rows)
+        if self.sync is None:
+            return PerTask(grads=rows)
+        world = self.sync.world
+        if self.gramian_only:  # M = Σ_r J_r J_rᵀ / W²: a K × K all-reduce
+            gram = self.sync.sum_(gram_matrix(rows).clone()) / world**2
+            return PerTask(gramian=gram, local=rows)
+        gathered, start, end = self.sync.gather_rows(rows / world)
+        return PerTask(
+            grads=gathered,
+            local=rows,
+            span=(start, end),
+            features=self.sync.gather_batch(features),
+        )
 
     def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
-        assert per_task.grads is not None and step.features is not None
-        direction = combine(agg, per_task.grads).detach()
+        assert step.features is not None
+        if per_task.local is None:
+            assert per_task.grads is not None
+            direction = combine(agg, per_task.grads).detach()
+        elif agg.direction is None:  # this rank's rows, weighted (averaged over ranks after)
+            direction = combine(agg, per_task.local).detach()
+        else:  # this rank's columns of the global direction, at the local loss's scale
+            assert per_task.span is not None and self.sync is not None
+            start, end = per_task.span
+            direction = agg.direction[start:end].detach() * self.sync.world
         torch.autograd.backward(
             step.features,
             grad_tensors=direction.to(step.features.dtype).view_as(step.features),

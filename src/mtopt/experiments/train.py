@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from mtopt.core.hparams import (
 from mtopt.engine import Losses, MultiTaskOptimizer, StepInfo
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m
+from mtopt.experiments import data_parallel
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
 from mtopt.problems.base import Batch
 
@@ -81,6 +82,8 @@ class RunConfig:
     cosine_every: PositiveInt | None = None
     #: how per-task gradients are obtained (``MultiTaskOptimizer(engine=...)``; same math)
     engine: Literal["auto", "jacobian", "batched", "gramian"] = "auto"
+    #: where the model and the data live: ``cpu``, ``cuda`` or ``cuda:N``
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")] = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -104,10 +107,10 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _one_line_errors(cls: type) -> type:
+def _one_line_errors(cls: type[Any]) -> None:
     """Make a pydantic dataclass raise :class:`~mtopt.errors.ConfigError` (one line naming the
     field) instead of pydantic's multi-line ``ValidationError``; ``dataclasses.replace`` goes
-    through the same ``__init__``."""
+    through the same ``__init__``. Changes ``cls`` in place."""
     init = cls.__init__
 
     @functools.wraps(init)
@@ -117,11 +120,10 @@ def _one_line_errors(cls: type) -> type:
         except ValidationError as exc:
             raise ConfigError(f"run configuration: {describe_fields(exc)}") from None
 
-    cls.__init__ = checked  # type: ignore[method-assign]
-    return cls
+    cls.__init__ = checked
 
 
-RunConfig = _one_line_errors(RunConfig)
+_one_line_errors(RunConfig)
 
 OPTIMIZERS = ("adam", "muon")
 #: fields added after the first records: left out of the key at their defaults
@@ -132,6 +134,7 @@ _KEY_NEUTRAL_DEFAULTS = {
     "cosine_every": None,
     "engine": "auto",
     "lr_schedule": "exponential",
+    "device": "cpu",
 }
 
 
@@ -238,11 +241,13 @@ class _Run:
         )
         self.tasks = tuple(tasks)
         self.generator = seed_everything(config.seed)
+        self.rank, self.world = data_parallel.rank_and_world()
+        device = _device(config.device)
         splits = problem.splits()
-        self.train = splits["train"].subset(config.train_subset)
-        self.val = splits["val"].subset(config.eval_subset)
-        self.test = splits["test"].subset(config.eval_subset)
-        self.model = problem.make_model(tasks, dropout=config.dropout)
+        self.train = splits["train"].subset(config.train_subset).to(device)
+        self.val = splits["val"].subset(config.eval_subset).to(device)
+        self.test = splits["test"].subset(config.eval_subset).to(device)
+        self.model = problem.make_model(tasks, dropout=config.dropout).to(device)
         self.eval_batch = getattr(problem, "eval_batch_size", 1000)  # dense maps: smaller
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler: Any = None
@@ -264,6 +269,8 @@ class _Run:
             engine=config.engine,
             **config.hparams,
         )
+        if self.rank:  # independent dropout masks per rank (data_parallel)
+            torch.manual_seed(config.seed + self.rank)
         self.criteria = self._criteria()
         self.best: dict[str, dict[str, Any]] = {}
         self.meta_batches = None
@@ -284,7 +291,7 @@ class _Run:
             assert references is not None
             return {"delta_m": lambda val_m: delta_m(val_m, references["val"], self.directions)}
         return {
-            metric: lambda val_m, m=metric, lo=lower: (-1 if lo else 1) * val_m[tasks[0]][m]
+            metric: _metric_score(tasks[0], metric, lower)
             for metric, lower in self.directions[tasks[0]].items()
         }
 
@@ -297,7 +304,7 @@ class _Run:
 
         if self.meta_batches is None:
             return closure, None
-        meta = next(self.meta_batches)
+        meta = data_parallel.shard(next(self.meta_batches), self.rank, self.world)
 
         def meta_closure() -> dict[str, torch.Tensor]:
             _, outputs = model(meta["x"], mto.task_input)
@@ -310,7 +317,9 @@ class _Run:
         statistics) are left as they were."""
         saved = [b.detach().clone() for b in self.model.buffers()]
         with torch.random.fork_rng():
-            value = mean_gradient_cosine(list(closure().losses.values()), self.mto.shared)
+            # this run's closures name their losses (``_closures``): a mapping
+            losses = cast(Mapping[str, torch.Tensor], closure().losses)
+            value = mean_gradient_cosine(list(losses.values()), self.mto.shared)
         with torch.no_grad():
             for b, old in zip(self.model.buffers(), saved, strict=True):
                 b.copy_(old)
@@ -321,7 +330,9 @@ class _Run:
         self.model.train()
         log = _EpochLog(self.tasks)
         for i, batch in enumerate(self.train.batches(config.batch_size, True, self.generator)):
-            closure, meta_closure = self._closures(batch)
+            closure, meta_closure = self._closures(
+                data_parallel.shard(batch, self.rank, self.world)
+            )
             if config.cosine_every and mto.step_count % config.cosine_every == 0:
                 log.cosines.append(self._cosine(closure))
             info = mto.step(closure, meta_closure=meta_closure)
@@ -447,6 +458,26 @@ class _EpochLog:
             record["cosine"] = statistics.fmean(self.cosines)
             record["cosine_samples"] = len(self.cosines)
         return record
+
+
+def _device(name: str) -> torch.device:
+    """The run's device; under torchrun with CUDA, each rank's ``LOCAL_RANK`` GPU."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: CUDA is not available on this machine")
+        if name == "cuda" and data_parallel.rank_and_world()[1] > 1:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def _metric_score(task: str, metric: str, lower: bool) -> Callable[[dict], float]:
+    """A single-task run's selection score: the validation value of ``metric`` (negated when
+    lower is better, so that higher is better)."""
+
+    def score(val_m: dict) -> float:
+        return (-1 if lower else 1) * val_m[task][metric]
+
+    return score
 
 
 def _endless(split, batch_size: int, seed: int):

@@ -99,7 +99,7 @@ class AutoLambda(Method, MetaBatchMethod):
             with torch.enable_grad():
                 train = context.evaluate()
                 weighted = (lam.to(device=train.device, dtype=train.dtype) * train).sum()
-                grads = torch.autograd.grad(weighted, params, allow_unused=True)
+                grads = context.grad(weighted, params)
             for p, g, (lr, wd, momentum, buf) in zip(params, grads, terms, strict=True):
                 step = wd * p.data if g is None else g + wd * p.data
                 if buf is not None:
@@ -107,12 +107,15 @@ class AutoLambda(Method, MetaBatchMethod):
                 p.data.sub_(lr * step)
             with torch.enable_grad():
                 meta = context.evaluate_meta().sum()
-                v = torch.autograd.grad(meta, params, allow_unused=True)
+                v = context.grad(meta, params)
             u = [
                 torch.zeros_like(p) if g is None else t[0] * g
                 for p, g, t in zip(params, v, terms, strict=True)
             ]
-            norm = float(torch.sqrt(sum((g.double() ** 2).sum().cpu() for g in u)))
+            square = torch.zeros((), dtype=torch.float64)
+            for g in u:
+                square = square + (g.double() ** 2).sum().cpu()
+            norm = float(torch.sqrt(square))
             if not norm > 0:  # no meta signal, or every learning rate is 0
                 return torch.zeros_like(self.lambdas.detach())
             eps = 0.01 / norm  # θ ± ε u = θ ± 0.01 v / ‖v‖ when there is one learning rate

@@ -73,6 +73,13 @@ class Split:
             raise ValueError(f"subset size must be positive, got {n}")
         return Split({k: v[:n] for k, v in self.arrays.items()}, self.prepare)
 
+    def to(self, device: torch.device | str) -> Split:
+        """The split with its arrays on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if all(v.device == device for v in self.arrays.values()):
+            return self
+        return Split({k: v.to(device) for k, v in self.arrays.items()}, self.prepare)
+
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:

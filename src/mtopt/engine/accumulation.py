@@ -1,0 +1,159 @@
+r"""Gradient accumulation: one multi-task step on several micro-batches.
+
+``step([closure_1, ..., closure_m])`` is one step on the micro-batches together: the method sees
+the losses and per-task gradients of the concatenated batch, for micro-batches of equal size
+whose losses are means over their samples (then :math:`\ell_k=\frac1m\sum_i\ell_k^{(i)}` and
+:math:`\nabla\ell_k=\frac1m\sum_i\nabla\ell_k^{(i)}`; weight unequal micro-batches inside the
+closures if needed).
+
+* **Loss- and parameter-level methods** (:func:`streaming_step`): each micro-batch's forward is
+  run and differentiated at once, K backward passes into *every* parameter, and its graph freed;
+  the mean ``K × D`` Jacobian is kept (K times the memory of one gradient, no activations).
+  Then the method sees the mean losses (and, at the parameter level, the shared columns); the
+  shared parameters receive its update, the task-specific ones :math:`\sum_k c_k\nabla\ell_k`
+  from the kept columns. In a process group both are then averaged over the ranks.
+* **Closure methods** (FAMO, Auto-Lambda, selective group updates) re-run and back-propagate
+  the losses after seeing them: their micro-batches are run as one closure returning the mean
+  losses, each re-run replaying the step's random state. Every micro-batch's graph is kept
+  until the step ends, so this saves no memory; it gives the same step.
+* **Representation-level methods** are refused: their update is a per-sample direction that
+  has to be back-propagated through every micro-batch's graph after the whole batch was seen,
+  so accumulation would keep the whole batch in memory; use a larger batch.
+
+Not with a ``grad_scaler``, nor with the Gramian engine (both are refused in one line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from mtopt.core.capabilities import ClosureMethod
+from mtopt.core.gradients import jacobian, write_flat_grad
+from mtopt.core.method import Aggregation, MethodInput
+from mtopt.engine import writeback
+from mtopt.engine.closure import Closure, Losses, unpack
+from mtopt.engine.info import PhaseClock, StepInfo
+from mtopt.engine.sources import GramianSource, check_finite, combine
+
+if TYPE_CHECKING:
+    from mtopt.engine.optimizer import MultiTaskOptimizer
+
+
+def check(mto: MultiTaskOptimizer, closures: Sequence[Closure]) -> None:
+    """Raise a one-line ``ValueError`` where accumulation cannot give the step (module doc)."""
+    name = mto.method.name
+    if not closures or not all(callable(c) for c in closures):
+        raise ValueError("step() takes a closure or a non-empty list of closures (micro-batches)")
+    if mto.method.level == "rep":
+        raise ValueError(
+            f"gradient accumulation is not possible with {name!r} at the representation level: "
+            "its per-sample direction needs every micro-batch's graph at once; use a larger "
+            "batch, or the method at the parameter level where it has one"
+        )
+    if mto.scaling is not None:
+        raise ValueError("gradient accumulation with a grad_scaler is not supported")
+    if isinstance(mto.source, GramianSource) or mto.engine == "gramian":
+        raise ValueError(
+            "gradient accumulation needs the per-task gradients (engine='jacobian' or 'auto'); "
+            "the Gramian of the whole batch has cross terms between micro-batches"
+        )
+
+
+def mean_closure(closures: Sequence[Closure]) -> Closure:
+    """One closure for the micro-batches together: the mean of their losses (closure methods)."""
+
+    def closure() -> Losses:
+        parts = [unpack(c(), None, require_grad=torch.is_grad_enabled()) for c in closures]
+        names = parts[0].names
+        for part in parts[1:]:
+            if part.names != names:
+                raise ValueError(
+                    f"micro-batches return different tasks: {list(names)} and {list(part.names)}"
+                )
+        m = len(parts)
+        return Losses(
+            {n: torch.stack([p.losses[k] for p in parts]).sum() / m for k, n in enumerate(names)}
+        )
+
+    return closure
+
+
+def streaming_step(mto: MultiTaskOptimizer, closures: Sequence[Closure]) -> StepInfo:
+    """One step of a loss- or parameter-level method on ``closures``' micro-batches, keeping
+    only the mean Jacobian of every parameter (module doc)."""
+    method = mto.method
+    clock = PhaseClock()
+    mto.optimizer.zero_grad(set_to_none=True)
+    index = mto.step_count
+    shared, heads = mto.shared, mto.task_params
+    params = shared + heads
+    total: Tensor | None = None
+    values: Tensor | None = None
+    names: tuple[str, ...] | None = mto.task_names
+    for closure in closures:
+        with torch.enable_grad():
+            part = unpack(closure(), names)
+        names = part.names
+        rows = jacobian(part.losses, params)  # K backward passes; the graph goes with `part`
+        check_finite(part.names, grads=rows)
+        total = rows if total is None else total + rows
+        values = part.stacked if values is None else values + part.stacked
+        del part
+    assert total is not None and values is not None and names is not None
+    m = len(closures)
+    grads, stacked = total / m, values / m
+    sent = 0
+    if mto.sync is not None:
+        before = mto.sync.sent_bytes
+        grads, stacked = mto.sync.mean(grads), mto.sync.mean(stacked)
+        sent = mto.sync.sent_bytes - before
+    if mto.task_names is None:
+        mto.task_names = names
+    clock.lap("gradients")
+    width = sum(p.numel() for p in shared)
+    shared_rows, head_rows = grads[:, :width], grads[:, width:]
+    inputs = MethodInput(
+        stacked,
+        names,
+        grads=shared_rows if method.level == "param" else None,
+        step=index,
+        loss_types=mto.loss_types,
+    )
+    agg = method.aggregate(inputs)
+    writeback.check_aggregation(method, agg, inputs.num_tasks)
+    clock.lap("method")
+    if method.level == "param":
+        write_flat_grad(shared, combine(agg, shared_rows).detach())
+    else:
+        assert agg.weights is not None
+        write_flat_grad(shared, combine(Aggregation(agg.weights), shared_rows).detach())
+    if heads:
+        coeffs = writeback.head_coefficients(method, agg, inputs.num_tasks)
+        write_flat_grad(heads, combine(Aggregation(coeffs), head_rows).detach())
+    writeback.clip(shared, mto.max_grad_norm)
+    clock.lap("backward")
+    mto.optimizer.step()
+    clock.lap("optimizer")
+    mto.step_count += 1
+    if agg.solver is not None and not agg.solver.converged:
+        mto._uncertified.record(index, method.name, agg.solver)
+    return StepInfo(
+        step=index,
+        losses=dict(zip(names, stacked.tolist(), strict=True)),
+        weights=None if agg.weights is None else agg.weights.detach().cpu(),
+        task_names=names,
+        solver=agg.solver,
+        times=clock.done(),
+        extras=dict(agg.extras),
+        gradient_engine="jacobian" if method.level == "param" else None,
+        updates=1,
+        communicated_bytes=sent,
+    )
+
+
+def is_streaming(mto: MultiTaskOptimizer) -> bool:
+    return not isinstance(mto.method, ClosureMethod)

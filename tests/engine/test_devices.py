@@ -1,0 +1,93 @@
+"""The engine on every device this machine has: CPU always, CUDA when available (skipped
+otherwise); `make gpu-check` runs these on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mtopt import Losses, MultiTaskOptimizer
+
+TASKS = ("a", "b", "c")
+METHODS = [("unitary", {}), ("mgda", {}), ("upgrad", {"engine": "gramian"}), ("mgda_ub", {}),
+           ("cagrad", {}), ("nash_mtl", {}), ("famo", {}), ("pcgrad", {"seed": 1})]  # fmt: skip
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])
+def device(request):
+    return torch.device(request.param)
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(16, 1) for t in TASKS})
+
+
+def run(name, hps, device, dtype=torch.float32, steps=3, autocast=None, scaler=None, group=None):
+    torch.manual_seed(0)
+    model = Net().to(device=device, dtype=dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mto = MultiTaskOptimizer(opt, name, shared=model.encoder, grad_scaler=scaler,
+                             process_group=group, **hps)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(steps, 32, 5, generator=g).to(device=device, dtype=dtype)
+    y = torch.randn(steps, 32, len(TASKS), generator=g).to(device=device, dtype=dtype)
+    for s in range(steps):
+
+        def closure(s=s):
+            enabled = autocast is not None
+            with torch.autocast(device.type, dtype=autocast, enabled=enabled):
+                z = model.encoder(x[s])
+                out = {
+                    t: (
+                        (model.heads[t](mto.task_input(z, t)).squeeze(1).float() - y[s, :, i]) ** 2
+                    ).mean()
+                    for i, t in enumerate(TASKS)
+                }
+            return Losses(out, features=z)
+
+        info = mto.step(closure)
+    return [p.detach().cpu().double() for p in model.parameters()], info
+
+
+@pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
+def test_a_step_on_the_device_matches_float64_on_the_cpu(name, hps, device):
+    reference, _ = run(name, hps, torch.device("cpu"), torch.float64)
+    got, info = run(name, hps, device)
+    assert info.gradient_engine in (None, "jacobian", "gramian", "representation")
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+
+
+@CUDA
+@pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
+def test_float16_autocast_with_a_grad_scaler_on_cuda(name, hps):
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    reference, _ = run(name, hps, torch.device("cpu"), torch.float64)
+    got, info = run(name, hps, torch.device("cuda"), autocast=torch.float16, scaler=scaler)
+    assert not info.skipped
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)  # float16 matmuls
+
+
+@CUDA
+def test_nccl_group_of_one_process(tmp_path):
+    dist.init_process_group(
+        "nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        cuda = torch.device("cuda")
+        for name, hps in METHODS:
+            if name == "upgrad":  # the Gramian engine is refused in a process group
+                continue
+            alone, _ = run(name, hps, cuda)
+            grouped, info = run(name, hps, cuda, group=dist.group.WORLD)
+            assert info.communicated_bytes > 0
+            for a, b in zip(grouped, alone, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
