@@ -628,24 +628,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
     if args.address is not None and args.executor != "ray":
         raise ConfigError("--address names a Ray cluster: use it with --executor ray")
+    db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
     executor = None
-    if args.executor == "ray":
+    if args.executor == "ray":  # Ray starts (or fails, in one line) before anything runs
         from mtopt.experiments.executors import RayExecutor
 
         executor = RayExecutor(args.address, args.threads or 1, args.workers).start()
-    with contextlib.ExitStack() as stack:
-        if executor is not None:
-            stack.callback(executor.close)
-        return _sweep(args, config, executor, started)
-
-
-def _sweep(args: argparse.Namespace, config: Any, executor: Any, started: float) -> int:
-    """``mtopt sweep`` once its options are checked and its executor started."""
-    from mtopt.experiments.database import RunDatabase
-    from mtopt.experiments.sweep import run_sweep
-    from mtopt.report.tables import markdown_table
-
-    db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
     unfinished = db.unfinished()
     print(f"mtopt sweep {config.name} — {config.problem}; runs kept in {db.path}")
     if unfinished:
@@ -658,9 +646,13 @@ def _sweep(args: argparse.Namespace, config: Any, executor: Any, started: float)
         if not args.quiet:
             print(f"  [{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
-    result = run_sweep(
-        config, db, args.workers, progress, executor=executor, threads=args.threads
-    )
+    try:
+        result = run_sweep(
+            config, db, args.workers, progress, executor=executor, threads=args.threads
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     out = args.run_dir / "sweeps" / f"{config.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=1, default=str))

@@ -23,7 +23,9 @@ Run ``i`` of a configuration uses seed ``random_seed + i``. Runs are stored in a
 :class:`~mtopt.experiments.database.RunDatabase` by their config hash; a finished run is never
 redone, so a killed sweep restarted with the same file resumes where it stopped. A process pool
 (``workers``, default one per core) runs the configurations of each phase in parallel, each worker
-with one torch thread.
+with one torch thread (``threads``). Another :class:`Executor` can train the runs elsewhere (a Ray
+cluster: :class:`mtopt.experiments.executors.RayExecutor`); whatever trains them, the process that
+runs the sweep claims each run and writes its record through the same store.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, Protocol, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtopt.core.hparams import NonNegativeInt, PositiveInt, describe_fields
-from mtopt.errors import ConfigError
+from mtopt.errors import ConfigError, MtoptError
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
 from mtopt.experiments.database import CLAIMED, RunDatabase, code_version
 from mtopt.experiments.train import (
@@ -71,6 +73,7 @@ BASE_KEYS = (
     "optimizer",
     "apt",
     "engine",
+    "device",
 )
 Progress = Callable[[str], None]
 #: the keys of a grid: any names, or the shared keys only (a mapping is invariant in its keys)
@@ -95,6 +98,7 @@ BaseKey = Literal[
     "optimizer",
     "apt",
     "engine",
+    "device",
 ]
 
 
@@ -334,6 +338,34 @@ def _store(db_path: str, lease: float | None) -> RunDatabase:
     return _STORES[key]
 
 
+def train_job(config: RunConfig, references: References | None, threads: int) -> dict[str, Any]:
+    """Train one configuration in this process and return its record, ready to store (with the
+    ``code_version`` that trained it). A configuration that diverges gives a failed record
+    (:func:`failed_record`); a user's mistake (:class:`~mtopt.errors.MtoptError`: the data
+    missing here, say) is raised, so that the run is trained again once it is fixed.
+    ``threads`` > 0 sets torch's intra-op threads first. Every executor (a pool worker, the
+    sweep's own process, a Ray task) trains through this function, so a configuration gives the
+    same record wherever it ran."""
+    import torch
+
+    from mtopt.problems import get_problem
+
+    if threads:
+        torch.set_num_threads(threads)
+    if config.problem not in _PROBLEMS:
+        _PROBLEMS[config.problem] = get_problem(config.problem)
+    try:
+        record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
+    except MtoptError:
+        raise  # the user's to fix (data missing on this machine, a device it lacks): no result
+    except (ValueError, FloatingPointError, RuntimeError) as exc:
+        # a diverging configuration (non-finite loss, solver blow-up) is a result, not a
+        # crash: stored as failed, it scores -inf in the selection and is not run again
+        record = failed_record(config, references, exc)
+    record["code_version"] = code_version()
+    return record
+
+
 def _execute(
     db_path: str,
     config: RunConfig,
@@ -343,30 +375,16 @@ def _execute(
 ) -> str:
     """Claim and run one configuration (in a worker or in-process): ``"ran"``, or ``"done"``
     (stored already) or ``"busy"`` (another process holds it)."""
-    import torch
-
-    from mtopt.problems import get_problem
-
     db = _store(db_path, lease)
     key = run_key(config, references)
     status = db.claim(key)
     if status != CLAIMED:
         return status
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        if config.problem not in _PROBLEMS:
-            _PROBLEMS[config.problem] = get_problem(config.problem)
-        try:
-            record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
-        except (ValueError, FloatingPointError, RuntimeError) as exc:
-            # a diverging configuration (non-finite loss, solver blow-up) is a result, not a
-            # crash: stored as failed, it scores -inf in the selection and is not run again
-            record = failed_record(config, references, exc)
+        record = train_job(config, references, threads)
     except BaseException:
         db.release(key)
         raise
-    record["code_version"] = code_version()
     db.put(record)
     return "ran"
 
@@ -418,19 +436,42 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="mtopt-parent-watch", daemon=True).start()
 
 
+#: one run of a batch: its configuration and the references that select its epoch
+Job = tuple[RunConfig, References | None]
+
+
+class Executor(Protocol):
+    """Trains a batch of runs somewhere else than the local pool (:class:`Runner`).
+
+    :meth:`run` must keep the store's contract: claim each run in ``db`` before it trains
+    (``db.claim``: skip it when that answers ``"done"`` or ``"busy"``), store its record with
+    ``db.put`` from this process, and release (``db.release``) the claims of runs it gives up."""
+
+    def run(self, db: RunDatabase, jobs: Sequence[Job]) -> dict[str, str]:
+        """Each job's run key → ``"ran"``, ``"done"`` (stored already) or ``"busy"`` (another
+        process holds it)."""
+        ...
+
+
 class Runner:
-    """Runs batches of configurations, skipping stored ones, on a process pool; runs another
-    process holds are waited for (and taken over if its claim goes stale)."""
+    """Runs batches of configurations, skipping stored ones, on a process pool (or on
+    ``executor``); runs another process holds are waited for (and taken over if its claim goes
+    stale). ``threads``: torch threads per run (default: one in a pool worker, torch's choice
+    when ``workers`` is 1)."""
 
     def __init__(
         self,
         db: RunDatabase,
         workers: int | None = None,
         progress: Progress | None = None,
+        executor: Executor | None = None,
+        threads: int | None = None,
     ):
         self.db = db
         self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
         self.progress = progress or (lambda message: None)
+        self.executor = executor
+        self.threads = threads
         self.executed = 0
 
     def run(
@@ -463,21 +504,25 @@ class Runner:
         return records  # type: ignore[return-value]
 
     def _execute_all(self, jobs: Sequence[tuple[RunConfig, References | None]]) -> dict[str, str]:
+        if self.executor is not None:
+            return self.executor.run(self.db, jobs)
         lease = self.db.lease
         path = str(self.db.path)
         out: dict[str, str] = {}
         if jobs and self.workers > 1:
+            threads = self.threads or 1
             with ProcessPoolExecutor(
                 max_workers=self.workers, initializer=_die_with_parent, initargs=(os.getpid(),)
             ) as pool:
                 futures = {
-                    pool.submit(_execute, path, c, r, 1, lease): run_key(c, r) for c, r in jobs
+                    pool.submit(_execute, path, c, r, threads, lease): run_key(c, r)
+                    for c, r in jobs
                 }
                 for future in as_completed(futures):
                     out[futures[future]] = future.result()
         else:
             for c, r in jobs:
-                out[run_key(c, r)] = _execute(path, c, r, 0, lease)
+                out[run_key(c, r)] = _execute(path, c, r, self.threads or 0, lease)
         return out
 
 
@@ -487,12 +532,16 @@ def run_sweep(
     db: RunDatabase,
     workers: int | None = None,
     progress: Progress | None = None,
+    executor: Executor | None = None,
+    threads: int | None = None,
 ) -> SweepResult:
+    """Run the sweep (the module doc) on ``db``: runs train on a pool of ``workers`` processes
+    with ``threads`` torch threads each (:class:`Runner`), or on ``executor``."""
     from mtopt.problems import get_problem
 
     problem = get_problem(config.problem)
     directions = problem.lower_is_better()
-    runner = Runner(db, workers, progress)
+    runner = Runner(db, workers, progress, executor, threads)
     base = config.base_config()
     shared = config.shared_configs()
     val_seeds, best_seeds = config.seeds(config.n_val_runs), config.seeds(config.n_best_runs)
