@@ -40,6 +40,9 @@ exclude_patterns = [
     # tables written by scripts, shown inside a page that gives them a title ({include})
     "robustness/cases_*.md",
     "results/**/table.md",
+    # what `mtopt report` writes beside a study (linked from its README, not pages themselves)
+    "results/**/statistics.md",
+    "results/**/learning_curves.md",
 ]
 
 # -- autodoc / napoleon -------------------------------------------------------------------------
