@@ -183,3 +183,45 @@ def test_what_cannot_hold_in_a_group_is_refused_in_one_line(tmp_path):
     assert "engine='gramian' is not possible in a process group" in lines[0]
     assert "draws random numbers: in a process group give it a seed" in lines[1]
     assert "different seeds on the ranks: [0, 1]" in lines[2]
+
+
+def _one_rank_non_finite(rank: int, world: int, store: str, out: str) -> None:
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        torch.manual_seed(0)
+        model = Net().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mto = MultiTaskOptimizer(opt, "mgda", shared=model.encoder)
+        x, y, _, _ = data()
+
+        def closure():
+            z = model.encoder(x[0, rank * 6 : (rank + 1) * 6])
+            out = {t: ((model.heads[t](z).squeeze(1) - y[0, :6, i]) ** 2).mean()
+                   for i, t in enumerate(TASKS)}  # fmt: skip
+            if rank == 1:  # a finite loss (0) whose gradient is NaN, on this rank only
+                out["a"] = out["a"] + torch.sqrt(((z - z.detach()) ** 2).sum())
+            return out
+
+        try:
+            mto.step(closure)
+            result = "stepped"
+        except FloatingPointError as exc:
+            result = "FloatingPointError: " + str(exc).split(":")[0]
+        Path(f"{out}.{rank}").write_text(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_gradient_on_one_rank_stops_every_rank(tmp_path):
+    """Reduced before it is checked: every rank raises, none waits in a collective."""
+    out = tmp_path / "result"
+    mp.spawn(_one_rank_non_finite, args=(2, str(tmp_path / "store"), str(out)), nprocs=2,
+             join=True)  # fmt: skip
+    for rank in (0, 1):
+        text = Path(f"{out}.{rank}").read_text()
+        assert text.startswith("FloatingPointError: the gradient of task(s) ['a']"), text

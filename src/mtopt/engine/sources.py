@@ -131,9 +131,9 @@ class JacobianSource(GradientSource):
     def compute(self, step: Unpacked) -> PerTask:
         build = batched_jacobian if self.batched else jacobian
         grads = build(step.losses, self.shared)
-        check_finite(step.names, grads=grads)
         if self.sync is not None:  # the full batch's Jacobian: the mean of the ranks'
-            grads = self.sync.mean(grads)
+            grads = self.sync.mean(grads)  # (reduced first: a non-finite row stops every rank)
+        check_finite(step.names, grads=grads)
         return PerTask(grads=grads)
 
     def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
@@ -263,14 +263,17 @@ class RepresentationSource(GradientSource):
         if not features.requires_grad:
             raise ValueError("features must be part of the autograd graph (requires_grad)")
         rows = representation_rows(self.taken, step.names, step.losses, features)
-        check_finite(step.names, grads=rows)
         if self.sync is None:
+            check_finite(step.names, grads=rows)
             return PerTask(grads=rows)
+        # reduced before the check, so that a non-finite row stops every rank alike
         world = self.sync.world
         if self.gramian_only:  # M = Σ_r J_r J_rᵀ / W²: a K × K all-reduce
             gram = self.sync.sum_(gram_matrix(rows).clone()) / world**2
+            check_finite(step.names, gram=gram)
             return PerTask(gramian=gram, local=rows)
         gathered, start, end = self.sync.gather_rows(rows / world)
+        check_finite(step.names, grads=gathered)
         return PerTask(
             grads=gathered,
             local=rows,
