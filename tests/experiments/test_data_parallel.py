@@ -30,7 +30,15 @@ def _run(prefix: list[str], tmp_path, name: str) -> dict:
 
 @pytest.mark.slow
 def test_torchrun_trains_one_run_like_one_process(tmp_path, mnist):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    torchrun += ["-m"]
     two = _run([*torchrun, "mtopt"], tmp_path, "two")
     one = _run([sys.executable, "-m", "mtopt"], tmp_path, "one")
     assert two["key"] == one["key"]
