@@ -96,6 +96,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
+        dist.barrier()  # no rank tears the store down while another still uses it
         dist.destroy_process_group()
 
 
@@ -172,6 +173,7 @@ def _group_errors(rank: int, world: int, store: str, out: str) -> None:
         if rank == 0:
             Path(out).write_text("\n".join(errors))
     finally:
+        dist.barrier()  # no rank tears the store down while another still uses it
         dist.destroy_process_group()
 
 
@@ -214,6 +216,7 @@ def _one_rank_non_finite(rank: int, world: int, store: str, out: str) -> None:
             result = "FloatingPointError: " + str(exc).split(":")[0]
         Path(f"{out}.{rank}").write_text(result)
     finally:
+        dist.barrier()  # no rank tears the store down while another still uses it
         dist.destroy_process_group()
 
 
