@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, TypeVar, cast
+from typing import Annotated, Any, Literal, Protocol, TypeVar, cast, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,31 +62,6 @@ from mtopt.experiments.train import (
 )
 from mtopt.specs import format_spec, parse_spec, parse_value, run_options
 
-SHARED_KEYS = ("lr", "dropout", "weight_decay")
-BASE_KEYS = (
-    "epochs",
-    "train_subset",
-    "eval_subset",
-    "batch_size",
-    "lr_decay",
-    "lr_schedule",
-    "optimizer",
-    "apt",
-    "engine",
-    "device",
-)
-Progress = Callable[[str], None]
-#: the keys of a grid: any names, or the shared keys only (a mapping is invariant in its keys)
-_Key = TypeVar("_Key", bound=str)
-
-
-#: A grid value as written in a sweep file: a number, a boolean or a string (a spec's choice).
-Scalar = bool | int | float | str
-#: A grid: one value, or a non-empty list of them.
-Grid = Annotated[list[Scalar], Field(min_length=1)]
-# A name that is a plain file name (the sweep's result is ``RUN_DIR/sweeps/NAME.json``); not
-# a documented alias: Sphinx would render its regex pattern as reStructuredText.
-FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120)]
 SharedKey = Literal["lr", "dropout", "weight_decay"]
 BaseKey = Literal[
     "epochs",
@@ -100,6 +75,21 @@ BaseKey = Literal[
     "engine",
     "device",
 ]
+#: the same keys, as tuples (one list: the Literals above)
+SHARED_KEYS: tuple[str, ...] = get_args(SharedKey)
+BASE_KEYS: tuple[str, ...] = get_args(BaseKey)
+Progress = Callable[[str], None]
+#: the keys of a grid: any names, or the shared keys only (a mapping is invariant in its keys)
+_Key = TypeVar("_Key", bound=str)
+
+
+#: A grid value as written in a sweep file: a number, a boolean or a string (a spec's choice).
+Scalar = bool | int | float | str
+#: A grid: one value, or a non-empty list of them.
+Grid = Annotated[list[Scalar], Field(min_length=1)]
+# A name that is a plain file name (the sweep's result is ``RUN_DIR/sweeps/NAME.json``); not
+# a documented alias: Sphinx would render its regex pattern as reStructuredText.
+FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120)]
 
 
 def _built(where: str, build: Callable[[], RunConfig]) -> RunConfig:
