@@ -101,6 +101,7 @@ def test_killed_then_concurrent_sweeps_finish_every_run_exactly_once(tmp_path, m
     assert len({r["key"] for r in db.records()}) == EXPECTED_RUNS
     assert kept <= {r["key"] for r in db.records()}
     assert db.integrity_check() == "ok"
+    assert not list(db.checkpoint_path("k").parent.glob("*.pt")), "stored runs left checkpoints"
     # both wrote the same selection
     result = (tmp_path / "runs" / "sweeps" / "durable.json").read_text()
     assert '"rows"' in result

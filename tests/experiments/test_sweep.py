@@ -42,7 +42,7 @@ def fake_value(config, task: str, split: str) -> float:
     return value + (0.01 if split == "test" else 0.0)
 
 
-def fake_train_run(config, references=None, problem=None, callback=None):
+def fake_train_run(config, references=None, problem=None, callback=None, checkpoint=None):
     if config.lr > 1.0:
         raise ValueError("non-finite loss(es): a=nan")  # a diverging configuration
     tasks = config.tasks or FakeProblem.task_names
@@ -309,7 +309,7 @@ def test_per_method_and_per_task_shared_settings_override_the_grid(fake, tmp_pat
 def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp_path, monkeypatch):
     """A Muon row's Δm is also measured against single-task runs trained with Muon."""
 
-    def with_optimizer_bonus(config, references=None, problem=None, callback=None):
+    def with_optimizer_bonus(config, references=None, problem=None, callback=None, checkpoint=None):
         record = fake_train_run(config, references, problem, callback)
         if config.optimizer == "muon":  # Muon trains every run better, single-task ones too
             for split in ("val", "test"):

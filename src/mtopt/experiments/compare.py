@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
+from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import BUSY, CLAIMED, RunDatabase
 from mtopt.experiments.train import (
     Callback,
@@ -87,12 +88,16 @@ def run_or_load(
                 announced = True
             time.sleep(2.0)
     callback = hook(label, config, False) if hook else None
+    checkpoint = store.checkpoint_path(key)
     try:
-        result = train_run(config, references=references, problem=problem, callback=callback)
+        result = train_run(
+            config, references=references, problem=problem, callback=callback, checkpoint=checkpoint
+        )
     except BaseException:
         store.release(key)
         raise
     store.put(result)
+    checkpoints.remove(checkpoint)
     return result
 
 

@@ -82,3 +82,8 @@ class RankZeroStore:
     def release(self, key: str) -> None:
         if self.store is not None:
             self.store.release(key)
+
+    def checkpoint_path(self, key: str) -> None:
+        """None: the ranks of a process group take no epoch checkpoints
+        (:func:`mtopt.experiments.train.train_run`)."""
+        return None

@@ -23,6 +23,11 @@ reported in one line naming the path (:class:`~mtopt.errors.StoreError`).
 store read-only and never creates one; a store that exists but cannot be written (a read-only
 run dir) opens read-only by itself, and only recording a new run then fails, naming the path.
 
+**Checkpoints.** A run in progress saves its state after every epoch to
+``<store>.checkpoints/<key>.pt`` (:meth:`RunDatabase.checkpoint_path`,
+:mod:`mtopt.experiments.checkpoint`); whoever claims the run next resumes from there, and the file
+is deleted once the record is stored. Only the claim's holder writes it.
+
 Columns of ``runs``: ``key`` (the run key), ``problem``, ``method``, ``seed``, ``config`` (JSON),
 ``record`` (the whole run record as JSON: metrics per epoch, the selected epoch(s), per-epoch
 mean weights, timings), ``best_epoch``, ``val_delta_m``, ``test_delta_m``, ``seconds``,
@@ -236,6 +241,10 @@ class RunDatabase:
             raise StoreError(f"{self.path} is not an mtopt run store (no runs table)")
 
     # -- records -----------------------------------------------------------------------------
+    def checkpoint_path(self, key: str) -> Path:
+        """Where run ``key`` keeps its epoch checkpoint while it trains (module doc)."""
+        return self.path.with_name(self.path.name + ".checkpoints") / f"{key}.pt"
+
     def get(self, key: str) -> dict[str, Any] | None:
         """The finished record of ``key``, or ``None`` (also for a record that does not parse:
         it is quarantined and the run counts as not finished)."""

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from mtopt.errors import ConfigError
+from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import CLAIMED, RunDatabase
 from mtopt.experiments.sweep import Job, train_job
 from mtopt.experiments.train import RunConfig, run_key
@@ -205,7 +206,8 @@ class RayExecutor:
                         db.release(key)
                         raise ConfigError(f"run {key} trains on CUDA and the cluster has no GPU")
                     task = self._task.options(**resources)
-                    flying[task.remote(config, references, self.threads)] = key
+                    checkpoint = str(db.checkpoint_path(key))  # resumable on a shared folder
+                    flying[task.remote(config, references, self.threads, checkpoint)] = key
                 if not flying:
                     continue
                 ready, _ = ray.wait(list(flying), num_returns=1)
@@ -214,6 +216,7 @@ class RayExecutor:
                     if record.get("key") != flying[ref]:
                         raise RuntimeError(f"run {flying[ref]} came back as {record.get('key')}")
                     db.put(record)  # the record lands and the claim ends, in one transaction
+                    checkpoints.remove(db.checkpoint_path(record["key"]))
                     out[flying.pop(ref)] = "ran"
         except BaseException:
             for key in flying.values():

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtopt.core.hparams import NonNegativeInt, PositiveInt, describe_fields
 from mtopt.errors import ConfigError, MtoptError
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
+from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import CLAIMED, RunDatabase, code_version
 from mtopt.experiments.train import (
     References,
@@ -328,14 +329,21 @@ def _store(db_path: str, lease: float | None) -> RunDatabase:
     return _STORES[key]
 
 
-def train_job(config: RunConfig, references: References | None, threads: int) -> dict[str, Any]:
+def train_job(
+    config: RunConfig,
+    references: References | None,
+    threads: int,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
     """Train one configuration in this process and return its record, ready to store (with the
     ``code_version`` that trained it). A configuration that diverges gives a failed record
     (:func:`failed_record`); a user's mistake (:class:`~mtopt.errors.MtoptError`: the data
     missing here, say) is raised, so that the run is trained again once it is fixed.
     ``threads`` > 0 sets torch's intra-op threads first. Every executor (a pool worker, the
     sweep's own process, a Ray task) trains through this function, so a configuration gives the
-    same record wherever it ran."""
+    same record wherever it ran. ``checkpoint``: the run's epoch checkpoint file
+    (:meth:`~mtopt.experiments.database.RunDatabase.checkpoint_path`), resumed from if present;
+    the caller removes it once the record is stored."""
     import torch
 
     from mtopt.problems import get_problem
@@ -345,7 +353,12 @@ def train_job(config: RunConfig, references: References | None, threads: int) ->
     if config.problem not in _PROBLEMS:
         _PROBLEMS[config.problem] = get_problem(config.problem)
     try:
-        record = train_run(config, references=references, problem=_PROBLEMS[config.problem])
+        record = train_run(
+            config,
+            references=references,
+            problem=_PROBLEMS[config.problem],
+            checkpoint=checkpoint,
+        )
     except MtoptError:
         raise  # the user's to fix (data missing on this machine, a device it lacks): no result
     except (ValueError, FloatingPointError, RuntimeError) as exc:
@@ -370,12 +383,14 @@ def _execute(
     status = db.claim(key)
     if status != CLAIMED:
         return status
+    checkpoint = db.checkpoint_path(key)
     try:
-        record = train_job(config, references, threads)
+        record = train_job(config, references, threads, str(checkpoint))
     except BaseException:
         db.release(key)
         raise
     db.put(record)
+    checkpoints.remove(checkpoint)
     return "ran"
 
 

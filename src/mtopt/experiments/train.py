@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 import numpy as np
@@ -38,7 +39,9 @@ from mtopt.core.hparams import (
 from mtopt.engine import Losses, MultiTaskOptimizer, StepInfo
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m
+from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments import data_parallel
+from mtopt.experiments.database import code_version
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
 from mtopt.problems.base import Batch
 
@@ -205,11 +208,32 @@ def train_run(
     references: References | None = None,
     problem: Problem | None = None,
     callback: Callback | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train, select the best validation epoch(s), evaluate on test; return a JSON-able record."""
+    """Train, select the best validation epoch(s), evaluate on test; return a JSON-able record.
+
+    ``checkpoint``: a file the run saves its whole state to after every epoch, and resumes from
+    when it exists and belongs to this run (:mod:`mtopt.experiments.checkpoint`); the record is
+    then the one an uninterrupted run gives (``seconds`` and ``step_seconds_median`` aside, which
+    are measured), with ``resumed`` listing each resumption. The caller deletes the file once the
+    record is stored (:func:`mtopt.experiments.checkpoint.remove`), so that a kill between the
+    last epoch and the store loses nothing either. One process per run: a run under torchrun
+    (several ranks) takes no checkpoint."""
     run = _Run(config, references, problem, callback)
-    for epoch in range(config.epochs):
+    path = None if checkpoint is None else Path(checkpoint)
+    if path is not None and run.world > 1:
+        raise ConfigError(
+            "checkpoints are kept by single-process runs; under torchrun leave checkpoint unset"
+        )
+    start = 0
+    if path is not None:
+        saved = checkpoints.load(path, run_key(config, references))
+        if saved is not None:
+            start = run.restore(saved)
+    for epoch in range(start, config.epochs):
         run.train_epoch(epoch)
+        if path is not None and not checkpoints.save(path, run.state(epoch + 1)):
+            path = None  # warned once; the run goes on without
     return run.result()
 
 
@@ -273,15 +297,58 @@ class _Run:
             torch.manual_seed(config.seed + self.rank)
         self.criteria = self._criteria()
         self.best: dict[str, dict[str, Any]] = {}
-        self.meta_batches = None
+        self.meta_batches: _Endless | None = None
         if isinstance(self.mto.method, MetaBatchMethod):
             meta_split = {"train": self.train, "val": self.val}[str(self.mto.method.meta_split)]
-            self.meta_batches = _endless(meta_split, config.batch_size, config.seed + 1)
+            self.meta_batches = _Endless(meta_split, config.batch_size, config.seed + 1)
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
         self.solver_failures = 0
         self.started = time.perf_counter()
+        self.earlier_seconds = 0.0  # the epochs of earlier sessions (a resumed run)
+        self.resumed: list[dict[str, Any]] = []
+        self.device = device
         self.n_batches = (len(self.train) + config.batch_size - 1) // config.batch_size
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self, epochs_done: int) -> dict[str, Any]:
+        """Everything the next epoch depends on (:mod:`mtopt.experiments.checkpoint`)."""
+        return {
+            "key": run_key(self.config, self.references),
+            "epochs_done": epochs_done,
+            "model": self.model.state_dict(),
+            "mto": self.mto.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "meta_batches": None if self.meta_batches is None else self.meta_batches.state(),
+            "random": checkpoints.random_state(self.device),
+            "best": self.best,
+            "history": self.history,
+            "step_times": self.step_times,
+            "solver_failures": self.solver_failures,
+            "seconds": self.earlier_seconds + time.perf_counter() - self.started,
+            "resumed": self.resumed,
+        }
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continue from :meth:`state`; returns the first epoch still to train."""
+        self.model.load_state_dict(state["model"])
+        self.mto.load_state_dict(state["mto"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        if self.meta_batches is not None:
+            self.meta_batches.restore(state["meta_batches"])
+        checkpoints.set_random_state(state["random"], self.device)
+        self.best = state["best"]
+        self.history = state["history"]
+        self.step_times = state["step_times"]
+        self.solver_failures = state["solver_failures"]
+        self.earlier_seconds = state["seconds"]
+        self.started = time.perf_counter()
+        epochs_done = int(state["epochs_done"])
+        self.resumed = [*state["resumed"], {"epoch": epochs_done, "code_version": code_version()}]
+        return epochs_done
 
     def _criteria(self) -> dict[str, Callable[[dict], float]]:
         """Validation scores to select epochs by (higher is better): Δm for a multi-task run,
@@ -399,11 +466,13 @@ class _Run:
             "val": val_best,
             "test": test_best,
             "solver_failures": self.solver_failures,
-            "seconds": time.perf_counter() - self.started,
+            "seconds": self.earlier_seconds + time.perf_counter() - self.started,
             "step_seconds_median": statistics.median(self.step_times),
             "mtopt_version": mtopt.__version__,
             "torch_version": torch.__version__,
         }
+        if self.resumed:
+            result["resumed"] = self.resumed
         if len(tasks) > 1 and references is not None:
             result["val_delta_m"] = delta_m(val_best, references["val"], self.directions)
             if "test" in references:
@@ -480,11 +549,41 @@ def _metric_score(task: str, metric: str, lower: bool) -> Callable[[dict], float
     return score
 
 
-def _endless(split, batch_size: int, seed: int):
-    """Shuffled batches of a split, epoch after epoch, from their own generator."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from split.batches(batch_size, True, generator)
+class _Endless:
+    """Shuffled batches of a split, pass after pass, from their own generator; its position (the
+    generator's state where the current pass began, and the batches taken since) is part of a
+    checkpoint."""
+
+    def __init__(self, split: Any, batch_size: int, seed: int) -> None:
+        self.split, self.batch_size = split, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._new_pass()
+
+    def _new_pass(self) -> None:
+        self.pass_state = self.generator.get_state()  # the pass's permutation is drawn from here
+        self.taken = 0
+        self._batches = self.split.batches(self.batch_size, True, self.generator)
+
+    def __iter__(self) -> _Endless:
+        return self
+
+    def __next__(self) -> Batch:
+        for _ in range(2):
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.taken += 1
+                return batch
+            self._new_pass()
+        raise RuntimeError("the meta-batch split is empty")
+
+    def state(self) -> dict[str, Any]:
+        return {"pass_state": self.pass_state, "taken": self.taken}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["pass_state"])
+        self._new_pass()
+        for _ in range(int(state["taken"])):
+            next(self)
 
 
 def mean_table(tables: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:

@@ -1,0 +1,180 @@
+"""Epoch checkpoints: a run killed in the middle of an epoch and resumed gives, bit for bit in one
+process, the record of a run that never stopped, for every registered method; a checkpoint of
+another run, or a torn file, is set aside; a killed sweep resumes its run from the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import mtopt
+from mtopt.experiments import checkpoint as checkpoints
+from mtopt.experiments.database import RunDatabase
+from mtopt.experiments.train import RunConfig, run_key, train_run
+from mtopt.problems.multi_mnist import MultiMNIST
+from mtopt.specs import parse_spec
+
+TINY = {"epochs": 3, "train_subset": 384, "batch_size": 128, "eval_subset": 256}
+REFS = {
+    "val": {"CL": {"acc": 0.5}, "RR": {"mse": 0.8}},
+    "test": {"CL": {"acc": 0.5}, "RR": {"mse": 0.8}},
+}
+#: what a run's record holds that is measured, not computed
+MEASURED = {"seconds", "step_seconds_median", "resumed"}
+
+#: every registered method (hyperparameters where it needs them), and the random-stream variants
+SPECS = {name: {} for name in mtopt.available_methods()}
+SPECS["fixed"] = {"weights": [0.3, 0.7]}
+SPECS["rlw:seed=3"] = {}  # a private generator, in the method's state
+SPECS["auto_lambda:meta_split=val"] = {}  # the meta-batch stream's position
+
+
+class KilledError(Exception):
+    """Stands for SIGKILL in the middle of an epoch."""
+
+
+@pytest.fixture(scope="module")
+def cl_rr(mnist):
+    return MultiMNIST("cl_rr", mnist=mnist)
+
+
+def _config(spec: str, hparams: dict, **overrides) -> RunConfig:
+    name, given = (
+        (spec, {}) if ":" not in spec else (parse_spec(spec).name, parse_spec(spec).hparams)
+    )
+    return RunConfig(
+        problem="multi_mnist/cl_rr",
+        method=name,
+        hparams={**dict(given), **hparams},
+        **{"dropout": 0.2, "lr_decay": 0.9, **TINY, **overrides},  # dropout: torch's stream
+    )
+
+
+def _kill_at(epoch: int, batch: int):
+    def callback(event: str, progress: dict) -> None:
+        if event == "step" and progress["epoch"] == epoch and progress["batch"] == batch:
+            raise KilledError
+
+    return callback
+
+
+def _computed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in MEASURED}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_a_run_killed_mid_epoch_resumes_to_the_same_record(spec, cl_rr, tmp_path):
+    config = _config(spec, SPECS[spec])
+    straight = train_run(config, references=REFS, problem=cl_rr)
+    path = tmp_path / "run.pt"
+    with pytest.raises(KilledError):  # killed in epoch 1, after epoch 0's checkpoint
+        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 1), checkpoint=path)
+    torch.manual_seed(12345)  # the process's streams moved on meanwhile
+    with pytest.raises(KilledError):  # killed again in epoch 2, having resumed once
+        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(2, 0), checkpoint=path)
+    resumed = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    assert _computed(resumed) == _computed(straight)
+    assert [r["epoch"] for r in resumed["resumed"]] == [1, 2]
+    assert "resumed" not in straight
+    assert resumed["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_the_plateau_schedule_and_a_finished_checkpoint_resume(cl_rr, tmp_path):
+    """The plateau schedule's counters are in the checkpoint; a checkpoint left after the last
+    epoch (killed before the record was stored) gives the record without training again."""
+    config = _config("famo", {}, lr_schedule="plateau", lr_decay=None)
+    straight = train_run(config, references=REFS, problem=cl_rr)
+    path = tmp_path / "run.pt"
+    with pytest.raises(KilledError):
+        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(2, 2), checkpoint=path)
+    finished = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    assert _computed(finished) == _computed(straight)
+    again = train_run(
+        config, references=REFS, problem=cl_rr, checkpoint=path, callback=_kill_at(0, 0)
+    )
+    assert _computed(again) == _computed(straight)  # no step ran (the callback would raise)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_run_or_a_torn_file_is_set_aside(cl_rr, tmp_path, caplog):
+    config = _config("unitary", {}, epochs=1)
+    straight = train_run(config, references=REFS, problem=cl_rr)
+    path = tmp_path / "run.pt"
+    checkpoints.save(path, {"key": "another run", "epochs_done": 1})
+    other = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    assert _computed(other) == _computed(straight)
+    assert "resumed" not in other
+    assert (tmp_path / "run.pt.unusable").is_file()
+    assert "set aside" in caplog.text
+    path.write_bytes(b"\x80\x04 torn in the middle")
+    torn = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    assert _computed(torn) == _computed(straight)
+    assert checkpoints.load(path, run_key(config, REFS)) is not None  # the new one is whole
+    checkpoints.remove(path)
+    assert not path.exists()
+
+
+def test_an_unwritable_checkpoint_folder_costs_resumability_not_the_run(tmp_path, caplog):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    assert not checkpoints.save(blocker / "sub" / "run.pt", {"key": "k"})
+    assert "not resumable" in caplog.text
+    assert checkpoints.load(tmp_path / "absent.pt", "k") is None
+
+
+SWEEP = """
+problem = "multi_mnist/cl_rr"
+name = "resumable"
+n_val_runs = 1
+[base]
+epochs = 6
+train_subset = 2048
+eval_subset = 256
+batch_size = 128
+[grid]
+lr = [1e-3]
+[methods]
+"rlw:seed=3" = {}
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_its_run_from_the_checkpoint(tmp_path, mnist):
+    config = tmp_path / "resumable.toml"
+    config.write_text(SWEEP)
+    db_path = tmp_path / "runs" / "mtopt.sqlite"
+    folder = db_path.with_name("mtopt.sqlite.checkpoints")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MTOPT_LEASE_SECONDS": "3"}
+    command = [
+        *(sys.executable, "-m", "mtopt.cli", "sweep", str(config), "--quiet"),
+        *("--db", str(db_path), "--run-dir", str(db_path.parent), "--workers", "1"),
+    ]
+    proc = subprocess.Popen(command, env=env)
+    deadline = time.time() + 300
+    key = None
+    while time.time() < deadline and proc.poll() is None:  # the multi-task run's 2nd epoch
+        db = RunDatabase(db_path) if db_path.exists() else None
+        done = db.count() if db else 0
+        saved = list(folder.glob("*.pt")) if folder.is_dir() else []
+        if done == 2 and saved:  # the two references are stored; the method run has a checkpoint
+            state = checkpoints.load(saved[0], saved[0].stem)
+            if state is not None and state["epochs_done"] >= 2:
+                key = saved[0].stem
+                break
+        time.sleep(0.05)
+    assert key is not None, "the method run never saved a checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(command, env=env, timeout=600).returncode == 0
+    record = RunDatabase(db_path).get(key)
+    assert record is not None
+    assert record["resumed"][0]["epoch"] >= 2
+    assert not list(folder.glob("*.pt")), "a stored run's checkpoint was left behind"
