@@ -197,6 +197,12 @@ def _build_parser() -> argparse.ArgumentParser:
     w.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
     w.add_argument("--db", type=Path, help="SQLite run database (default RUN_DIR/mtopt.sqlite)")
     w.add_argument("--quiet", action="store_true", help="no progress lines")
+    w.add_argument(
+        "--stored",
+        action="store_true",
+        help="train nothing: the result of the runs stored so far (a study in progress; the "
+        "rows still waiting are listed)",
+    )
     w.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="tables (markdown, LaTeX) and PNG plots of a sweep")
@@ -630,11 +636,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("--address names a Ray cluster: use it with --executor ray")
     db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
     executor = None
-    if args.executor == "ray":  # Ray starts (or fails, in one line) before anything runs
+    if (
+        args.executor == "ray" and not args.stored
+    ):  # Ray starts (or fails, in one line) before anything runs
         from mtopt.experiments.executors import RayExecutor
 
         executor = RayExecutor(args.address, args.threads or 1, args.workers).start()
-    unfinished = db.unfinished()
+    unfinished = [] if args.stored else db.unfinished()
     print(f"mtopt sweep {config.name} — {config.problem}; runs kept in {db.path}")
     if unfinished:
         print(
@@ -648,7 +656,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         result = run_sweep(
-            config, db, args.workers, progress, executor=executor, threads=args.threads
+            config,
+            db,
+            args.workers,
+            progress,
+            executor=executor,
+            threads=args.threads,
+            stored_only=args.stored,
         )
     finally:
         if executor is not None:
@@ -659,6 +673,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     data = json.loads(out.read_text())
     print()
     print(markdown_table(data))
+    for label, waits in result.pending.items():
+        print(f"pending: {label} (waits for {waits})")
     print(
         f"{result.runs} run(s) executed in {time.perf_counter() - started:.0f} s; "
         f"result in {out} (render it with `mtopt report {out}`)"

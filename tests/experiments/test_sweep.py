@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtopt.errors import ConfigError
 from mtopt.experiments import sweep as sweep_module
 from mtopt.experiments.database import RunDatabase
 from mtopt.experiments.sweep import SweepConfig, extract_fixed_weights, run_sweep
@@ -346,3 +347,50 @@ def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp
     ]
     assert len(single_muon) == 2 * 2  # two tasks, n_best_runs seeds
     assert set(result.to_dict()["optimizer_references"]) == {"muon"}
+
+
+def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch):
+    """``stored_only``: nothing trains; rows are the stored runs of the selected configurations,
+    the rest (and a fixed row whose SMTO lacks its first seed) are pending, saying why."""
+    import sqlite3
+
+    config = SweepConfig(
+        problem="fake",
+        methods={"cagrad": {"c": [0.0, 0.5]}, "unitary": {}},
+        grid={"lr": [0.01]},
+        base={"epochs": 1},
+        n_val_runs=1,
+        n_best_runs=3,
+        random_seed=1,
+        fixed_from=["cagrad"],
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    with pytest.raises(ConfigError, match="not stored yet"):
+        run_sweep(config, db, workers=1, stored_only=True)
+    full = run_sweep(config, db, workers=1)
+    rows = {r.label: r for r in full.rows}
+
+    def drop(keys):
+        with sqlite3.connect(db.path) as conn:
+            conn.executemany("DELETE FROM runs WHERE key = ?", [(k,) for k in keys])
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stored-only sweep trained a run")
+
+    monkeypatch.setattr(sweep_module, "train_run", never)
+    drop(rows["cagrad"].keys[1:] + rows["fixed from cagrad"].keys)
+    partial = run_sweep(config, db, workers=1, stored_only=True)
+    got = {r.label: r for r in partial.rows}
+    assert set(got) == {"cagrad", "unitary"}
+    assert got["unitary"].delta_m == rows["unitary"].delta_m  # all 3 seeds stored
+    assert got["cagrad"].delta_m == rows["cagrad"].delta_m[:1]
+    assert partial.pending == {"fixed from cagrad": "1 of its 1 grid run(s)"}
+    assert partial.runs == 0
+    assert partial.to_dict()["pending"] == partial.pending
+    drop(rows["cagrad"].keys[:1])  # the selected point's first seed is a grid run too
+    partial = run_sweep(config, db, workers=1, stored_only=True)
+    assert [r.label for r in partial.rows] == ["unitary"]
+    assert partial.pending == {
+        "cagrad": "1 of its 2 grid run(s)",
+        "fixed from cagrad": "cagrad's first seed",
+    }

@@ -143,3 +143,15 @@ def test_rows_on_another_optimizer_are_also_measured_against_their_own_reference
     assert rows["unitary@muon"].versus_same is None  # the baseline of its optimizer
     assert rows["cagrad"].own is None
     assert "own-optimizer refs" in markdown(comp)
+
+
+def test_a_study_in_progress_says_which_rows_are_not_shown_yet():
+    result, records = _study()
+    result["pending"] = {"nash_mtl": "1 of its 1 grid run(s)"}
+    comp = compare(result, records, baseline="unitary")
+    assert comp.pending == {"nash_mtl": "1 of its 1 grid run(s)"}
+    text = markdown(comp)
+    assert "study in progress" in text
+    assert "nash_mtl (waits for 1 of its 1 grid run(s))" in text
+    result.pop("pending")
+    assert "study in progress" not in markdown(compare(result, records, baseline="unitary"))

@@ -86,4 +86,3 @@ class RankZeroStore:
     def checkpoint_path(self, key: str) -> None:
         """None: the ranks of a process group take no epoch checkpoints
         (:func:`mtopt.experiments.train.train_run`)."""
-        return None

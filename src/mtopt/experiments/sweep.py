@@ -19,6 +19,11 @@
    epochs (β = 0.9, started at the first epoch), last value renormalised; then a ``fixed`` run
    with those weights and the SMTO's best shared hyperparameters, ``n_best_runs`` seeds.
 
+**A study in progress** (``stored_only``: ``mtopt sweep --stored``): nothing trains; the result
+is what the store holds. Once the references are stored, a method whose grid runs are all stored
+is a row with the selected configuration's seeds stored so far (its ``keys``; the report's
+``seeds`` column); the others are listed in ``pending`` with what they wait for.
+
 Run ``i`` of a configuration uses seed ``random_seed + i``. Runs are stored in a
 :class:`~mtopt.experiments.database.RunDatabase` by their config hash; a finished run is never
 redone, so a killed sweep restarted with the same file resumes where it stopped. A process pool
@@ -286,6 +291,8 @@ class SweepResult:
     database: str = ""
     #: test references per other base optimizer (``muon``, ``apt``, ...), for ``delta_m_own``
     optimizer_references: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: a study in progress (``stored_only``): each row not yet shown → what it waits for
+    pending: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -311,6 +318,7 @@ class SweepResult:
             "rows": [vars(r) for r in self.rows],
             "runs": self.runs,
             "code_version": self.code_version,
+            "pending": self.pending,
         }
 
 
@@ -404,6 +412,17 @@ def failed_record(config: RunConfig, references: References | None, exc: Excepti
     }
 
 
+def _all_stored(records: Sequence[dict[str, Any] | None], label: str) -> list[dict[str, Any]]:
+    """``records``, all stored; else (a study in progress) a one-line error."""
+    missing = sum(r is None for r in records)
+    if missing:
+        raise ConfigError(
+            f"{label}: {missing} of {len(records)} run(s) are not stored yet; a study in "
+            "progress is shown once its single-task references are stored"
+        )
+    return cast(list[dict[str, Any]], list(records))
+
+
 def _score(values: Sequence[float | None]) -> float:
     """Mean of the runs' scores; ``-inf`` if any run failed or is not finite (never selected
     over a configuration that trained)."""
@@ -471,8 +490,10 @@ class Runner:
         progress: Progress | None = None,
         executor: Executor | None = None,
         threads: int | None = None,
+        stored_only: bool = False,
     ):
         self.db = db
+        self.stored_only = stored_only
         self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
         self.progress = progress or (lambda message: None)
         self.executor = executor
@@ -482,10 +503,23 @@ class Runner:
     def run(
         self, jobs: Sequence[tuple[RunConfig, References | None]], label: str
     ) -> list[dict[str, Any]]:
+        """The records of ``jobs``, training those not stored yet."""
+        records = self.stored(jobs, label)
+        assert all(r is not None for r in records)
+        return records  # type: ignore[return-value]
+
+    def stored(
+        self, jobs: Sequence[tuple[RunConfig, References | None]], label: str
+    ) -> list[dict[str, Any] | None]:
+        """The records of ``jobs``: trained where missing, or, ``stored_only``, ``None`` for
+        each run not stored yet."""
         keys = [run_key(c, r) for c, r in jobs]
         by_key = dict(zip(keys, jobs, strict=True))
         todo = [k for k in dict.fromkeys(keys) if self.db.get(k) is None]
         done = len(set(keys)) - len(todo)
+        if self.stored_only:
+            self.progress(f"{label}: {len(set(keys))} runs, {done} stored, {len(todo)} not yet")
+            return [self.db.get(k) for k in keys]
         self.progress(f"{label}: {len(jobs)} runs, {done} already stored, {len(todo)} to run")
         finished = done
         waited = False
@@ -504,9 +538,7 @@ class Runner:
                     )
                     waited = True
                 time.sleep(WAIT_SECONDS)
-        records = [self.db.get(k) for k in keys]
-        assert all(r is not None for r in records)
-        return records  # type: ignore[return-value]
+        return [self.db.get(k) for k in keys]
 
     def _execute_all(self, jobs: Sequence[tuple[RunConfig, References | None]]) -> dict[str, str]:
         if self.executor is not None:
@@ -539,14 +571,16 @@ def run_sweep(
     progress: Progress | None = None,
     executor: Executor | None = None,
     threads: int | None = None,
+    stored_only: bool = False,
 ) -> SweepResult:
     """Run the sweep (the module doc) on ``db``: runs train on a pool of ``workers`` processes
-    with ``threads`` torch threads each (:class:`Runner`), or on ``executor``."""
+    with ``threads`` torch threads each (:class:`Runner`), or on ``executor``; ``stored_only``:
+    train nothing, the result of what is stored (module doc)."""
     from mtopt.problems import get_problem
 
     problem = get_problem(config.problem)
     directions = problem.lower_is_better()
-    runner = Runner(db, workers, progress, executor, threads)
+    runner = Runner(db, workers, progress, executor, threads, stored_only)
     base = config.base_config()
     shared = config.shared_configs()
     val_seeds, best_seeds = config.seeds(config.n_val_runs), config.seeds(config.n_best_runs)
@@ -555,6 +589,7 @@ def run_sweep(
     #    method row uses (a row's Δm is then also measured against its own optimizer's)
     references, reference_configs = _references(config, problem, base, runner, db)
     by_optimizer: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    missing_references: list[str] = []
     for spec in config.methods:
         options = parse_spec(spec).optimizer
         label = _optimizer_label(options)
@@ -562,8 +597,15 @@ def run_sweep(
             options
             and label != _optimizer_label(_base_optimizer(base))
             and label not in by_optimizer
+            and label not in missing_references
         ):
-            refs, _ = _references(config, problem, replace(base, **options), runner, db)
+            try:
+                refs, _ = _references(config, problem, replace(base, **options), runner, db)
+            except ConfigError:
+                if not stored_only:
+                    raise
+                missing_references.append(label)  # those rows are shown without Δm vs them
+                continue
             by_optimizer[label] = refs
 
     # 2. methods: grid × first n_val_runs seeds, then the best configuration to n_best_runs
@@ -577,20 +619,22 @@ def run_sweep(
     rows = selector.select(candidates, config.cosine_every, set(config.cosine_methods))
 
     # 3. fixed weights extracted from SMTOs
-    fixed_candidates, fixed_weights = [], []
+    for label in missing_references:
+        selector.pending[f"single-task references ({label})"] = "their runs"
+    fixed_candidates, fixed_weights = [], {}
     for smto in config.fixed_from:
-        row = next(r for r in rows if r.label == smto)
-        first = db.get(row.keys[0])
-        assert first is not None
+        row = next((r for r in rows if r.label == smto), None)
+        first = None if row is None else db.get(row.keys[0])
+        if row is None or first is None or first["config"]["seed"] != val_seeds[0]:
+            selector.pending[f"fixed from {smto}"] = f"{smto}'s first seed"
+            continue
         weights = extract_fixed_weights(first["history"])
         fixed_candidates.append(
             (f"fixed from {smto}", "fixed", [(row.shared, {"weights": weights})])
         )
-        fixed_weights.append(weights)
-    for fixed_row, weights in zip(
-        selector.select(fixed_candidates, None, set()), fixed_weights, strict=True
-    ):
-        fixed_row.weights = weights
+        fixed_weights[f"fixed from {smto}"] = weights
+    for fixed_row in selector.select(fixed_candidates, None, set()):
+        fixed_row.weights = fixed_weights[fixed_row.label]
         rows.append(fixed_row)
 
     ranks = mean_rank({r.label: r.test for r in rows}, directions)
@@ -611,6 +655,7 @@ def run_sweep(
         code_version(),
         str(db.path),
         {label: refs["test"] for label, refs in by_optimizer.items()},
+        selector.pending,
     )
 
 
@@ -657,7 +702,7 @@ def _references(
         if base.optimizer == "adam" and not base.apt
         else f" ({_optimizer_label(_base_optimizer(base))})"
     )
-    runner.run(jobs, "single-task grid" + tag)
+    _all_stored(runner.stored(jobs, "single-task grid" + tag), "single-task grid" + tag)
     chosen: list[tuple[str, str, Mapping[str, Any]]] = []
     for task in problem.task_names:
         points = task_points[task]
@@ -678,7 +723,8 @@ def _references(
                 raise RuntimeError(f"single-task {task}/{metric}: every configuration failed")
             chosen.append((task, metric, best))
     jobs = [(single(t, p, s), None) for t, _, p in chosen for s in best_seeds]
-    records = runner.run(jobs, "single-task selected configurations" + tag)
+    label = "single-task selected configurations" + tag
+    records = _all_stored(runner.stored(jobs, label), label)
     references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
     reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
     for i, (task, metric, point) in enumerate(chosen):
@@ -711,6 +757,8 @@ class _Selector:
         self.runner, self.base = runner, base
         self.val_seeds, self.best_seeds = val_seeds, best_seeds
         self.references, self.directions = references, directions
+        #: rows left out of a study in progress (``Runner.stored_only``) → what they wait for
+        self.pending: dict[str, str] = {}
 
     def select(
         self, candidates: Sequence[Candidate], cosine_every: int | None, cosine_methods: set[str]
@@ -732,13 +780,15 @@ class _Selector:
             for p, h in points
             for s in self.val_seeds
         ]
-        records = iter(self.runner.run(jobs, "grids") if jobs else [])
+        records = iter(self.runner.stored(jobs, "grids") if jobs else [])
         picks = []
         for label, name, points in candidates:
-            scores = []
-            for _ in points:
-                group = [next(records) for _ in range(n_val)]
-                scores.append(_score([r.get("val_delta_m") for r in group]))
+            groups = [[next(records) for _ in range(n_val)] for _ in points]
+            missing = sum(r is None for g in groups for r in g)
+            if missing:
+                self.pending[label] = f"{missing} of its {n_val * len(points)} grid run(s)"
+                continue
+            scores = [_score([r.get("val_delta_m") for r in g if r is not None]) for g in groups]
             if max(scores) == float("-inf"):
                 raise RuntimeError(f"{label}: every configuration of its grid failed")
             picks.append((label, name, points, scores, int(np.argmax(scores))))
@@ -747,10 +797,13 @@ class _Selector:
             for _, name, points, _, best in picks
             for s in self.best_seeds
         ]
-        finals = iter(self.runner.run(jobs, "selected configurations") if jobs else [])
+        finals = iter(self.runner.stored(jobs, "selected configurations") if jobs else [])
         rows = []
         for label, _, points, scores, best in picks:
-            final = [next(finals) for _ in range(n_best)]
+            final = [r for r in (next(finals) for _ in range(n_best)) if r is not None]
+            if not final:
+                self.pending[label] = "its selected configuration's runs"
+                continue
             failed = sum("failed" in r for r in final)
             final = _usable(final, label)
             point, hparams = points[best]

@@ -63,6 +63,8 @@ class Comparison:
     correlation: tuple[float, int] = (math.nan, 0)
     cosine: dict[str, float] = field(default_factory=dict)
     published_cosine: float | None = None
+    #: a study in progress (``mtopt sweep --stored``): rows not shown yet → what they wait for
+    pending: dict[str, str] = field(default_factory=dict)
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -151,6 +153,7 @@ def compare(
     if base is not None:
         _same_optimizer_baselines(rows, base, level)
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
+    out.pending = dict(result.get("pending") or {})
     out.cosine = _cosine(result, records, base)
     if published is not None:
         _attach_published(out, published)
@@ -322,6 +325,12 @@ def markdown(comparison: Comparison) -> str:
             else f"; {comparison.published_title}: about {comparison.published_cosine:.2f}"
         )
         notes.append(f"Gradient-cosine diagnostic under {base}: {ours}{paper}.")
+    if comparison.pending:
+        waiting = "; ".join(f"{k} (waits for {v})" for k, v in comparison.pending.items())
+        notes.append(
+            f"A study in progress: the rows are the runs stored so far (seeds column); not "
+            f"shown yet: {waiting}."
+        )
     return "\n".join(lines + notes) + "\n"
 
 
