@@ -21,7 +21,7 @@ import torch
 from test_sweep import SWEEP
 
 from mtopt.cli import main
-from mtopt.experiments import sweep as sweep_module
+from mtopt.experiments import runner as runner_module
 from mtopt.experiments.database import RunDatabase
 from mtopt.experiments.sweep import SweepConfig, run_sweep
 from mtopt.experiments.train import run_key
@@ -107,7 +107,7 @@ def test_ray_gives_the_records_of_the_local_executor(cluster, local, sweep_file,
     # Ray is initialised in this process: the executor uses that instance; training in this
     # process (the driver) would fail
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sweep_module, "train_run", in_the_driver)
+        patch.setattr(runner_module, "train_run", in_the_driver)
         code = main(
             ["sweep", str(sweep_file), "--run-dir", str(run_dir), "--executor", "ray", "--quiet"]
         )
@@ -214,10 +214,10 @@ def test_a_users_mistake_in_a_run_is_raised_not_stored_as_a_result(tmp_path, mon
     def no_data(*args, **kwargs):
         raise DataError("no MNIST here: run `mtopt data fetch mnist`")
 
-    monkeypatch.setattr(sweep_module, "train_run", no_data)
+    monkeypatch.setattr(runner_module, "train_run", no_data)
     db_path = tmp_path / "mtopt.sqlite"
     with pytest.raises(DataError, match="mtopt data fetch"):
-        sweep_module._execute(str(db_path), RunConfig(problem="multi_mnist/cl_rr"), None, 0)
+        runner_module._execute(str(db_path), RunConfig(problem="multi_mnist/cl_rr"), None, 0)
     assert RunDatabase(db_path).count() == 0
     assert claims(db_path) == 0
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mtopt.errors import ConfigError
-from mtopt.experiments import sweep as sweep_module
+from mtopt.experiments import runner as runner_module
 from mtopt.experiments.database import RunDatabase
 from mtopt.experiments.sweep import SweepConfig, extract_fixed_weights, run_sweep
 from mtopt.experiments.train import run_key
@@ -74,9 +74,9 @@ def fake_train_run(config, references=None, problem=None, callback=None, checkpo
 def fake(monkeypatch):
     import mtopt.problems
 
-    monkeypatch.setattr(sweep_module, "train_run", fake_train_run)
+    monkeypatch.setattr(runner_module, "train_run", fake_train_run)
     monkeypatch.setattr(mtopt.problems, "get_problem", lambda name, **kw: FakeProblem())
-    monkeypatch.setattr(sweep_module, "_PROBLEMS", {})
+    monkeypatch.setattr(runner_module, "_PROBLEMS", {})
 
 
 def test_selection_follows_the_protocol(fake, tmp_path):
@@ -319,7 +319,7 @@ def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp
                         metrics[m] += 0.05 if task == "a" else -0.05
         return record
 
-    monkeypatch.setattr(sweep_module, "train_run", with_optimizer_bonus)
+    monkeypatch.setattr(runner_module, "train_run", with_optimizer_bonus)
     config = SweepConfig(
         problem="fake",
         methods={"unitary": {}, "unitary@muon": {}, "cagrad:c=0.5@muon": {}},
@@ -377,7 +377,7 @@ def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch)
     def never(*args, **kwargs):
         raise AssertionError("a stored-only sweep trained a run")
 
-    monkeypatch.setattr(sweep_module, "train_run", never)
+    monkeypatch.setattr(runner_module, "train_run", never)
     drop(rows["cagrad"].keys[1:] + rows["fixed from cagrad"].keys)
     partial = run_sweep(config, db, workers=1, stored_only=True)
     got = {r.label: r for r in partial.rows}

@@ -30,7 +30,7 @@ from typing import Any
 from mtopt.errors import ConfigError
 from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import CLAIMED, RunDatabase
-from mtopt.experiments.sweep import Job, train_job
+from mtopt.experiments.runner import Job, train_job
 from mtopt.experiments.train import RunConfig, run_key
 
 #: the one line a missing Ray gives
