@@ -409,10 +409,10 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, Any]]:
 
 def cli_help(width: int = 100) -> list[tuple[str, str, str]]:
     """``(command, one-line help, --help text)`` for ``mtopt`` and each (nested) subcommand."""
-    from mtopt.cli import _build_parser
+    from mtopt.cli import build_parser
 
     with _columns(width):
-        parser = _build_parser()
+        parser = build_parser()
         found = [("mtopt", "", parser.format_help())]
 
         def walk(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtopt import cli
+from mtopt.cli import tools as cli
 from mtopt.errors import DataError
 from mtopt.problems import cache, fashion_data, mnist_data, pypi, yeast
 from mtopt.problems.cache import DataUnavailableError, FetchFailedError

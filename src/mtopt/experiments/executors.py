@@ -1,6 +1,6 @@
 """Sweeps on a Ray cluster: :class:`RayExecutor` (``mtopt sweep --executor ray``).
 
-Each run of a sweep is a Ray task that only trains (:func:`mtopt.experiments.sweep.train_job`,
+Each run of a sweep is a Ray task that only trains (:func:`mtopt.experiments.runner.train_job`,
 the function every executor trains through, so a run gives the same record on Ray as in a local
 pool) and returns its record. The run store never leaves the *driver*, the process that runs the
 sweep: for each run it claims the run in the store (``RunDatabase.claim``: the claim's heartbeat

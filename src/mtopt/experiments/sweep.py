@@ -26,11 +26,12 @@ is a row with the selected configuration's seeds stored so far (its ``keys``; th
 
 Run ``i`` of a configuration uses seed ``random_seed + i``. Runs are stored in a
 :class:`~mtopt.experiments.database.RunDatabase` by their config hash; a finished run is never
-redone, so a killed sweep restarted with the same file resumes where it stopped. A process pool
-(``workers``, default one per core) runs the configurations of each phase in parallel, each worker
-with one torch thread (``threads``). Another :class:`Executor` can train the runs elsewhere (a Ray
-cluster: :class:`mtopt.experiments.executors.RayExecutor`); whatever trains them, the process that
-runs the sweep claims each run and writes its record through the same store.
+redone, so a killed sweep restarted with the same file resumes where it stopped (a run cut short,
+from its last epoch). The configurations of each phase run on :mod:`mtopt.experiments.runner`: a
+process pool (``workers``, default one per core), each worker with one torch thread
+(``threads``), or another :class:`Executor` (a Ray cluster:
+:class:`mtopt.experiments.executors.RayExecutor`); whatever trains them, the process that runs the
+sweep claims each run and writes its record through the same store.
 """
 
 from __future__ import annotations
