@@ -6,11 +6,11 @@ import statistics
 from typing import Any
 
 NOTE = (
-    "Test metrics: mean (± std) over the best configuration's runs. Δm: Gama & Grassi's per-task "
-    "relative change against the single-task references, in %, higher is better; Δm flat: the "
-    "plain mean over all metrics (Nash-MTL's form) with the same sign (their code prints its "
-    "negative). MR: mean rank "
-    "over the listed methods, lower is better. s/step: median wall time of one training step."
+    "Test metrics: mean (± std) over the best configuration's runs (a single run: no std). Δm: "
+    "Gama & Grassi's per-task relative change against the single-task references, in %, higher "
+    "is better; Δm flat: the plain mean over all metrics (Nash-MTL's form) with the same sign "
+    "(their code prints its negative). MR: mean rank over the listed methods, lower is better. "
+    "s/step: median wall time of one training step."
 )
 
 
@@ -33,9 +33,10 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _dm(row: dict[str, Any]) -> tuple[float, float]:
-    values = row["delta_m"]
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _pm(mean: float, std: float, runs: int, digits: int, sign: str = "") -> str:
+    """``mean ± std``, or the mean alone for one run (whose spread is unknown, not 0)."""
+    shown = f"{mean:{sign}.{digits}f}"
+    return shown if runs < 2 else f"{shown} ± {std:.{digits}f}"
 
 
 def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
@@ -51,14 +52,16 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
         + ["0 (ref.)", "0 (ref.)", "—", "—", "per metric"]
     )
     for row in result["rows"]:
-        mean, std = _dm(row)
+        values = row["delta_m"]
+        runs = len(values)
+        std = statistics.stdev(values) if runs > 1 else 0.0
         failed = row.get("failed_runs", 0)
         cells = [row["label"] + (f" ({failed} run(s) failed, left out)" if failed else "")]
         for t, m, _ in columns:
-            cells.append(f"{row['test'][t][m]:.4f} ± {row['test_std'][t][m]:.4f}")
+            cells.append(_pm(row["test"][t][m], row["test_std"][t][m], runs, 4))
         flat = row.get("delta_m_flat")
         cells += [
-            f"{mean:+.2f} ± {std:.2f}",
+            _pm(statistics.fmean(values), std, runs, 2, "+"),
             "—" if not flat else f"{statistics.fmean(flat):+.2f}",
             f"{row['mean_rank']:.2f}",
             f"{row['step_seconds']:.3f}",

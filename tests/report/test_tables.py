@@ -1,0 +1,35 @@
+"""The sweep result's markdown and LaTeX tables: means with their spread, and none for one run."""
+
+from __future__ import annotations
+
+from mtopt.report.tables import latex_table, markdown_table, rows_for_table
+
+
+def _row(label: str, delta_m: list[float]) -> dict:
+    return {
+        "label": label,
+        "test": {"A": {"acc": 0.9}},
+        "test_std": {"A": {"acc": 0.01 if len(delta_m) > 1 else 0.0}},
+        "delta_m": delta_m,
+        "delta_m_flat": delta_m,
+        "mean_rank": 1.0,
+        "step_seconds": 0.01,
+        "shared": {"lr": 0.001},
+        "hparams": {},
+    }
+
+
+def test_one_run_shows_no_spread_and_several_show_theirs():
+    result = {
+        "directions": {"A": {"acc": False}},
+        "references": {"test": {"A": {"acc": 0.95}}},
+        "rows": [_row("three", [-1.0, -2.0, -3.0]), _row("one", [-4.0])],
+    }
+    header, refs, three, one = rows_for_table(result)
+    assert header[1] == "A acc ↑"
+    assert refs[0] == "single-task"
+    assert three[1:3] == ["0.9000 ± 0.0100", "-2.00 ± 1.00"]
+    assert one[1:3] == ["0.9000", "-4.00"]  # its spread is unknown, not 0
+    assert "| one | 0.9000 | -4.00 |" in markdown_table(result)
+    assert "$-2.00 \\pm 1.00$" not in latex_table(result)  # ± only, not the whole cell
+    assert "-2.00 $\\pm$ 1.00" in latex_table(result)
