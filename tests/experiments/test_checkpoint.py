@@ -122,6 +122,26 @@ def test_a_checkpoint_of_another_run_or_a_torn_file_is_set_aside(cl_rr, tmp_path
     assert not path.exists()
 
 
+@pytest.mark.slow
+def test_a_checkpoint_this_code_cannot_load_is_set_aside(cl_rr, tmp_path, caplog):
+    """The right run's checkpoint, written by code whose state no longer fits (here: a model of
+    another shape), is not a failed run: it is set aside and the run starts over."""
+    config = _config("cagrad", {}, epochs=2)
+    straight = train_run(config, references=REFS, problem=cl_rr)
+    path = tmp_path / "run.pt"
+    with pytest.raises(KilledError):
+        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 0), checkpoint=path)
+    state = checkpoints.load(path, run_key(config, REFS))
+    assert state is not None
+    state["model"] = {k: torch.zeros(3) for k in state["model"]}
+    checkpoints.save(path, state)
+    again = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    assert _computed(again) == _computed(straight)
+    assert "resumed" not in again
+    assert "not this code's" in caplog.text
+    assert (tmp_path / "run.pt.unusable").is_file()
+
+
 def test_an_unwritable_checkpoint_folder_costs_resumability_not_the_run(tmp_path, caplog):
     blocker = tmp_path / "a file"
     blocker.write_text("")

@@ -92,10 +92,16 @@ def load(path: Path, key: str) -> dict[str, Any] | None:
         if state.get("format") == FORMAT and state.get("key") == key:
             return state
         why = f"of format {state.get('format')!r} for run {state.get('key')!r}"
+    set_aside(path, why)
+    return None
+
+
+def set_aside(path: Path, why: str) -> None:
+    """Rename an unusable checkpoint ``*.unusable`` (kept for a look, never resumed from) and say
+    why; its run starts over."""
     aside = path.with_name(path.name + ".unusable")
     os.replace(path, aside)
     logger.warning("checkpoint %s is %s: set aside as %s; the run starts over", path, why, aside)
-    return None
 
 
 def remove(path: Path | None) -> None:

@@ -229,7 +229,11 @@ def train_run(
     if path is not None:
         saved = checkpoints.load(path, run_key(config, references))
         if saved is not None:
-            start = run.restore(saved)
+            try:
+                start = run.restore(saved)
+            except Exception as exc:  # written by code whose state no longer fits: start over
+                checkpoints.set_aside(path, f"not this code's ({type(exc).__name__}: {exc})")
+                run = _Run(config, references, run.problem, callback)
     for epoch in range(start, config.epochs):
         run.train_epoch(epoch)
         if path is not None and not checkpoints.save(path, run.state(epoch + 1)):
