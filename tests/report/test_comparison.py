@@ -166,3 +166,20 @@ def test_the_qm9_mlp_studys_paper_column_is_the_shipped_gnn_table():
     gnn = load_published("gama_grassi_2025")["problems"]["qm9/gnn"]
     assert mlp["qm9/mlp"]["delta_m"] == gnn["delta_m"]
     assert mlp["qm9/mlp"]["cosine"] == gnn["cosine"]
+
+
+def test_rows_with_fewer_seeds_are_ranked_on_the_seeds_all_rows_ran():
+    result, records = _study()
+    full = compare(result, records, baseline="unitary")
+    assert full.rank_seeds == []  # every row ran every seed: all of them are used
+    cagrad = next(r for r in result["rows"] if r["label"] == "cagrad")
+    cagrad["keys"] = cagrad["keys"][:1]  # a study in progress: cagrad's first seed only
+    part = compare(result, records, baseline="unitary")
+    assert part.rank_seeds == [1]
+    assert all(r.mean_rank is not None and r.mean_rank.n == 1 for r in part.rows)
+    from mtopt.evaluation.metrics import mean_rank
+
+    seed1 = {r["label"]: records[r["keys"][0]]["test"] for r in result["rows"]}
+    expected = mean_rank(seed1, DIRECTIONS)
+    assert {r.label: r.mean_rank.mean for r in part.rows} == pytest.approx(expected)
+    assert "MR over seed(s) 1 only" in markdown(part)

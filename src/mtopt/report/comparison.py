@@ -65,6 +65,8 @@ class Comparison:
     published_cosine: float | None = None
     #: a study in progress (``mtopt sweep --stored``): rows not shown yet → what they wait for
     pending: dict[str, str] = field(default_factory=dict)
+    #: the seeds the mean rank used, when not every seed shown (rows that ran different seeds)
+    rank_seeds: list[int] = field(default_factory=list)
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -143,7 +145,7 @@ def compare(
             row.own_by_seed = {s: delta_m(t, own, directions) for s, t in sorted(tests.items())}
             row.own = mean_interval(list(row.own_by_seed.values()), level)
         rows.append(row)
-    _ranks(rows, per_seed, directions, level)
+    rank_seeds = _ranks(rows, per_seed, directions, level)
     base = _baseline_row(rows, baseline)
     if base is not None:
         for row in rows:
@@ -154,6 +156,8 @@ def compare(
         _same_optimizer_baselines(rows, base, level)
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
     out.pending = dict(result.get("pending") or {})
+    all_seeds = sorted({s for row in rows for s in row.by_seed})
+    out.rank_seeds = rank_seeds if rank_seeds != all_seeds else []
     out.cosine = _cosine(result, records, base)
     if published is not None:
         _attach_published(out, published)
@@ -165,9 +169,13 @@ def _ranks(
     per_seed: Mapping[str, Mapping[int, Any]],
     directions: Mapping[str, Mapping[str, bool]],
     level: float,
-) -> None:
-    """Mean rank per seed over the methods that ran that seed, then its mean and spread."""
-    seeds = sorted({s for tests in per_seed.values() for s in tests})
+) -> list[int]:
+    """Mean rank per seed, then its mean and spread. Ranks compare rows on the same seeds: the
+    seeds every row ran (all of them in a finished study); when no seed is common to all rows,
+    each seed ranks the rows that ran it. Returns the seeds used."""
+    present = [set(tests) for label, tests in per_seed.items() if tests]
+    common = set.intersection(*present) if present else set()
+    seeds = sorted(common or {s for tests in per_seed.values() for s in tests})
     ranks: dict[str, list[float]] = {row.label: [] for row in rows}
     for seed in seeds:
         tables = {label: tests[seed] for label, tests in per_seed.items() if seed in tests}
@@ -179,6 +187,7 @@ def _ranks(
     for row in rows:
         if ranks[row.label]:
             row.mean_rank = mean_interval(ranks[row.label], level)
+    return seeds
 
 
 def _same_optimizer_baselines(rows: list[MethodStats], base: MethodStats, level: float) -> None:
@@ -325,6 +334,12 @@ def markdown(comparison: Comparison) -> str:
             else f"; {comparison.published_title}: about {comparison.published_cosine:.2f}"
         )
         notes.append(f"Gradient-cosine diagnostic under {base}: {ours}{paper}.")
+    if comparison.rank_seeds:
+        shown = ", ".join(str(s) for s in comparison.rank_seeds)
+        notes.append(
+            f"MR over seed(s) {shown} only: the rows ran different seeds, and ranks compare rows "
+            "on the same seed."
+        )
     if comparison.pending:
         waiting = "; ".join(f"{k} (waits for {v})" for k, v in comparison.pending.items())
         notes.append(
