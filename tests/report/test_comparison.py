@@ -120,6 +120,7 @@ def test_one_seed_has_no_interval():
     comp = compare(result, records, "unitary")
     assert all(math.isnan(r.delta_m.lo) for r in comp.rows)
     assert {r.verdict for r in comp.rows if r.versus is not None} == {"one seed"}
+    assert "±" not in markdown(comp).split("\n\n")[0].split("\n", 2)[2]  # no spread of 1 seed
 
 
 def test_rows_on_another_optimizer_are_also_measured_against_their_own_references():

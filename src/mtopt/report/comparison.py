@@ -283,7 +283,7 @@ def markdown(comparison: Comparison) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(comparison.rows, key=lambda r: -r.delta_m.mean):
         d = row.delta_m
-        cells = [row.label, str(d.n), f"{d.mean:+.2f} ± {d.std:.2f}", _ci(d)]
+        cells = [row.label, str(d.n), _mean_sd(d, "+"), _ci(d)]
         if base is not None:
             if row.versus is None:
                 cells += ["(baseline)", ""]
@@ -292,7 +292,7 @@ def markdown(comparison: Comparison) -> str:
                 shown = f"{v.mean:+.2f}" if math.isnan(v.lo) else f"{v.mean:+.2f} {_ci(v)} {v.kind}"
                 cells += [shown, row.verdict]
         mr = row.mean_rank
-        cells.append("—" if mr is None else f"{mr.mean:.2f} ± {mr.std:.2f}")
+        cells.append("—" if mr is None else _mean_sd(mr))
         if others:
             cells.append(row.optimizer)
             cells.append("—" if row.own is None else f"{row.own.mean:+.2f} {_ci(row.own)}")
@@ -347,6 +347,11 @@ def markdown(comparison: Comparison) -> str:
             f"shown yet: {waiting}."
         )
     return "\n".join(lines + notes) + "\n"
+
+
+def _mean_sd(i: Interval, sign: str = "") -> str:
+    """``mean ± sd``; the mean alone for one seed (its spread is unknown, not 0)."""
+    return f"{i.mean:{sign}.2f}" if i.n < 2 else f"{i.mean:{sign}.2f} ± {i.std:.2f}"
 
 
 def _ci(i: Interval) -> str:
