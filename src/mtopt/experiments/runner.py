@@ -191,11 +191,12 @@ class Runner:
         each run not stored yet."""
         keys = [run_key(c, r) for c, r in jobs]
         by_key = dict(zip(keys, jobs, strict=True))
-        todo = [k for k in dict.fromkeys(keys) if self.db.get(k) is None]
-        done = len(set(keys)) - len(todo)
+        found = {k: self.db.get(k) for k in by_key}  # each record read (and parsed) once
+        todo = [k for k, record in found.items() if record is None]
+        done = len(found) - len(todo)
         if self.stored_only:
-            self.progress(f"{label}: {len(set(keys))} runs, {done} stored, {len(todo)} not yet")
-            return [self.db.get(k) for k in keys]
+            self.progress(f"{label}: {len(found)} runs, {done} stored, {len(todo)} not yet")
+            return [found[k] for k in keys]
         self.progress(f"{label}: {len(jobs)} runs, {done} already stored, {len(todo)} to run")
         finished = done
         waited = False

@@ -25,6 +25,7 @@ from mtopt.evaluation.statistics import (
     rank_correlation,
     verdict,
 )
+from mtopt.report.tables import mean_sd
 from mtopt.specs import parse_spec
 
 #: Published results shipped with mtopt (``--paper NAME``), in ``mtopt/report/published``.
@@ -283,7 +284,7 @@ def markdown(comparison: Comparison) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(comparison.rows, key=lambda r: -r.delta_m.mean):
         d = row.delta_m
-        cells = [row.label, str(d.n), _mean_sd(d, "+"), _ci(d)]
+        cells = [row.label, str(d.n), mean_sd(d.mean, d.std, d.n, sign="+"), _ci(d)]
         if base is not None:
             if row.versus is None:
                 cells += ["(baseline)", ""]
@@ -292,7 +293,7 @@ def markdown(comparison: Comparison) -> str:
                 shown = f"{v.mean:+.2f}" if math.isnan(v.lo) else f"{v.mean:+.2f} {_ci(v)} {v.kind}"
                 cells += [shown, row.verdict]
         mr = row.mean_rank
-        cells.append("—" if mr is None else _mean_sd(mr))
+        cells.append("—" if mr is None else mean_sd(mr.mean, mr.std, mr.n))
         if others:
             cells.append(row.optimizer)
             cells.append("—" if row.own is None else f"{row.own.mean:+.2f} {_ci(row.own)}")
@@ -347,11 +348,6 @@ def markdown(comparison: Comparison) -> str:
             f"shown yet: {waiting}."
         )
     return "\n".join(lines + notes) + "\n"
-
-
-def _mean_sd(i: Interval, sign: str = "") -> str:
-    """``mean ± sd``; the mean alone for one seed (its spread is unknown, not 0)."""
-    return f"{i.mean:{sign}.2f}" if i.n < 2 else f"{i.mean:{sign}.2f} ± {i.std:.2f}"
 
 
 def _ci(i: Interval) -> str:

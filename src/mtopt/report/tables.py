@@ -33,7 +33,7 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _pm(mean: float, std: float, runs: int, digits: int, sign: str = "") -> str:
+def mean_sd(mean: float, std: float, runs: int, digits: int = 2, sign: str = "") -> str:
     """``mean ± std``, or the mean alone for one run (whose spread is unknown, not 0)."""
     shown = f"{mean:{sign}.{digits}f}"
     return shown if runs < 2 else f"{shown} ± {std:.{digits}f}"
@@ -58,10 +58,10 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
         failed = row.get("failed_runs", 0)
         cells = [row["label"] + (f" ({failed} run(s) failed, left out)" if failed else "")]
         for t, m, _ in columns:
-            cells.append(_pm(row["test"][t][m], row["test_std"][t][m], runs, 4))
+            cells.append(mean_sd(row["test"][t][m], row["test_std"][t][m], runs, 4))
         flat = row.get("delta_m_flat")
         cells += [
-            _pm(statistics.fmean(values), std, runs, 2, "+"),
+            mean_sd(statistics.fmean(values), std, runs, 2, "+"),
             "—" if not flat else f"{statistics.fmean(flat):+.2f}",
             f"{row['mean_rank']:.2f}",
             f"{row['step_seconds']:.3f}",
