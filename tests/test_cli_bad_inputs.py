@@ -186,3 +186,21 @@ def test_named_bad_inputs(argv, tmp_path, capsys, monkeypatch):
     assert code == 2, err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     assert not (tmp_path / "runs" / "absent").exists()  # report never creates a store
+
+
+def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys, mnist):
+    """`mtopt sweep FILE --stored` on a store without the study's references: exit 2, one line
+    naming what is missing, nothing trained."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'problem = "multi_mnist/cl_rr"\n[base]\nepochs = 1\ntrain_subset = 64\n'
+        "[methods]\nunitary = {}\n"
+    )
+    runs = tmp_path / "runs"
+    code = main(["sweep", str(config), "--run-dir", str(runs), "--stored", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "not stored yet" in lines[0]
+    assert not (runs / "mtopt.sqlite.checkpoints").exists()  # nothing trained
