@@ -190,7 +190,12 @@ def test_named_bad_inputs(argv, tmp_path, capsys, monkeypatch):
 
 def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys, mnist):
     """`mtopt sweep FILE --stored` on a store without the study's references: exit 2, one line
-    naming what is missing, nothing trained."""
+    naming what is missing, nothing trained, and the store left byte for byte as it was (it is
+    only read: a committed store stays in its journal mode); without a store: one line too."""
+    import sqlite3
+
+    from mtopt.experiments.database import RunDatabase
+
     config = tmp_path / "tiny.toml"
     config.write_text(
         'problem = "multi_mnist/cl_rr"\n[base]\nepochs = 1\ntrain_subset = 64\n'
@@ -198,9 +203,21 @@ def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys,
     )
     runs = tmp_path / "runs"
     code = main(["sweep", str(config), "--run-dir", str(runs), "--stored", "--quiet"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, lines
+    assert len(lines) == 1 and "no run store" in lines[0], lines
+    assert not runs.exists()  # nothing created
+
+    store = tmp_path / "study.sqlite"
+    RunDatabase(store)  # an empty store, as committed: one file in DELETE journal mode
+    with sqlite3.connect(store) as db:
+        db.execute("PRAGMA journal_mode=DELETE")
+    before = store.read_bytes()
+    code = main(["sweep", str(config), "--db", str(store), "--run-dir", str(runs), "--stored"])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "not stored yet" in lines[0]
-    assert not (runs / "mtopt.sqlite.checkpoints").exists()  # nothing trained
+    assert not (tmp_path / "study.sqlite.checkpoints").exists()  # nothing trained
+    assert store.read_bytes() == before

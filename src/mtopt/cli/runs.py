@@ -253,7 +253,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
     if args.address is not None and args.executor != "ray":
         raise ConfigError("--address names a Ray cluster: use it with --executor ray")
-    db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite")
+    # --stored trains nothing: the store is only read (a committed store is left as it is)
+    db = RunDatabase(args.db or args.run_dir / "mtopt.sqlite", readonly=args.stored)
     executor = None
     if (
         args.executor == "ray" and not args.stored

@@ -163,8 +163,11 @@ class RunDatabase:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
+            db = self._connect()
+            try:
                 db.executescript(_SCHEMA)
+            finally:
+                db.close()  # closed now, not when a reference cycle is collected
         except (sqlite3.OperationalError, PermissionError) as exc:
             if self.path.is_file() and not os.access(self.path.parent, os.W_OK):
                 self.readonly = True  # reading works; recording a new run says why it cannot
