@@ -205,7 +205,8 @@ def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys,
     code = main(["sweep", str(config), "--run-dir", str(runs), "--stored", "--quiet"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2, lines
-    assert len(lines) == 1 and "no run store" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert "no run store" in lines[0], lines
     assert not runs.exists()  # nothing created
 
     store = tmp_path / "study.sqlite"

@@ -54,22 +54,33 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)
 
 
-def train(name: str, hps: dict[str, Any], micro: int | None):
+def train(
+    name: str,
+    hps: dict[str, Any],
+    micro: int | None,
+    scaler: torch.amp.GradScaler | None = None,
+    broken: int | None = None,
+):
+    """STEPS steps on the whole batch (``micro=None``) or on ``micro`` micro-batches; with
+    ``broken``, that micro-batch's task ``a`` has a finite loss whose gradient is NaN."""
     torch.manual_seed(0)
     model = Net().double()
     opt = torch.optim.SGD(model.parameters(), lr=LR.get(name, 0.05), momentum=0.9)
-    mto = MultiTaskOptimizer(opt, name, shared=model.encoder, **{**EXTRA.get(name, {}), **hps})
+    mto = MultiTaskOptimizer(
+        opt, name, shared=model.encoder, grad_scaler=scaler, **{**EXTRA.get(name, {}), **hps}
+    )
     x, y = data()
 
-    def closure(xb: torch.Tensor, yb: torch.Tensor):
+    def closure(xb: torch.Tensor, yb: torch.Tensor, nan: bool = False):
         def run() -> Losses:
             z = model.encoder(xb)
-            return Losses(
-                {
-                    t: ((model.heads[t](z).squeeze(1) - yb[:, i]) ** 2).mean()
-                    for i, t in enumerate(TASKS)
-                }
-            )
+            out = {
+                t: ((model.heads[t](z).squeeze(1) - yb[:, i]) ** 2).mean()
+                for i, t in enumerate(TASKS)
+            }
+            if nan:  # sqrt at 0: the value 0, the gradient NaN
+                out["a"] = out["a"] + torch.sqrt(((z - z.detach()) ** 2).sum())
+            return Losses(out)
 
         return run
 
@@ -81,7 +92,7 @@ def train(name: str, hps: dict[str, Any], micro: int | None):
         else:
             size = BATCH // micro
             parts = [slice(i * size, (i + 1) * size) for i in range(micro)]
-            main = [closure(x[s][p], y[s][p]) for p in parts]
+            main = [closure(x[s][p], y[s][p], nan=k == broken) for k, p in enumerate(parts)]
             meta = [closure(xm[p], ym[p]) for p in parts]
         needs_meta = isinstance(mto.method, MetaBatchMethod)
         infos.append(mto.step(main, meta_closure=meta if needs_meta else None))
@@ -129,7 +140,40 @@ def test_what_accumulation_cannot_serve_is_refused():
         gram.step([lambda: {"a": model.encoder(torch.ones(1, 5)).sum()}])
     with pytest.raises(ValueError, match="non-empty list of closures"):
         MultiTaskOptimizer(opt, "mgda", shared=model.encoder).step([])
-    scaled = MultiTaskOptimizer(opt, "mgda", shared=model.encoder,
-                                grad_scaler=torch.amp.GradScaler("cpu"))  # fmt: skip
-    with pytest.raises(ValueError, match="with a grad_scaler is not supported"):
-        scaled.step([lambda: {"a": model.encoder(torch.ones(1, 5)).sum()}])
+
+
+#: a grad scaler around accumulation: loss level, learned scales, weights, a direction, a closure
+#: method, a meta-batch closure method
+SCALED = ["unitary", "uw", "mgda", "pcgrad", "famo", "auto_lambda"]
+
+
+@pytest.mark.parametrize("name", SCALED)
+def test_micro_batches_under_a_grad_scaler_equal_the_whole_batch(name):
+    """A power-of-two scale multiplies every backward quantity exactly: with a scaler, the
+    micro-batches give the whole batch's step, and both the step without a scaler."""
+    plain, _ = train(name, {}, None)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
+    whole, _ = train(name, {}, None, scaler=scalers[0])
+    parts, infos = train(name, {}, MICRO, scaler=scalers[1])
+    assert not any(i.skipped for i in infos)
+    assert scalers[1].get_scale() == 2.0**12
+    for n, p in whole.items():
+        torch.testing.assert_close(parts[n], p, rtol=1e-9, atol=1e-11, msg=f"{name} {n}")
+        torch.testing.assert_close(p, plain[n], rtol=1e-9, atol=1e-11, msg=f"{name} {n}")
+
+
+@pytest.mark.parametrize("name", ["unitary", "mgda", "pcgrad"])
+def test_a_non_finite_micro_batch_skips_the_step_under_a_grad_scaler(name):
+    """One micro-batch's NaN gradient: with a scaler the whole step is skipped (no parameter
+    moves, the scale halves, as GradScaler does); without one, the step raises naming the
+    task."""
+    torch.manual_seed(0)
+    start = dict(Net().double().named_parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    params, infos = train(name, {}, MICRO, scaler=scaler, broken=1)
+    assert all(i.skipped and i.weights is None for i in infos)
+    assert scaler.get_scale() == 2.0 ** (12 - STEPS)
+    for n, p in start.items():
+        assert torch.equal(params[n], p), f"{name}: a skipped step moved {n}"
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \['a'\] is not finite"):
+        train(name, {}, MICRO, broken=1)

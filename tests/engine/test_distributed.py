@@ -187,7 +187,7 @@ def test_what_cannot_hold_in_a_group_is_refused_in_one_line(tmp_path):
     assert "different seeds on the ranks: [0, 1]" in lines[2]
 
 
-def _one_rank_non_finite(rank: int, world: int, store: str, out: str) -> None:
+def _one_rank_non_finite(rank: int, world: int, store: str, out: str, micro: bool) -> None:
     import datetime
 
     dist.init_process_group(
@@ -201,16 +201,19 @@ def _one_rank_non_finite(rank: int, world: int, store: str, out: str) -> None:
         mto = MultiTaskOptimizer(opt, "mgda", shared=model.encoder)
         x, y, _, _ = data()
 
-        def closure():
-            z = model.encoder(x[0, rank * 6 : (rank + 1) * 6])
-            out = {t: ((model.heads[t](z).squeeze(1) - y[0, :6, i]) ** 2).mean()
+        def closure(lo: int = 0, hi: int = 6, broken: bool = True):
+            z = model.encoder(x[0, rank * 6 + lo : rank * 6 + hi])
+            out = {t: ((model.heads[t](z).squeeze(1) - y[0, lo:hi, i]) ** 2).mean()
                    for i, t in enumerate(TASKS)}  # fmt: skip
-            if rank == 1:  # a finite loss (0) whose gradient is NaN, on this rank only
+            if rank == 1 and broken:  # a finite loss (0) whose gradient is NaN, on this rank
                 out["a"] = out["a"] + torch.sqrt(((z - z.detach()) ** 2).sum())
             return out
 
         try:
-            mto.step(closure)
+            if micro:  # accumulation: the second micro-batch of rank 1 only
+                mto.step([lambda: closure(0, 3, False), lambda: closure(3, 6)])
+            else:
+                mto.step(closure)
             result = "stepped"
         except FloatingPointError as exc:
             result = "FloatingPointError: " + str(exc).split(":")[0]
@@ -220,10 +223,12 @@ def _one_rank_non_finite(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_a_non_finite_gradient_on_one_rank_stops_every_rank(tmp_path):
-    """Reduced before it is checked: every rank raises, none waits in a collective."""
+@pytest.mark.parametrize("micro", [False, True], ids=["one batch", "micro-batches"])
+def test_a_non_finite_gradient_on_one_rank_stops_every_rank(tmp_path, micro):
+    """Reduced before it is checked: every rank raises, none waits in a collective (with
+    gradient accumulation too: the mean Jacobian is checked after the ranks' mean)."""
     out = tmp_path / "result"
-    mp.spawn(_one_rank_non_finite, args=(2, str(tmp_path / "store"), str(out)), nprocs=2,
+    mp.spawn(_one_rank_non_finite, args=(2, str(tmp_path / "store"), str(out), micro), nprocs=2,
              join=True)  # fmt: skip
     for rank in (0, 1):
         text = Path(f"{out}.{rank}").read_text()

@@ -20,7 +20,12 @@ closures if needed).
   has to be back-propagated through every micro-batch's graph after the whole batch was seen,
   so accumulation would keep the whole batch in memory; use a larger batch.
 
-Not with a ``grad_scaler``, nor with the Gramian engine (both are refused in one line).
+Under a ``grad_scaler`` (:mod:`mtopt.engine.scaling`) each micro-batch's losses are scaled
+before they are differentiated, the method sees the mean Jacobian unscaled, and a non-finite mean
+Jacobian skips the step the scaler's way. The mean Jacobian is checked once, after the
+micro-batches (and, in a process group, after the ranks' mean), so a non-finite gradient on one
+rank stops every rank alike. Not with the Gramian engine (refused in one line: the Gramian of the
+whole batch has cross terms between micro-batches).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from mtopt.core.method import Aggregation, MethodInput
 from mtopt.engine import writeback
 from mtopt.engine.closure import Closure, Losses, unpack
 from mtopt.engine.info import PhaseClock, StepInfo
-from mtopt.engine.sources import GramianSource, check_finite, combine
+from mtopt.engine.sources import GramianSource, PerTask, check_finite, combine
 
 if TYPE_CHECKING:
     from mtopt.engine.optimizer import MultiTaskOptimizer
@@ -54,8 +59,6 @@ def check(mto: MultiTaskOptimizer, closures: Sequence[Closure]) -> None:
             "its per-sample direction needs every micro-batch's graph at once; use a larger "
             "batch, or the method at the parameter level where it has one"
         )
-    if mto.scaling is not None:
-        raise ValueError("gradient accumulation with a grad_scaler is not supported")
     if isinstance(mto.source, GramianSource) or mto.engine == "gramian":
         raise ValueError(
             "gradient accumulation needs the per-task gradients (engine='jacobian' or 'auto'); "
@@ -94,49 +97,63 @@ def streaming_step(mto: MultiTaskOptimizer, closures: Sequence[Closure]) -> Step
     total: Tensor | None = None
     values: Tensor | None = None
     names: tuple[str, ...] | None = mto.task_names
+    scaling = mto.scaling
     for closure in closures:
         with torch.enable_grad():
             part = unpack(closure(), names)
         names = part.names
-        rows = jacobian(part.losses, params)  # K backward passes; the graph goes with `part`
-        check_finite(part.names, grads=rows)
+        losses = part.losses if scaling is None else scaling.scaled(part).losses
+        rows = jacobian(losses, params)  # K backward passes; the graph goes with `part`
         total = rows if total is None else total + rows
         values = part.stacked if values is None else values + part.stacked
         del part
     assert total is not None and values is not None and names is not None
     m = len(closures)
     grads, stacked = total / m, values / m
-    sent = 0
+    sent, before = 0, 0 if mto.sync is None else mto.sync.sent_bytes
     if mto.sync is not None:
-        before = mto.sync.sent_bytes
         grads, stacked = mto.sync.mean(grads), mto.sync.mean(stacked)
         sent = mto.sync.sent_bytes - before
     if mto.task_names is None:
         mto.task_names = names
+    try:  # reduced first: a non-finite row on one rank stops every rank
+        check_finite(names, grads=grads)
+    except FloatingPointError:
+        if scaling is None:
+            raise
+        return mto._skip(index, names, stacked.tolist(), clock, before)
     clock.lap("gradients")
     width = sum(p.numel() for p in shared)
-    shared_rows, head_rows = grads[:, :width], grads[:, width:]
+    shared_rows, head_rows = grads[:, :width], grads[:, width:]  # scaled under a grad scaler
+    seen = shared_rows if scaling is None else scaling.unscaled(PerTask(grads=shared_rows))[0]
     inputs = MethodInput(
         stacked,
         names,
-        grads=shared_rows if method.level == "param" else None,
+        grads=seen if method.level == "param" else None,
         step=index,
         loss_types=mto.loss_types,
     )
     agg = method.aggregate(inputs)
     writeback.check_aggregation(method, agg, inputs.num_tasks)
     clock.lap("method")
+    written = agg if scaling is None else scaling.scaled_direction(agg)
     if method.level == "param":
-        write_flat_grad(shared, combine(agg, shared_rows).detach())
+        write_flat_grad(shared, combine(written, shared_rows).detach())
     else:
         assert agg.weights is not None
         write_flat_grad(shared, combine(Aggregation(agg.weights), shared_rows).detach())
     if heads:
         coeffs = writeback.head_coefficients(method, agg, inputs.num_tasks)
         write_flat_grad(heads, combine(Aggregation(coeffs), head_rows).detach())
+    if scaling is not None:
+        scaling.unscale(mto.optimizer)
     writeback.clip(shared, mto.max_grad_norm)
     clock.lap("backward")
-    mto.optimizer.step()
+    skipped = False
+    if scaling is None:
+        mto.optimizer.step()
+    else:
+        skipped = scaling.step(mto.optimizer)
     clock.lap("optimizer")
     mto.step_count += 1
     if agg.solver is not None and not agg.solver.converged:
@@ -152,6 +169,7 @@ def streaming_step(mto: MultiTaskOptimizer, closures: Sequence[Closure]) -> Step
         gradient_engine="jacobian" if method.level == "param" else None,
         updates=1,
         communicated_bytes=sent,
+        skipped=skipped,
     )
 
 

@@ -224,7 +224,7 @@ class MultiTaskOptimizer:
         except FloatingPointError:
             if self.scaling is None:
                 raise
-            return self._skip(index, step, clock, sent)
+            return self._skip(index, step.names, step.values, clock, sent)
         clock.lap("gradients")
         inputs = self._method_input(step, per_task, index)
         context = None
@@ -335,16 +335,18 @@ class MultiTaskOptimizer:
         clock.lap("optimizer")
         return agg, skipped
 
-    def _skip(self, index: int, step: Unpacked, clock: PhaseClock, sent: int) -> StepInfo:
+    def _skip(
+        self, index: int, names: tuple[str, ...], values: list[float], clock: PhaseClock, sent: int
+    ) -> StepInfo:
         """A step whose scaled per-task gradients are not finite: no update, a lower scale."""
         assert self.scaling is not None
         self.scaling.skip(self.optimizer, self.shared)
         self.step_count += 1
         return StepInfo(
             step=index,
-            losses=dict(zip(step.names, step.values, strict=True)),
+            losses=dict(zip(names, values, strict=True)),
             weights=None,
-            task_names=step.names,
+            task_names=names,
             solver=None,
             times=clock.done(),
             gradient_engine=self.source.label,
