@@ -394,3 +394,56 @@ def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch)
         "cagrad": "1 of its 2 grid run(s)",
         "fixed from cagrad": "cagrad's first seed",
     }
+
+
+def test_a_study_in_progress_names_the_runs_in_flight(fake, tmp_path, monkeypatch):
+    """``stored_only``: a run not stored whose epoch checkpoint exists is listed (what, lr,
+    seed, epoch e of n), read without touching the files; a checkpoint of another run is
+    neither listed nor set aside; before the references are stored, the one-line error names
+    the reference runs in flight."""
+    import sqlite3
+
+    from mtopt.experiments import checkpoint
+
+    config = SweepConfig(
+        problem="fake",
+        methods={"cagrad": {"c": [0.0, 0.5]}, "unitary": {}},
+        grid={"lr": [0.01]},
+        base={"epochs": 3},
+        n_val_runs=1,
+        n_best_runs=2,
+        random_seed=1,
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    rows = {r.label: r for r in run_sweep(config, db, workers=1).rows}
+
+    def drop(keys):
+        with sqlite3.connect(db.path) as conn:
+            conn.executemany("DELETE FROM runs WHERE key = ?", [(k,) for k in keys])
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stored-only sweep trained a run")
+
+    monkeypatch.setattr(runner_module, "train_run", never)
+    flying, other = rows["cagrad"].keys[1], rows["unitary"].keys[1]  # second seeds
+    drop([flying, other])
+    checkpoint.save(db.checkpoint_path(flying), {"key": flying, "epochs_done": 2})
+    checkpoint.save(db.checkpoint_path(other), {"key": "another run", "epochs_done": 1})
+    folder = db.checkpoint_path(flying).parent
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    partial = run_sweep(config, db, workers=1, stored_only=True)
+    assert partial.in_flight == ["cagrad at lr 0.01, seed 2: epoch 2 of 3"]
+    assert partial.to_dict()["in_flight"] == partial.in_flight
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    reference = next(
+        r for r in db.records() if r["config"]["tasks"] is not None and r["config"]["seed"] == 1
+    )
+    drop([reference["key"]])
+    path = db.checkpoint_path(reference["key"])
+    checkpoint.save(path, {"key": reference["key"], "epochs_done": 1})
+    task = reference["config"]["tasks"][0]
+    with pytest.raises(
+        ConfigError, match=rf"\(in flight: single-task {task} at lr 0\.01, seed 1: epoch 1 of 3\)"
+    ):
+        run_sweep(config, db, workers=1, stored_only=True)

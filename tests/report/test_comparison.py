@@ -149,13 +149,18 @@ def test_rows_on_another_optimizer_are_also_measured_against_their_own_reference
 def test_a_study_in_progress_says_which_rows_are_not_shown_yet():
     result, records = _study()
     result["pending"] = {"nash_mtl": "1 of its 1 grid run(s)"}
+    result["in_flight"] = ["nash_mtl at lr 0.001, seed 1: epoch 7 of 60"]
     comp = compare(result, records, baseline="unitary")
     assert comp.pending == {"nash_mtl": "1 of its 1 grid run(s)"}
     text = markdown(comp)
     assert "study in progress" in text
     assert "nash_mtl (waits for 1 of its 1 grid run(s))" in text
+    assert "Runs in flight (from their epoch checkpoints): nash_mtl at lr 0.001, seed 1" in text
     result.pop("pending")
-    assert "study in progress" not in markdown(compare(result, records, baseline="unitary"))
+    result.pop("in_flight")
+    text = markdown(compare(result, records, baseline="unitary"))
+    assert "study in progress" not in text
+    assert "in flight" not in text
 
 
 def test_the_qm9_mlp_studys_paper_column_is_the_shipped_gnn_table():

@@ -295,6 +295,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(markdown_table(data))
     for label, waits in result.pending.items():
         print(f"pending: {label} (waits for {waits})")
+    for run in result.in_flight:
+        print(f"in flight: {run}")
     print(
         f"{result.runs} run(s) executed in {time.perf_counter() - started:.0f} s; "
         f"result in {out} (render it with `mtopt report {out}`)"

@@ -96,6 +96,20 @@ def load(path: Path, key: str) -> dict[str, Any] | None:
     return None
 
 
+def epochs_done(path: Path, key: str) -> int | None:
+    """How many epochs run ``key``'s checkpoint at ``path`` holds, or ``None`` (no file, or one
+    that is not this run's). Only reads: an unusable file is left for the run to set aside
+    (``mtopt sweep --stored`` shows the runs in flight with this)."""
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception:  # no file, or one being replaced or unreadable: nothing to show
+        return None
+    if isinstance(state, dict) and state.get("format") == FORMAT and state.get("key") == key:
+        return int(state["epochs_done"])
+    return None
+
+
 def set_aside(path: Path, why: str) -> None:
     """Rename an unusable checkpoint ``*.unusable`` (kept for a look, never resumed from) and say
     why; its run starts over."""

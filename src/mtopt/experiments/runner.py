@@ -175,6 +175,9 @@ class Runner:
         self.executor = executor
         self.threads = threads
         self.executed = 0
+        #: ``stored_only``: runs not stored yet whose epoch checkpoint exists → "method seed s,
+        #: epoch e of n" (a run in flight, or cut short and resumable)
+        self.in_flight: dict[str, str] = {}
 
     def run(
         self, jobs: Sequence[tuple[RunConfig, References | None]], label: str
@@ -196,6 +199,14 @@ class Runner:
         done = len(found) - len(todo)
         if self.stored_only:
             self.progress(f"{label}: {len(found)} runs, {done} stored, {len(todo)} not yet")
+            for k in todo:
+                epochs = checkpoints.epochs_done(self.db.checkpoint_path(k), k)
+                if epochs is not None:
+                    c = by_key[k][0]
+                    run = f"single-task {'/'.join(c.tasks)}" if c.tasks else c.method
+                    self.in_flight[k] = (
+                        f"{run} at lr {c.lr:g}, seed {c.seed}: epoch {epochs} of {c.epochs}"
+                    )
             return [found[k] for k in keys]
         self.progress(f"{label}: {len(jobs)} runs, {done} already stored, {len(todo)} to run")
         finished = done

@@ -284,6 +284,9 @@ class SweepResult:
     optimizer_references: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     #: a study in progress (``stored_only``): each row not yet shown → what it waits for
     pending: dict[str, str] = field(default_factory=dict)
+    #: a study in progress: the runs not stored yet that have an epoch checkpoint (in flight, or
+    #: cut short and resumable), each "what, lr, seed: epoch e of n"
+    in_flight: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -310,16 +313,23 @@ class SweepResult:
             "runs": self.runs,
             "code_version": self.code_version,
             "pending": self.pending,
+            "in_flight": self.in_flight,
         }
 
 
-def _all_stored(records: Sequence[dict[str, Any] | None], label: str) -> list[dict[str, Any]]:
-    """``records``, all stored; else (a study in progress) a one-line error."""
+def _all_stored(
+    records: Sequence[dict[str, Any] | None],
+    label: str,
+    in_flight: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """``records``, all stored; else (a study in progress) a one-line error, naming the runs in
+    flight (``Runner.in_flight``)."""
     missing = sum(r is None for r in records)
     if missing:
+        flying = f" (in flight: {'; '.join(in_flight.values())})" if in_flight else ""
         raise ConfigError(
-            f"{label}: {missing} of {len(records)} run(s) are not stored yet; a study in "
-            "progress is shown once its single-task references are stored"
+            f"{label}: {missing} of {len(records)} run(s) are not stored yet{flying}; a study "
+            "in progress is shown once its single-task references are stored"
         )
     return cast(list[dict[str, Any]], list(records))
 
@@ -434,6 +444,7 @@ def run_sweep(
         str(db.path),
         {label: refs["test"] for label, refs in by_optimizer.items()},
         selector.pending,
+        list(runner.in_flight.values()),
     )
 
 
@@ -480,7 +491,9 @@ def _references(
         if base.optimizer == "adam" and not base.apt
         else f" ({_optimizer_label(_base_optimizer(base))})"
     )
-    _all_stored(runner.stored(jobs, "single-task grid" + tag), "single-task grid" + tag)
+    _all_stored(
+        runner.stored(jobs, "single-task grid" + tag), "single-task grid" + tag, runner.in_flight
+    )
     chosen: list[tuple[str, str, Mapping[str, Any]]] = []
     for task in problem.task_names:
         points = task_points[task]
@@ -502,7 +515,7 @@ def _references(
             chosen.append((task, metric, best))
     jobs = [(single(t, p, s), None) for t, _, p in chosen for s in best_seeds]
     label = "single-task selected configurations" + tag
-    records = _all_stored(runner.stored(jobs, label), label)
+    records = _all_stored(runner.stored(jobs, label), label, runner.in_flight)
     references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
     reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
     for i, (task, metric, point) in enumerate(chosen):

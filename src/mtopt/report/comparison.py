@@ -66,6 +66,8 @@ class Comparison:
     published_cosine: float | None = None
     #: a study in progress (``mtopt sweep --stored``): rows not shown yet → what they wait for
     pending: dict[str, str] = field(default_factory=dict)
+    #: runs not stored yet with an epoch checkpoint ("what, lr, seed: epoch e of n")
+    in_flight: list[str] = field(default_factory=list)
     #: the seeds the mean rank used, when not every seed shown (rows that ran different seeds)
     rank_seeds: list[int] = field(default_factory=list)
 
@@ -157,6 +159,7 @@ def compare(
         _same_optimizer_baselines(rows, base, level)
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
     out.pending = dict(result.get("pending") or {})
+    out.in_flight = list(result.get("in_flight") or [])
     all_seeds = sorted({s for row in rows for s in row.by_seed})
     out.rank_seeds = rank_seeds if rank_seeds != all_seeds else []
     out.cosine = _cosine(result, records, base)
@@ -346,6 +349,10 @@ def markdown(comparison: Comparison) -> str:
         notes.append(
             f"A study in progress: the rows are the runs stored so far (seeds column); not "
             f"shown yet: {waiting}."
+        )
+    if comparison.in_flight:
+        notes.append(
+            f"Runs in flight (from their epoch checkpoints): {'; '.join(comparison.in_flight)}."
         )
     return "\n".join(lines + notes) + "\n"
 
