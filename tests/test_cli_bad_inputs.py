@@ -192,6 +192,7 @@ def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys,
     """`mtopt sweep FILE --stored` on a store without the study's references: exit 2, one line
     naming what is missing, nothing trained, and the store left byte for byte as it was (it is
     only read: a committed store stays in its journal mode); without a store: one line too."""
+    import contextlib
     import sqlite3
 
     from mtopt.experiments.database import RunDatabase
@@ -211,7 +212,7 @@ def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys,
 
     store = tmp_path / "study.sqlite"
     RunDatabase(store)  # an empty store, as committed: one file in DELETE journal mode
-    with sqlite3.connect(store) as db:
+    with contextlib.closing(sqlite3.connect(store)) as db:
         db.execute("PRAGMA journal_mode=DELETE")
     before = store.read_bytes()
     code = main(["sweep", str(config), "--db", str(store), "--run-dir", str(runs), "--stored"])

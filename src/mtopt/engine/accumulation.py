@@ -121,7 +121,7 @@ def streaming_step(mto: MultiTaskOptimizer, closures: Sequence[Closure]) -> Step
     except FloatingPointError:
         if scaling is None:
             raise
-        return mto._skip(index, names, stacked.tolist(), clock, before)
+        return mto._skip(index, names, stacked.tolist(), clock, before, engine="jacobian")
     clock.lap("gradients")
     width = sum(p.numel() for p in shared)
     shared_rows, head_rows = grads[:, :width], grads[:, width:]  # scaled under a grad scaler

@@ -336,9 +336,16 @@ class MultiTaskOptimizer:
         return agg, skipped
 
     def _skip(
-        self, index: int, names: tuple[str, ...], values: list[float], clock: PhaseClock, sent: int
+        self,
+        index: int,
+        names: tuple[str, ...],
+        values: list[float],
+        clock: PhaseClock,
+        sent: int,
+        engine: str | None = None,
     ) -> StepInfo:
-        """A step whose scaled per-task gradients are not finite: no update, a lower scale."""
+        """A step whose scaled per-task gradients are not finite: no update, a lower scale
+        (``engine``: the gradient engine the step used, if not the source's)."""
         assert self.scaling is not None
         self.scaling.skip(self.optimizer, self.shared)
         self.step_count += 1
@@ -349,7 +356,7 @@ class MultiTaskOptimizer:
             task_names=names,
             solver=None,
             times=clock.done(),
-            gradient_engine=self.source.label,
+            gradient_engine=engine or self.source.label,
             updates=0,
             communicated_bytes=0 if self.sync is None else self.sync.sent_bytes - sent,
             skipped=True,

@@ -103,10 +103,10 @@ def epochs_done(path: Path, key: str) -> int | None:
     try:
         with open(path, "rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception:  # no file, or one being replaced or unreadable: nothing to show
+        if isinstance(state, dict) and state.get("format") == FORMAT and state.get("key") == key:
+            return int(state["epochs_done"])
+    except Exception:  # no file, one being replaced, unreadable or malformed: nothing to show
         return None
-    if isinstance(state, dict) and state.get("format") == FORMAT and state.get("key") == key:
-        return int(state["epochs_done"])
     return None
 
 

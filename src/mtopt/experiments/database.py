@@ -274,7 +274,8 @@ class RunDatabase:
         """Move a damaged record out of ``runs`` (kept in ``quarantine``), logged once."""
         if key not in self._warned:
             self._warned.add(key)
-            logger.warning("run %s in %s is damaged and set aside: %s", key, self.path, reason)
+            where = "left in place (read-only here)" if self.readonly else "set aside"
+            logger.warning("run %s in %s is damaged and %s: %s", key, self.path, where, reason)
         if self.readonly:
             return
         with self._write() as db:

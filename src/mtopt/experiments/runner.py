@@ -23,6 +23,7 @@ from mtopt.errors import MtoptError
 from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import CLAIMED, RunDatabase, code_version
 from mtopt.experiments.train import References, RunConfig, run_key, train_run
+from mtopt.specs import format_spec
 
 #: a progress line's sink (``mtopt sweep`` prints them)
 Progress = Callable[[str], None]
@@ -153,6 +154,15 @@ class Executor(Protocol):
         ...
 
 
+def _run_label(c: RunConfig) -> str:
+    """A run in words: the method spec with its hyperparameters (or ``single-task TASK``), the
+    base optimizer when not Adam, the learning rate and the seed."""
+    run = f"single-task {'/'.join(c.tasks)}" if c.tasks else format_spec(c.method, c.hparams)
+    if c.optimizer != "adam" or c.apt:
+        run += "@" + ("apt" if c.optimizer == "adam" else c.optimizer + ("+apt" if c.apt else ""))
+    return f"{run} at lr {c.lr:g}, seed {c.seed}"
+
+
 class Runner:
     """Runs batches of configurations, skipping stored ones, on a process pool (or on
     ``executor``); runs another process holds are waited for (and taken over if its claim goes
@@ -199,14 +209,13 @@ class Runner:
         done = len(found) - len(todo)
         if self.stored_only:
             self.progress(f"{label}: {len(found)} runs, {done} stored, {len(todo)} not yet")
-            for k in todo:
-                epochs = checkpoints.epochs_done(self.db.checkpoint_path(k), k)
-                if epochs is not None:
-                    c = by_key[k][0]
-                    run = f"single-task {'/'.join(c.tasks)}" if c.tasks else c.method
-                    self.in_flight[k] = (
-                        f"{run} at lr {c.lr:g}, seed {c.seed}: epoch {epochs} of {c.epochs}"
-                    )
+            for k, record in found.items():
+                epochs = None if record else checkpoints.epochs_done(self.db.checkpoint_path(k), k)
+                if epochs is None:
+                    self.in_flight.pop(k, None)  # stored since, or no checkpoint
+                else:
+                    self.in_flight[k] = f"{_run_label(by_key[k][0])}: epoch {epochs} of "
+                    self.in_flight[k] += str(by_key[k][0].epochs)
             return [found[k] for k in keys]
         self.progress(f"{label}: {len(jobs)} runs, {done} already stored, {len(todo)} to run")
         finished = done
