@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtopt.report.plots import learning_curve_table, learning_curves, plot_learning_curves
+from mtopt.report.plots import (
+    baseline_label,
+    learning_curve_table,
+    learning_curves,
+    plot_learning_curves,
+)
 
 
 def _record(scores):
@@ -47,6 +52,21 @@ def test_table_reads_the_mean_at_each_epoch_it_has():
     assert lines[3] == "| cagrad | -5.00 | -1.00 | -1.00 |"
 
 
+def test_the_default_columns_follow_the_length_of_the_runs():
+    """Epochs 10 … 100 of a 100-epoch study, 40 … 400 of a 400-epoch one, each once for short
+    runs (the paper's 100 epochs were the only length the table read before)."""
+    for length, expected in [
+        (100, [10, 20, 30, 40, 60, 80, 100]),
+        (400, [40, 80, 120, 160, 240, 320, 400]),
+        (60, [6, 12, 18, 24, 36, 48, 60]),
+        (4, [1, 2, 3, 4]),
+    ]:
+        records = {"u1": _record(list(np.linspace(-50.0, -10.0, length)))}
+        result = {"name": "t", "problem": "p", "rows": [{"label": "unitary", "keys": ["u1"]}]}
+        header = learning_curve_table(result, records).splitlines()[0]
+        assert header == "| method | " + " | ".join(f"epoch {e}" for e in expected) + " |"
+
+
 def test_nothing_to_plot_without_a_delta_m(tmp_path):
     result = {"name": "t", "problem": "p", "rows": [{"label": "CL", "keys": ["ref"]}]}
     assert plot_learning_curves(result, _records(), tmp_path / "x.png") is None
@@ -58,3 +78,13 @@ def test_plot_is_written(tmp_path):
     path = plot_learning_curves(_result(), _records(), tmp_path / "c.png", baseline="unitary")
     assert path is not None
     assert path.stat().st_size > 1000
+
+
+def test_the_baseline_is_found_as_the_report_finds_it():
+    """``--baseline unitary`` names the row ``unitary:reduction=mean`` (the studies' unitary rows
+    carry that option): the right panel, the difference to the baseline, was empty before."""
+    labels = ["unitary:reduction=mean", "famo", "nash_mtl"]
+    assert baseline_label(labels, "unitary") == "unitary:reduction=mean"
+    assert baseline_label(labels, "famo") == "famo"
+    assert baseline_label(labels, "cagrad") is None
+    assert baseline_label(labels, None) is None

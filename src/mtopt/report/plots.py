@@ -206,6 +206,17 @@ def learning_curves(
     return curves
 
 
+def baseline_label(labels: list[str], baseline: str | None) -> str | None:
+    """The row label ``baseline`` names, as ``mtopt report --baseline`` matches it: the label
+    itself, or a method name whose row carries fixed options (``unitary`` for
+    ``unitary:reduction=mean``); ``None`` when no row matches."""
+    if baseline is None or baseline in labels:
+        return baseline
+    from mtopt.report.comparison import published_key
+
+    return next((label for label in labels if published_key(label, [baseline]) == baseline), None)
+
+
 def plot_learning_curves(
     result: dict[str, Any],
     records: dict[str, dict[str, Any]],
@@ -221,6 +232,7 @@ def plot_learning_curves(
         return None
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    baseline = baseline_label(list(curves), baseline)
     base = curves.get(baseline) if baseline is not None else None
     for label, c in curves.items():
         x = np.arange(1, c.shape[1] + 1)
@@ -241,16 +253,24 @@ def plot_learning_curves(
     return path
 
 
+#: where the learning-curve table reads the curves, as fractions of the longest run
+CURVE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
+
+
 def learning_curve_table(
     result: dict[str, Any],
     records: dict[str, dict[str, Any]],
-    epochs: tuple[int, ...] = (10, 20, 30, 40, 60, 80, 100),
+    epochs: tuple[int, ...] | None = None,
 ) -> str:
-    """Markdown: the best validation Δm up to the given epochs (mean over runs), per method."""
+    """Markdown: the best validation Δm up to the given epochs (mean over runs), per method;
+    by default at 10, 20, 30, 40, 60, 80 and 100 % of the longest run (epochs 10 … 100 of a
+    100-epoch run, 40 … 400 of a 400-epoch one)."""
     curves = learning_curves(result, records)
     if not curves:
         return ""
     longest = max(c.shape[1] for c in curves.values())
+    if epochs is None:
+        epochs = tuple(sorted({max(1, round(f * longest)) for f in CURVE_FRACTIONS}))
     cols = [e for e in epochs if e <= longest] or [longest]
     lines = [
         "| method | " + " | ".join(f"epoch {e}" for e in cols) + " |",
