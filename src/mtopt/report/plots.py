@@ -234,15 +234,21 @@ def plot_learning_curves(
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     baseline = baseline_label(list(curves), baseline)
     base = curves.get(baseline) if baseline is not None else None
-    for label, c in curves.items():
+    for i, (label, c) in enumerate(curves.items()):
         x = np.arange(1, c.shape[1] + 1)
-        (line,) = left.plot(x, c.mean(axis=0), label=f"{label} ({len(c)} run(s))")
+        style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle has 10: a study has more rows
+        (line,) = left.plot(x, c.mean(axis=0), style, label=f"{label} ({len(c)} run(s))")
         if base is not None and label != baseline:
             n = min(c.shape[1], base.shape[1])
-            right.plot(x[:n], c.mean(axis=0)[:n] - base.mean(axis=0)[:n], color=line.get_color())
+            diff = c.mean(axis=0)[:n] - base.mean(axis=0)[:n]
+            right.plot(x[:n], diff, style, color=line.get_color())
     left.set_xlabel("epoch")
     left.set_ylabel("best validation Δm so far (%)")
-    left.legend(fontsize=7)
+    if len(curves) <= 8:
+        left.legend(fontsize=7)
+    else:  # a whole study: beside the panels, not over the curves
+        fig.set_size_inches(14, 4.5)
+        fig.legend(loc="outside right upper", fontsize=7)
     right.axhline(0.0, color="0.5", lw=0.8)
     right.set_xlabel("epoch")
     right.set_ylabel(f"difference to {baseline} (points)" if base is not None else "")
