@@ -349,36 +349,45 @@ def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp
     assert set(result.to_dict()["optimizer_references"]) == {"muon"}
 
 
+def _in_progress_config(**changes) -> SweepConfig:
+    """The small study the stored-only tests cut short."""
+    fields = {
+        "problem": "fake",
+        "methods": {"cagrad": {"c": [0.0, 0.5]}, "unitary": {}},
+        "grid": {"lr": [0.01]},
+        "base": {"epochs": 1},
+        "n_val_runs": 1,
+        "n_best_runs": 3,
+        "random_seed": 1,
+    }
+    return SweepConfig(**{**fields, **changes})
+
+
+def _drop(db: RunDatabase, keys) -> None:
+    """Delete stored runs (a study cut short)."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db.path)) as conn, conn:
+        conn.executemany("DELETE FROM runs WHERE key = ?", [(k,) for k in keys])
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a stored-only sweep trained a run")
+
+
 def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch):
     """``stored_only``: nothing trains; rows are the stored runs of the selected configurations,
     the rest (and a fixed row whose SMTO lacks its first seed) are pending, saying why."""
-    import sqlite3
-
-    config = SweepConfig(
-        problem="fake",
-        methods={"cagrad": {"c": [0.0, 0.5]}, "unitary": {}},
-        grid={"lr": [0.01]},
-        base={"epochs": 1},
-        n_val_runs=1,
-        n_best_runs=3,
-        random_seed=1,
-        fixed_from=["cagrad"],
-    )
+    config = _in_progress_config(fixed_from=["cagrad"])
     db = RunDatabase(tmp_path / "runs.sqlite")
     with pytest.raises(ConfigError, match="not stored yet"):
         run_sweep(config, db, workers=1, stored_only=True)
     full = run_sweep(config, db, workers=1)
     rows = {r.label: r for r in full.rows}
 
-    def drop(keys):
-        with sqlite3.connect(db.path) as conn:
-            conn.executemany("DELETE FROM runs WHERE key = ?", [(k,) for k in keys])
-
-    def never(*args, **kwargs):
-        raise AssertionError("a stored-only sweep trained a run")
-
-    monkeypatch.setattr(runner_module, "train_run", never)
-    drop(rows["cagrad"].keys[1:] + rows["fixed from cagrad"].keys)
+    monkeypatch.setattr(runner_module, "train_run", _never)
+    _drop(db, rows["cagrad"].keys[1:] + rows["fixed from cagrad"].keys)
     partial = run_sweep(config, db, workers=1, stored_only=True)
     got = {r.label: r for r in partial.rows}
     assert set(got) == {"cagrad", "unitary"}
@@ -387,7 +396,7 @@ def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch)
     assert partial.pending == {"fixed from cagrad": "1 of its 1 grid run(s)"}
     assert partial.runs == 0
     assert partial.to_dict()["pending"] == partial.pending
-    drop(rows["cagrad"].keys[:1])  # the selected point's first seed is a grid run too
+    _drop(db, rows["cagrad"].keys[:1])  # the selected point's first seed is a grid run too
     partial = run_sweep(config, db, workers=1, stored_only=True)
     assert [r.label for r in partial.rows] == ["unitary"]
     assert partial.pending == {
@@ -401,32 +410,14 @@ def test_a_study_in_progress_names_the_runs_in_flight(fake, tmp_path, monkeypatc
     seed, epoch e of n), read without touching the files; a checkpoint of another run is
     neither listed nor set aside; before the references are stored, the one-line error names
     the reference runs in flight."""
-    import sqlite3
-
     from mtopt.experiments import checkpoint
 
-    config = SweepConfig(
-        problem="fake",
-        methods={"cagrad": {"c": [0.0, 0.5]}, "unitary": {}},
-        grid={"lr": [0.01]},
-        base={"epochs": 3},
-        n_val_runs=1,
-        n_best_runs=2,
-        random_seed=1,
-    )
+    config = _in_progress_config(base={"epochs": 3}, n_best_runs=2)
     db = RunDatabase(tmp_path / "runs.sqlite")
     rows = {r.label: r for r in run_sweep(config, db, workers=1).rows}
-
-    def drop(keys):
-        with sqlite3.connect(db.path) as conn:
-            conn.executemany("DELETE FROM runs WHERE key = ?", [(k,) for k in keys])
-
-    def never(*args, **kwargs):
-        raise AssertionError("a stored-only sweep trained a run")
-
-    monkeypatch.setattr(runner_module, "train_run", never)
+    monkeypatch.setattr(runner_module, "train_run", _never)
     flying, other = rows["cagrad"].keys[1], rows["unitary"].keys[1]  # second seeds
-    drop([flying, other])
+    _drop(db, [flying, other])
     checkpoint.save(db.checkpoint_path(flying), {"key": flying, "epochs_done": 2})
     checkpoint.save(db.checkpoint_path(other), {"key": "another run", "epochs_done": 1})
     folder = db.checkpoint_path(flying).parent
@@ -440,7 +431,7 @@ def test_a_study_in_progress_names_the_runs_in_flight(fake, tmp_path, monkeypatc
     reference = next(
         r for r in db.records() if r["config"]["tasks"] is not None and r["config"]["seed"] == 1
     )
-    drop([reference["key"]])
+    _drop(db, [reference["key"]])
     path = db.checkpoint_path(reference["key"])
     checkpoint.save(path, {"key": reference["key"], "epochs_done": 1})
     task = reference["config"]["tasks"][0]
