@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtopt.report.plots import (
-    baseline_label,
-    learning_curve_table,
-    learning_curves,
-    plot_learning_curves,
-)
+from mtopt.report.comparison import baseline_label
+from mtopt.report.plots import learning_curve_table, learning_curves, plot_learning_curves
 
 
 def _record(scores):

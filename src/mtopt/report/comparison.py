@@ -214,17 +214,22 @@ def _same_optimizer_baselines(rows: list[MethodStats], base: MethodStats, level:
             row.verdict_same = verdict(row.versus_same)
 
 
+def baseline_label(labels: list[str], baseline: str | None) -> str | None:
+    """The row label ``baseline`` names: the label itself, or a method name whose row carries
+    fixed options (``unitary`` for ``unitary:reduction=mean``); ``None`` when no row matches."""
+    if baseline is None or baseline in labels:
+        return baseline
+    return next((label for label in labels if published_key(label, [baseline]) == baseline), None)
+
+
 def _baseline_row(rows: list[MethodStats], baseline: str | None) -> MethodStats | None:
     if baseline is None:
         return None
-    exact = [r for r in rows if r.label == baseline]
-    if exact:
-        return exact[0]
-    named = [r for r in rows if published_key(r.label, [baseline]) == baseline]
-    if not named:
+    label = baseline_label([r.label for r in rows], baseline)
+    if label is None:
         known = ", ".join(r.label for r in rows)
         raise ConfigError(f"no row matches --baseline {baseline!r}; rows: {known}")
-    return named[0]
+    return next(r for r in rows if r.label == label)
 
 
 def _cosine(

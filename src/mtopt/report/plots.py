@@ -206,17 +206,6 @@ def learning_curves(
     return curves
 
 
-def baseline_label(labels: list[str], baseline: str | None) -> str | None:
-    """The row label ``baseline`` names, as ``mtopt report --baseline`` matches it: the label
-    itself, or a method name whose row carries fixed options (``unitary`` for
-    ``unitary:reduction=mean``); ``None`` when no row matches."""
-    if baseline is None or baseline in labels:
-        return baseline
-    from mtopt.report.comparison import published_key
-
-    return next((label for label in labels if published_key(label, [baseline]) == baseline), None)
-
-
 def plot_learning_curves(
     result: dict[str, Any],
     records: dict[str, dict[str, Any]],
@@ -232,6 +221,8 @@ def plot_learning_curves(
         return None
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    from mtopt.report.comparison import baseline_label  # the rule the statistics use
+
     baseline = baseline_label(list(curves), baseline)
     base = curves.get(baseline) if baseline is not None else None
     for i, (label, c) in enumerate(curves.items()):
