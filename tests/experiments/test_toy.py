@@ -7,19 +7,19 @@ each of five starts) costs 0.3-1.5 ms a step through the engine; the full run be
 ``docs/toy.md`` (eight methods) took 35 minutes on a shared core: too long for ``make test``.
 :func:`test_method_ends_on_the_front` runs the same Adam with time rescaled by ``K = 35``: lr
 :math:`\times K` and steps :math:`/K` (the same distance travelled, about lr per step along each
-coordinate), the second-moment memory kept the same *in distance*,
-:math:`1-\beta_2\to K(1-\beta_2)` (1,000 steps of :math:`10^{-3}` = 29 steps of 0.035), and
-:math:`\beta_1=0` (the momentum's memory at the papers' settings, 10 steps or 0.01 in distance,
-is shorter than one rescaled step). Scaling lr alone is not enough: Adam then remembers the large
-early gradients over K× the distance and crawls above the front (measured: at lr 0.025 and
-1,400 steps only Nash-MTL reached the front from all five starts). Every run that ends on the
-front at the papers' budget ends on it in the rescaled one too (not at the same point of it), to
-within Adam's last-step jitter (below 0.03, ``FRONT_TOL`` is 0.05; the same verdicts at K = 30
-and 40). Not every stall is reproduced: without momentum and with longer steps, CAGrad, PCGrad
-and UPGrad get through the slow region below (9, 9) that holds them at the papers' budget. Those
-stalls are asserted by :func:`test_papers_budget`, which runs the papers' budget itself when
-``MTOPT_TOY_BUDGET=paper`` (about 35 minutes; its expectations are the full run's table in
-``docs/toy.md``).
+coordinate), the second-moment memory kept the same *in distance*, :math:`1-\beta_2\to K(1-\beta_2)`
+(1,000 steps of :math:`10^{-3}` = 29 steps of 0.035), and :math:`\beta_1=0` (the momentum's memory
+at the papers' settings, 10 steps or 0.01 in distance, is shorter than one rescaled step). Scaling
+lr alone is not enough: Adam then remembers the large early gradients over K× the distance and
+crawls above the front (measured: at lr 0.025 and 1,400 steps only Nash-MTL reached the front from
+all five starts). Every run that ends on the front at the papers' budget ends on it in the rescaled
+one too (not at the same point of it), judged at the mean of the last 29 iterates, the second
+moment's memory: with steps of 0.035 Adam oscillates across the front and leaves the last iterate up
+to 0.06 from it (the mean: below 0.013; ``FRONT_TOL`` is 0.05). Not every stall is reproduced:
+without momentum and with longer steps, CAGrad, PCGrad and UPGrad get through the slow region below
+(9, 9) that holds them at the papers' budget. Those stalls are asserted by
+:func:`test_papers_budget`, which runs the papers' budget itself when ``MTOPT_TOY_BUDGET=paper``
+(about 35 minutes; its expectations are the full run's table in ``docs/toy.md``).
 """
 
 from __future__ import annotations
@@ -197,32 +197,47 @@ OFF_AT_PAPER_BUDGET: dict[str, frozenset[int]] = {
 PAPER_BUDGET = os.environ.get("MTOPT_TOY_BUDGET") == "paper"
 
 
-def check_end_points(result: toy.ToyResult, off: frozenset[int], exact: bool) -> None:
+#: The rescaled runs' averaging window: the memory of their second moment, 1/(1 − β₂) steps.
+WINDOW = round(1.0 / (1.0 - BETAS[1]))
+
+
+def check_end_points(
+    result: toy.ToyResult, off: frozenset[int], exact: bool, window: int = 1
+) -> None:
     """Every run from a start not in ``off`` ends on the front and Pareto-stationary to within
-    1e-2; with ``exact``, every run from a start in ``off`` ends off it."""
+    1e-2; with ``exact``, every run from a start in ``off`` ends off it.
+
+    "Ends on the front" is judged at the mean of the last ``window`` iterates (1: the end point
+    itself, as :attr:`toy.ToyRun.on_front` does). At the rescaled budget a step moves each
+    coordinate by about ``LR`` = 0.035, so Adam's oscillation across the front leaves the last
+    iterate up to 0.06 from it (measured: CAGrad from (9, -1)) while the mean over the second
+    moment's memory (``WINDOW`` steps) is within 0.013 for every run that reaches the front and
+    at least 0.9 away for every stall."""
     assert result.skipped is None
     summary = [(run.start, run.end, run.distance, run.stationarity) for run in result.runs]
     assert len(result.runs) == len(toy.START_POINTS)
     for i, run in enumerate(result.runs):
         assert np.isfinite(run.path).all()
+        centre = run.path[-window:].mean(axis=0)
+        on_front = toy.front_distance(*centre) <= toy.FRONT_TOL
         if i not in off:
-            assert run.on_front, summary
+            assert on_front, summary
             assert run.stationarity < 1e-2, summary
         elif exact:
-            assert not run.on_front, summary
+            assert not on_front, summary
 
 
 @pytest.mark.parametrize("name", [*BALANCING, "unitary"])
 def test_method_ends_on_the_front(name):
-    """From each of Nash-MTL's and FAMO's five starts (s = 0.1) the method ends within
-    ``FRONT_TOL`` of the Pareto set, except from the starts of ``OFF_AT_PAPER_BUDGET``, at the
-    rescaled budget of the module doc. That budget reproduces every end on the front of the
-    papers' budget; it does not reproduce every stall (without momentum and with K× longer
-    steps, PCGrad, CAGrad and UPGrad cross the slow region below (9, 9) sooner), so the runs
-    that stall at the papers' budget are checked by :func:`test_papers_budget` (opt-in)."""
+    """From each of Nash-MTL's and FAMO's five starts (s = 0.1) the method ends (the mean of its
+    last ``WINDOW`` iterates) within ``FRONT_TOL`` of the Pareto set, except from the starts of
+    ``OFF_AT_PAPER_BUDGET``, at the rescaled budget of the module doc. That budget reproduces every
+    end on the front of the papers' budget; it does not reproduce every stall (without momentum and
+    with K× longer steps, PCGrad, CAGrad and UPGrad cross the slow region below (9, 9) sooner), so
+    the runs that stall at the papers' budget are checked by :func:`test_papers_budget` (opt-in)."""
     result = toy.run_method(name, toy.START_POINTS, STEPS, LR, toy.SCALE, betas=BETAS)
     assert all(run.path.shape == (STEPS + 1, 2) for run in result.runs)
-    check_end_points(result, OFF_AT_PAPER_BUDGET.get(name, frozenset()), exact=False)
+    check_end_points(result, OFF_AT_PAPER_BUDGET.get(name, frozenset()), False, WINDOW)
     if name == "unitary":  # the stall on the plateau, at either budget
         assert result.runs[2].start == (9.0, 9.0)
         assert result.runs[2].end[1] > 0.0
