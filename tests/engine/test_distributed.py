@@ -4,7 +4,12 @@ registered method, to float64 rounding."""
 
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +88,37 @@ def train(name: str, hps: dict[str, Any], part: slice, group: Any) -> dict[str, 
     return params
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
+@contextmanager
+def _rank_of_two(
+    rank: int, world: int, store: str, timeout_s: float | None = None
+) -> Iterator[None]:
+    """The body runs as ``rank`` of a gloo group (a ``file://`` store); every rank tears the
+    group down together, whatever the body raised.
+
+    A crash prints every thread's Python stack (``faulthandler``): a child once died of SIGABRT
+    in CI ("terminate called without an active exception", from C++ with no Python frame named)
+    and the report could not say where. After a clean teardown the child leaves with
+    ``os._exit(0)``, skipping the interpreter's finalisation, in which torch's C++ objects are
+    destroyed in an order the test does not control; what the test checks is already on disk.
+    """
+    faulthandler.enable()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout
+    )
     try:
+        yield
+    finally:
+        dist.barrier()  # no rank tears the store down while another still uses it
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    with _rank_of_two(rank, world, store):
         half = BATCH // world
         part = slice(rank * half, (rank + 1) * half)
         results: dict[str, Any] = {}
@@ -95,9 +127,6 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             results[label] = train(name, hps, part, dist.group.WORLD)
         if rank == 0:
             torch.save(results, out)
-    finally:
-        dist.barrier()  # no rank tears the store down while another still uses it
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +185,8 @@ def test_process_group_is_validated():
 
 
 def _group_errors(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     errors = []
-    try:
+    with _rank_of_two(rank, world, store):
         model = Net().double()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for name, kwargs in (
@@ -172,9 +200,6 @@ def _group_errors(rank: int, world: int, store: str, out: str) -> None:
                 errors.append(str(exc))
         if rank == 0:
             Path(out).write_text("\n".join(errors))
-    finally:
-        dist.barrier()  # no rank tears the store down while another still uses it
-        dist.destroy_process_group()
 
 
 def test_what_cannot_hold_in_a_group_is_refused_in_one_line(tmp_path):
@@ -188,13 +213,7 @@ def test_what_cannot_hold_in_a_group_is_refused_in_one_line(tmp_path):
 
 
 def _one_rank_non_finite(rank: int, world: int, store: str, out: str, micro: bool) -> None:
-    import datetime
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
-    try:
+    with _rank_of_two(rank, world, store, timeout_s=30):
         torch.manual_seed(0)
         model = Net().double()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -218,9 +237,6 @@ def _one_rank_non_finite(rank: int, world: int, store: str, out: str, micro: boo
         except FloatingPointError as exc:
             result = "FloatingPointError: " + str(exc).split(":")[0]
         Path(f"{out}.{rank}").write_text(result)
-    finally:
-        dist.barrier()  # no rank tears the store down while another still uses it
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("micro", [False, True], ids=["one batch", "micro-batches"])
