@@ -18,6 +18,7 @@ from torch import nn
 import mtopt
 from _asserts import assert_min_norm_kkt, assert_weights_shape_finite
 from mtopt import Losses, MultiTaskOptimizer, StepInfo
+from mtopt.core.capabilities import MetaBatchMethod, SequentialMethod
 
 F64 = torch.float64
 PHASES = {"forward", "gradients", "method", "backward", "optimizer", "total"}
@@ -539,3 +540,57 @@ def test_a_repeated_uncertified_solve_is_logged_once_then_counted(caplog):
     with caplog.at_level(logging.DEBUG, logger="mtopt"):  # --verbose: every occurrence
         mto.step(model.closure)
     assert [r.levelno for r in caplog.records if r.name == "mtopt"] == [logging.DEBUG]
+
+
+@pytest.mark.parametrize("name", sorted(mtopt.available_methods()))
+@pytest.mark.parametrize("where", ["head", "shared"])
+def test_a_non_finite_written_gradient_stops_the_step(name, where):
+    """A finite loss whose gradient is NaN, in one head's weight or through the shared features:
+    every method raises ``FloatingPointError`` before the NaN reaches a parameter, and nothing
+    moves (a sequential method's group updates before the broken one stand). A per-task gradient
+    names its task; a gradient that exists only once written (a head's, or any of a loss-level
+    method) names the parameter."""
+    model = Net(k=3, seed=3)
+    start = [p.detach().clone() for p in model.parameters()]
+    hparams = {"weights": [1.0, 1.0, 1.0]} if name == "fixed" else {}
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), mtopt.make(name, **hparams),
+        shared=model.shared(),
+    )  # fmt: skip
+
+    def closure():
+        losses, z = model()
+        # 0 in value, NaN in gradient (the square root's derivative at 0)
+        broken = model.heads[1].weight if where == "head" else z
+        losses["t1"] = losses["t1"] + torch.sqrt(((broken - broken.detach()) ** 2).sum())
+        return Losses(losses, features=z)
+
+    named = r"task-specific parameter 2 \(shape \(1, 3\)\)" if where == "head" else (
+        r"shared parameter 0 \(shape \(3, 4\)\)"
+    )  # fmt: skip
+    meta = closure if isinstance(mto.method, MetaBatchMethod) else None
+    with pytest.raises(FloatingPointError, match=rf"task\(s\) \['t1'\]|{named}"):
+        mto.step(closure, meta_closure=meta)
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.isfinite(p).all(), f"{name}: a non-finite gradient reached a parameter"
+        if not isinstance(mto.method, SequentialMethod):  # its earlier group updates stand
+            assert torch.equal(p.detach(), p0), f"{name}: a stopped step moved a parameter"
+
+
+def test_nonfinite_flags_exactly_the_tensors_with_inf_or_nan():
+    """Huge finite entries (whose sum of squares overflows in their dtype) are not flagged; NaN,
+    +inf and -inf are, in every dtype, mixed devices and dtypes in one call."""
+    from mtopt.engine.writeback import nonfinite
+
+    huge = torch.finfo(torch.float32).max / 2
+    tensors = [
+        torch.full((4,), huge),  # ‖·‖² overflows float32; finite
+        torch.tensor([1.0, float("nan")]),
+        torch.ones(3, dtype=F64),
+        torch.tensor([float("-inf")], dtype=F64),
+        torch.full((2,), 6e4, dtype=torch.float16),  # ‖·‖ overflows float16; finite
+        torch.tensor([float("inf"), 0.0], dtype=torch.bfloat16),
+        torch.zeros(0),
+    ]
+    assert nonfinite(tensors) == [1, 3, 5]
+    assert nonfinite([]) == []

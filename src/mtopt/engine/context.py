@@ -51,17 +51,37 @@ def make_context(
             return torch.stack(globalised(out.losses))
 
     def update(loss: Tensor, zero_missing: bool = False) -> None:
-        """One plain update on ``loss`` (``StepContext.update``)."""
+        """One plain update on ``loss`` (``StepContext.update``); a non-finite gradient stops
+        it before the optimizer steps."""
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss, inputs=shared + task_params)
         if zero_missing:
             for p in task_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         if sync is not None:
-            sync.average_grads([p for g in optimizer.param_groups for p in g["params"]])
+            sync.average_grads(params)
+        writeback.check_written(params, shared, task_params, method.name)
         writeback.clip(shared, max_grad_norm)
         optimizer.step()
+
+    base_grad = autograd_grad if sync is None else sync.grad
+
+    def checked_grad(outputs: Any, inputs: Any, **kwargs: Any) -> tuple[Tensor | None, ...]:
+        """``StepContext.grad``: the gradients (averaged over ranks), which must be finite."""
+        inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        grads = base_grad(outputs, inputs, **kwargs)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        bad = writeback.nonfinite([grads[i] for i in present])
+        if bad:
+            names = writeback.describe([inputs[i] for i in present], shared, task_params)
+            raise FloatingPointError(
+                f"a gradient method {method.name!r} took with respect to "
+                f"{', '.join(names[i] for i in bad)} is not finite (inf or NaN); the step stops "
+                f"here: {writeback.NONFINITE_HINT}"
+            )
+        return grads
 
     return StepContext(
         evaluate=lambda: torch.stack(evaluate_each()),
@@ -71,5 +91,5 @@ def make_context(
         optimizer=optimizer,
         update=update,
         evaluate_meta=evaluate_meta,
-        grad=autograd_grad if sync is None else sync.grad,
+        grad=checked_grad,
     )

@@ -325,6 +325,8 @@ class MultiTaskOptimizer:
             self.sync.average_grads(self._optimized(), skip=skip)
         if self.scaling is not None:
             self.scaling.unscale(self.optimizer)
+        else:  # after the ranks' mean: every rank sees the same gradients and stops together
+            writeback.check_written(self._optimized(), self.shared, self.task_params, method.name)
         writeback.clip(self.shared, self.max_grad_norm)
         clock.lap("backward")
         skipped = False

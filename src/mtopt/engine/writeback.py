@@ -3,6 +3,12 @@ parameter groups a method adds to the base optimizer.
 
 * **Head policy.** Task-specific parameters ("heads") receive ``Σ_k c_k ∇ℓ_k`` with ``c = w``
   under the ``weighted`` policy, ``c = 1`` under ``raw``, or the method's own ``head_weights``.
+* **Finiteness.** Without a grad scaler, the gradients the optimizer is about to apply must be
+  finite: per-task gradients are checked where the engine forms them (naming the tasks), but a
+  head's gradient, and every gradient of a loss-level method, exists only once written; a NaN
+  there would otherwise enter the parameters silently. :func:`check_written` stops the step
+  before it (one fused norm per device and dtype; under a grad scaler the scaler skips
+  such a step instead).
 * **Clipping.** ``max_grad_norm`` clips the shared parameters' gradient before the optimizer
   steps (some methods' reference training loops do).
 * **Method parameters.** A method that owns parameters (a representation transform) hands the
@@ -57,6 +63,56 @@ def add_param_groups(optimizer: torch.optim.Optimizer, groups: list[dict[str, An
         if scale is not None:
             group["lr"] = scale * auxiliary_lr(optimizer)
         optimizer.add_param_group(group)
+
+
+def nonfinite(tensors: list[Tensor]) -> list[int]:
+    """The positions of the tensors with a non-finite entry: one fused 2-norm per device and
+    dtype (finite when every entry is, unless the sum of squares overflows), then, for the
+    tensors it flags, the max-abs, which is finite iff every entry is."""
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    bad: list[int] = []
+    for members in groups.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in members]))
+        flagged = [
+            i for i, ok in zip(members, torch.isfinite(norms).tolist(), strict=True) if not ok
+        ]
+        bad.extend(i for i in flagged if not math.isfinite(float(tensors[i].abs().amax())))
+    return sorted(bad)
+
+
+def describe(tensors: list[Tensor], shared: list[Tensor], heads: list[Tensor]) -> list[str]:
+    """Each tensor as its position among the shared or the task-specific parameters (else among
+    ``tensors``), with its shape."""
+    where = {id(p): f"shared parameter {i}" for i, p in enumerate(shared)}
+    where.update({id(p): f"task-specific parameter {i}" for i, p in enumerate(heads)})
+    return [
+        f"{where.get(id(t), f'input {i}')} (shape {tuple(t.shape)})" for i, t in enumerate(tensors)
+    ]
+
+
+#: What a non-finite gradient usually means, and what helps.
+NONFINITE_HINT = (
+    "a loss is not differentiable there, or the backward pass overflowed (a GradScaler or a "
+    "wider dtype helps with overflow)"
+)
+
+
+def check_written(
+    params: list[Tensor], shared: list[Tensor], heads: list[Tensor], method: str
+) -> None:
+    """Raise a ``FloatingPointError`` naming the parameters whose written gradient is not
+    finite; the optimizer has not stepped yet (module doc, *Finiteness*)."""
+    with_grad = [p for p in params if p.grad is not None]
+    bad = nonfinite([p.grad for p in with_grad])
+    if bad:
+        names = describe(with_grad, shared, heads)
+        raise FloatingPointError(
+            f"the gradient written for method {method!r} into "
+            f"{', '.join(names[i] for i in bad)} is not finite (inf or NaN), so no update was "
+            f"applied: {NONFINITE_HINT}"
+        )
 
 
 def check_aggregation(method: Method, agg: Aggregation, num_tasks: int) -> None:
