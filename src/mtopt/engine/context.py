@@ -73,7 +73,7 @@ def make_context(
         inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
         grads = base_grad(outputs, inputs, **kwargs)
         present = [i for i, g in enumerate(grads) if g is not None]
-        bad = writeback.nonfinite([grads[i] for i in present])
+        bad = writeback.nonfinite([g for g in grads if g is not None])
         if bad:
             names = writeback.describe([inputs[i] for i in present], shared, task_params)
             raise FloatingPointError(

@@ -105,7 +105,7 @@ def check_written(
     """Raise a ``FloatingPointError`` naming the parameters whose written gradient is not
     finite; the optimizer has not stepped yet (module doc, *Finiteness*)."""
     with_grad = [p for p in params if p.grad is not None]
-    bad = nonfinite([p.grad for p in with_grad])
+    bad = nonfinite([g for p in with_grad if (g := p.grad) is not None])
     if bad:
         names = describe(with_grad, shared, heads)
         raise FloatingPointError(
