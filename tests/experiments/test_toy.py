@@ -237,7 +237,7 @@ def test_method_ends_on_the_front(name):
     the runs that stall at the papers' budget are checked by :func:`test_papers_budget` (opt-in)."""
     result = toy.run_method(name, toy.START_POINTS, STEPS, LR, toy.SCALE, betas=BETAS)
     assert all(run.path.shape == (STEPS + 1, 2) for run in result.runs)
-    check_end_points(result, OFF_AT_PAPER_BUDGET.get(name, frozenset()), False, WINDOW)
+    check_end_points(result, OFF_AT_PAPER_BUDGET.get(name, frozenset()), exact=False, window=WINDOW)
     if name == "unitary":  # the stall on the plateau, at either budget
         assert result.runs[2].start == (9.0, 9.0)
         assert result.runs[2].end[1] > 0.0

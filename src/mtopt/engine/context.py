@@ -79,7 +79,7 @@ def make_context(
             raise FloatingPointError(
                 f"a gradient method {method.name!r} took with respect to "
                 f"{', '.join(names[i] for i in bad)} is not finite (inf or NaN); the step stops "
-                f"here: {writeback.NONFINITE_HINT}"
+                f"here: {writeback.nonfinite_hint()}"
             )
         return grads
 

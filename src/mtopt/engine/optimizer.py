@@ -320,13 +320,14 @@ class MultiTaskOptimizer:
         )
         written = agg if self.scaling is None else self.scaling.scaled_direction(agg)
         self.source.write(written, step, per_task, self.task_params, heads)
+        optimized = self._optimized()
         if self.sync is not None:
             skip = self.shared if self.source.writes_global else []
-            self.sync.average_grads(self._optimized(), skip=skip)
+            self.sync.average_grads(optimized, skip=skip)
         if self.scaling is not None:
             self.scaling.unscale(self.optimizer)
         else:  # after the ranks' mean: every rank sees the same gradients and stops together
-            writeback.check_written(self._optimized(), self.shared, self.task_params, method.name)
+            writeback.check_written(optimized, self.shared, self.task_params, method.name)
         writeback.clip(self.shared, self.max_grad_norm)
         clock.lap("backward")
         skipped = False

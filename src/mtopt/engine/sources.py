@@ -35,6 +35,7 @@ from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Aggregation
 from mtopt.engine.closure import Unpacked
 from mtopt.engine.distributed import ProcessGroupSync
+from mtopt.engine.writeback import nonfinite_hint
 
 #: how a representation-level step hands the heads their copies of z: (source z, task, copy)
 SplitEntry = tuple[Tensor, "str | int", Tensor]
@@ -381,7 +382,5 @@ def check_finite(
     if bad:
         dtype = f" in {grads.dtype}" if grads is not None else ""
         raise FloatingPointError(
-            f"the gradient of task(s) {bad} is not finite (inf or NaN): the loss is not "
-            f"differentiable there, or the backward pass overflowed{dtype} (a GradScaler or a "
-            "wider dtype helps with overflow)"
+            f"the gradient of task(s) {bad} is not finite (inf or NaN): {nonfinite_hint(dtype)}"
         )

@@ -92,11 +92,13 @@ def describe(tensors: list[Tensor], shared: list[Tensor], heads: list[Tensor]) -
     ]
 
 
-#: What a non-finite gradient usually means, and what helps.
-NONFINITE_HINT = (
-    "a loss is not differentiable there, or the backward pass overflowed (a GradScaler or a "
-    "wider dtype helps with overflow)"
-)
+def nonfinite_hint(dtype: str = "") -> str:
+    """What a non-finite gradient usually means, and what helps (``dtype``: `` in float16``, say,
+    when the gradients' dtype is known)."""
+    return (
+        f"the loss is not differentiable there, or the backward pass overflowed{dtype} (a "
+        "GradScaler or a wider dtype helps with overflow)"
+    )
 
 
 def check_written(
@@ -111,7 +113,7 @@ def check_written(
         raise FloatingPointError(
             f"the gradient written for method {method!r} into "
             f"{', '.join(names[i] for i in bad)} is not finite (inf or NaN), so no update was "
-            f"applied: {NONFINITE_HINT}"
+            f"applied: {nonfinite_hint()}"
         )
 
 
