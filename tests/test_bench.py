@@ -95,6 +95,22 @@ def test_markdown_has_one_row_per_contender(tiny_run, tmp_path):
     assert markdown_report(again) == report
 
 
+def test_outputs_without_the_counterparts(tmp_path):
+    """``--no-torchjd``: ours still name their TorchJD counterpart, which was not measured; the
+    report and the plot show no ratio for it instead of failing."""
+    options = BenchOptions(
+        workloads=("mlp11",), steps=1, warmup=0, methods=("upgrad",), libmtl=False, torchjd=False
+    )
+    result = run_bench(options)
+    (w,) = result.workloads
+    assert set(w.contenders) == {PLAIN, "upgrad"}
+    assert w.contenders["upgrad"].counterpart == "torchjd:UPGrad"
+    assert w.ratio_to_plain("torchjd:UPGrad") is None
+    assert w.ratio_to_torchjd("upgrad") is None
+    written = bench.write_outputs(result, tmp_path)
+    assert {p.name for p in written} == {"bench.md", "bench.json", "bench.png"}
+
+
 def _contender(label, kind, category, times, counterpart=None, groups=(), error=None):
     return ContenderResult(
         label,

@@ -136,8 +136,10 @@ class WorkloadResult:
         return None if plain is None else plain.median
 
     def ratio_to_plain(self, label: str) -> float | None:
-        """Median step time of ``label`` over the plain step's, both from this run."""
-        base, mine = self.plain_median, self.contenders[label].median
+        """Median step time of ``label`` over the plain step's, both from this run; ``None``
+        when either was not measured (a TorchJD counterpart under ``--no-torchjd``)."""
+        contender = self.contenders.get(label)
+        base, mine = self.plain_median, None if contender is None else contender.median
         if base is None or mine is None or base <= 0:
             return None
         return mine / base
