@@ -84,11 +84,10 @@ study-tables: $(STAMP)
 	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/selected.json --baseline unitary \
 		--paper gama_grassi_2025 --out-dir $(CL_RR)/report
 	cp $(STUDY_TMP)/sweeps/selected.json $(CL_RR)/report/selected.json
-	# stage C (Muon, APT): no paper column, the paper's numbers are for Adam only
 	$(VENV)/bin/mtopt sweep $(CL_RR)/optimizers.toml --db $(CL_RR)/mnist_cl_rr.sqlite --stored \
 		--quiet --run-dir $(STUDY_TMP)
 	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/optimizers.json --baseline unitary \
-		--paper none --out-dir $(CL_RR)/report_optimizers
+		--paper gama_grassi_2025 --out-dir $(CL_RR)/report_optimizers
 	cp $(STUDY_TMP)/sweeps/optimizers.json $(CL_RR)/report_optimizers/optimizers.json
 	-$(VENV)/bin/mtopt sweep $(QM9)/study.toml --db $(QM9)/qm9_mlp.sqlite --stored --quiet \
 		--run-dir $(STUDY_TMP) && \

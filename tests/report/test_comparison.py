@@ -146,6 +146,20 @@ def test_rows_on_another_optimizer_are_also_measured_against_their_own_reference
     assert "own-optimizer refs" in markdown(comp)
 
 
+def test_published_numbers_only_beside_rows_on_the_sweeps_optimizer():
+    result, records = _study()
+    result["optimizer_references"] = {"muon": {"A": {"acc": 0.95}, "B": {"mse": 0.15}}}
+    keys = [f"cagrad@muon-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.94, 0.16)
+    result["rows"].append({"label": "cagrad@muon", "keys": keys, "optimizer": "muon"})
+    comp = compare(result, records, "unitary", published=load_published("gama_grassi_2025"))
+    rows = {r.label: r for r in comp.rows}
+    assert rows["cagrad@muon"].published is None  # the paper's CAGrad ran on Adam
+    assert rows["cagrad"].published == -2.137
+    assert comp.correlation[1] == 4  # the four Adam rows, not the Muon one
+
+
 def test_a_study_in_progress_says_which_rows_are_not_shown_yet():
     result, records = _study()
     result["pending"] = {"nash_mtl": "1 of its 1 grid run(s)"}

@@ -265,6 +265,10 @@ def _attach_published(out: Comparison, published: Mapping[str, Any]) -> None:
     keys = list(numbers)
     ours, theirs = {}, {}
     for row in out.rows:
+        if row.own is not None:
+            # a row on another base optimizer than the sweep's: the published number is for the
+            # sweep's optimizer, so it is neither shown beside this row nor ranked against it
+            continue
         key = published_key(row.label, keys)
         if key is not None:
             row.published = float(numbers[key])
