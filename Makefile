@@ -89,6 +89,11 @@ study-tables: $(STAMP)
 	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/optimizers.json --baseline unitary \
 		--paper gama_grassi_2025 --out-dir $(CL_RR)/report_optimizers
 	cp $(STUDY_TMP)/sweeps/optimizers.json $(CL_RR)/report_optimizers/optimizers.json
+	$(VENV)/bin/mtopt sweep $(CL_RR)/grid.toml --db $(CL_RR)/mnist_cl_rr.sqlite --stored \
+		--quiet --run-dir $(STUDY_TMP)
+	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/grid.json --baseline unitary \
+		--paper gama_grassi_2025 --out-dir $(CL_RR)/report_grid
+	cp $(STUDY_TMP)/sweeps/grid.json $(CL_RR)/report_grid/grid.json
 	-$(VENV)/bin/mtopt sweep $(QM9)/study.toml --db $(QM9)/qm9_mlp.sqlite --stored --quiet \
 		--run-dir $(STUDY_TMP) && \
 	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/study.json --baseline unitary \
