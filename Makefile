@@ -79,21 +79,14 @@ study-qm9: $(STAMP)
 # A study whose single-task references are not all stored yet says so in one line and is skipped.
 STUDY_TMP ?= runs/study_tables
 study-tables: $(STAMP)
-	$(VENV)/bin/mtopt sweep $(CL_RR)/selected.toml --db $(CL_RR)/mnist_cl_rr.sqlite --stored \
-		--quiet --run-dir $(STUDY_TMP)
-	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/selected.json --baseline unitary \
-		--paper gama_grassi_2025 --out-dir $(CL_RR)/report
-	cp $(STUDY_TMP)/sweeps/selected.json $(CL_RR)/report/selected.json
-	$(VENV)/bin/mtopt sweep $(CL_RR)/optimizers.toml --db $(CL_RR)/mnist_cl_rr.sqlite --stored \
-		--quiet --run-dir $(STUDY_TMP)
-	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/optimizers.json --baseline unitary \
-		--paper gama_grassi_2025 --out-dir $(CL_RR)/report_optimizers
-	cp $(STUDY_TMP)/sweeps/optimizers.json $(CL_RR)/report_optimizers/optimizers.json
-	$(VENV)/bin/mtopt sweep $(CL_RR)/grid.toml --db $(CL_RR)/mnist_cl_rr.sqlite --stored \
-		--quiet --run-dir $(STUDY_TMP)
-	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/grid.json --baseline unitary \
-		--paper gama_grassi_2025 --out-dir $(CL_RR)/report_grid
-	cp $(STUDY_TMP)/sweeps/grid.json $(CL_RR)/report_grid/grid.json
+	for stage in selected:report optimizers:report_optimizers grid:report_grid; do \
+		name=$${stage%%:*}; out=$(CL_RR)/$${stage#*:}; \
+		$(VENV)/bin/mtopt sweep $(CL_RR)/$$name.toml --db $(CL_RR)/mnist_cl_rr.sqlite --stored \
+			--quiet --run-dir $(STUDY_TMP) && \
+		$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/$$name.json --baseline unitary \
+			--paper gama_grassi_2025 --out-dir $$out && \
+		cp $(STUDY_TMP)/sweeps/$$name.json $$out/$$name.json || exit 1; \
+	done
 	-$(VENV)/bin/mtopt sweep $(QM9)/study.toml --db $(QM9)/qm9_mlp.sqlite --stored --quiet \
 		--run-dir $(STUDY_TMP) && \
 	$(VENV)/bin/mtopt report $(STUDY_TMP)/sweeps/study.json --baseline unitary \
