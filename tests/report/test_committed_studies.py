@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mtopt.experiments.database import RunDatabase
+from mtopt.experiments.sweep import records_of
 from mtopt.report import comparison
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,8 +40,8 @@ def test_committed_statistics_are_the_store_s(sweep: str) -> None:
     path = CL_RR / sweep
     result = json.loads(path.read_text())
     db = RunDatabase(STORE, readonly=True)
+    records = records_of(result, db)
     keys = {key for row in result["rows"] for key in row["keys"]}
-    records = {key: rec for key in keys if (rec := db.get(key)) is not None}
     assert set(records) == keys  # every run the table was made from is in the committed store
     published = comparison.load_published("gama_grassi_2025")
     stats = comparison.compare(result, records, "unitary", 0.95, published)
@@ -54,3 +55,15 @@ def test_the_comparison_notices_a_changed_number() -> None:
     with pytest.raises(AssertionError):
         _same_up_to_last_digit("| famo | better |", "| famo | worse |")
     _same_up_to_last_digit("| famo | -3.20 ± 0.56 |", "| famo | -3.21 ± 0.56 |")
+
+
+def test_records_of_leaves_out_a_run_the_store_lacks() -> None:
+    result = json.loads((CL_RR / "report_grid" / "grid.json").read_text())
+    keys = {key for row in result["rows"] for key in row["keys"]}
+    missing = "0" * 16
+    assert missing not in keys
+    result["rows"][0]["keys"].append(missing)
+    records = records_of(result, RunDatabase(STORE, readonly=True))
+    assert set(records) == keys  # the unknown key is left out, every stored one is there
+    assert list(records) == sorted(records)  # in key order, whatever the hash seed
+    assert all(records[k]["key"] == k for k in records)

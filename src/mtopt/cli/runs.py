@@ -307,6 +307,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mtopt.errors import ConfigError
     from mtopt.experiments.database import RunDatabase
+    from mtopt.experiments.sweep import records_of
     from mtopt.report import comparison
     from mtopt.report.plots import (
         learning_curve_table,
@@ -326,8 +327,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     db = RunDatabase(result["database"], readonly=True)
     out_dir = args.out_dir or Path("reports") / result["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = {key for row in result["rows"] for key in row["keys"]}
-    records = {key: rec for key in keys if (rec := db.get(key)) is not None}
+    records = records_of(result, db)
     written = []
     for name, text in (("table.md", markdown_table(result)), ("table.tex", latex_table(result))):
         (out_dir / name).write_text(text)

@@ -317,6 +317,15 @@ class SweepResult:
         }
 
 
+def records_of(result: Mapping[str, Any], db: RunDatabase) -> dict[str, dict[str, Any]]:
+    """The stored records of the runs that the rows of ``result`` (a written sweep result, as
+    :meth:`SweepResult.to_dict` gives it) were made from, by run key. A key the store does not
+    hold is left out: the caller decides whether that is an error (a report draws what is there;
+    a check of a committed table demands every run)."""
+    keys = {key for row in result["rows"] for key in row["keys"]}
+    return {key: record for key in sorted(keys) if (record := db.get(key)) is not None}
+
+
 def _all_stored(
     records: Sequence[dict[str, Any] | None],
     label: str,
