@@ -22,7 +22,15 @@ from typing import Any
 from mtopt.core.registry import make
 from mtopt.engine.optimizer import ENGINES
 
-__all__ = ["OPTIMIZERS", "MethodSpec", "format_spec", "parse_spec", "parse_value", "run_options"]
+__all__ = [
+    "OPTIMIZERS",
+    "MethodSpec",
+    "format_spec",
+    "optimizer_label",
+    "parse_spec",
+    "parse_value",
+    "run_options",
+]
 
 #: The base optimizers a spec may name after ``@``, with the run options they set.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
@@ -31,6 +39,19 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "apt": {"optimizer": "adam", "apt": True},
     "muon+apt": {"optimizer": "muon", "apt": True},
 }
+
+
+def optimizer_label(options: Mapping[str, Any]) -> str:
+    """The name in :data:`OPTIMIZERS` of a run's base-optimizer options (``optimizer``, ``apt``;
+    absent ones are the defaults, Adam without APT).
+
+    >>> optimizer_label({}), optimizer_label({"apt": True}), optimizer_label(OPTIMIZERS["muon+apt"])
+    ('adam', 'apt', 'muon+apt')
+    """
+    name = str(options.get("optimizer", "adam"))
+    if options.get("apt"):
+        return "apt" if name == "adam" else f"{name}+apt"
+    return name
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,31 @@ def test_rank_correlation():
     rho, n = rank_correlation(ours, {"a": 1, "x": 2})
     assert math.isnan(rho)
     assert n == 1
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_value_that_is_not_finite_is_refused_not_averaged(bad):
+    with pytest.raises(ValueError, match="finite"):
+        mean_interval([1.0, bad, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        difference_interval({1: 1.0, 2: bad, 3: 2.0}, {1: 0.0, 2: 0.0, 3: 0.0})
+    with pytest.raises(ValueError, match="finite"):
+        difference_interval({1: 1.0, 2: 3.0}, {1: bad, 2: 0.0})
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=12),
+    st.sets(st.integers(0, 11), max_size=4),
+    st.booleans(),
+)
+def test_a_nan_ranks_last_and_leaves_the_order_of_the_others(values, holes, lower):
+    from mtopt.evaluation.metrics import average_ranks
+
+    with_nan = [math.nan if i in holes else v for i, v in enumerate(values)]
+    finite = [i for i, v in enumerate(with_nan) if not math.isnan(v)]
+    ranks = average_ranks(with_nan, lower)
+    alone = average_ranks([with_nan[i] for i in finite], lower)
+    assert [ranks[i] for i in finite] == alone  # the numbers keep the ranks they have alone
+    nans = [r for v, r in zip(with_nan, ranks, strict=True) if math.isnan(v)]
+    if nans:  # tied behind every number
+        assert nans == [len(finite) + (len(nans) + 1) / 2] * len(nans)

@@ -127,7 +127,7 @@ def test_rows_on_another_optimizer_are_also_measured_against_their_own_reference
     result, records = _study()
     muon_refs = {"A": {"acc": 0.95}, "B": {"mse": 0.15}}  # Muon trains single tasks better too
     result["optimizer_references"] = {"muon": muon_refs}
-    for label, shift in (("unitary@muon", 0.0), ("cagrad@muon", 0.01)):
+    for label, shift in (("unitary:reduction=mean@muon", 0.0), ("cagrad@muon", 0.01)):
         keys = []
         for seed in (1, 2, 3):
             key = f"{label}-{seed}"
@@ -141,7 +141,7 @@ def test_rows_on_another_optimizer_are_also_measured_against_their_own_reference
     assert cagrad_muon.own.mean < cagrad_muon.delta_m.mean
     assert cagrad_muon.versus_same is not None
     assert cagrad_muon.verdict_same == "better"
-    assert rows["unitary@muon"].versus_same is None  # the baseline of its optimizer
+    assert rows["unitary:reduction=mean@muon"].versus_same is None  # its optimizer's baseline
     assert rows["cagrad"].own is None
     assert "own-optimizer refs" in markdown(comp)
 
@@ -186,6 +186,7 @@ def test_the_qm9_mlp_studys_paper_column_is_the_shipped_gnn_table():
     gnn = load_published("gama_grassi_2025")["problems"]["qm9/gnn"]
     assert mlp["qm9/mlp"]["delta_m"] == gnn["delta_m"]
     assert mlp["qm9/mlp"]["cosine"] == gnn["cosine"]
+    assert mlp["qm9/mlp"]["fixed_from"] == gnn["fixed_from"] == "nash_mtl"
 
 
 def test_rows_with_fewer_seeds_are_ranked_on_the_seeds_all_rows_ran():
@@ -203,3 +204,101 @@ def test_rows_with_fewer_seeds_are_ranked_on_the_seeds_all_rows_ran():
     expected = mean_rank(seed1, DIRECTIONS)
     assert {r.label: r.mean_rank.mean for r in part.rows} == pytest.approx(expected)
     assert "MR over seed(s) 1 only" in markdown(part)
+
+
+def test_a_run_whose_delta_m_is_not_finite_is_left_out_and_named():
+    result, records = _study()
+    records["cagrad-2"]["test"]["B"]["mse"] = math.nan  # a diverged regression head
+    comp = compare(result, records, baseline="unitary")
+    cagrad = next(r for r in comp.rows if r.label == "cagrad")
+    assert sorted(cagrad.by_seed) == [1, 3]
+    assert cagrad.versus is not None
+    assert cagrad.versus.kind == "welch"  # the seeds now differ
+    assert comp.left_out == ["cagrad seed 2"]
+    assert comp.rank_seeds == [1, 3]  # the ranks compare rows on the seeds all of them have
+    assert "Left out (Δm not finite: a metric diverged): cagrad seed 2" in markdown(comp)
+
+
+def test_no_mean_rank_when_no_seed_is_common_to_all_rows():
+    result, records = _study()
+    for row in result["rows"]:
+        if row["label"] == "cagrad":
+            row["keys"] = row["keys"][2:]  # seed 3 only
+        elif row["label"].startswith("fixed"):
+            row["keys"] = row["keys"][:1]  # seed 1 only
+    comp = compare(result, records, baseline="unitary")
+    assert comp.no_common_seed
+    assert all(r.mean_rank is None for r in comp.rows)
+    assert "No MR: no seed is common to all rows" in markdown(comp)
+
+
+def test_a_baseline_name_means_the_row_on_the_sweeps_optimizer_or_is_ambiguous():
+    result, records = _study()
+    keys = [f"unitary@muon-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.95, 0.15)
+    result["rows"].insert(0, {"label": "unitary@muon", "keys": keys, "optimizer": "muon"})
+    assert compare(result, records, "unitary").baseline == "unitary:reduction=mean"
+    assert compare(result, records, "unitary@muon").baseline == "unitary@muon"
+    keys = [f"unitary:reduction=sum-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.88, 0.24)
+    result["rows"].append({"label": "unitary:reduction=sum", "keys": keys})
+    with pytest.raises(ConfigError, match=r"matches 2 rows .*give the row's label"):
+        compare(result, records, "unitary")
+
+
+def test_a_published_number_is_beside_one_row_and_fixed_weights_from_the_papers_source():
+    result, records = _study()
+    keys = [f"unitary:reduction=sum-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.80, 0.30)
+    result["rows"].append({"label": "unitary:reduction=sum", "keys": keys})
+    keys = [f"fixed from nash_mtl-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.90, 0.20)
+    result["rows"].append({"label": "fixed from nash_mtl", "keys": keys})
+    # a row on Muon whose Muon references are not stored yet: still not the paper's Adam number
+    keys = [f"cagrad@muon-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.94, 0.16)
+    result["rows"].append({"label": "cagrad@muon", "keys": keys, "optimizer": "muon"})
+    comp = compare(
+        result, records, "unitary:reduction=mean", published=load_published("gama_grassi_2025")
+    )
+    rows = {r.label: r for r in comp.rows}
+    assert rows["unitary:reduction=mean"].published == -8.952  # listed first in the sweep
+    assert rows["unitary:reduction=sum"].published is None
+    assert rows["fixed from cagrad"].published == -3.251  # CL_RR's fixed weights: from CAGrad
+    assert rows["fixed from nash_mtl"].published is None
+    assert rows["cagrad@muon"].published is None
+    assert comp.correlation[1] == 4  # unitary, cagrad, rlw, fixed from cagrad: each once
+
+
+def test_the_baseline_on_another_optimizer_has_the_baselines_hyperparameters():
+    result, records = _study()
+    result["optimizer_references"] = {"muon": {"A": {"acc": 0.95}, "B": {"mse": 0.15}}}
+    for label, acc in (("unitary:reduction=sum@muon", 0.99), ("unitary:reduction=mean@muon", 0.93)):
+        keys = [f"{label}-{seed}" for seed in (1, 2, 3)]
+        for seed, key in enumerate(keys, start=1):
+            records[key] = _record(seed, acc + 0.001 * seed, 0.17)
+        result["rows"].append({"label": label, "keys": keys, "optimizer": "muon"})
+    keys = [f"cagrad@muon-{seed}" for seed in (1, 2, 3)]
+    for seed, key in enumerate(keys, start=1):
+        records[key] = _record(seed, 0.945 + 0.002 * seed, 0.16)
+    result["rows"].append({"label": "cagrad@muon", "keys": keys, "optimizer": "muon"})
+    comp = compare(result, records, "unitary:reduction=mean")
+    rows = {r.label: r for r in comp.rows}
+    peer = rows["unitary:reduction=mean@muon"]
+    versus = rows["cagrad@muon"].versus_same
+    assert versus is not None
+    expected = rows["cagrad@muon"].own.mean - peer.own.mean  # not the reduction=sum row's
+    assert versus.mean == pytest.approx(expected)
+    assert peer.versus_same is None
+    assert rows["unitary:reduction=sum@muon"].versus_same is not None  # a row like any other
+
+
+def test_the_level_is_printed_as_given():
+    result, records = _study()
+    assert "97.5 % CI" in markdown(compare(result, records, "unitary", level=0.975))
+    assert "95 % CI" in markdown(compare(result, records, "unitary", level=0.95))

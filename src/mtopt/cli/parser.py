@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", type=Path, help="default: reports/NAME")
     r.add_argument(
         "--baseline",
-        help="the row every method is compared with: a label or a method name (default: the "
-        "unitary row, if there is one)",
+        help="the row every method is compared with: a label or a method name (a name means the "
+        "row on the sweep's own optimizer; one that fits several rows is an error: give the "
+        "label); default: the unitary row, if there is one",
     )
     r.add_argument(
         "--level", type=float, default=0.95, help="confidence level of the intervals (0.95)"

@@ -336,7 +336,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     baseline = args.baseline
     if baseline is None:
         labels = [row["label"] for row in result["rows"]]
-        baseline = next((x for x in labels if comparison.published_key(x, ["unitary"])), None)
+        baseline = (
+            "unitary" if any(comparison.published_key(x, ["unitary"]) for x in labels) else None
+        )
     stats = comparison.compare(result, records, baseline, args.level, published)
     (out_dir / "statistics.md").write_text(comparison.markdown(stats))
     written += [out_dir / "statistics.md", plot_delta_m_ci(stats, out_dir / "delta_m_ci.png")]
@@ -346,7 +348,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"  ({name}: nothing to plot in this sweep)")
         else:
             written.append(path)
-    curves = plot_learning_curves(result, records, out_dir / "learning_curves.png", baseline)
+    curves = plot_learning_curves(result, records, out_dir / "learning_curves.png", stats.baseline)
     if curves is not None:
         (out_dir / "learning_curves.md").write_text(learning_curve_table(result, records))
         written += [curves, out_dir / "learning_curves.md"]

@@ -5,7 +5,9 @@ shape with booleans.
 
 * :func:`delta_m` — Gama & Grassi's per-task form (higher is better):
   :math:`\Delta_m = \frac{100}{N}\sum_i \frac1{M_i}\sum_j (-1)^{l_{ij}}
-  \frac{M_{i,j} - M_{b,i,j}}{M_{b,i,j}}`, with :math:`l_{ij}=1` when lower is better.
+  \frac{M_{i,j} - M_{b,i,j}}{M_{b,i,j}}`, with :math:`l_{ij}=1` when lower is better. The
+  code divides by :math:`|M_{b,i,j}|`: the same for the positive metrics of every problem we
+  ship (accuracies, errors, MAE), and for a negative one it keeps "higher is better".
 * :func:`delta_m_flat` — the flat per-metric average of Vandenhende et al. / Nash-MTL, with the
   same sign convention here (higher is better; Nash-MTL's QM9 code reports its negative).
 * :func:`mean_rank` — rank methods per metric column (1 = best, ties get the average rank),
@@ -14,6 +16,7 @@ shape with booleans.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 Table = Mapping[str, Mapping[str, float]]
@@ -61,17 +64,27 @@ def delta_m_flat(values: Table, reference: Table, lower_is_better: Directions) -
 
 
 def average_ranks(values: list[float], lower_is_better: bool) -> list[float]:
-    """Ranks starting at 1 for the best value; ties share the mean of their ranks.
+    """Ranks starting at 1 for the best value; ties share the mean of their ranks. A NaN (a
+    metric a diverged run could not score) ranks after every number, tied with the other NaNs:
+    it is never better than a value, and it does not disturb the order of the others (a NaN key
+    would leave ``sorted`` free to misplace every element).
 
     >>> average_ranks([0.3, 0.1, 0.3], lower_is_better=True)
     [2.5, 1.0, 2.5]
+    >>> average_ranks([0.3, float("nan"), 0.1, 0.2], lower_is_better=True)
+    [3.0, 4.0, 1.0, 2.0]
     """
-    order = sorted(range(len(values)), key=lambda i: values[i] if lower_is_better else -values[i])
+
+    def key(i: int) -> tuple[bool, float]:
+        v = values[i]
+        return (True, 0.0) if math.isnan(v) else (False, v if lower_is_better else -v)
+
+    order = sorted(range(len(values)), key=key)
     ranks = [0.0] * len(values)
     i = 0
     while i < len(order):
         j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+        while j + 1 < len(order) and key(order[j + 1]) == key(order[i]):
             j += 1
         for k in range(i, j + 1):
             ranks[order[k]] = (i + j) / 2.0 + 1.0

@@ -15,7 +15,10 @@ run-to-run noise and the usual choice for the handful of seeds a training study 
   ``worse`` when it lies below, else ``not distinguishable`` at that level. With one seed there
   is no interval and the verdict is ``one seed``.
 
-Higher is better for every quantity here (Δm is built so).
+Every value must be finite (a ``ValueError`` otherwise): a diverged run's Δm has no place in a
+mean, and the caller decides what to show instead (:func:`mtopt.report.comparison.compare` leaves
+such seeds out of a row and says so under the table). Higher is better for every quantity here
+(Δm is built so).
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ class Interval:
 @dataclass(frozen=True)
 class Difference(Interval):
     """A difference (method − baseline) and how its interval was computed: ``paired`` (per-seed
-    differences) or ``welch`` (independent samples)."""
+    differences; ``std`` is their sample standard deviation, ``n`` the number of seeds) or
+    ``welch`` (independent samples; ``std`` is the standard error of the difference, ``n`` the
+    smaller sample; with one run on either side there is no interval, and with no spread on
+    either side the interval is the point itself)."""
 
     kind: str = "paired"
 
@@ -68,6 +74,7 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     n = len(values)
     if n == 0:
         raise ValueError("no values")
+    _check_finite(values)
     mean = statistics.fmean(values)
     if n == 1:
         return Interval(mean, 0.0, 1, math.nan, math.nan, level)
@@ -83,6 +90,7 @@ def difference_interval(
     _check_level(level)
     if not method or not baseline:
         raise ValueError("a difference needs values on both sides")
+    _check_finite(list(method.values()) + list(baseline.values()))
     if set(method) == set(baseline) and len(method) >= 2:
         diffs = [method[s] - baseline[s] for s in sorted(method)]
         one = mean_interval(diffs, level)
@@ -124,6 +132,12 @@ def rank_correlation(ours: Mapping[str, float], theirs: Mapping[str, float]) -> 
 
 def _t(level: float, dof: float) -> float:
     return float(_scipy_stats.t.ppf(0.5 + level / 2, dof))
+
+
+def _check_finite(values: Sequence[float]) -> None:
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"an interval needs finite values, got {bad[0]} among {len(values)}")
 
 
 def _check_level(level: float) -> None:

@@ -58,7 +58,7 @@ from mtopt.experiments.train import (
     mean_table,
     run_key,
 )
-from mtopt.specs import format_spec, parse_spec, parse_value, run_options
+from mtopt.specs import format_spec, optimizer_label, parse_spec, parse_value, run_options
 
 SharedKey = Literal["lr", "dropout", "weight_decay"]
 BaseKey = Literal[
@@ -389,10 +389,10 @@ def run_sweep(
     missing_references: list[str] = []
     for spec in config.methods:
         options = parse_spec(spec).optimizer
-        label = _optimizer_label(options)
+        label = optimizer_label(options)
         if (
             options
-            and label != _optimizer_label(_base_optimizer(base))
+            and label != optimizer_label(_base_optimizer(base))
             and label not in by_optimizer
             and label not in missing_references
         ):
@@ -461,14 +461,6 @@ def _base_optimizer(config: RunConfig) -> dict[str, Any]:
     return {"optimizer": config.optimizer, "apt": config.apt}
 
 
-def _optimizer_label(options: Mapping[str, Any]) -> str:
-    """``adam``, ``apt``, ``muon`` or ``muon+apt`` for a run's base-optimizer options."""
-    name = str(options.get("optimizer", "adam"))
-    if options.get("apt"):
-        return "apt" if name == "adam" else f"{name}+apt"
-    return name
-
-
 def _references(
     config: SweepConfig, problem: Any, base: RunConfig, runner: Runner, db: RunDatabase
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, Any]]]]:
@@ -498,7 +490,7 @@ def _references(
     tag = (
         ""
         if base.optimizer == "adam" and not base.apt
-        else f" ({_optimizer_label(_base_optimizer(base))})"
+        else f" ({optimizer_label(_base_optimizer(base))})"
     )
     _all_stored(
         runner.stored(jobs, "single-task grid" + tag), "single-task grid" + tag, runner.in_flight
@@ -629,7 +621,7 @@ class _Selector:
                     step_seconds=statistics.median(r["step_seconds_median"] for r in final),
                     keys=[r["key"] for r in final],
                     failed_runs=failed,
-                    optimizer=_optimizer_label({**_base_optimizer(self.base), **point}),
+                    optimizer=optimizer_label({**_base_optimizer(self.base), **point}),
                 )
             )
         return rows

@@ -6,6 +6,7 @@ two orderings and the gradient-cosine level. The intervals are those of
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import tomllib
@@ -15,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mtopt.core.registry import method_class
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m, mean_rank
 from mtopt.evaluation.statistics import (
@@ -26,7 +28,7 @@ from mtopt.evaluation.statistics import (
     verdict,
 )
 from mtopt.report.tables import mean_sd
-from mtopt.specs import parse_spec
+from mtopt.specs import format_spec, optimizer_label, parse_spec
 
 #: Published results shipped with mtopt (``--paper NAME``), in ``mtopt/report/published``.
 PUBLISHED = ("gama_grassi_2025",)
@@ -70,6 +72,10 @@ class Comparison:
     in_flight: list[str] = field(default_factory=list)
     #: the seeds the mean rank used, when not every seed shown (rows that ran different seeds)
     rank_seeds: list[int] = field(default_factory=list)
+    #: no seed is common to all rows: ranks would compare different sets of rows, so no MR
+    no_common_seed: bool = False
+    #: runs left out of their row because their Δm is not finite ("label seed s")
+    left_out: list[str] = field(default_factory=list)
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -126,16 +132,25 @@ def compare(
     """The statistics of a sweep result (``SweepResult.to_dict()``) from its runs' records."""
     directions = result["directions"]
     refs = result["references"]["test"]
+    optimizers = {row["label"]: row.get("optimizer", "adam") for row in result["rows"]}
+    own_refs = result.get("optimizer_references", {})
     per_seed: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    left_out = []
     for row in result["rows"]:
         tests = {}
         for key in row["keys"]:
             record = records.get(key)
-            if record is not None:
-                tests[int(record["config"]["seed"])] = record["test"]
+            if record is None:
+                continue
+            seed, test = int(record["config"]["seed"]), record["test"]
+            scores = [delta_m(test, refs, directions)]
+            if optimizers[row["label"]] in own_refs:
+                scores.append(delta_m(test, own_refs[optimizers[row["label"]]], directions))
+            if all(math.isfinite(x) for x in scores):
+                tests[seed] = test
+            else:
+                left_out.append(f"{row['label']} seed {seed}")
         per_seed[row["label"]] = tests
-    optimizers = {row["label"]: row.get("optimizer", "adam") for row in result["rows"]}
-    own_refs = result.get("optimizer_references", {})
     rows = []
     for label, tests in per_seed.items():
         if not tests:
@@ -162,9 +177,12 @@ def compare(
     out.in_flight = list(result.get("in_flight") or [])
     all_seeds = sorted({s for row in rows for s in row.by_seed})
     out.rank_seeds = rank_seeds if rank_seeds != all_seeds else []
+    out.no_common_seed = len(rows) > 1 and not rank_seeds
+    out.left_out = left_out
     out.cosine = _cosine(result, records, base)
     if published is not None:
-        _attach_published(out, published)
+        sweep_optimizer = optimizer_label(result.get("config", {}).get("base", {}))
+        _attach_published(out, published, sweep_optimizer)
     return out
 
 
@@ -175,19 +193,16 @@ def _ranks(
     level: float,
 ) -> list[int]:
     """Mean rank per seed, then its mean and spread. Ranks compare rows on the same seeds: the
-    seeds every row ran (all of them in a finished study); when no seed is common to all rows,
-    each seed ranks the rows that ran it. Returns the seeds used."""
-    present = [set(tests) for label, tests in per_seed.items() if tests]
-    common = set.intersection(*present) if present else set()
-    seeds = sorted(common or {s for tests in per_seed.values() for s in tests})
+    seeds every row ran (all of them in a finished study). When no seed is common to all rows
+    there is no mean rank (each seed would rank a different set of rows, and a rank among two is
+    not a rank among ten). Returns the seeds used."""
+    present = [set(tests) for tests in per_seed.values() if tests]
+    seeds = sorted(set.intersection(*present)) if len(present) > 1 else []
     ranks: dict[str, list[float]] = {row.label: [] for row in rows}
     for seed in seeds:
         tables = {label: tests[seed] for label, tests in per_seed.items() if seed in tests}
-        if len(tables) < 2:
-            continue
         for label, value in mean_rank(tables, directions).items():
-            if label in ranks:
-                ranks[label].append(value)
+            ranks[label].append(value)
     for row in rows:
         if ranks[row.label]:
             row.mean_rank = mean_interval(ranks[row.label], level)
@@ -197,29 +212,68 @@ def _ranks(
 def _same_optimizer_baselines(rows: list[MethodStats], base: MethodStats, level: float) -> None:
     """For rows on another base optimizer: the difference to the baseline method run on that
     optimizer, both against that optimizer's references (does the optimizer help the balancing,
-    or only the optimization?)."""
-    name = parse_spec(base.label, build=False).name if not base.label.startswith("fixed") else None
+    or only the optimization?). The baseline method on that optimizer is the row with the
+    baseline's method part (name and hyperparameters) and that optimizer."""
+    method = _method_part(base.label)
     for row in rows:
-        if not row.own_by_seed or name is None:
+        if not row.own_by_seed or method is None:
             continue
         peers = [
             r
             for r in rows
-            if r.optimizer == row.optimizer
-            and r.own_by_seed
-            and published_key(r.label, [name]) == name
+            if r.optimizer == row.optimizer and r.own_by_seed and _method_part(r.label) == method
         ]
         if peers and peers[0] is not row:
             row.versus_same = difference_interval(row.own_by_seed, peers[0].own_by_seed, level)
             row.verdict_same = verdict(row.versus_same)
 
 
+def _method_part(label: str) -> str | None:
+    """A row label's method with every hyperparameter (its defaults filled in, so ``unitary``
+    and ``unitary:reduction=sum`` are one method) and without its optimizer suffix; ``None`` for
+    a fixed-weights row or a label that is not a spec."""
+    if label.startswith("fixed"):
+        return None
+    try:
+        spec = parse_spec(label, build=False)
+    except ValueError:
+        return None
+    try:
+        signature = method_class(spec.name).hyperparameters()
+    except ValueError:  # not a registered name: its label is all there is
+        signature = {}
+    defaults = {k: v for k, v in signature.items() if v is not inspect.Parameter.empty}
+    return format_spec(spec.name, {**defaults, **spec.hparams})
+
+
+def _fixed_source(label: str) -> str | None:
+    """The method name a ``fixed from SPEC`` row's weights were extracted from."""
+    spec = label.removeprefix("fixed from ")
+    if spec == label:
+        return None
+    try:
+        return parse_spec(spec, build=False).name
+    except ValueError:
+        return None
+
+
 def baseline_label(labels: list[str], baseline: str | None) -> str | None:
     """The row label ``baseline`` names: the label itself, or a method name whose row carries
-    fixed options (``unitary`` for ``unitary:reduction=mean``); ``None`` when no row matches."""
+    fixed options (``unitary`` for ``unitary:reduction=mean``); ``None`` when no row matches.
+    Among several matches, a row on the sweep's own base optimizer (no ``@`` suffix) is meant;
+    when that still leaves more than one, the name is ambiguous (a ``ConfigError`` lists them)."""
     if baseline is None or baseline in labels:
         return baseline
-    return next((label for label in labels if published_key(label, [baseline]) == baseline), None)
+    matches = [label for label in labels if published_key(label, [baseline]) == baseline]
+    if len(matches) > 1:
+        own = [m for m in matches if not parse_spec(m, build=False).optimizer]
+        matches = own or matches
+    if len(matches) > 1:
+        raise ConfigError(
+            f"--baseline {baseline!r} matches {len(matches)} rows ({', '.join(matches)}): "
+            "give the row's label"
+        )
+    return matches[0] if matches else None
 
 
 def _baseline_row(rows: list[MethodStats], baseline: str | None) -> MethodStats | None:
@@ -256,23 +310,34 @@ def _cosine(
     }
 
 
-def _attach_published(out: Comparison, published: Mapping[str, Any]) -> None:
+def _attach_published(out: Comparison, published: Mapping[str, Any], sweep_optimizer: str) -> None:
+    """The published Δm beside the rows they are for, and the rank correlation over those rows.
+    A published number goes beside one row only: the first row in the sweep's order that matches
+    its key, on the sweep's base optimizer; a ``fixed`` number only beside
+    the fixed weights extracted from the paper's source method when the file names it
+    (``fixed_from``)."""
     table = published["problems"].get(out.problem)
     out.published_title = str(published.get("title", "published"))
     if table is None:
         return
     numbers = table.get("delta_m", {})
     keys = list(numbers)
+    source = table.get("fixed_from")
     ours, theirs = {}, {}
+    taken: set[str] = set()
     for row in out.rows:
-        if row.own is not None:
+        if row.optimizer != sweep_optimizer:
             # a row on another base optimizer than the sweep's: the published number is for the
             # sweep's optimizer, so it is neither shown beside this row nor ranked against it
             continue
         key = published_key(row.label, keys)
-        if key is not None:
-            row.published = float(numbers[key])
-            ours[row.label], theirs[row.label] = row.delta_m.mean, row.published
+        if key == "fixed" and source is not None and _fixed_source(row.label) != source:
+            continue  # fixed weights extracted from another method than the paper's
+        if key is None or key in taken:
+            continue  # one row per published number, or the correlation counts it twice
+        taken.add(key)
+        row.published = float(numbers[key])
+        ours[row.label], theirs[row.label] = row.delta_m.mean, row.published
     out.correlation = rank_correlation(ours, theirs)
     if out.baseline is not None:
         cos = table.get("cosine", {})
@@ -282,7 +347,7 @@ def _attach_published(out: Comparison, published: Mapping[str, Any]) -> None:
 
 def markdown(comparison: Comparison) -> str:
     """The statistics table, with a note on how every column was computed."""
-    pct = f"{round(100 * comparison.level)} %"
+    pct = f"{round(100 * comparison.level, 6):g} %"
     base = comparison.baseline
     header = ["method", "seeds", "Δm % (mean ± sd)", f"Δm {pct} CI"]
     if base is not None:
@@ -311,7 +376,9 @@ def markdown(comparison: Comparison) -> str:
             cells.append("—" if row.own is None else f"{row.own.mean:+.2f} {_ci(row.own)}")
             same = row.versus_same
             cells.append(
-                "—" if same is None else f"{same.mean:+.2f} {_ci(same)} {row.verdict_same}"
+                "—"
+                if same is None
+                else f"{same.mean:+.2f} {_ci(same)} {same.kind} {row.verdict_same}"
             )
         if comparison.published_title:
             cells.append("—" if row.published is None else f"{row.published:+.2f}")
@@ -328,8 +395,8 @@ def markdown(comparison: Comparison) -> str:
         notes.append(
             "Rows on another base optimizer than the sweep's: Δm also against single-task "
             "references trained with that optimizer, and the difference to the baseline method "
-            "run with it (paired by seed), so that a better optimizer is not counted as better "
-            "balancing."
+            "run with it (paired by seed when both ran the same seeds, else Welch), so that a "
+            "better optimizer is not counted as better balancing."
         )
     if comparison.published_title:
         rho, n = comparison.correlation
@@ -347,6 +414,15 @@ def markdown(comparison: Comparison) -> str:
             else f"; {comparison.published_title}: about {comparison.published_cosine:.2f}"
         )
         notes.append(f"Gradient-cosine diagnostic under {base}: {ours}{paper}.")
+    if comparison.no_common_seed:
+        notes.append(
+            "No MR: no seed is common to all rows, and a rank compares rows on the same seed."
+        )
+    if comparison.left_out:
+        notes.append(
+            f"Left out (Δm not finite: a metric diverged): {', '.join(comparison.left_out)}; "
+            "the seeds column counts the runs shown."
+        )
     if comparison.rank_seeds:
         shown = ", ".join(str(s) for s in comparison.rank_seeds)
         notes.append(
