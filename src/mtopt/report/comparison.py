@@ -388,8 +388,10 @@ def markdown(comparison: Comparison) -> str:
         f"Δm: Gama & Grassi's Δm against this study's single-task references (%, higher is "
         f"better); {pct} t intervals over seeds. Differences to {base}: paired by seed when "
         "both rows ran the same seeds, else Welch; verdict: better / worse when the whole "
-        "interval is above / below 0, else not distinguishable. MR: mean rank among the rows, "
-        "per seed, then mean ± sd over seeds (lower is better).",
+        "interval is above / below 0, else not distinguishable (each row at that level on its "
+        "own, not corrected for the number of rows: among many rows that differ from the "
+        "baseline by nothing, some 1 in 20 would still get a verdict at 95 %). MR: mean rank "
+        "among the rows, per seed, then mean ± sd over seeds (lower is better).",
     ]
     if any(r.own is not None for r in comparison.rows):
         notes.append(
