@@ -60,6 +60,18 @@ def test_paired_by_seed_when_the_seeds_match_else_welch():
     assert verdict(difference_interval({1: 3.0}, {1: 0.0})) == "one seed"
 
 
+def test_paired_on_the_shared_seeds_when_two_or_more():
+    base = {1: -8.0, 2: -9.0, 3: -7.5, 4: 10.0}  # seed 4: a run the method has not made yet
+    method = {1: -7.9, 2: -8.9, 3: -7.4}  # +0.1 on every shared seed
+    diff = difference_interval(method, base)
+    assert diff.kind == "paired"
+    assert diff.n == 3
+    assert diff.mean == pytest.approx(0.1)
+    assert verdict(diff) == "better"
+    one_shared = difference_interval({1: -7.9, 5: -8.0}, base)
+    assert one_shared.kind == "welch"
+
+
 @given(
     st.lists(st.floats(-50, 50), min_size=2, max_size=6),
     st.floats(-10, 10),

@@ -213,7 +213,8 @@ def test_a_run_whose_delta_m_is_not_finite_is_left_out_and_named():
     cagrad = next(r for r in comp.rows if r.label == "cagrad")
     assert sorted(cagrad.by_seed) == [1, 3]
     assert cagrad.versus is not None
-    assert cagrad.versus.kind == "welch"  # the seeds now differ
+    assert cagrad.versus.kind == "paired"  # on the two seeds both rows have
+    assert cagrad.versus.n == 2
     assert comp.left_out == ["cagrad seed 2"]
     assert comp.rank_seeds == [1, 3]  # the ranks compare rows on the seeds all of them have
     assert "Left out (Δm not finite: a metric diverged): cagrad seed 2" in markdown(comp)

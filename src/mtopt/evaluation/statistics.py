@@ -5,12 +5,13 @@ run-to-run noise and the usual choice for the handful of seeds a training study 
 (bootstrap intervals are unreliable below about ten samples):
 
 * :func:`mean_interval`: :math:`\bar x \pm t_{1-\alpha/2,\,n-1}\, s/\sqrt n`.
-* :func:`difference_interval`: the mean difference of a method to a baseline. When both were
-  run with the same seeds (the protocol's seeds ``random_seed + i``) the difference is taken
-  seed by seed, which removes the noise the two share (the data order, the initialisation) —
-  a *paired* t interval on the per-seed differences. Otherwise (different seeds, or a seed
-  missing on one side) it is Welch's interval for two independent samples, with the
-  Welch–Satterthwaite degrees of freedom. The result says which one was used.
+* :func:`difference_interval`: the mean difference of a method to a baseline. When the two
+  share at least two seeds (the protocol's seeds ``random_seed + i``) the difference is taken
+  seed by seed on the shared seeds, which removes the noise the two share (the data order, the
+  initialisation) — a *paired* t interval on the per-seed differences; a seed only one side ran
+  (a study in progress, a run left out) is not in it. Otherwise it is Welch's interval for two
+  independent samples, with the Welch–Satterthwaite degrees of freedom. The result says which
+  one was used and over how many seeds.
 * :func:`verdict`: ``better`` when the whole interval of (method − baseline) lies above 0,
   ``worse`` when it lies below, else ``not distinguishable`` at that level. With one seed there
   is no interval and the verdict is ``one seed``.
@@ -60,7 +61,8 @@ class Interval:
 @dataclass(frozen=True)
 class Difference(Interval):
     """A difference (method − baseline) and how its interval was computed: ``paired`` (per-seed
-    differences; ``std`` is their sample standard deviation, ``n`` the number of seeds) or
+    differences on the shared seeds; ``std`` is their sample standard deviation, ``n`` the
+    number of shared seeds) or
     ``welch`` (independent samples; ``std`` is the standard error of the difference, ``n`` the
     smaller sample; with one run on either side there is no interval, and with no spread on
     either side the interval is the point itself)."""
@@ -91,8 +93,9 @@ def difference_interval(
     if not method or not baseline:
         raise ValueError("a difference needs values on both sides")
     _check_finite(list(method.values()) + list(baseline.values()))
-    if set(method) == set(baseline) and len(method) >= 2:
-        diffs = [method[s] - baseline[s] for s in sorted(method)]
+    shared = sorted(set(method) & set(baseline))
+    if len(shared) >= 2:
+        diffs = [method[s] - baseline[s] for s in shared]
         one = mean_interval(diffs, level)
         return Difference(one.mean, one.std, one.n, one.lo, one.hi, level, "paired")
     a, b = list(method.values()), list(baseline.values())

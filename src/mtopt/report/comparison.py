@@ -386,9 +386,10 @@ def markdown(comparison: Comparison) -> str:
     notes = [
         "",
         f"Δm: Gama & Grassi's Δm against this study's single-task references (%, higher is "
-        f"better); {pct} t intervals over seeds. Differences to {base}: paired by seed when "
-        "both rows ran the same seeds, else Welch; verdict: better / worse when the whole "
-        "interval is above / below 0, else not distinguishable (each row at that level on its "
+        f"better); {pct} t intervals over seeds. Differences to {base}: paired by seed on the "
+        "seeds both rows ran when there are two or more, else Welch; verdict: better / worse "
+        "when the whole interval is above / below 0, else not distinguishable (each row at that "
+        "level on its "
         "own, not corrected for the number of rows: among many rows that differ from the "
         "baseline by nothing, some 1 in 20 would still get a verdict at 95 %). MR: mean rank "
         "among the rows, per seed, then mean ± sd over seeds (lower is better).",
@@ -397,7 +398,7 @@ def markdown(comparison: Comparison) -> str:
         notes.append(
             "Rows on another base optimizer than the sweep's: Δm also against single-task "
             "references trained with that optimizer, and the difference to the baseline method "
-            "run with it (paired by seed when both ran the same seeds, else Welch), so that a "
+            "run with it (paired on shared seeds, as above), so that a "
             "better optimizer is not counted as better balancing."
         )
     if comparison.published_title:
