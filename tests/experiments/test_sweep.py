@@ -439,3 +439,61 @@ def test_a_study_in_progress_names_the_runs_in_flight(fake, tmp_path, monkeypatc
         ConfigError, match=rf"\(in flight: single-task {task} at lr 0\.01, seed 1: epoch 1 of 3\)"
     ):
         run_sweep(config, db, workers=1, stored_only=True)
+
+
+def test_a_method_with_no_configuration_that_trained_is_reported_failed_and_the_study_goes_on(
+    fake, monkeypatch, tmp_path
+):
+    def train(config, references=None, problem=None, callback=None, checkpoint=None):
+        if config.method == "fixed" and config.seed == 2:
+            raise FloatingPointError("non-finite gradient: shared parameter 0")
+        return fake_train_run(config, references, problem, callback, checkpoint)
+
+    monkeypatch.setattr(runner_module, "train_run", train)
+    config = SweepConfig(
+        problem="fake",
+        methods={"unitary": {}, "cagrad": {"c": [0.0, 0.5]}, "famo": {"lr": [10.0]}},
+        grid={"lr": [0.01]},
+        base={"epochs": 1},
+        n_val_runs=2,
+        n_best_runs=2,
+        fixed_from=["cagrad", "famo"],
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    result = run_sweep(config, db, workers=1)
+    assert [r.label for r in result.rows] == ["unitary", "cagrad"]
+    assert result.failed["famo"].startswith("a failed run at each of its 1 grid point(s): ")
+    assert "non-finite loss" in result.failed["famo"]
+    # one diverged seed of the fixed weights' one-point grid: that row failed, not the study
+    assert result.failed["fixed from cagrad"] == (
+        "a failed run at each of its 1 grid point(s): "
+        "FloatingPointError: non-finite gradient: shared parameter 0"
+    )
+    assert result.failed["fixed from famo"] == "famo has no configuration that trained"
+    assert result.to_dict()["failed"] == result.failed
+    stored = run_sweep(config, db, workers=1, stored_only=True)  # the same view of the store
+    assert stored.failed == result.failed
+    assert [r.label for r in stored.rows] == ["unitary", "cagrad"]
+
+
+def test_an_error_of_the_machine_is_not_stored_as_a_failed_run(fake, monkeypatch):
+    import torch
+
+    from mtopt.experiments.train import RunConfig
+
+    config = RunConfig(problem="fake", method="unitary", epochs=1)
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), torch.distributed.DistError("x")):
+
+        def train(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(runner_module, "train_run", train)
+        with pytest.raises(type(error)):
+            runner_module.train_job(config, None, threads=0)
+
+    def diverge(*args, **kwargs):
+        raise RuntimeError("the solver's iterate blew up")
+
+    monkeypatch.setattr(runner_module, "train_run", diverge)
+    record = runner_module.train_job(config, None, threads=0)
+    assert record["failed"] == "RuntimeError: the solver's iterate blew up"

@@ -303,3 +303,15 @@ def test_the_level_is_printed_as_given():
     result, records = _study()
     assert "97.5 % CI" in markdown(compare(result, records, "unitary", level=0.975))
     assert "95 % CI" in markdown(compare(result, records, "unitary", level=0.95))
+
+
+def test_a_row_that_failed_is_named_under_the_table():
+    result, records = _study()
+    result["failed"] = {"famo": "a failed run at each of its 1 grid point(s): ValueError: x"}
+    comp = compare(result, records, baseline="unitary")
+    assert comp.failed == result["failed"]
+    assert "Not shown, no configuration of theirs trained: famo (a failed run at each" in (
+        markdown(comp)
+    )
+    result.pop("failed")
+    assert "Not shown" not in markdown(compare(result, records, baseline="unitary"))

@@ -297,6 +297,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"pending: {label} (waits for {waits})")
     for run in result.in_flight:
         print(f"in flight: {run}")
+    for label, why in result.failed.items():
+        print(f"failed: {label} ({why})")
     print(
         f"{result.runs} run(s) executed in {time.perf_counter() - started:.0f} s; "
         f"result in {out} (render it with `mtopt report {out}`)"

@@ -51,10 +51,13 @@ def train_job(
     """Train one configuration in this process and return its record, ready to store (with the
     ``code_version`` that trained it). A configuration that diverges gives a failed record
     (:func:`failed_record`); a user's mistake (:class:`~mtopt.errors.MtoptError`: the data
-    missing here, say) is raised, so that the run is trained again once it is fixed.
-    ``threads`` > 0 sets torch's intra-op threads first. Every executor (a pool worker, the
-    sweep's own process, a Ray task) trains through this function, so a configuration gives the
-    same record wherever it ran. ``checkpoint``: the run's epoch checkpoint file
+    missing here, say) is raised, so that the run is trained again once it is fixed, and so is
+    an error of the machine rather than of the configuration (out of memory, a failed collective
+    of ``torch.distributed``): a failed record is final and would mark the configuration as
+    diverged, so that the selection could depend on the device it met. ``threads`` > 0 sets
+    torch's intra-op threads first. Every executor (a pool worker, the sweep's own process, a
+    Ray task) trains through this function, so a configuration gives the same record wherever
+    it ran. ``checkpoint``: the run's epoch checkpoint file
     (:meth:`~mtopt.experiments.database.RunDatabase.checkpoint_path`), resumed from if present;
     the caller removes it once the record is stored."""
     import torch
@@ -74,6 +77,8 @@ def train_job(
         )
     except MtoptError:
         raise  # the user's to fix (data missing on this machine, a device it lacks): no result
+    except (torch.OutOfMemoryError, torch.distributed.DistError):
+        raise  # the machine's, not the configuration's: nothing stored, the run is redone
     except (ValueError, FloatingPointError, RuntimeError) as exc:
         # a diverging configuration (non-finite loss, solver blow-up) is a result, not a
         # crash: stored as failed, it scores -inf in the selection and is not run again

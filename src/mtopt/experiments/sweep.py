@@ -287,6 +287,9 @@ class SweepResult:
     #: a study in progress: the runs not stored yet that have an epoch checkpoint (in flight, or
     #: cut short and resumable), each "what, lr, seed: epoch e of n"
     in_flight: list[str] = field(default_factory=list)
+    #: rows with no configuration that trained (a failed run at every grid point) → why; a
+    #: finished study shows them here, not as rows
+    failed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -314,6 +317,7 @@ class SweepResult:
             "code_version": self.code_version,
             "pending": self.pending,
             "in_flight": self.in_flight,
+            "failed": self.failed,
         }
 
 
@@ -420,6 +424,9 @@ def run_sweep(
         selector.pending[f"single-task references ({label})"] = "their runs"
     fixed_candidates, fixed_weights = [], {}
     for smto in config.fixed_from:
+        if smto in selector.failed:
+            selector.failed[f"fixed from {smto}"] = f"{smto} has no configuration that trained"
+            continue
         row = next((r for r in rows if r.label == smto), None)
         first = None if row is None else db.get(row.keys[0])
         if row is None or first is None or first["config"]["seed"] != val_seeds[0]:
@@ -454,6 +461,7 @@ def run_sweep(
         {label: refs["test"] for label, refs in by_optimizer.items()},
         selector.pending,
         list(runner.in_flight.values()),
+        selector.failed,
     )
 
 
@@ -551,6 +559,8 @@ class _Selector:
         self.references, self.directions = references, directions
         #: rows left out of a study in progress (``Runner.stored_only``) → what they wait for
         self.pending: dict[str, str] = {}
+        #: rows whose every grid point has a failed run → the first failure
+        self.failed: dict[str, str] = {}
 
     def select(
         self, candidates: Sequence[Candidate], cosine_every: int | None, cosine_methods: set[str]
@@ -582,7 +592,14 @@ class _Selector:
                 continue
             scores = [_score([r.get("val_delta_m") for r in g if r is not None]) for g in groups]
             if max(scores) == float("-inf"):
-                raise RuntimeError(f"{label}: every configuration of its grid failed")
+                # no configuration to select: the row is reported as failed, and the rest of the
+                # study goes on (one diverged seed of a one-point grid must not hide every row)
+                errors = [r["failed"] for g in groups for r in g if r and "failed" in r]
+                self.failed[label] = (
+                    f"a failed run at each of its {len(points)} grid point(s): "
+                    + (errors[0] if errors else "validation Δm not finite")
+                )
+                continue
             picks.append((label, name, points, scores, int(np.argmax(scores))))
         jobs = [
             (make(name, *points[best], s), refs)

@@ -13,6 +13,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import random
 import statistics
 import time
@@ -184,6 +185,21 @@ def mean_gradient_cosine(losses: Sequence[torch.Tensor], shared: Sequence[torch.
     norms = grads.norm(dim=1) * mean.norm()
     cos = torch.where(norms > 0, grads @ mean / norms.clamp_min(1e-300), torch.zeros_like(norms))
     return float(cos.mean())
+
+
+def _improves(score: float, best: float | None) -> bool:
+    """Whether an epoch's validation score replaces the best so far (``None``: the first
+    epoch). A number replaces a NaN best (a metric an epoch could not compute), and a NaN never
+    replaces anything: ``score > best`` alone would keep a NaN first epoch for ever.
+
+    >>> _improves(1.0, None), _improves(1.0, 2.0), _improves(1.0, float("nan"))
+    (True, False, True)
+    >>> _improves(float("nan"), 1.0), _improves(2.0, 1.0)
+    (False, True)
+    """
+    if best is None or score > best:
+        return True
+    return math.isnan(best) and not math.isnan(score)
 
 
 def run_key(config: RunConfig, references: References | None = None) -> str:
@@ -419,7 +435,7 @@ class _Run:
         for name, score_fn in self.criteria.items():
             score = score_fn(val_metrics)
             record[f"score_{name}"] = score
-            if name not in self.best or score > self.best[name]["score"]:
+            if _improves(score, self.best[name]["score"] if name in self.best else None):
                 self.best[name] = {
                     "epoch": epoch,
                     "score": score,

@@ -76,6 +76,8 @@ class Comparison:
     no_common_seed: bool = False
     #: runs left out of their row because their Δm is not finite ("label seed s")
     left_out: list[str] = field(default_factory=list)
+    #: rows with no configuration that trained (``SweepResult.failed``) → why
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -175,6 +177,7 @@ def compare(
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
     out.pending = dict(result.get("pending") or {})
     out.in_flight = list(result.get("in_flight") or [])
+    out.failed = dict(result.get("failed") or {})
     all_seeds = sorted({s for row in rows for s in row.by_seed})
     out.rank_seeds = rank_seeds if rank_seeds != all_seeds else []
     out.no_common_seed = len(rows) > 1 and not rank_seeds
@@ -421,6 +424,9 @@ def markdown(comparison: Comparison) -> str:
         notes.append(
             "No MR: no seed is common to all rows, and a rank compares rows on the same seed."
         )
+    if comparison.failed:
+        why = "; ".join(f"{k} ({v})" for k, v in comparison.failed.items())
+        notes.append(f"Not shown, no configuration of theirs trained: {why}.")
     if comparison.left_out:
         notes.append(
             f"Left out (Δm not finite: a metric diverged): {', '.join(comparison.left_out)}; "
