@@ -316,9 +316,8 @@ def _cosine(
 def _attach_published(out: Comparison, published: Mapping[str, Any], sweep_optimizer: str) -> None:
     """The published Δm beside the rows they are for, and the rank correlation over those rows.
     A published number goes beside one row only: the first row in the sweep's order that matches
-    its key, on the sweep's base optimizer; a ``fixed`` number only beside
-    the fixed weights extracted from the paper's source method when the file names it
-    (``fixed_from``)."""
+    its key, on the sweep's base optimizer; a ``fixed`` number only beside the fixed weights
+    extracted from the paper's source method when the file names it (``fixed_from``)."""
     table = published["problems"].get(out.problem)
     out.published_title = str(published.get("title", "published"))
     if table is None:
@@ -392,17 +391,16 @@ def markdown(comparison: Comparison) -> str:
         f"better); {pct} t intervals over seeds. Differences to {base}: paired by seed on the "
         "seeds both rows ran when there are two or more, else Welch; verdict: better / worse "
         "when the whole interval is above / below 0, else not distinguishable (each row at that "
-        "level on its "
-        "own, not corrected for the number of rows: among many rows that differ from the "
-        "baseline by nothing, some 1 in 20 would still get a verdict at 95 %). MR: mean rank "
-        "among the rows, per seed, then mean ± sd over seeds (lower is better).",
+        "level on its own, not corrected for the number of rows: among many rows that differ "
+        "from the baseline by nothing, some 1 in 20 would still get a verdict at 95 %). MR: "
+        "mean rank among the rows, per seed, then mean ± sd over seeds (lower is better).",
     ]
     if any(r.own is not None for r in comparison.rows):
         notes.append(
             "Rows on another base optimizer than the sweep's: Δm also against single-task "
             "references trained with that optimizer, and the difference to the baseline method "
-            "run with it (paired on shared seeds, as above), so that a "
-            "better optimizer is not counted as better balancing."
+            "run with it (paired on shared seeds, as above), so that a better optimizer is not "
+            "counted as better balancing."
         )
     if comparison.published_title:
         rho, n = comparison.correlation
