@@ -403,6 +403,10 @@ def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch)
         "cagrad": "1 of its 2 grid run(s)",
         "fixed from cagrad": "cagrad's first seed",
     }
+    _drop(db, rows["unitary"].keys[:1])  # the references stored, no method row yet
+    partial = run_sweep(config, db, workers=1, stored_only=True)
+    assert partial.rows == []  # (mean rank over no row raised here)
+    assert set(partial.pending) == {"cagrad", "unitary", "fixed from cagrad"}
 
 
 def test_a_study_in_progress_names_the_runs_in_flight(fake, tmp_path, monkeypatch):

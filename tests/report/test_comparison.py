@@ -315,3 +315,28 @@ def test_a_row_that_failed_is_named_under_the_table():
     )
     result.pop("failed")
     assert "Not shown" not in markdown(compare(result, records, baseline="unitary"))
+
+
+def test_a_study_whose_baseline_is_not_stored_yet_is_shown_without_differences():
+    result, records = _study()
+    unitary = result["rows"].pop(0)
+    result["pending"] = {unitary["label"]: "3 of its 3 grid run(s)"}
+    comp = compare(result, records, baseline="unitary")
+    assert comp.baseline is None
+    assert comp.baseline_pending == "unitary:reduction=mean"
+    assert all(r.versus is None for r in comp.rows)
+    text = markdown(comp)
+    assert "No differences yet: the baseline, unitary:reduction=mean, is not stored." in text
+    assert "verdict" not in text
+    with pytest.raises(ConfigError, match="no row matches --baseline 'nope'"):
+        compare(result, records, baseline="nope")  # a name neither shown nor pending
+    result["rows"], result["pending"] = [], {**result["pending"], "cagrad": "its grid"}
+    empty = markdown(compare(result, records, baseline="unitary"))  # no row at all yet
+    assert "not shown yet: unitary:reduction=mean" in empty
+
+
+def test_without_a_baseline_the_note_names_no_differences():
+    result, records = _study()
+    text = markdown(compare(result, records, baseline=None))
+    assert "Differences to" not in text
+    assert "None" not in text

@@ -441,7 +441,7 @@ def run_sweep(
         fixed_row.weights = fixed_weights[fixed_row.label]
         rows.append(fixed_row)
 
-    ranks = mean_rank({r.label: r.test for r in rows}, directions)
+    ranks = mean_rank({r.label: r.test for r in rows}, directions) if rows else {}
     for r in rows:
         r.mean_rank = ranks[r.label]
     for r in rows:

@@ -78,6 +78,8 @@ class Comparison:
     left_out: list[str] = field(default_factory=list)
     #: rows with no configuration that trained (``SweepResult.failed``) → why
     failed: dict[str, str] = field(default_factory=dict)
+    #: a study in progress whose baseline row is not stored yet: its label (no differences)
+    baseline_pending: str | None = None
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -166,7 +168,11 @@ def compare(
             row.own = mean_interval(list(row.own_by_seed.values()), level)
         rows.append(row)
     rank_seeds = _ranks(rows, per_seed, directions, level)
-    base = _baseline_row(rows, baseline)
+    pending = dict(result.get("pending") or {})
+    waiting = None
+    if baseline is not None and baseline_label([r.label for r in rows], baseline) is None:
+        waiting = baseline_label(list(pending), baseline)  # a study in progress: not yet
+    base = None if waiting is not None else _baseline_row(rows, baseline)
     if base is not None:
         for row in rows:
             if row is not base:
@@ -175,7 +181,8 @@ def compare(
     if base is not None:
         _same_optimizer_baselines(rows, base, level)
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
-    out.pending = dict(result.get("pending") or {})
+    out.pending = pending
+    out.baseline_pending = waiting
     out.in_flight = list(result.get("in_flight") or [])
     out.failed = dict(result.get("failed") or {})
     all_seeds = sorted({s for row in rows for s in row.by_seed})
@@ -385,15 +392,24 @@ def markdown(comparison: Comparison) -> str:
         if comparison.published_title:
             cells.append("—" if row.published is None else f"{row.published:+.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    differences = (
+        f" Differences to {base}: paired by seed on the seeds both rows ran when there are two "
+        "or more, else Welch; verdict: better / worse when the whole interval is above / below "
+        "0, else not distinguishable (each row at that level on its own, not corrected for the "
+        "number of rows: among many rows that differ from the baseline by nothing, some 1 in 20 "
+        "would still get a verdict at 95 %)."
+        if base is not None
+        else ""
+    )
+    if comparison.baseline_pending is not None:
+        differences = (
+            f" No differences yet: the baseline, {comparison.baseline_pending}, is not stored."
+        )
     notes = [
         "",
         f"Δm: Gama & Grassi's Δm against this study's single-task references (%, higher is "
-        f"better); {pct} t intervals over seeds. Differences to {base}: paired by seed on the "
-        "seeds both rows ran when there are two or more, else Welch; verdict: better / worse "
-        "when the whole interval is above / below 0, else not distinguishable (each row at that "
-        "level on its own, not corrected for the number of rows: among many rows that differ "
-        "from the baseline by nothing, some 1 in 20 would still get a verdict at 95 %). MR: "
-        "mean rank among the rows, per seed, then mean ± sd over seeds (lower is better).",
+        f"better); {pct} t intervals over seeds.{differences} MR: mean rank among the rows, "
+        "per seed, then mean ± sd over seeds (lower is better).",
     ]
     if any(r.own is not None for r in comparison.rows):
         notes.append(
