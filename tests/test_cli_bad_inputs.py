@@ -178,8 +178,8 @@ def test_named_bad_inputs(argv, tmp_path, capsys, monkeypatch):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "not_json.json").write_text("{ truncated")
     (tmp_path / "runs" / "no_db.json").write_text(
-        '{"name": "x", "database": "runs/absent/mtopt.sqlite", "rows": [], "directions": {}, '
-        '"references": {}}'
+        '{"name": "x", "problem": "p", "config": {}, "database": "runs/absent/mtopt.sqlite", '
+        '"rows": [], "directions": {}, "references": {}}'
     )
     code = main([*argv, "--quiet"] if argv[0] in ("train", "compare") else argv)
     err = capsys.readouterr().err
@@ -223,3 +223,119 @@ def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys,
     assert "not stored yet" in lines[0]
     assert not (tmp_path / "study.sqlite.checkpoints").exists()  # nothing trained
     assert store.read_bytes() == before
+
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "docs" / "results" / "mnist_cl_rr" / "report_grid" / "grid.json"
+
+
+def _row0(result: dict, **changes) -> None:
+    result["rows"][0].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(rows=[{}]), "rows.0.label: Field required"),
+        (lambda r: r.update(rows="x"), "rows: Input should be a valid list"),
+        (lambda r: r.update(rows=[1, 2]), "rows.0: Input should be a dictionary"),
+        (lambda r: r.update(database=123), "database: Input should be a valid string"),
+        (lambda r: r.pop("problem"), "is not a sweep result (written by mtopt sweep)"),
+        (lambda r: _row0(r, delta_m="abc"), "rows.0.delta_m: Input should be a valid list"),
+        (lambda r: r["rows"][0].pop("keys"), "rows.0.keys: Field required"),
+        (lambda r: r["rows"][0].pop("test"), "rows.0.test: Field required"),
+        (lambda r: _row0(r, keys=["0" * 16]), "1 of the 64 runs"),  # not in the store
+    ],
+)
+def test_report_on_a_result_of_the_wrong_shape_is_one_line(change, message, tmp_path, capsys):
+    import json
+
+    result = json.loads(GRID.read_text())
+    result["database"] = str(ROOT / result["database"])
+    change(result)
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    code = main(["report", str(path), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[problems."p".delta_m]\nunitary = "abc"', "delta_m.unitary: 'abc' is not a number"),
+        ('[problems."p".delta_m]\nunitary = nan', "delta_m.unitary: nan is not finite"),
+        ('[problems."p"]\ndelta_m = [1, 2]', "delta_m is not a table"),
+        ('[problems."p".delta_m]\n"mgda@sgd" = 1.0', "key 'mgda@sgd' is not a method"),
+        ('[problems."p"]\nfixed_from = 3', "fixed_from must be a method name"),
+        ("problems = 3", "no [problems.*] tables"),
+    ],
+)
+def test_a_bad_file_of_published_numbers_names_the_file_and_key(text, message, tmp_path):
+    from mtopt.errors import ConfigError
+    from mtopt.report.comparison import load_published
+
+    path = tmp_path / "paper.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_published(str(path))
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_a_refused_read_is_not_called_a_refused_write(tmp_path, monkeypatch):
+    from mtopt.cli import user_error
+
+    locked = tmp_path / "locked.json"
+    locked.write_text("{}")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root reads everything
+    read = user_error(PermissionError(13, "Permission denied", str(locked)))
+    assert read == f"permission denied: cannot read {locked} (give yourself read access to it)"
+    write = user_error(PermissionError(13, "Permission denied", str(tmp_path / "new")))
+    assert write == f"permission denied: {tmp_path / 'new'} (use a folder you can write to)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--threads", "100000"], "--threads must be in [1, 1024], got 100000"),
+        (["train", "--seed", str(2**64)], "seed must be less than or equal to 9223372036854775807"),
+        (["sweep", "{toml}", "--threads", "5000"], "--threads must be in [1, 1024], got 5000"),
+        (["sweep", "{toml}", "--set", f"random_seed={2**70}"], "random_seed"),
+    ],
+)
+def test_counts_beyond_what_the_machine_or_the_store_takes_are_one_line(
+    argv, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "s.toml"
+    toml.write_text('problem = "multi_mnist/cl_rr"\n[methods]\nunitary = {}\n')
+    argv = [a.replace("{toml}", str(toml)) for a in argv]
+    code = main([*argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        (["--methods", "nosuch"], "unknown method 'nosuch'"),
+        (["--methods", "cagrad:c=abc"], "c must be a valid number"),
+        (["--methods", "fixed"], "requires hyperparameter(s) ['weights']"),
+        (["--methods", "upgrad", "--torchjd-aggregators", "NoSuch"], "no aggregator 'NoSuch'"),
+    ],
+)
+def test_bench_refuses_a_contender_the_user_misnamed(methods, message, tmp_path, capsys):
+    if "--torchjd-aggregators" in methods:
+        pytest.importorskip("torchjd")
+    argv = ["bench", "--workloads", "mlp11", "--steps", "1", "--warmup", "0", *methods]
+    code = main([*argv, "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
+    assert message in err
+    assert not (tmp_path / "out").exists()  # refused before measuring anything

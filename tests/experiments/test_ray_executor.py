@@ -258,7 +258,7 @@ NEEDS_RAY = pytest.mark.skipif(_ray_missing(), reason=NO_RAY)
             "Ray address 'ray:/x': use HOST:PORT",
             marks=NEEDS_RAY,
         ),
-        (["--executor", "ray", "--threads", "0"], "--threads must be ≥ 1, got 0"),
+        (["--executor", "ray", "--threads", "0"], "--threads must be in [1, 1024], got 0"),
         (["--executor", "ray", "--workers", "0"], "--workers must be ≥ 1, got 0"),
     ],
 )

@@ -11,6 +11,8 @@ import torch
 
 from mtopt.bench.labels import method_spec, parse_torchjd
 from mtopt.bench.workloads import WORKLOADS
+from mtopt.core.hparams import MAX_THREADS
+from mtopt.specs import parse_spec
 
 __all__ = ["BenchOptions", "command_line", "options_from_args"]
 
@@ -59,8 +61,8 @@ class BenchOptions:
             raise ValueError(f"--steps must be ≥ 1, got {self.steps}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be ≥ 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {self.threads}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -83,8 +85,20 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    """:class:`BenchOptions` from the parsed ``mtopt bench`` flags."""
+    """:class:`BenchOptions` from the parsed ``mtopt bench`` flags. A method or aggregator the
+    user named that cannot be built is their mistake (a ``ValueError``, one line), where
+    :func:`run_bench` reports a contender whose set-up fails on a workload as a failed row."""
     aggregators = _split(getattr(args, "torchjd_aggregators", None))
+    for spec in _split(args.methods) or ():
+        parse_spec(spec, build=True, allow=("engine",))
+    for name in aggregators or ():
+        aggregator = parse_torchjd(name).aggregator
+        try:
+            import torchjd.aggregation as available
+        except ImportError:
+            break  # the bench says TorchJD is missing
+        if not hasattr(available, aggregator):
+            raise ValueError(f"no aggregator {aggregator!r} in torchjd.aggregation")
     return BenchOptions(
         workloads=_split(args.workloads) or WORKLOADS,
         steps=args.steps,

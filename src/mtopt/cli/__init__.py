@@ -59,7 +59,7 @@ def user_error(exc: BaseException) -> str | None:
     elif isinstance(exc, MtoptError | ValueError | FileNotFoundError | NotADirectoryError):
         text = str(exc)
     elif isinstance(exc, PermissionError):
-        text = f"permission denied: {exc.filename or exc} (use a folder you can write to)"
+        text = _permission(exc)
     elif isinstance(exc, OSError):
         text = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
     elif isinstance(exc, sqlite3.Error):
@@ -67,3 +67,16 @@ def user_error(exc: BaseException) -> str | None:
     else:
         return None
     return " ".join(text.split()) or type(exc).__name__
+
+
+def _permission(exc: PermissionError) -> str:
+    """A refused read says so (a file there that this user cannot read); otherwise a write was
+    refused, and the fix is another folder."""
+    import os
+
+    name = exc.filename
+    if name is None:
+        return f"permission denied: {exc}"
+    if os.path.isfile(name) and not os.access(name, os.R_OK):
+        return f"permission denied: cannot read {name} (give yourself read access to it)"
+    return f"permission denied: {name} (use a folder you can write to)"

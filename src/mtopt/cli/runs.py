@@ -11,6 +11,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from mtopt.core.hparams import MAX_THREADS
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for `make run` on 2 CPU cores; says so in the printed header.
     "quick": {"epochs": 4, "train_subset": 20_000, "seeds": 1},
@@ -26,8 +28,8 @@ def _base_config(args: argparse.Namespace):
     if args.threads is not None:
         import torch
 
-        if args.threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
         torch.set_num_threads(args.threads)
 
     preset = PRESETS.get(args.preset or "", {})
@@ -249,8 +251,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig.from_toml(args.config, args.set)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be ≥ 1, got {args.workers}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.address is not None and args.executor != "ray":
         raise ConfigError("--address names a Ray cluster: use it with --executor ray")
     # --stored trains nothing: the store is only read (a committed store is left as it is)
@@ -330,6 +332,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or Path("reports") / result["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     records = records_of(result, db)
+    keys = {key for row in result["rows"] for key in row["keys"]}
+    if len(records) < len(keys):
+        raise ConfigError(
+            f"{len(keys) - len(records)} of the {len(keys)} runs {args.sweep} names are not in "
+            f"its run store {result['database']}: report on a result with the store it was "
+            "made from (or write it again: mtopt sweep FILE --db STORE --stored)"
+        )
     written = []
     for name, text in (("table.md", markdown_table(result)), ("table.tex", latex_table(result))):
         (out_dir / name).write_text(text)
@@ -373,7 +382,44 @@ def _read_sweep_result(path: Path) -> dict[str, Any]:
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path} is not a sweep result (not JSON: {exc})") from None
-    needed = ("name", "database", "rows", "directions", "references")
+    needed = ("name", "problem", "config", "database", "rows", "directions", "references")
     if not isinstance(result, dict) or any(k not in result for k in needed):
         raise ConfigError(f"{path} is not a sweep result (written by mtopt sweep)")
+    problem = _sweep_result_shape(result)
+    if problem is not None:
+        raise ConfigError(f"{path} is not a sweep result (written by mtopt sweep): {problem}")
     return result
+
+
+def _sweep_result_shape(result: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a sweep result's fields (``None``: nothing): each row
+    must be a :class:`~mtopt.experiments.sweep.MethodResult`, the other fields what
+    ``SweepResult.to_dict`` writes."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from mtopt.experiments.sweep import MethodResult
+
+    table = dict[str, dict[str, float]]
+    fields: dict[str, Any] = {
+        "name": str,
+        "problem": str,
+        "config": dict[str, Any],
+        "database": str,
+        "directions": dict[str, dict[str, bool]],
+        "references": dict[str, table],
+        "rows": list[MethodResult],
+        "optimizer_references": dict[str, table],
+        "pending": dict[str, str],
+        "in_flight": list[str],
+        "failed": dict[str, str],
+    }
+    for name, kind in fields.items():
+        if name not in result:
+            continue
+        try:
+            TypeAdapter(kind).validate_python(result[name], strict=False)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(x) for x in (name, *error["loc"]))
+            return f"{where}: {error['msg']}"
+    return None

@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtopt.core.hparams import NonNegativeInt, PositiveInt, describe_fields
+from mtopt.core.hparams import PositiveInt, StudySeed, describe_fields
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
 from mtopt.experiments.database import RunDatabase, code_version
@@ -137,7 +137,7 @@ class SweepConfig(BaseModel):
     base: dict[BaseKey, Any] = Field(default_factory=dict)
     n_val_runs: PositiveInt = 1
     n_best_runs: PositiveInt = 1
-    random_seed: NonNegativeInt = 1
+    random_seed: StudySeed = 1
     fixed_from: list[str] = Field(default_factory=list)
     name: FileName = "sweep"
     #: the gradient-cosine diagnostic (Gama & Grassi): every N steps of the multi-task runs of

@@ -32,9 +32,9 @@ from mtopt.core.capabilities import MetaBatchMethod
 from mtopt.core.hparams import (
     HalfOpenUnit,
     NonNegative,
-    NonNegativeInt,
     Positive,
     PositiveInt,
+    RunSeed,
     describe_fields,
 )
 from mtopt.engine import Losses, MultiTaskOptimizer, StepInfo
@@ -72,7 +72,7 @@ class RunConfig:
     #: ``plateau`` (× 0.7 after 5 epochs without a lower mean training loss, down to 1e-5; their
     #: QM9 setting, which steps on the last batch's loss where we step on the epoch's mean)
     lr_schedule: Literal["exponential", "plateau"] = "exponential"
-    seed: NonNegativeInt = 1
+    seed: RunSeed = 1
     train_subset: PositiveInt | None = None
     eval_subset: PositiveInt | None = None
     #: base optimizer: "adam" (torch's Adam) or "muon" (Muon on hidden matrices, AdamW at ``lr``

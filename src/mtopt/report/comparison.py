@@ -102,6 +102,27 @@ def load_published(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{name_or_path}: not valid TOML ({exc})") from None
     if not isinstance(data.get("problems"), dict):
         raise ConfigError(f"{name_or_path}: no [problems.*] tables of published numbers")
+    for problem, table in data["problems"].items():
+        where = f"{name_or_path}: problems.{problem!r}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} is not a table")
+        if "fixed_from" in table and not isinstance(table["fixed_from"], str):
+            raise ConfigError(f"{where}.fixed_from must be a method name")
+        for kind in ("delta_m", "mean_rank", "cosine"):
+            numbers = table.get(kind, {})
+            if not isinstance(numbers, dict):
+                raise ConfigError(f"{where}.{kind} is not a table of method = number")
+            for key, value in numbers.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{where}.{kind}.{key}: {value!r} is not a number")
+                if not math.isfinite(value):
+                    raise ConfigError(f"{where}.{kind}.{key}: {value} is not finite")
+                try:
+                    parse_spec(key, build=False)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"{where}.{kind}: key {key!r} is not a method: {exc}"
+                    ) from None
     return data
 
 
