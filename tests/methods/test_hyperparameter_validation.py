@@ -224,6 +224,7 @@ def test_edges_of_the_ranges_are_accepted(name, hp, value):
         ("selective_groups", {"damping": 5}, "damping must be less than 1"),
         ("selective_groups", {"damping": 0.4}, "damping must be greater than or equal to 0.5"),
         ("cagrad", {"c": "abc"}, "c must be a valid number"),
+        ("fixed", {"weights": [0.0, 0.0]}, "weights are all 0"),
         ("fixed", {"weights": []}, "weights must not be empty"),
         ("fixed", {"weights": [1.0, math.inf]}, "weights must be a finite number"),
         ("fixed", {"weights": "12"}, "weights"),

@@ -21,7 +21,8 @@ class Fixed(Method):
     Gama & Grassi train with weights extracted from an SMTO's run (the mean of its weights, which
     sum to 1; see ``docs/protocol.md``).
     ``weights`` is required; its length must equal the number of tasks, entries must be finite;
-    a negative entry is allowed but warned about (it *ascends* that task's loss).
+    a negative entry is allowed but warned about (it *ascends* that task's loss); all zero is
+    refused (no step would move).
     """
 
     name = "fixed"
@@ -34,6 +35,8 @@ class Fixed(Method):
         values = [float(w) for w in weights]
         if not values:
             raise ValueError(f"fixed: weights must not be empty (got {list(weights)!r})")
+        if not any(values):
+            raise ValueError(f"fixed: weights are all 0 (got {values}): no step would move")
         if any(w < 0 for w in values):
             # stacklevel 5: past the validation wrappers (pydantic's two frames, hparams'), at
             # the constructor's caller
