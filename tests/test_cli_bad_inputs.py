@@ -225,6 +225,13 @@ def test_a_stored_only_sweep_before_its_references_is_one_line(tmp_path, capsys,
     assert store.read_bytes() == before
 
 
+def _one_line_exit_2(code: int, err: str, message: str) -> None:
+    """A user's mistake: exit status 2 and one line on stderr, which says ``message``."""
+    assert code == 2, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
+    assert message in err
+
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "docs" / "results" / "mnist_cl_rr" / "report_grid" / "grid.json"
 
@@ -256,10 +263,7 @@ def test_report_on_a_result_of_the_wrong_shape_is_one_line(change, message, tmp_
     path = tmp_path / "result.json"
     path.write_text(json.dumps(result))
     code = main(["report", str(path), "--out-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
-    assert message in err
+    _one_line_exit_2(code, capsys.readouterr().err, message)
 
 
 @pytest.mark.parametrize(
@@ -314,10 +318,7 @@ def test_counts_beyond_what_the_machine_or_the_store_takes_are_one_line(
     toml.write_text('problem = "multi_mnist/cl_rr"\n[methods]\nunitary = {}\n')
     argv = [a.replace("{toml}", str(toml)) for a in argv]
     code = main([*argv, "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
-    assert message in err
+    _one_line_exit_2(code, capsys.readouterr().err, message)
 
 
 @pytest.mark.parametrize(
@@ -334,8 +335,5 @@ def test_bench_refuses_a_contender_the_user_misnamed(methods, message, tmp_path,
         pytest.importorskip("torchjd")
     argv = ["bench", "--workloads", "mlp11", "--steps", "1", "--warmup", "0", *methods]
     code = main([*argv, "--out-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
-    assert message in err
+    _one_line_exit_2(code, capsys.readouterr().err, message)
     assert not (tmp_path / "out").exists()  # refused before measuring anything
