@@ -39,6 +39,9 @@ def test_plot_groups_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = plot_groups(record_with_groups(), tmp_path / "groups.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = plot_groups(record_with_groups(), tmp_path / "groups")  # no suffix: the file written
+    assert bare == tmp_path / "groups.png"
+    assert bare.is_file()
 
 
 def test_runs_without_a_group_log_are_refused():

@@ -67,6 +67,8 @@ def plot_groups(record: dict[str, Any], path: str | Path) -> Path:
         right.legend(fontsize=8, ncol=2)
     fig.suptitle(f"{record['config']['method']} on {record['config']['problem']}")
     path = Path(path)
+    if not path.suffix:  # matplotlib would add .png itself: return the file it writes
+        path = path.with_suffix(".png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
