@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mtopt.experiments.database import RunDatabase
-from mtopt.experiments.sweep import records_of
+from mtopt.experiments.sweep import records_of, run_keys
 from mtopt.report import comparison
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_committed_statistics_are_the_store_s(sweep: str) -> None:
     result = json.loads(path.read_text())
     db = RunDatabase(STORE, readonly=True)
     records = records_of(result, db)
-    keys = {key for row in result["rows"] for key in row["keys"]}
+    keys = run_keys(result)
     assert set(records) == keys  # every run the table was made from is in the committed store
     published = comparison.load_published("gama_grassi_2025")
     stats = comparison.compare(result, records, "unitary", 0.95, published)
@@ -59,7 +59,7 @@ def test_the_comparison_notices_a_changed_number() -> None:
 
 def test_records_of_leaves_out_a_run_the_store_lacks() -> None:
     result = json.loads((CL_RR / "report_grid" / "grid.json").read_text())
-    keys = {key for row in result["rows"] for key in row["keys"]}
+    keys = run_keys(result)
     missing = "0" * 16
     assert missing not in keys
     result["rows"][0]["keys"].append(missing)

@@ -11,7 +11,7 @@ import torch
 
 from mtopt.bench.labels import method_spec, parse_torchjd
 from mtopt.bench.workloads import WORKLOADS
-from mtopt.core.hparams import MAX_THREADS
+from mtopt.core.hparams import check_threads
 from mtopt.specs import parse_spec
 
 __all__ = ["BenchOptions", "command_line", "options_from_args"]
@@ -61,8 +61,7 @@ class BenchOptions:
             raise ValueError(f"--steps must be ≥ 1, got {self.steps}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be ≥ 0, got {self.warmup}")
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {self.threads}")
+        check_threads(self.threads)
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

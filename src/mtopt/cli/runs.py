@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mtopt.core.hparams import MAX_THREADS
+from mtopt.core.hparams import check_threads
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for `make run` on 2 CPU cores; says so in the printed header.
@@ -28,8 +28,7 @@ def _base_config(args: argparse.Namespace):
     if args.threads is not None:
         import torch
 
-        if not 1 <= args.threads <= MAX_THREADS:
-            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+        check_threads(args.threads)
         torch.set_num_threads(args.threads)
 
     preset = PRESETS.get(args.preset or "", {})
@@ -251,8 +250,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig.from_toml(args.config, args.set)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be ≥ 1, got {args.workers}")
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        raise ConfigError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    check_threads(args.threads)
     if args.address is not None and args.executor != "ray":
         raise ConfigError("--address names a Ray cluster: use it with --executor ray")
     # --stored trains nothing: the store is only read (a committed store is left as it is)
@@ -311,7 +309,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mtopt.errors import ConfigError
     from mtopt.experiments.database import RunDatabase
-    from mtopt.experiments.sweep import records_of
+    from mtopt.experiments.sweep import records_of, run_keys
     from mtopt.report import comparison
     from mtopt.report.plots import (
         learning_curve_table,
@@ -332,7 +330,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or Path("reports") / result["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     records = records_of(result, db)
-    keys = {key for row in result["rows"] for key in row["keys"]}
+    keys = run_keys(result)
     if len(records) < len(keys):
         raise ConfigError(
             f"{len(keys) - len(records)} of the {len(keys)} runs {args.sweep} names are not in "

@@ -36,14 +36,21 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 #: A random seed (an integer in [0, 2⁶⁴ − 1], what ``torch.Generator.manual_seed`` takes) or
 #: ``None`` (the global generator).
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)] | None
-#: The most torch intra-op threads a ``--threads`` accepts: far above any machine's cores, and
-#: below the counts at which torch's thread pool crashes the process (100,000 segfaults).
-MAX_THREADS = 1024
 #: A run's seed: an integer in [0, 2⁶³ − 1], what torch takes and a run store's SQLite INTEGER
 #: holds.
 RunSeed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 #: A study's first seed (its runs use ``random_seed + i``): [0, 2⁶²], far from 2⁶³ for any count.
 StudySeed = Annotated[int, Field(ge=0, le=2**62)]
+#: The most torch intra-op threads a ``--threads`` accepts: far above any machine's cores, and
+#: below the counts at which torch's thread pool crashes the process (100,000 segfaults).
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None) -> None:
+    """A ``--threads`` value (``None``: torch's choice) in [1, :data:`MAX_THREADS`], or a
+    one-line ``ValueError``."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
 
 
 def _as_list(value: Any) -> Any:

@@ -321,13 +321,17 @@ class SweepResult:
         }
 
 
+def run_keys(result: Mapping[str, Any]) -> set[str]:
+    """The run keys the rows of ``result`` (a written sweep result, as :meth:`SweepResult.to_dict`
+    gives it) were made from."""
+    return {key for row in result["rows"] for key in row["keys"]}
+
+
 def records_of(result: Mapping[str, Any], db: RunDatabase) -> dict[str, dict[str, Any]]:
-    """The stored records of the runs that the rows of ``result`` (a written sweep result, as
-    :meth:`SweepResult.to_dict` gives it) were made from, by run key. A key the store does not
-    hold is left out: the caller decides whether that is an error (a report draws what is there;
-    a check of a committed table demands every run)."""
-    keys = {key for row in result["rows"] for key in row["keys"]}
-    return {key: record for key in sorted(keys) if (record := db.get(key)) is not None}
+    """The stored records of :func:`run_keys`, by run key. A key the store does not hold is left
+    out: the caller decides whether that is an error (a check of a committed table, or a report,
+    demands every run)."""
+    return {key: record for key in sorted(run_keys(result)) if (record := db.get(key)) is not None}
 
 
 def _all_stored(

@@ -161,45 +161,50 @@ def compare(
     own_refs = result.get("optimizer_references", {})
     per_seed: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     left_out = []
-    for row in result["rows"]:
-        tests = {}
-        for key in row["keys"]:
+    rows = []
+    for result_row in result["rows"]:
+        label, optimizer = result_row["label"], optimizers[result_row["label"]]
+        own = own_refs.get(optimizer)
+        tests, by_seed, own_by_seed = {}, {}, {}
+        for key in result_row["keys"]:
             record = records.get(key)
             if record is None:
                 continue
             seed, test = int(record["config"]["seed"]), record["test"]
-            scores = [delta_m(test, refs, directions)]
-            if optimizers[row["label"]] in own_refs:
-                scores.append(delta_m(test, own_refs[optimizers[row["label"]]], directions))
-            if all(math.isfinite(x) for x in scores):
-                tests[seed] = test
-            else:
-                left_out.append(f"{row['label']} seed {seed}")
-        per_seed[row["label"]] = tests
-    rows = []
-    for label, tests in per_seed.items():
+            scores = [delta_m(test, r, directions) for r in (refs, own) if r is not None]
+            if not all(math.isfinite(x) for x in scores):
+                left_out.append(f"{label} seed {seed}")
+                continue
+            tests[seed], by_seed[seed] = test, scores[0]
+            if own is not None:
+                own_by_seed[seed] = scores[1]
+        per_seed[label] = tests
         if not tests:
             continue
-        by_seed = {s: delta_m(t, refs, directions) for s, t in sorted(tests.items())}
+        by_seed = dict(sorted(by_seed.items()))
         row = MethodStats(label, mean_interval(list(by_seed.values()), level), by_seed)
-        row.optimizer = optimizers[label]
-        if row.optimizer in own_refs:
-            own = own_refs[row.optimizer]
-            row.own_by_seed = {s: delta_m(t, own, directions) for s, t in sorted(tests.items())}
+        row.optimizer = optimizer
+        if own is not None:
+            row.own_by_seed = dict(sorted(own_by_seed.items()))
             row.own = mean_interval(list(row.own_by_seed.values()), level)
         rows.append(row)
     rank_seeds = _ranks(rows, per_seed, directions, level)
     pending = dict(result.get("pending") or {})
-    waiting = None
-    if baseline is not None and baseline_label([r.label for r in rows], baseline) is None:
-        waiting = baseline_label(list(pending), baseline)  # a study in progress: not yet
-    base = None if waiting is not None else _baseline_row(rows, baseline)
+    base, waiting = None, None
+    if baseline is not None:
+        label = baseline_label([r.label for r in rows], baseline)
+        if label is not None:
+            base = next(r for r in rows if r.label == label)
+        else:
+            waiting = baseline_label(list(pending), baseline)  # a study in progress: not yet
+            if waiting is None:
+                known = ", ".join(r.label for r in rows)
+                raise ConfigError(f"no row matches --baseline {baseline!r}; rows: {known}")
     if base is not None:
         for row in rows:
             if row is not base:
                 row.versus = difference_interval(row.by_seed, base.by_seed, level)
                 row.verdict = verdict(row.versus)
-    if base is not None:
         _same_optimizer_baselines(rows, base, level)
     out = Comparison(result.get("problem", ""), base.label if base else None, level, rows)
     out.pending = pending
@@ -305,16 +310,6 @@ def baseline_label(labels: list[str], baseline: str | None) -> str | None:
             "give the row's label"
         )
     return matches[0] if matches else None
-
-
-def _baseline_row(rows: list[MethodStats], baseline: str | None) -> MethodStats | None:
-    if baseline is None:
-        return None
-    label = baseline_label([r.label for r in rows], baseline)
-    if label is None:
-        known = ", ".join(r.label for r in rows)
-        raise ConfigError(f"no row matches --baseline {baseline!r}; rows: {known}")
-    return next(r for r in rows if r.label == label)
 
 
 def _cosine(
