@@ -397,11 +397,11 @@ def tiny_qm9(n: int = 3) -> QM9Arrays:
 def test_a_damaged_qm9_cache_without_a_source_names_the_file_and_command(tmp_path):
     npz = tmp_path / "qm9.npz"
     write_npz(npz, tiny_qm9())
-    loaded = load_qm9(tmp_path / "none", cache=tmp_path, download=False)
+    loaded = load_qm9(None, cache=tmp_path, download=False)
     assert loaded.cache_file.path == npz
     npz.write_bytes(npz.read_bytes()[:100])
     with pytest.raises(DataUnavailableError) as info:
-        load_qm9(tmp_path / "none", cache=tmp_path, download=False)
+        load_qm9(None, cache=tmp_path, download=False)
     one_line(str(info.value), str(npz), "moved to", "mtopt data fetch qm9")
 
 
@@ -412,7 +412,7 @@ def test_a_qm9_cache_of_another_format_version_is_moved_aside(tmp_path, monkeypa
     write_npz(tmp_path / "qm9.npz", tiny_qm9())  # intact, digest recorded, but version 0
     monkeypatch.undo()
     with pytest.raises(DataUnavailableError, match="another mtopt version"):
-        load_qm9(tmp_path / "none", cache=tmp_path, download=False)
+        load_qm9(None, cache=tmp_path, download=False)
     assert moved(tmp_path, "qm9.npz")
 
 
@@ -426,9 +426,9 @@ def test_a_damaged_yeast_cache_is_derived_again_from_its_wheel(tmp_path, monkeyp
     (tmp_path / "wheels").mkdir()
     with zipfile.ZipFile(tmp_path / "wheels" / yeast.RIVER_WHEEL, "w") as zf:
         zf.writestr(yeast.RIVER_MEMBER, member)
-    first = load_yeast(tmp_path / "none", cache=tmp_path)
+    first = load_yeast(None, cache=tmp_path)
     (tmp_path / "yeast.npz").write_bytes(b"")
-    again = load_yeast(tmp_path / "none", cache=tmp_path)
+    again = load_yeast(None, cache=tmp_path)
     np.testing.assert_array_equal(again.labels, first.labels)
     assert moved(tmp_path, "yeast.npz")
 
@@ -499,9 +499,7 @@ def test_a_corrupt_cached_deb_is_moved_aside_and_fetched_again(tmp_path, monkeyp
         return Path(shutil.copy(good, cache_root / "debs" / good.name))
 
     monkeypatch.setattr(fashion_data, "download_fashion_deb", apt_get_download)
-    loaded = fashion_data.load_fashion_mnist(
-        tmp_path / "none", tmp_path / "cache", True, tmp_path / "sys"
-    )
+    loaded = fashion_data.load_fashion_mnist(None, tmp_path / "cache", True, tmp_path / "sys")
     assert loaded.train_images.shape == (4, 28, 28)
     assert len(calls) == 1
     assert moved(debs, good.name)
@@ -518,12 +516,12 @@ def test_real_mnist_with_shifted_labels_is_replaced_by_the_true_ones(tmp_path, m
     (tmp_path / "wheels").mkdir()
     shutil.copy(_REAL_WHEEL, tmp_path / "wheels" / WHEEL)
     monkeypatch.setattr(pypi.subprocess, "run", lambda *a, **k: pytest.fail("pip was run"))
-    load_mnist(tmp_path / "none", cache=tmp_path)
+    load_mnist(None, cache=tmp_path)
     npz = tmp_path / "mnist.npz"
     with np.load(npz) as z:
         arrays = dict(z)
     arrays["train_labels"] = (arrays["train_labels"] + 1) % 10
     np.savez_compressed(npz, **arrays)
-    again = load_mnist(tmp_path / "none", cache=tmp_path)
+    again = load_mnist(None, cache=tmp_path)
     assert list(again.train_labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert moved(tmp_path, "mnist.npz")

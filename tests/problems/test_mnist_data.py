@@ -59,7 +59,7 @@ def test_bad_idx_is_rejected(tmp_path):
 
 def test_missing_data_without_download_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="mtopt data fetch mnist"):
-        load_mnist(data_dir=tmp_path, cache=tmp_path / "cache", download=False)
+        load_mnist(cache=tmp_path / "cache", download=False)
 
 
 def fake_wheel(path, payload: bytes):

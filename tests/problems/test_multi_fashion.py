@@ -85,7 +85,7 @@ def test_idx_directory_is_read_first(tmp_path):
 
 def test_missing_data_without_download_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="mtopt data fetch fashion"):
-        load_fashion_mnist(tmp_path, tmp_path / "cache", False, tmp_path / "sys")
+        load_fashion_mnist(None, tmp_path / "cache", False, tmp_path / "sys")
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -121,7 +121,7 @@ def test_debian_package_is_unpacked_and_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(
         fashion_data, "IDX_SHA256", synthetic_hashes(root / fashion_data.DEB_DATA_DIR)
     )
-    loaded = load_fashion_mnist(tmp_path / "none", tmp_path / "cache", True, tmp_path / "sys")
+    loaded = load_fashion_mnist(None, tmp_path / "cache", True, tmp_path / "sys")
     np.testing.assert_array_equal(loaded.train_images, arrays.train_images)
     assert "Debian dataset-fashion-mnist_1.0_all.deb" in loaded.source
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())

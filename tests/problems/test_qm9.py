@@ -151,13 +151,13 @@ def test_parse_rejects_inconsistent_rows(tmp_path):
 def test_npz_cache_round_trip(csv_dir, tmp_path):
     data = load_qm9(csv_dir)
     write_npz(tmp_path / "qm9.npz", data)
-    again = load_qm9(data_dir=tmp_path / "nowhere", cache=tmp_path, download=False)
+    again = load_qm9(data_dir=None, cache=tmp_path, download=False)
     for key in ("z", "pos", "n_atoms", "targets", "index"):
         np.testing.assert_array_equal(getattr(again, key), getattr(data, key))
         assert getattr(again, key).dtype == getattr(data, key).dtype
     assert read_npz(tmp_path / "qm9.npz").source.startswith("CSV files in")
     with pytest.raises(FileNotFoundError, match="mtopt data fetch qm9"):
-        load_qm9(data_dir=tmp_path / "nowhere", cache=tmp_path / "empty", download=False)
+        load_qm9(data_dir=None, cache=tmp_path / "empty", download=False)
 
 
 def test_wheel_with_other_content_is_refused(tmp_path):

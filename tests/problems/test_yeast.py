@@ -74,9 +74,26 @@ def test_format_errors_are_rejected():
         parse_yeast_csv(short, "x")
 
 
-def test_missing_data_without_download_says_what_to_do(tmp_path):
+def test_missing_data_without_download_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="mtopt data fetch yeast"):
-        load_yeast(data_dir=tmp_path, cache=tmp_path / "cache", download=False)
+        load_yeast(cache=tmp_path / "cache", download=False)
+
+
+def test_a_folder_given_without_the_file_is_an_error_not_the_cache(tmp_path, monkeypatch):
+    """``--data-dir X`` means X: a folder without yeast.csv is not silently replaced by the
+    cache. The environment's folder may be shared by data sets, so that one falls through."""
+    source, cache, empty = tmp_path / "src", tmp_path / "cache", tmp_path / "empty"
+    source.mkdir()
+    empty.mkdir()
+    (source / "yeast.csv").write_text(csv_text(*synthetic(12)))
+    monkeypatch.setattr(yeast, "download_river", lambda root: source / "yeast.csv")
+    monkeypatch.setattr(yeast, "read_river_wheel", yeast.read_yeast_file)
+    assert load_yeast(cache=cache).features.shape == (12, 103)  # "downloaded", then cached
+    assert "cached" in load_yeast(cache=cache).source
+    with pytest.raises(FileNotFoundError, match=r"empty does not hold yeast\.csv or yeast\.csv"):
+        load_yeast(data_dir=empty, cache=cache)
+    monkeypatch.setenv("MTOPT_YEAST_DATA", str(empty))
+    assert "cached" in load_yeast(cache=cache).source
 
 
 def fake_wheel(path, member: bytes):
@@ -93,11 +110,11 @@ def test_wheel_member_is_verified_then_read_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(yeast, "RIVER_MEMBER_SHA256", hashlib.sha256(member).hexdigest())
     (tmp_path / "cache" / "wheels").mkdir(parents=True)
     wheel.rename(tmp_path / "cache" / "wheels" / yeast.RIVER_WHEEL)  # no pip call
-    loaded = load_yeast(data_dir=tmp_path / "none", cache=tmp_path / "cache")
+    loaded = load_yeast(cache=tmp_path / "cache")
     assert loaded.features.shape == (12, 103)
     assert "river" in loaded.source
     assert (tmp_path / "cache" / "yeast.npz").exists()
-    cached = load_yeast(data_dir=tmp_path / "none", cache=tmp_path / "cache", download=False)
+    cached = load_yeast(cache=tmp_path / "cache", download=False)
     np.testing.assert_array_equal(cached.labels, loaded.labels)
     assert "cached" in cached.source
 
@@ -203,7 +220,7 @@ def test_one_training_step_through_the_optimizer():
     not (cache_dir() / "yeast.npz").exists(), reason="no cached Yeast (mtopt data fetch yeast)"
 )
 def test_real_yeast_matches_known_facts():
-    data = load_yeast(data_dir=cache_dir() / "no-user-data", download=False)
+    data = load_yeast(download=False)
     assert data.features.shape == (2417, 103)
     assert data.labels.shape == (2417, 14)
     counts = [762, 1038, 983, 862, 722, 597, 428, 480, 178, 253, 289, 1816, 1799, 34]

@@ -101,6 +101,7 @@ def load_fashion_mnist(
             f"Fashion-MNIST not found: no IDX files in {folder!s} or "
             f"{system_dir}, no cache at {npz}; run `mtopt data fetch fashion`"
         ),
+        wanted="the four Fashion-MNIST IDX files (train-images-idx3-ubyte, ...; .gz or not)",
     )
 
 

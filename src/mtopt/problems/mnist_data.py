@@ -95,6 +95,7 @@ def load_by_resolution_order(
     write_cache: Callable[[Path, T], CacheFile],
     produce: Callable[[Path], T | None],
     missing: Callable[[str | Path | None, Path], str],
+    wanted: str,
 ) -> T:
     """The data loaders' shared order: the user's folder (``data_dir``, else ``$env_var``) when
     ``read_user`` finds the files there; else the ``.npz`` cache (``cache`` or
@@ -104,12 +105,23 @@ def load_by_resolution_order(
     ``None`` raises :class:`~mtopt.problems.cache.DataUnavailableError` (a ``FileNotFoundError``)
     with the message ``missing(data_dir, npz path)``; that and mtopt's errors from ``produce``
     (a failed download) start by saying where a damaged cache was moved.
-    The data returned carry ``cache_file`` (``T`` is a dataclass with that field)."""
-    data_dir = data_dir if data_dir is not None else os.environ.get(env_var)
+    The data returned carry ``cache_file`` (``T`` is a dataclass with that field).
+
+    A ``data_dir`` given as an argument (``--data-dir``) must hold the files (``wanted`` says
+    which): that it does not is a :class:`~mtopt.problems.cache.DataUnavailableError`, never a
+    silent fall back to the cache. ``$env_var`` may be shared by data sets (QM9 reads
+    ``$MTOPT_DATA`` too), so a folder from it without the files falls through."""
+    explicit = data_dir is not None
+    data_dir = data_dir if explicit else os.environ.get(env_var)
     if data_dir is not None:
         arrays = read_user(Path(data_dir))
         if arrays is not None:
             return arrays
+        if explicit:
+            raise DataUnavailableError(
+                f"{data_dir} does not hold {wanted}: give the folder that does, or no folder "
+                "to use mtopt's cache"
+            )
     cache_path = Path(cache) if cache is not None else cache_dir()
     npz = cache_path / cache_name
     hit = cache_files.read_file(npz, read_cache)
@@ -146,6 +158,7 @@ def load_mnist(
             f"MNIST not found: no IDX files in {folder!s} and no cache at "
             f"{npz}; run `mtopt data fetch mnist`"
         ),
+        wanted="the four MNIST IDX files (train-images-idx3-ubyte, ...; .gz or not)",
     )
 
 

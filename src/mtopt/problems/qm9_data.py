@@ -325,6 +325,7 @@ def load_qm9(
             f"QM9 not found: no {CSV_NAMES[0]} in {folder!s} and no cache at "
             f"{npz}; run `mtopt data fetch qm9`"
         ),
+        wanted=f"QM9's CSV files ({', '.join(CSV_NAMES)})",
     )
 
 

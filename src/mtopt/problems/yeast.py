@@ -158,6 +158,7 @@ def load_yeast(
             f"Yeast not found: no yeast.csv(.gz) in {folder!s} and no cache at "
             f"{npz}; run `mtopt data fetch yeast`"
         ),
+        wanted="yeast.csv or yeast.csv.gz",
     )
 
 
