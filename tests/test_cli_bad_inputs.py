@@ -170,6 +170,7 @@ def test_sweep_with_generated_files(parts, garbage, overrides, tmp_path_factory,
         ["train", "--lr-decay", "-3"],
         ["train", "--data-dir", "/nonexistent/folder"],
         ["data", "fetch", "nope"],
+        ["data", "fetch", "mnist", "--data-dir", "runs"],  # a folder without MNIST's files
         ["sweep", "runs"],
     ],
 )
@@ -252,6 +253,11 @@ def _row0(result: dict, **changes) -> None:
         (lambda r: r["rows"][0].pop("keys"), "rows.0.keys: Field required"),
         (lambda r: r["rows"][0].pop("test"), "rows.0.test: Field required"),
         (lambda r: _row0(r, keys=["0" * 16]), "1 of the 64 runs"),  # not in the store
+        (lambda r: r.update(rows=[]), "has no method row to report"),  # was: empty plots
+        (
+            lambda r: r.update(rows=[], pending={"unitary": "its grid"}),
+            "has no method row to report yet (waiting for: unitary)",
+        ),
     ],
 )
 def test_report_on_a_result_of_the_wrong_shape_is_one_line(change, message, tmp_path, capsys):
@@ -264,6 +270,7 @@ def test_report_on_a_result_of_the_wrong_shape_is_one_line(change, message, tmp_
     path.write_text(json.dumps(result))
     code = main(["report", str(path), "--out-dir", str(tmp_path / "out")])
     _one_line_exit_2(code, capsys.readouterr().err, message)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
 @pytest.mark.parametrize(
@@ -308,6 +315,9 @@ def test_a_refused_read_is_not_called_a_refused_write(tmp_path, monkeypatch):
         (["train", "--seed", str(2**64)], "seed must be less than or equal to 9223372036854775807"),
         (["sweep", "{toml}", "--threads", "5000"], "--threads must be in [1, 1024], got 5000"),
         (["sweep", "{toml}", "--set", f"random_seed={2**70}"], "random_seed"),
+        # a typo of a count: an error, not a process listing 10^12 seeds until memory runs out
+        (["sweep", "{toml}", "--set", "n_best_runs=1000000000000"], "n_best_runs must be less"),
+        (["compare", "--seeds", "1000000000000"], "--seeds must be in [1, 10000]"),
     ],
 )
 def test_counts_beyond_what_the_machine_or_the_store_takes_are_one_line(
@@ -337,3 +347,55 @@ def test_bench_refuses_a_contender_the_user_misnamed(methods, message, tmp_path,
     code = main([*argv, "--out-dir", str(tmp_path / "out")])
     _one_line_exit_2(code, capsys.readouterr().err, message)
     assert not (tmp_path / "out").exists()  # refused before measuring anything
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--method", "cagrad:c=0.5", "--hp", "c=0.6"], "--hp c: c is already set by"),
+        (["train", "--method", "cagrad", "--hp", "c=0.5", "--hp", "c=0.6"], "already set by --hp"),
+        (["train", "--method", "cagrad:c=0.5:c=0.6"], "c is set twice in method spec"),
+        (["sweep", "{twice}"], "c set by the spec and by its grid"),
+        (["compare", "--methods", "unitary,cagrad:c=0.5:c=0.6"], "c is set twice"),
+    ],
+)
+def test_a_hyperparameter_set_twice_is_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    """Which of two values would win is a guess the user should not have to make."""
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "s.toml"
+    toml.write_text('problem = "multi_mnist/cl_rr"\n[methods]\n"cagrad:c=0.5" = { c = 0.6 }\n')
+    argv = [a.replace("{twice}", str(toml)) for a in argv]
+    code = main([*argv, "--quiet"])
+    _one_line_exit_2(code, capsys.readouterr().err, message)
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--out", "{folder}"], "--out {folder} is a folder: give a file name"),
+        (["train", "--out", "{folder}/no/such/record.json"], "there is no folder"),
+        (["compare", "--out", "{folder}"], "is a folder: give a file name"),
+        (["report", "{grid}", "--out-dir", "{file}"], "--out-dir {file} is a file, not a folder"),
+        (["report", "{grid}", "--out-dir", "{file}/sub"], "is a file, not a folder"),
+        (["bench", "--out-dir", "{file}"], "--out-dir {file} is a file, not a folder"),
+        (["toy", "--out", "{folder}/no/such/toy.png"], "there is no folder"),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(
+    argv, message, tmp_path, capsys, monkeypatch
+):
+    """A run, a comparison or a bench of minutes must not end on an error about its output:
+    the path is checked first (the run store stays unopened: no runs/ folder appears)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    values = {"{folder}": "folder", "{file}": "file", "{grid}": str(GRID)}
+    for old, new in values.items():
+        argv = [a.replace(old, new) for a in argv]
+        message = message.replace(old, new)
+    if argv[0] in ("train", "compare"):
+        argv.append("--quiet")
+    code = main(argv)
+    _one_line_exit_2(code, capsys.readouterr().err, message)
+    assert not (tmp_path / "runs").exists()

@@ -141,6 +141,10 @@ def parse_spec(
     Traceback (most recent call last):
     ...
     ValueError: bad optimizer suffix @sgd in 'mgda@sgd': use @adam, @muon, @apt, @muon+apt
+    >>> parse_spec("cagrad:c=0.5:c=0.6")
+    Traceback (most recent call last):
+    ...
+    ValueError: c is set twice in method spec 'cagrad:c=0.5:c=0.6': keep one
     >>> parse_spec("mgda#gramian", allow=("optimizer",))
     Traceback (most recent call last):
     ...
@@ -160,6 +164,8 @@ def parse_spec(
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"bad hyperparameter {pair!r} in method spec {spec!r}: use key=value")
+        if key.strip() in hparams:
+            raise ValueError(f"{key.strip()} is set twice in method spec {spec!r}: keep one")
         hparams[key.strip()] = parse_value(value.strip())
     options: dict[str, Any] = {}
     if at:

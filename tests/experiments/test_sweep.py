@@ -168,6 +168,16 @@ def test_bad_sweep_files_are_refused(tmp_path):
     assert config.grid == {"lr": [0.1, 0.2]}
     assert config.methods == {"cagrad": {"c": [0.8]}}
     assert config.name == "s"
+    # TOML's true is not the number 1 (pydantic's lax mode would read it as one)
+    for line in ["n_val_runs = true", "cosine_every = false", "grid = { lr = [true] }",
+                 "base = { epochs = true }", "methods = { cagrad = { c = [true] } }"]:  # fmt: skip
+        path.write_text(f'problem = "multi_mnist"\nmethods = {{ unitary = {{}} }}\n{line}\n')
+        if line.startswith("methods"):
+            path.write_text(f'problem = "multi_mnist"\n{line}\n')
+        with pytest.raises(ConfigError, match="must be a number, not a boolean"):
+            SweepConfig.from_toml(path)
+    with pytest.raises(ConfigError, match="must be a number, not a boolean"):
+        SweepConfig.from_toml(path, ["base.batch_size=true"])  # --set too
 
 
 # -- kill and resume a real sweep --------------------------------------------------------------
@@ -478,6 +488,46 @@ def test_a_method_with_no_configuration_that_trained_is_reported_failed_and_the_
     stored = run_sweep(config, db, workers=1, stored_only=True)  # the same view of the store
     assert stored.failed == result.failed
     assert [r.label for r in stored.rows] == ["unitary", "cagrad"]
+
+
+def test_a_reference_s_failed_runs_are_counted_and_named(fake, monkeypatch, tmp_path):
+    from mtopt.experiments.sweep import records_of
+    from mtopt.report import comparison, tables
+
+    def train(config, references=None, problem=None, callback=None, checkpoint=None):
+        if config.tasks == ("a",) and config.seed == 2:
+            raise FloatingPointError("non-finite loss(es): a=nan")
+        return fake_train_run(config, references, problem, callback, checkpoint)
+
+    monkeypatch.setattr(runner_module, "train_run", train)
+    config = SweepConfig(
+        problem="fake",
+        methods={"unitary": {}},
+        grid={"lr": [0.01]},
+        base={"epochs": 1},
+        n_val_runs=1,
+        n_best_runs=3,
+    )
+    db = RunDatabase(tmp_path / "runs.sqlite")
+    result = run_sweep(config, db, workers=1)
+    assert result.reference_failed_runs == {"a/acc": 1}  # task b's runs all trained
+    # the reference is the mean of the two seeds that trained
+    trained = [s for s in config.seeds(3) if s != 2]
+    assert len(trained) == 2
+    expected = statistics.fmean(
+        fake_value(config.base_config().__class__(problem="fake", lr=0.01, seed=s), "a", "test")
+        for s in trained
+    )
+    assert result.references["test"]["a"]["acc"] == pytest.approx(expected, rel=1e-12)
+    written = result.to_dict()
+    assert written["reference_failed_runs"] == {"a/acc": 1}
+    assert "single-task (1 run(s) of a/acc failed, left out)" in tables.markdown_table(written)
+    stats = comparison.compare(written, records_of(written, db), "unitary")
+    assert "left out of their mean: a/acc (1)" in comparison.markdown(stats)
+    monkeypatch.setattr(runner_module, "train_run", fake_train_run)
+    clean = run_sweep(config, RunDatabase(tmp_path / "clean.sqlite"), workers=1)
+    assert clean.reference_failed_runs == {}
+    assert "failed" not in tables.markdown_table(clean.to_dict())
 
 
 def test_an_error_of_the_machine_is_not_stored_as_a_failed_run(fake, monkeypatch):

@@ -266,6 +266,10 @@ def test_run_method_refusals_and_skips():
         toy.run_method("mgda", steps=1, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="not supported"):
         toy.run_method("mgda@adam", steps=1)
+    # run_toy checks the settings before the specs, whose defaults depend on the scale (FAMO's
+    # min_losses named a nan scale)
+    with pytest.raises(ValueError, match=r"^scale must be a finite number > 0, got nan$"):
+        toy.run_toy(["famo"], steps=1, scale=float("nan"))
     skipped = toy.run_method("auto_lambda", steps=1)
     assert skipped.skipped
     assert not skipped.runs

@@ -112,7 +112,7 @@ def _bad_for(annotation: Any) -> list[Any]:
     if base is bool:
         return ["maybe", 2]
     if base is int:
-        out: list[Any] = [2.5, "x"]
+        out: list[Any] = [2.5, "x", True]  # Python's bool is an int; never a count or a seed
         if "ge" in bounds:
             out.append(bounds["ge"] - 1)
         if "gt" in bounds:
@@ -123,7 +123,7 @@ def _bad_for(annotation: Any) -> list[Any]:
             out.append(bounds["lt"])
         return out
     if base is float:
-        out = ["abc"]
+        out = ["abc", True, False]
         if _finite_only(constraints):
             out += [math.nan, math.inf, -math.inf]
         if "ge" in bounds:

@@ -63,7 +63,7 @@ def user_error(exc: BaseException) -> str | None:
     elif isinstance(exc, OSError):
         text = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
     elif isinstance(exc, sqlite3.Error):
-        text = f"run store error: {exc} (move the store aside or pass --run-dir)"
+        text = f"run store error: {exc} (move the store aside, or use another one)"
     else:
         return None
     return " ".join(text.split()) or type(exc).__name__

@@ -11,7 +11,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mtopt.core.hparams import check_threads
+from mtopt.cli.paths import check_output_file, check_output_folder
+from mtopt.core.hparams import MAX_SEEDS, check_threads
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for `make run` on 2 CPU cores; says so in the printed header.
@@ -147,9 +148,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--hp expects KEY=VALUE, got {bad}")
     spec = parse_spec(args.method, build=False)
-    extra = {k.strip(): parse_value(v.strip()) for k, _, v in (i.partition("=") for i in args.hp)}
+    extra: dict[str, Any] = {}
+    for key, _, value in (item.partition("=") for item in args.hp):
+        key = key.strip()
+        if key in spec.hparams or key in extra:
+            where = f"the method spec {args.method!r}" if key in spec.hparams else "--hp"
+            raise ValueError(f"--hp {key}: {key} is already set by {where}; set it once")
+        extra[key] = parse_value(value.strip())
     method, hparams = spec.name, {**spec.hparams, **extra}
     parse_spec(format_spec(method, hparams))  # builds the method: a bad name fails here
+    check_output_file("--out", args.out)
     base = replace(base, **run_options(spec))
     problem = _problem(args)
     rank = 0
@@ -199,14 +207,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = _base_config(args)
     preset = PRESETS.get(args.preset or "", {})
     n_seeds = args.seeds if args.seeds is not None else preset.get("seeds", 1)
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds must be ≥ 1, got {n_seeds}")
+    if not 1 <= n_seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be in [1, {MAX_SEEDS}], got {n_seeds}")
     seeds = [1 + i for i in range(n_seeds)]
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     if not specs:
         raise ConfigError("--methods names no method (e.g. --methods unitary,mgda)")
     for spec in specs:  # every spec builds before anything trains
         parse_spec(spec)
+    check_output_file("--out", args.out)
     store = _store(args.run_dir)
     print(_header(args, base, n_seeds))
     print(f"  methods: {', '.join(specs)}; results kept in {store.path}")
@@ -323,12 +332,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.level < 1.0:
         raise ConfigError(f"--level must be in (0, 1), got {args.level}")
+    check_output_folder("--out-dir", args.out_dir)
     published = None if args.paper == "none" else comparison.load_published(args.paper)
 
     result = _read_sweep_result(args.sweep)
     db = RunDatabase(result["database"], readonly=True)
-    out_dir = args.out_dir or Path("reports") / result["name"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not result["rows"]:  # a study in progress written before its first row: empty plots
+        waiting = ", ".join(result.get("pending") or {})
+        raise ConfigError(
+            f"{args.sweep} has no method row to report"
+            + (f" yet (waiting for: {waiting})" if waiting else "")
+        )
     records = records_of(result, db)
     keys = run_keys(result)
     if len(records) < len(keys):
@@ -337,6 +351,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"its run store {result['database']}: report on a result with the store it was "
             "made from (or write it again: mtopt sweep FILE --db STORE --stored)"
         )
+    out_dir = args.out_dir or Path("reports") / result["name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (("table.md", markdown_table(result)), ("table.tex", latex_table(result))):
         (out_dir / name).write_text(text)

@@ -75,11 +75,14 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtopt.bench import main as bench_main
+    from mtopt.cli.paths import check_output_folder
 
+    check_output_folder("--out-dir", args.out_dir)  # before minutes of measuring
     return bench_main(args)
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
+    from mtopt.cli.paths import check_output_file
     from mtopt.errors import ConfigError
     from mtopt.experiments import toy
 
@@ -94,9 +97,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be ≥ 1, got {steps}")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out {args.out}: the figure is a PNG file (NAME.png)")
-    for option, path in (("--out", args.out), ("--table", args.table)):
-        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
-            raise ConfigError(f"{option} {path}: not a file in an existing folder")
+    check_output_file("--out", args.out)
+    check_output_file("--table", args.table)
     started = time.perf_counter()
 
     def progress(message: str) -> None:

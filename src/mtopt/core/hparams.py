@@ -6,7 +6,8 @@ annotations say what is valid (``Positive``, ``UnitInterval``, ``Literal["sum", 
 ``validate_call``: a value of the wrong type, out of range, or not finite is refused before the
 method exists, with one line that names the method, the hyperparameter, what it must be and
 what it got. Values are coerced the way a user means them (``"0.5"`` and ``1`` are floats, ``2.0``
-an integer), never silently changed (``2.5`` is not an integer; ``"yes"`` is not a float).
+an integer), never silently changed (``2.5`` is not an integer; ``"yes"`` is not a float; a
+boolean is not a number, although Python counts ``True`` as 1).
 """
 
 from __future__ import annotations
@@ -17,30 +18,48 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, validate_call
 
+
+def _not_bool(value: Any) -> Any:
+    """``value`` unchanged unless it is a boolean: pydantic's lax mode would read ``True`` as the
+    number 1 (``lr = true`` in a sweep file, ``epochs=True`` in code), never what was meant."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not a boolean (got {value})")
+    return value
+
+
+#: The validator every numeric type here carries: a boolean is refused (see :func:`_not_bool`);
+#: a method declaring its own numeric range adds it too.
+NotBool = BeforeValidator(_not_bool)
 #: A finite float.
-Real = Annotated[float, Field(allow_inf_nan=False)]
+Real = Annotated[float, Field(allow_inf_nan=False), NotBool]
 #: A finite float ≥ 0.
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False), NotBool]
 #: A finite float > 0.
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False), NotBool]
 #: A float in [0, 1].
-UnitInterval = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+UnitInterval = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False), NotBool]
 #: A float in [0, 1).
-HalfOpenUnit = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+HalfOpenUnit = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False), NotBool]
 #: A float in (0, 1] (a rate that must move something, such as an EMA's decay).
-PositiveUnit = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+PositiveUnit = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), NotBool]
 #: An integer ≥ 1.
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Annotated[int, Field(ge=1), NotBool]
 #: An integer ≥ 0.
-NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 #: A random seed (an integer in [0, 2⁶⁴ − 1], what ``torch.Generator.manual_seed`` takes) or
 #: ``None`` (the global generator).
-Seed = Annotated[int, Field(ge=0, le=2**64 - 1)] | None
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1), NotBool] | None
 #: A run's seed: an integer in [0, 2⁶³ − 1], what torch takes and a run store's SQLite INTEGER
 #: holds.
-RunSeed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+RunSeed = Annotated[int, Field(ge=0, le=2**63 - 1), NotBool]
 #: A study's first seed (its runs use ``random_seed + i``): [0, 2⁶²], far from 2⁶³ for any count.
-StudySeed = Annotated[int, Field(ge=0, le=2**62)]
+StudySeed = Annotated[int, Field(ge=0, le=2**62), NotBool]
+#: The most seeds a study or a comparison runs per configuration: far above any protocol's
+#: (Gama & Grassi run 10), and a bound that turns a typo (``n_best_runs = 1e12``) into an error
+#: instead of a process that builds the list of its seeds until memory runs out.
+MAX_SEEDS = 10_000
+#: A count of seeds: an integer in [1, :data:`MAX_SEEDS`].
+SeedCount = Annotated[int, Field(ge=1, le=MAX_SEEDS), NotBool]
 #: The most torch intra-op threads a ``--threads`` accepts: far above any machine's cores, and
 #: below the counts at which torch's thread pool crashes the process (100,000 segfaults).
 MAX_THREADS = 1024

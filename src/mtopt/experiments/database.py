@@ -174,8 +174,8 @@ class RunDatabase:
                 self._check_readable()
                 return
             raise StoreError(
-                f"cannot open the run store {self.path} for writing ({exc}); pass --run-dir "
-                "to a writable folder"
+                f"cannot open the run store {self.path} for writing ({exc}); use a store in a "
+                "folder you can write to (train, compare, sweep: --run-dir; sweep: --db)"
             ) from None
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from None
@@ -211,8 +211,8 @@ class RunDatabase:
         """One ``BEGIN IMMEDIATE`` transaction (writers serialise on it), committed at exit."""
         if self.readonly:
             raise StoreError(
-                f"the run store {self.path} is read-only here: cannot record runs; pass "
-                "--run-dir to a writable folder"
+                f"the run store {self.path} is read-only here: cannot record runs; use a store "
+                "in a folder you can write to (train, compare, sweep: --run-dir; sweep: --db)"
             )
         db = self._connect()
         try:
@@ -234,7 +234,8 @@ class RunDatabase:
     def _corrupt(self, exc: Exception) -> StoreError:
         return StoreError(
             f"{self.path} is not a usable run store ({exc}); move it aside (the runs in it "
-            "are lost to this command) or pass --run-dir to another folder"
+            "are lost to this command) or use another store (train, compare, sweep: --run-dir; "
+            "sweep: --db; report: the sweep result's database)"
         )
 
     def _check_readable(self) -> None:

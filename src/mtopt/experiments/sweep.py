@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtopt.core.hparams import PositiveInt, StudySeed, describe_fields
+from mtopt.core.hparams import PositiveInt, SeedCount, StudySeed, describe_fields
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
 from mtopt.experiments.database import RunDatabase, code_version
@@ -135,8 +135,8 @@ class SweepConfig(BaseModel):
     methods: dict[str, dict[str, Grid]] = Field(min_length=1)
     grid: dict[SharedKey, Grid] = Field(default_factory=_default_grid)
     base: dict[BaseKey, Any] = Field(default_factory=dict)
-    n_val_runs: PositiveInt = 1
-    n_best_runs: PositiveInt = 1
+    n_val_runs: SeedCount = 1
+    n_best_runs: SeedCount = 1
     random_seed: StudySeed = 1
     fixed_from: list[str] = Field(default_factory=list)
     name: FileName = "sweep"
@@ -190,6 +190,11 @@ class SweepConfig(BaseModel):
         for spec, grid in self.methods.items():
             parsed = parse_spec(spec)
             options = run_options(parsed)
+            twice = sorted(set(grid) & set(parsed.hparams))
+            if twice:
+                raise ValueError(
+                    f"methods.{spec}: {', '.join(twice)} set by the spec and by its grid: keep one"
+                )
             for combo in _combinations(grid):  # every grid point must build (fail fast)
                 own = {k: v for k, v in combo.items() if k not in SHARED_KEYS}
                 shared = {**{k: v for k, v in combo.items() if k in SHARED_KEYS}, **options}
@@ -290,6 +295,9 @@ class SweepResult:
     #: rows with no configuration that trained (a failed run at every grid point) → why; a
     #: finished study shows them here, not as rows
     failed: dict[str, str] = field(default_factory=dict)
+    #: single-task references whose selected configuration had failed runs: ``task/metric``
+    #: (with `` (optimizer)`` when not the sweep's Adam) → how many, left out of its mean
+    reference_failed_runs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -318,6 +326,7 @@ class SweepResult:
             "pending": self.pending,
             "in_flight": self.in_flight,
             "failed": self.failed,
+            "reference_failed_runs": self.reference_failed_runs,
         }
 
 
@@ -392,7 +401,7 @@ def run_sweep(
 
     # 1. single-task references, with the base optimizer and with every other base optimizer a
     #    method row uses (a row's Δm is then also measured against its own optimizer's)
-    references, reference_configs = _references(config, problem, base, runner, db)
+    references, reference_configs, reference_failed = _references(config, problem, base, runner, db)
     by_optimizer: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     missing_references: list[str] = []
     for spec in config.methods:
@@ -405,13 +414,14 @@ def run_sweep(
             and label not in missing_references
         ):
             try:
-                refs, _ = _references(config, problem, replace(base, **options), runner, db)
+                refs, _, failed = _references(config, problem, replace(base, **options), runner, db)
             except ConfigError:
                 if not stored_only:
                     raise
                 missing_references.append(label)  # those rows are shown without Δm vs them
                 continue
             by_optimizer[label] = refs
+            reference_failed.update(failed)
 
     # 2. methods: grid × first n_val_runs seeds, then the best configuration to n_best_runs
     candidates = []
@@ -466,6 +476,7 @@ def run_sweep(
         selector.pending,
         list(runner.in_flight.values()),
         selector.failed,
+        reference_failed,
     )
 
 
@@ -475,10 +486,14 @@ def _base_optimizer(config: RunConfig) -> dict[str, Any]:
 
 def _references(
     config: SweepConfig, problem: Any, base: RunConfig, runner: Runner, db: RunDatabase
-) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, Any]]]]:
+) -> tuple[
+    dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, Any]]], dict[str, int]
+]:
     """The single-task references of ``base``'s optimizer: every task over the shared grid
     (with its ``references`` overrides), each metric picking its own best configuration, which
-    then runs to ``n_best_runs`` seeds."""
+    then runs to ``n_best_runs`` seeds. Also returns, per ``task/metric`` (suffixed with the
+    optimizer when it is not Adam), how many of those seeds' runs failed and are left out of the
+    reference's mean (only those with a failure)."""
     directions = problem.lower_is_better()
     shared = config.shared_configs()
     val_seeds, best_seeds = config.seeds(config.n_val_runs), config.seeds(config.n_best_runs)
@@ -531,14 +546,17 @@ def _references(
     records = _all_stored(runner.stored(jobs, label), label, runner.in_flight)
     references: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
     reference_configs: dict[str, dict[str, dict[str, Any]]] = {}
+    failed: dict[str, int] = {}
     for i, (task, metric, point) in enumerate(chosen):
         runs = _usable(records[i * len(best_seeds) : (i + 1) * len(best_seeds)], task)
+        if len(runs) < len(best_seeds):
+            failed[f"{task}/{metric}{tag}"] = len(best_seeds) - len(runs)
         for split in ("val", "test"):
             references[split].setdefault(task, {})[metric] = statistics.fmean(
                 r[split][task][metric] for r in runs
             )
         reference_configs.setdefault(task, {})[metric] = dict(point)
-    return references, reference_configs
+    return references, reference_configs, failed
 
 
 Candidate = tuple[str, str, Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]]

@@ -323,6 +323,18 @@ def effective_spec(text: str, scale: float = SCALE) -> MethodSpec:
     return MethodSpec(method, spec.name, hparams)
 
 
+def _check_settings(steps: int, lr: float, scale: float, betas: tuple[float, float]) -> None:
+    """The run's settings, or a one-line ``ValueError``."""
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Adam's betas must be in [0, 1), got {betas}")
+
+
 def run_method(
     text: str,
     starts: Sequence[tuple[float, float]] = START_POINTS,
@@ -337,14 +349,7 @@ def run_method(
     start)."""
     import mtopt
 
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Adam's betas must be in [0, 1), got {betas}")
+    _check_settings(steps, lr, scale, betas)
     spec = effective_spec(text, scale)
     reason = skip_reason(mtopt.make(spec.name, **spec.hparams))
     if reason is not None:
@@ -403,7 +408,9 @@ def run_toy(
     progress: Callable[[str], None] | None = None,
     betas: tuple[float, float] = BETAS,
 ) -> list[ToyResult]:
-    """:func:`run_method` for every spec (all specs are parsed before anything runs)."""
+    """:func:`run_method` for every spec (the settings checked and all specs parsed before
+    anything runs: a spec's defaults depend on ``scale``)."""
+    _check_settings(steps, lr, scale, betas)
     for text in specs:
         effective_spec(text, scale)
     return [run_method(text, starts, steps, lr, scale, progress, betas) for text in specs]

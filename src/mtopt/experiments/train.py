@@ -32,6 +32,7 @@ from mtopt.core.capabilities import MetaBatchMethod
 from mtopt.core.hparams import (
     HalfOpenUnit,
     NonNegative,
+    NotBool,
     Positive,
     PositiveInt,
     RunSeed,
@@ -67,7 +68,7 @@ class RunConfig:
     dropout: HalfOpenUnit = 0.0
     batch_size: PositiveInt = 256
     #: per-epoch factor of the learning rate (ExponentialLR); ``None`` disables it
-    lr_decay: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = 0.95
+    lr_decay: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), NotBool] | None = 0.95
     #: ``exponential`` (``lr_decay`` per epoch; Gama & Grassi's MNIST and Cityscapes) or
     #: ``plateau`` (× 0.7 after 5 epochs without a lower mean training loss, down to 1e-5; their
     #: QM9 setting, which steps on the last batch's loss where we step on the epoch's mean)

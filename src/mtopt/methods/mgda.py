@@ -46,7 +46,7 @@ import torch
 from pydantic import Field
 
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.hparams import NonNegativeInt, Positive
+from mtopt.core.hparams import NonNegativeInt, NotBool, Positive
 from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.min_norm import KKT_RTOL, min_norm_weights
 from mtopt.core.registry import register
@@ -54,7 +54,7 @@ from mtopt.core.registry import register
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")
 APPLY_TO = ("raw_losses", "normalized_grads")
 #: Sener's pair clamp: a float in [0, 0.5) (the two weights are clamped to [c, 1 − c]).
-PairClamp = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
+PairClamp = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False), NotBool]
 
 
 def gradient_normalizers(

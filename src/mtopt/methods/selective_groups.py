@@ -79,13 +79,13 @@ from torch import Tensor
 from mtopt.core.affinity_propagation import affinity_propagation
 from mtopt.core.capabilities import SequentialMethod, StepContext, UpdateReport
 from mtopt.core.checks import require_positive_losses
-from mtopt.core.hparams import NonNegativeInt, PositiveInt, PositiveUnit, Real, Seed
+from mtopt.core.hparams import NonNegativeInt, NotBool, PositiveInt, PositiveUnit, Real, Seed
 from mtopt.core.method import Method, MethodInput
 from mtopt.core.registry import register
 from mtopt.core.seeded import SeededRandomness
 
 #: Affinity Propagation's damping: a float in [0.5, 1), as scikit-learn requires.
-Damping = Annotated[float, Field(ge=0.5, lt=1, allow_inf_nan=False)]
+Damping = Annotated[float, Field(ge=0.5, lt=1, allow_inf_nan=False), NotBool]
 
 
 def update_affinity(

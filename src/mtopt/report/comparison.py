@@ -80,6 +80,8 @@ class Comparison:
     failed: dict[str, str] = field(default_factory=dict)
     #: a study in progress whose baseline row is not stored yet: its label (no differences)
     baseline_pending: str | None = None
+    #: single-task references with failed runs left out of their mean: ``task/metric`` → count
+    reference_failed_runs: dict[str, int] = field(default_factory=dict)
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -211,6 +213,7 @@ def compare(
     out.baseline_pending = waiting
     out.in_flight = list(result.get("in_flight") or [])
     out.failed = dict(result.get("failed") or {})
+    out.reference_failed_runs = dict(result.get("reference_failed_runs") or {})
     all_seeds = sorted({s for row in rows for s in row.by_seed})
     out.rank_seeds = rank_seeds if rank_seeds != all_seeds else []
     out.no_common_seed = len(rows) > 1 and not rank_seeds
@@ -457,6 +460,12 @@ def markdown(comparison: Comparison) -> str:
     if comparison.failed:
         why = "; ".join(f"{k} ({v})" for k, v in comparison.failed.items())
         notes.append(f"Not shown, no configuration of theirs trained: {why}.")
+    if comparison.reference_failed_runs:
+        which = ", ".join(f"{k} ({n})" for k, n in comparison.reference_failed_runs.items())
+        notes.append(
+            f"Single-task references with failed runs, left out of their mean: {which}; "
+            "every Δm is measured against the mean of the others."
+        )
     if comparison.left_out:
         notes.append(
             f"Left out (Δm not finite: a metric diverged): {', '.join(comparison.left_out)}; "

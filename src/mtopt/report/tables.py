@@ -46,8 +46,12 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
     header += ["Δm % ↑", "Δm flat % ↑", "MR ↓", "s/step", "best hyperparameters"]
     lines = [header]
     refs = result["references"]["test"]
+    failed = result.get("reference_failed_runs") or {}
     lines.append(
-        ["single-task"]
+        [
+            "single-task"
+            + "".join(f" ({n} run(s) of {k} failed, left out)" for k, n in failed.items())
+        ]
         + [f"{refs[t][m]:.4f}" for t, m, _ in columns]
         + ["0 (ref.)", "0 (ref.)", "—", "—", "per metric"]
     )
