@@ -27,7 +27,7 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-#: The validator every numeric type here carries: a boolean is refused (see :func:`_not_bool`);
+#: The validator every numeric type here carries: a boolean is refused, with one line;
 #: a method declaring its own numeric range adds it too.
 NotBool = BeforeValidator(_not_bool)
 #: A finite float.
