@@ -255,6 +255,11 @@ def _row0(result: dict, **changes) -> None:
         (lambda r: _row0(r, keys=["0" * 16]), "1 of the 64 runs"),  # not in the store
         (lambda r: r.update(rows=[]), "has no method row to report"),  # was: empty plots
         (
+            lambda r: r.update(rows=[], failed={"famo": "a failed run at each grid point"}),
+            "report; failed, no configuration of theirs trained: famo: a failed run",
+        ),
+        (lambda r: r.update(reference_failed_runs=["a/acc"]), "reference_failed_runs"),
+        (
             lambda r: r.update(rows=[], pending={"unitary": "its grid"}),
             "has no method row to report yet (waiting for: unitary)",
         ),
@@ -380,6 +385,7 @@ def test_a_hyperparameter_set_twice_is_one_line(argv, message, tmp_path, capsys,
         (["report", "{grid}", "--out-dir", "{file}/sub"], "is a file, not a folder"),
         (["bench", "--out-dir", "{file}"], "--out-dir {file} is a file, not a folder"),
         (["toy", "--out", "{folder}/no/such/toy.png"], "there is no folder"),
+        (["train", "--plot-groups", "{folder}"], "--plot-groups {folder} is a folder"),
     ],
 )
 def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(

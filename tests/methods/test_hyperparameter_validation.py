@@ -104,7 +104,7 @@ def _bad_for(annotation: Any) -> list[Any]:
         choices = get_args(base)
         if all(isinstance(c, str) for c in choices):
             return ["not-a-choice", 1.5]
-        return [max(choices) + 1, min(choices) - 1, "x"]
+        return [max(choices) + 1, min(choices) - 1, "x", True]  # True == 1, never a choice
     if origin is collections.abc.Sequence:
         (item,) = get_args(base)
         inner = [b for b in _bad_for(item) if b is not None]
@@ -269,6 +269,14 @@ def test_choices_match_the_constants_the_code_dispatches_on():
     assert _literal("mgda", "apply_to") == set(APPLY_TO)
     (item,) = get_args(_split_optional(annotations("uw")["loss_types"])[0][0])
     assert set(get_args(item)) == set(UW_TYPED_CONSTANTS)
+
+
+def test_a_boolean_for_a_number_is_one_line_with_the_value_once():
+    exact = r"^cagrad: c must be a number, not a boolean \(got True\)$"
+    with pytest.raises(ValueError, match=exact):
+        make("cagrad", c=True)
+    with pytest.raises(ValueError, match="rescale"):
+        make("cagrad", rescale=True)  # a Literal[0, 1, 2]: True == 1 would be a second key
 
 
 def test_values_are_coerced_the_way_a_user_means_them():

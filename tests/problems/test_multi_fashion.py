@@ -235,7 +235,7 @@ _REAL = cache_dir() / "fashion_mnist.npz"
 def fashion():
     if not _REAL.exists():
         pytest.skip("no cached Fashion-MNIST (mtopt data fetch fashion)")
-    return load_fashion_mnist(cache_dir() / "no-user-data", download=False)
+    return load_fashion_mnist(None, download=False)
 
 
 def test_real_fashion_matches_known_facts(fashion):
@@ -257,7 +257,7 @@ def test_normalisation_constants_are_the_train_statistics(fashion, family):
     if family == "multi_fashion_mnist":
         from mtopt.problems.mnist_data import load_mnist
 
-        mnist = load_mnist(cache_dir() / "no-user-data", download=False)
+        mnist = load_mnist(None, download=False)
     train = cls(fashion=fashion, mnist=mnist).splits()["train"]
     pixels = train.arrays["x"].numpy().astype(np.float64) / 255
     assert len(train) == 50_000

@@ -266,7 +266,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         help="where the model and the data live: cpu, cuda or cuda:N (under torchrun: each "
         "rank's LOCAL_RANK device)",
     )
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MTOPT_DATA)")
+    p.add_argument(
+        "--data-dir",
+        help="folder with the problem's data files, which it must hold (MNIST IDX files, "
+        "qm9_part*.csv, yeast.csv, ...); default: $MTOPT_DATA (or the data set's own variable), "
+        "then mtopt's cache",
+    )
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="where results are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

@@ -28,10 +28,11 @@ def check_output_file(option: str, path: Path | None) -> None:
     folder = path.resolve().parent
     if not folder.is_dir():
         raise ConfigError(f"{option} {path}: there is no folder {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if path.exists():  # overwritten in place: the folder's own permission does not matter
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{option} {path}: the file exists and cannot be written")
+    elif not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: cannot write in {folder}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{option} {path}: the file exists and cannot be written")
 
 
 def check_output_folder(option: str, path: Path | None) -> None:

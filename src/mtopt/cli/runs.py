@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     method, hparams = spec.name, {**spec.hparams, **extra}
     parse_spec(format_spec(method, hparams))  # builds the method: a bad name fails here
     check_output_file("--out", args.out)
+    check_output_file("--plot-groups", args.plot_groups)
     base = replace(base, **run_options(spec))
     problem = _problem(args)
     rank = 0
@@ -339,9 +340,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     db = RunDatabase(result["database"], readonly=True)
     if not result["rows"]:  # a study in progress written before its first row: empty plots
         waiting = ", ".join(result.get("pending") or {})
+        failed = "; ".join(f"{k}: {v}" for k, v in (result.get("failed") or {}).items())
         raise ConfigError(
             f"{args.sweep} has no method row to report"
             + (f" yet (waiting for: {waiting})" if waiting else "")
+            + (f"; failed, no configuration of theirs trained: {failed}" if failed else "")
         )
     records = records_of(result, db)
     keys = run_keys(result)
@@ -426,6 +429,7 @@ def _sweep_result_shape(result: dict[str, Any]) -> str | None:
         "pending": dict[str, str],
         "in_flight": list[str],
         "failed": dict[str, str],
+        "reference_failed_runs": dict[str, int],
     }
     for name, kind in fields.items():
         if name not in result:

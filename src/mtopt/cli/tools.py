@@ -65,7 +65,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     module, loader, summary = DATASETS[args.dataset]
-    data = getattr(importlib.import_module(module), loader)(args.data_dir)
+    data = getattr(importlib.import_module(module), loader)(args.data_dir or None)
     # the digest shown is the cache file's (recorded at write, checked at this load)
     print(f"{summary(data)} ({time.perf_counter() - start:.1f} s)")
     for line in describe(data):

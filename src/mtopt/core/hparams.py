@@ -23,7 +23,7 @@ def _not_bool(value: Any) -> Any:
     """``value`` unchanged unless it is a boolean: pydantic's lax mode would read ``True`` as the
     number 1 (``lr = true`` in a sweep file, ``epochs=True`` in code), never what was meant."""
     if isinstance(value, bool):
-        raise ValueError(f"must be a number, not a boolean (got {value})")
+        raise ValueError("must be a number, not a boolean")  # callers show the value
     return value
 
 

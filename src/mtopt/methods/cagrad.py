@@ -41,10 +41,10 @@ Heads: raw.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from mtopt.core.ball_maxmin import GAP_RTOL, ball_maxmin
-from mtopt.core.hparams import NonNegative, PositiveInt
+from mtopt.core.hparams import NonNegative, NotBool, PositiveInt
 from mtopt.core.method import Aggregation, Method, MethodInput, SolverReport, as_weights
 from mtopt.core.registry import register
 
@@ -64,7 +64,7 @@ class CAGrad(Method):
         self,
         *,
         c: NonNegative = 0.5,
-        rescale: Literal[0, 1, 2] = 1,
+        rescale: Annotated[Literal[0, 1, 2], NotBool] = 1,
         sum_scale: bool = True,
         max_iter: PositiveInt = 100,
         head_policy: Literal["raw", "weighted"] | None = None,

@@ -464,7 +464,7 @@ def markdown(comparison: Comparison) -> str:
         which = ", ".join(f"{k} ({n})" for k, n in comparison.reference_failed_runs.items())
         notes.append(
             f"Single-task references with failed runs, left out of their mean: {which}; "
-            "every Δm is measured against the mean of the others."
+            "every Δm is measured against the mean of the runs that trained."
         )
     if comparison.left_out:
         notes.append(

@@ -50,7 +50,10 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
     lines.append(
         [
             "single-task"
-            + "".join(f" ({n} run(s) of {k} failed, left out)" for k, n in failed.items())
+            # this row's numbers are the sweep's optimizer's: its references' keys, untagged
+            + "".join(
+                f" ({n} run(s) of {k} failed, left out)" for k, n in failed.items() if "(" not in k
+            )
         ]
         + [f"{refs[t][m]:.4f}" for t, m, _ in columns]
         + ["0 (ref.)", "0 (ref.)", "—", "—", "per metric"]
