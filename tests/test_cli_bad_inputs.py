@@ -328,12 +328,18 @@ def test_a_refused_read_is_not_called_a_refused_write(tmp_path, monkeypatch):
 def test_counts_beyond_what_the_machine_or_the_store_takes_are_one_line(
     argv, message, tmp_path, capsys, monkeypatch
 ):
+    methods = "[methods]\nunitary = {}"
+    _one_line_exit_2(*_main_in(tmp_path, methods, argv, capsys, monkeypatch), message)
+
+
+def _main_in(tmp_path, methods: str, argv, capsys, monkeypatch) -> tuple[int, str]:
+    """``main(argv + --quiet)`` run in ``tmp_path``, ``{toml}`` in ``argv`` standing for a sweep
+    file there with ``methods``: the exit status and stderr."""
     monkeypatch.chdir(tmp_path)
     toml = tmp_path / "s.toml"
-    toml.write_text('problem = "multi_mnist/cl_rr"\n[methods]\nunitary = {}\n')
-    argv = [a.replace("{toml}", str(toml)) for a in argv]
-    code = main([*argv, "--quiet"])
-    _one_line_exit_2(code, capsys.readouterr().err, message)
+    toml.write_text(f'problem = "multi_mnist/cl_rr"\n{methods}\n')
+    code = main([*(a.replace("{toml}", str(toml)) for a in argv), "--quiet"])
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -360,18 +366,14 @@ def test_bench_refuses_a_contender_the_user_misnamed(methods, message, tmp_path,
         (["train", "--method", "cagrad:c=0.5", "--hp", "c=0.6"], "--hp c: c is already set by"),
         (["train", "--method", "cagrad", "--hp", "c=0.5", "--hp", "c=0.6"], "already set by --hp"),
         (["train", "--method", "cagrad:c=0.5:c=0.6"], "c is set twice in method spec"),
-        (["sweep", "{twice}"], "c set by the spec and by its grid"),
+        (["sweep", "{toml}"], "c set by the spec and by its grid"),
         (["compare", "--methods", "unitary,cagrad:c=0.5:c=0.6"], "c is set twice"),
     ],
 )
 def test_a_hyperparameter_set_twice_is_one_line(argv, message, tmp_path, capsys, monkeypatch):
     """Which of two values would win is a guess the user should not have to make."""
-    monkeypatch.chdir(tmp_path)
-    toml = tmp_path / "s.toml"
-    toml.write_text('problem = "multi_mnist/cl_rr"\n[methods]\n"cagrad:c=0.5" = { c = 0.6 }\n')
-    argv = [a.replace("{twice}", str(toml)) for a in argv]
-    code = main([*argv, "--quiet"])
-    _one_line_exit_2(code, capsys.readouterr().err, message)
+    methods = '[methods]\n"cagrad:c=0.5" = { c = 0.6 }'
+    _one_line_exit_2(*_main_in(tmp_path, methods, argv, capsys, monkeypatch), message)
     assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
