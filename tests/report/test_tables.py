@@ -33,3 +33,17 @@ def test_one_run_shows_no_spread_and_several_show_theirs():
     assert "| one | 0.9000 | -4.00 |" in markdown_table(result)
     assert "$-2.00 \\pm 1.00$" not in latex_table(result)  # ± only, not the whole cell
     assert "-2.00 $\\pm$ 1.00" in latex_table(result)
+
+
+def test_the_single_task_row_names_its_own_references_failed_runs_only():
+    result = {
+        "directions": {"A": {"acc": False}, "B": {"mse": True}},
+        "references": {"test": {"A": {"acc": 0.95}, "B": {"mse": 0.1}}},
+        "rows": [],
+        # B/mse's failure is among Muon's references, whose numbers this row does not show
+        "reference_failed_runs": {"A/acc": 1, "B/mse (muon)": 2},
+    }
+    _, refs = rows_for_table(result)
+    assert refs[0] == "single-task (1 run(s) of A/acc failed, left out)"
+    del result["reference_failed_runs"]  # a result written before the field existed
+    assert rows_for_table(result)[1][0] == "single-task"

@@ -46,15 +46,12 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
     header += ["Δm % ↑", "Δm flat % ↑", "MR ↓", "s/step", "best hyperparameters"]
     lines = [header]
     refs = result["references"]["test"]
+    # this row's numbers are the sweep's optimizer's references: their keys are the columns'
+    # ``task/metric`` (another optimizer's carry its name after them)
     failed = result.get("reference_failed_runs") or {}
+    counts = [(f"{t}/{m}", failed.get(f"{t}/{m}", 0)) for t, m, _ in columns]
     lines.append(
-        [
-            "single-task"
-            # this row's numbers are the sweep's optimizer's: its references' keys, untagged
-            + "".join(
-                f" ({n} run(s) of {k} failed, left out)" for k, n in failed.items() if "(" not in k
-            )
-        ]
+        ["single-task" + "".join(f" ({n} run(s) of {k} failed, left out)" for k, n in counts if n)]
         + [f"{refs[t][m]:.4f}" for t, m, _ in columns]
         + ["0 (ref.)", "0 (ref.)", "—", "—", "per metric"]
     )
