@@ -19,7 +19,7 @@ from mtopt.errors import ConfigError
 from mtopt.experiments import runner as runner_module
 from mtopt.experiments.database import RunDatabase
 from mtopt.experiments.sweep import SweepConfig, extract_fixed_weights, run_sweep
-from mtopt.experiments.train import run_key
+from mtopt.experiments.train import RunConfig, run_key
 
 
 # -- a synthetic problem whose "training" is a formula of the config --------------------------
@@ -171,9 +171,8 @@ def test_bad_sweep_files_are_refused(tmp_path):
     # TOML's true is not the number 1 (pydantic's lax mode would read it as one)
     for line in ["n_val_runs = true", "cosine_every = false", "grid = { lr = [true] }",
                  "base = { epochs = true }", "methods = { cagrad = { c = [true] } }"]:  # fmt: skip
-        path.write_text(f'problem = "multi_mnist"\nmethods = {{ unitary = {{}} }}\n{line}\n')
-        if line.startswith("methods"):
-            path.write_text(f'problem = "multi_mnist"\n{line}\n')
+        methods = "" if line.startswith("methods") else "methods = { unitary = {} }\n"
+        path.write_text(f'problem = "multi_mnist"\n{methods}{line}\n')
         with pytest.raises(ConfigError, match="must be a number, not a boolean"):
             SweepConfig.from_toml(path)
     with pytest.raises(ConfigError, match="must be a number, not a boolean"):
@@ -515,8 +514,7 @@ def test_a_reference_s_failed_runs_are_counted_and_named(fake, monkeypatch, tmp_
     trained = [s for s in config.seeds(3) if s != 2]
     assert len(trained) == 2
     expected = statistics.fmean(
-        fake_value(config.base_config().__class__(problem="fake", lr=0.01, seed=s), "a", "test")
-        for s in trained
+        fake_value(RunConfig(problem="fake", lr=0.01, seed=s), "a", "test") for s in trained
     )
     assert result.references["test"]["a"]["acc"] == pytest.approx(expected, rel=1e-12)
     written = result.to_dict()

@@ -196,7 +196,6 @@ def hub(tmp_path, monkeypatch):
     (root / "wheels").mkdir(parents=True)
     shutil.copy(good, root / "wheels" / WHEEL)
     monkeypatch.setenv("MTOPT_CACHE", str(root))
-    monkeypatch.delenv("MTOPT_DATA", raising=False)
     monkeypatch.setattr(pypi.subprocess, "run", lambda *a, **k: pytest.fail("pip was run"))
     return {"root": root, "npz": root / "mnist.npz", "good": good, "expected": expected}
 

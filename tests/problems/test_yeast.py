@@ -74,7 +74,7 @@ def test_format_errors_are_rejected():
         parse_yeast_csv(short, "x")
 
 
-def test_missing_data_without_download_says_what_to_do(tmp_path, monkeypatch):
+def test_missing_data_without_download_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="mtopt data fetch yeast"):
         load_yeast(cache=tmp_path / "cache", download=False)
 
