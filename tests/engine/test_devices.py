@@ -36,6 +36,7 @@ def run(name, hps, device, dtype=torch.float32, steps=3, autocast=None, scaler=N
     g = torch.Generator().manual_seed(5)
     x = torch.randn(steps, 32, 5, generator=g).to(device=device, dtype=dtype)
     y = torch.randn(steps, 32, len(TASKS), generator=g).to(device=device, dtype=dtype)
+    infos = []
     for s in range(steps):
 
         def closure(s=s):
@@ -50,26 +51,30 @@ def run(name, hps, device, dtype=torch.float32, steps=3, autocast=None, scaler=N
                 }
             return Losses(out, features=z)
 
-        info = mto.step(closure)
-    return [p.detach().cpu().double() for p in model.parameters()], info
+        infos.append(mto.step(closure))
+    return [p.detach().cpu().double() for p in model.parameters()], infos
 
 
 @pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
 def test_a_step_on_the_device_matches_float64_on_the_cpu(name, hps, device):
     reference, _ = run(name, hps, torch.device("cpu"), torch.float64)
-    got, info = run(name, hps, device)
-    assert info.gradient_engine in (None, "jacobian", "gramian", "representation")
+    got, infos = run(name, hps, device)
+    assert infos[-1].gradient_engine in (None, "jacobian", "gramian", "representation")
     for a, b in zip(got, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
 
-@CUDA
 @pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
-def test_float16_autocast_with_a_grad_scaler_on_cuda(name, hps):
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+def test_float16_autocast_with_a_grad_scaler(name, hps, device):
+    # 2^10 leaves float16 (largest 65504) room for these gradients (|g| ≤ 1 here) times the
+    # methods' weights (≤ 3). At torch's default 2^16 a step whose weights exceed 1 overflows
+    # a head's float16 bias gradient (Nash-MTL's first step here), and the scaler skips it and
+    # halves the scale, as it should (tests/engine/test_mixed_precision.py): the runs then no
+    # longer follow the same trajectory as float64.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
     reference, _ = run(name, hps, torch.device("cpu"), torch.float64)
-    got, info = run(name, hps, torch.device("cuda"), autocast=torch.float16, scaler=scaler)
-    assert not info.skipped
+    got, infos = run(name, hps, device, autocast=torch.float16, scaler=scaler)
+    assert not any(i.skipped for i in infos)
     for a, b in zip(got, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)  # float16 matmuls
 
@@ -85,8 +90,8 @@ def test_nccl_group_of_one_process(tmp_path):
             if name == "upgrad":  # the Gramian engine is refused in a process group
                 continue
             alone, _ = run(name, hps, cuda)
-            grouped, info = run(name, hps, cuda, group=dist.group.WORLD)
-            assert info.communicated_bytes > 0
+            grouped, infos = run(name, hps, cuda, group=dist.group.WORLD)
+            assert all(i.communicated_bytes > 0 for i in infos)
             for a, b in zip(grouped, alone, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     finally:

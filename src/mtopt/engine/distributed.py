@@ -117,7 +117,7 @@ class ProcessGroupSync:
     def gather_rows(self, rows: Tensor) -> tuple[Tensor, int, int]:
         """``rows`` (``K × n_r``) of every rank side by side (``K × Σ n_r``), and where this
         rank's columns start and end."""
-        sizes = torch.zeros(self.world, dtype=torch.int64)
+        sizes = torch.zeros(self.world, dtype=torch.int64, device=rows.device)
         sizes[self.rank] = rows.shape[1]
         self.sum_(sizes)
         width = int(sizes.max())
@@ -195,8 +195,9 @@ class ProcessGroupSync:
             for p in params:
                 dist.broadcast(p.data, src=source, group=self.group)
 
-    def check_method(self, method: Method) -> None:
-        """A random method needs the same seed on every rank (module doc, *Randomness*)."""
+    def check_method(self, method: Method, device: torch.device) -> None:
+        """A random method needs the same seed on every rank (module doc, *Randomness*).
+        ``device``: the model's (an ``nccl`` group communicates CUDA tensors only)."""
         hps = method.hyperparameters()
         if "seed" not in hps:
             return
@@ -206,7 +207,7 @@ class ProcessGroupSync:
                 f"method {method.name!r} draws random numbers: in a process group give it a seed "
                 f"({method.name}:seed=N, the same on every rank) so every rank draws the same"
             )
-        seeds = torch.zeros(self.world, dtype=torch.int64)
+        seeds = torch.zeros(self.world, dtype=torch.int64, device=device)
         seeds[self.rank] = int(seed)
         self.sum_(seeds)
         if len(set(seeds.tolist())) != 1:

@@ -146,7 +146,7 @@ class MultiTaskOptimizer:
             self.method, engine, self.shared, modules, self.max_jacobian_bytes, self.sync
         )
         if self.sync is not None:
-            self.sync.check_method(self.method)
+            self.sync.check_method(self.method, self.shared[0].device)
             self.sync.broadcast_parameters(self.shared + self.task_params)
 
     @property
