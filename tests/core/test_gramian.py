@@ -16,6 +16,7 @@ from mtopt.core.gradients import batched_jacobian, jacobian
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import MethodInput, Need
 from mtopt.core.registry import method_class
+from mtopt.engine.setup import batched_pass
 
 
 def _relative(a: Tensor, b: Tensor) -> float:
@@ -247,6 +248,15 @@ def test_auto_engine_switches_on_the_jacobian_size():
     assert as_params.step(closure).gradient_engine == "jacobian"
     loss_only = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), "unitary", shared=enc)
     assert loss_only.step(closure).gradient_engine is None
+
+
+def test_auto_takes_one_batched_pass_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not batched_pass("auto", cpu)
+    assert batched_pass("auto", cuda)
+    assert batched_pass("batched", cpu)
+    assert batched_pass("batched", cuda)
+    assert not any(batched_pass(e, d) for e in ("jacobian", "gramian") for d in (cpu, cuda))
 
 
 def test_engine_errors():

@@ -59,7 +59,8 @@ class MultiTaskOptimizer:
             ``"jacobian"`` (K backward passes), ``"batched"`` (one batched pass), ``"gramian"``
             (only the ``K × K`` Gramian, module by module; needs a method with
             ``gramian_only`` and ``shared`` given as module(s)) or ``"auto"`` (the Jacobian,
-            unless it would exceed ``max_jacobian_bytes`` and the Gramian engine applies).
+            by K passes on the CPU and one batched pass on CUDA, unless it would exceed
+            ``max_jacobian_bytes`` and the Gramian engine applies).
         max_jacobian_bytes: under ``"auto"``, the size of the ``K × D`` Jacobian above which the
             Gramian engine is used; the Gramian engine keeps at most this many bytes of
             per-module rows. Default 1 GiB.

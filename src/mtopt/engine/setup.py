@@ -28,6 +28,15 @@ ENGINES = ("auto", "jacobian", "batched", "gramian")
 Shared = Iterable[Tensor] | nn.Module | Sequence[nn.Module] | None
 
 
+def batched_pass(engine: str, device: torch.device) -> bool:
+    """Whether the Jacobian comes from one batched backward pass rather than K passes: asked
+    for (``"batched"``), or under ``"auto"`` on a CUDA device, where one pass with K batched
+    cotangents was as fast as the loop at K = 2 and 3 (within noise to 10 % faster) and 20–29 %
+    faster per step at K = 11 (H200, ``docs/benchmarks.md``, *Results on a GPU*), at the price
+    of K cotangents held at once. On the CPU it was no faster, so ``"auto"`` keeps the loop."""
+    return engine == "batched" or (engine == "auto" and device.type == "cuda")
+
+
 def split_parameters(
     optimizer: torch.optim.Optimizer, shared: Shared, method: Method
 ) -> tuple[list[Tensor], list[Tensor], list[nn.Module] | None]:
@@ -109,7 +118,7 @@ def choose_source(
         reasons.append("shared was given as parameters; pass the shared module(s) instead")
     if engine == "gramian" and reasons:
         raise ValueError("engine='gramian' is not possible: " + "; ".join(reasons))
-    jac = JacobianSource(shared, batched=engine == "batched")
+    jac = JacobianSource(shared, batched=batched_pass(engine, shared[0].device))
     if reasons or engine in ("jacobian", "batched"):
         return jac
     assert modules is not None
@@ -139,4 +148,4 @@ def _data_parallel_source(
     if method.level == "rep":
         split = not isinstance(method, ClosureMethod)
         return RepresentationSource(shared, split, sync=sync, gramian_only=method.gramian_only)
-    return JacobianSource(shared, batched=engine == "batched", sync=sync)
+    return JacobianSource(shared, batched=batched_pass(engine, shared[0].device), sync=sync)
