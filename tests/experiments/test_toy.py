@@ -336,3 +336,6 @@ def test_cli_bad_input_is_one_line_and_status_2(argv, tmp_path, capsys):
     assert err.startswith("mtopt: error: ")
     assert err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+    flag = argv[0]
+    if flag in ("--steps", "--scale", "--lr") and argv[1] != "many":
+        assert flag in err, err  # the option as the user typed it

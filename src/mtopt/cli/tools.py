@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -95,6 +96,9 @@ def cmd_toy(args: argparse.Namespace) -> int:
         raise ConfigError(f"--methods {args.methods!r} has an empty entry (e.g. unitary,mgda)")
     if steps < 1:
         raise ConfigError(f"--steps must be ≥ 1, got {steps}")
+    for flag, value in (("--lr", args.lr), ("--scale", scale)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out {args.out}: the figure is a PNG file (NAME.png)")
     check_output_file("--out", args.out)
