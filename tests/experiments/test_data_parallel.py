@@ -65,3 +65,21 @@ def test_shard_splits_a_batch_evenly_in_rank_order():
     assert shard(batch, 0, 1) is batch
     with pytest.raises(ValueError, match="cannot be split evenly over 4 processes"):
         shard(batch, 0, 4)
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl"), ("cuda:1", "nccl")]
+)
+def test_the_backend_follows_the_runs_device(device, backend, monkeypatch):
+    # on a machine with GPUs, a CPU run under torchrun took nccl, which carries no CPU tensor
+    from mtopt.experiments import data_parallel
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(data_parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(data_parallel.dist, "init_process_group", chosen.append)
+    monkeypatch.setattr(data_parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(data_parallel.dist, "get_world_size", lambda: 2)
+    assert data_parallel.init(device) == (0, 2)
+    assert chosen == [backend]

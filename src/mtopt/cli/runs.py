@@ -163,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     problem = _problem(args)
     rank = 0
     if data_parallel.launched():  # torchrun: one run over the launcher's processes
-        rank, _ = data_parallel.init()
+        rank, _ = data_parallel.init(base.device)
         if rank:  # rank 0 speaks and writes; the others train in step with it
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
         store: Any = data_parallel.RankZeroStore(_store(args.run_dir) if rank == 0 else None)

@@ -23,10 +23,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> tuple[int, int]:
-    """Join the launcher's process group (``nccl`` with CUDA, else ``gloo``); ``(rank, world)``."""
+def init(device: str) -> tuple[int, int]:
+    """Join the launcher's process group for a run on ``device`` (``nccl`` for a CUDA device,
+    ``gloo`` for the CPU, whose tensors ``nccl`` cannot carry, also on a machine with GPUs);
+    ``(rank, world)``."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
