@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from mtopt.core.gradients import batched_jacobian, jacobian
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import MethodInput, Need
 from mtopt.core.registry import method_class
+from mtopt.engine.closure import unpack
 from mtopt.engine.setup import batched_pass
+from mtopt.engine.sources import JacobianSource
 
 
 def _relative(a: Tensor, b: Tensor) -> float:
@@ -250,13 +253,51 @@ def test_auto_engine_switches_on_the_jacobian_size():
     assert loss_only.step(closure).gradient_engine is None
 
 
-def test_auto_takes_one_batched_pass_on_cuda_only():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not batched_pass("auto", cpu)
-    assert batched_pass("auto", cuda)
-    assert batched_pass("batched", cpu)
-    assert batched_pass("batched", cuda)
-    assert not any(batched_pass(e, d) for e in ("jacobian", "gramian") for d in (cpu, cuda))
+def test_auto_takes_one_batched_pass_on_one_cuda_device_only():
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert not batched_pass("auto", {cpu})
+    assert batched_pass("auto", {gpu0})
+    assert not batched_pass("auto", {gpu0, gpu1})  # one batched pass cannot span devices
+    assert not batched_pass("auto", {gpu0, cpu})
+    assert batched_pass("batched", {cpu})
+    assert not any(batched_pass(e, {d}) for e in ("jacobian", "gramian") for d in (cpu, gpu0))
+
+
+class _ReadsItem(torch.autograd.Function):
+    """Identity whose backward reads a value on the host: no batching rule under vmap."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1.0 + 0.0 * float(g.abs().max()))
+
+
+def test_a_failed_batched_pass_falls_back_to_k_passes_once_and_says_so(caplog):
+    torch.manual_seed(0)
+    enc = nn.Linear(3, 4)
+    heads = [nn.Linear(4, 1) for _ in range(3)]
+    x = torch.randn(8, 3)
+
+    def losses():
+        z = _ReadsItem.apply(enc(x))
+        return [h(z).pow(2).mean() for h in heads]
+
+    shared = list(enc.parameters())
+    expected = jacobian(losses(), shared)
+    with pytest.raises(RuntimeError):  # engine="batched" by name: the error is the user's
+        JacobianSource(shared, batched=True).compute(unpack(losses(), None))
+    source = JacobianSource(shared, batched=True, fallback=True)  # engine="auto" on CUDA
+    with caplog.at_level(logging.WARNING, logger="mtopt"):
+        first = source.compute(unpack(losses(), None))
+        second = source.compute(unpack(losses(), None))
+    assert source.label == "jacobian"
+    assert [r.message.count("batched Jacobian pass failed") for r in caplog.records] == [1]
+    for got in (first, second):
+        assert got.grads is not None
+        torch.testing.assert_close(got.grads, expected)
 
 
 def test_engine_errors():

@@ -83,3 +83,18 @@ def test_the_backend_follows_the_runs_device(device, backend, monkeypatch):
     monkeypatch.setattr(data_parallel.dist, "get_world_size", lambda: 2)
     assert data_parallel.init(device) == (0, 2)
     assert chosen == [backend]
+
+
+def test_under_torchrun_a_numbered_gpu_is_refused(monkeypatch):
+    # --device cuda:1 put every rank on GPU 1 while the group had set each rank's LOCAL_RANK GPU
+    from mtopt.errors import ConfigError
+    from mtopt.experiments import data_parallel, train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(data_parallel, "rank_and_world", lambda: (1, 2))
+    assert train._device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"'cuda:0' under torchrun: pass --device cuda"):
+        train._device("cuda:0")
+    monkeypatch.setattr(data_parallel, "rank_and_world", lambda: (0, 1))
+    assert train._device("cuda:0") == torch.device("cuda", 0)  # one process: as given

@@ -59,8 +59,12 @@ class MultiTaskOptimizer:
             ``"jacobian"`` (K backward passes), ``"batched"`` (one batched pass), ``"gramian"``
             (only the ``K × K`` Gramian, module by module; needs a method with
             ``gramian_only`` and ``shared`` given as module(s)) or ``"auto"`` (the Jacobian,
-            by K passes on the CPU and one batched pass on CUDA, unless it would exceed
-            ``max_jacobian_bytes`` and the Gramian engine applies).
+            unless it would exceed ``max_jacobian_bytes`` and the Gramian engine applies; by
+            K passes, or by one batched pass when the shared parameters are on one CUDA device
+            at construction, which holds K cotangents at once, more memory than
+            ``max_jacobian_bytes`` counts, and falls back to K passes with a warning if the
+            model's backward cannot be batched). Streaming accumulation over micro-batches
+            (:mod:`mtopt.engine.accumulation`) takes K passes.
         max_jacobian_bytes: under ``"auto"``, the size of the ``K × D`` Jacobian above which the
             Gramian engine is used; the Gramian engine keeps at most this many bytes of
             per-module rows. Default 1 GiB.

@@ -28,13 +28,14 @@ ENGINES = ("auto", "jacobian", "batched", "gramian")
 Shared = Iterable[Tensor] | nn.Module | Sequence[nn.Module] | None
 
 
-def batched_pass(engine: str, device: torch.device) -> bool:
-    """Whether the Jacobian comes from one batched backward pass rather than K passes: asked
-    for (``"batched"``), or under ``"auto"`` on a CUDA device, where one pass with K batched
-    cotangents was as fast as the loop at K = 2 and 3 (within noise to 10 % faster) and 20–29 %
-    faster per step at K = 11 (H200, ``docs/benchmarks.md``, *Results on a GPU*), at the price
-    of K cotangents held at once. On the CPU it was no faster, so ``"auto"`` keeps the loop."""
-    return engine == "batched" or (engine == "auto" and device.type == "cuda")
+def batched_pass(engine: str, devices: set[torch.device]) -> bool:
+    """Whether the Jacobian of parameters on ``devices`` comes from one batched backward pass
+    rather than K passes: asked for (``"batched"``), or under ``"auto"`` when they all lie on
+    one CUDA device, where it was measured faster (``docs/benchmarks.md``, *Results on a GPU*).
+    On the CPU it was not, so ``"auto"`` keeps the K passes there."""
+    if engine == "batched":
+        return True
+    return engine == "auto" and len(devices) == 1 and next(iter(devices)).type == "cuda"
 
 
 def split_parameters(
@@ -118,7 +119,7 @@ def choose_source(
         reasons.append("shared was given as parameters; pass the shared module(s) instead")
     if engine == "gramian" and reasons:
         raise ValueError("engine='gramian' is not possible: " + "; ".join(reasons))
-    jac = JacobianSource(shared, batched=batched_pass(engine, shared[0].device))
+    jac = _jacobian_source(engine, shared)
     if reasons or engine in ("jacobian", "batched"):
         return jac
     assert modules is not None
@@ -148,4 +149,13 @@ def _data_parallel_source(
     if method.level == "rep":
         split = not isinstance(method, ClosureMethod)
         return RepresentationSource(shared, split, sync=sync, gramian_only=method.gramian_only)
-    return JacobianSource(shared, batched=batched_pass(engine, shared[0].device), sync=sync)
+    return _jacobian_source(engine, shared, sync)
+
+
+def _jacobian_source(
+    engine: str, shared: list[Tensor], sync: ProcessGroupSync | None = None
+) -> JacobianSource:
+    """The Jacobian source for ``engine``; a batched pass chosen by ``"auto"`` may fall back to
+    K passes (:class:`~mtopt.engine.sources.JacobianSource`)."""
+    batched = batched_pass(engine, {p.device for p in shared})
+    return JacobianSource(shared, batched=batched, sync=sync, fallback=engine == "auto")

@@ -35,6 +35,7 @@ from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Aggregation
 from mtopt.engine.closure import Unpacked
 from mtopt.engine.distributed import ProcessGroupSync
+from mtopt.engine.info import logger
 from mtopt.engine.writeback import nonfinite_hint
 
 #: how a representation-level step hands the heads their copies of z: (source z, task, copy)
@@ -118,20 +119,49 @@ class LossSource(GradientSource):
 
 class JacobianSource(GradientSource):
     """The ``K × D`` Jacobian of the shared parameters, by K backward passes (``"jacobian"``)
-    or one batched pass (``"batched"``); the update ``Gᵀw`` is summed in float32 at least."""
+    or one batched pass (``"batched"``); the update ``Gᵀw`` is summed in float32 at least.
+
+    ``fallback`` (the batched pass chosen by ``engine="auto"``): a batched pass that fails (an
+    op in the backward graph without a batching rule, such as a custom ``autograd.Function``
+    that reads a value with ``.item()``) is replaced by K passes for that step and every later
+    one, with one warning on the ``mtopt`` logger; the step's ``gradient_engine`` says
+    ``"jacobian"`` from then on. Asked for by name (``engine="batched"``), the error is
+    raised."""
 
     def __init__(
-        self, shared: list[Tensor], batched: bool = False, sync: ProcessGroupSync | None = None
+        self,
+        shared: list[Tensor],
+        batched: bool = False,
+        sync: ProcessGroupSync | None = None,
+        fallback: bool = False,
     ) -> None:
         self.shared = shared
         self.batched = batched
+        self.fallback = fallback
         self.label = "batched" if batched else "jacobian"
         self.sync = sync
         self.writes_global = sync is not None
 
+    def _jacobian(self, losses: list[Tensor]) -> Tensor:
+        if not self.batched:
+            return jacobian(losses, self.shared)
+        try:
+            return batched_jacobian(losses, self.shared)
+        except RuntimeError as err:
+            if not self.fallback:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            logger.warning(
+                "engine='auto': the batched Jacobian pass failed (%s); the Jacobian is taken by "
+                "%d backward passes from now on (engine='jacobian' chooses them from the start)",
+                reason,
+                len(losses),
+            )
+            self.batched, self.label = False, "jacobian"
+            return jacobian(losses, self.shared)
+
     def compute(self, step: Unpacked) -> PerTask:
-        build = batched_jacobian if self.batched else jacobian
-        grads = build(step.losses, self.shared)
+        grads = self._jacobian(step.losses)
         if self.sync is not None:  # the full batch's Jacobian: the mean of the ranks'
             grads = self.sync.mean(grads)  # (reduced first: a non-finite row stops every rank)
         check_finite(step.names, grads=grads)

@@ -555,7 +555,12 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r}: CUDA is not available on this machine")
-        if name == "cuda" and data_parallel.rank_and_world()[1] > 1:
+        if data_parallel.rank_and_world()[1] > 1:
+            if name != "cuda":  # every rank would train on that one GPU
+                raise ConfigError(
+                    f"device {name!r} under torchrun: pass --device cuda (each process takes "
+                    "its LOCAL_RANK GPU; choose the GPUs with CUDA_VISIBLE_DEVICES)"
+                )
             return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
