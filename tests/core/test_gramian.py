@@ -300,6 +300,31 @@ def test_a_failed_batched_pass_falls_back_to_k_passes_once_and_says_so(caplog):
         torch.testing.assert_close(got.grads, expected)
 
 
+def test_auto_wires_the_fall_back_and_batched_by_name_does_not(monkeypatch, caplog):
+    # batched_pass says "batched" as it would on one CUDA device; the backward cannot be batched
+    import mtopt.engine.setup as setup
+
+    monkeypatch.setattr(setup, "batched_pass", lambda engine, devices: engine != "jacobian")
+    torch.manual_seed(0)
+    enc, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+    x = torch.randn(8, 3)
+
+    def closure():
+        z = _ReadsItem.apply(enc(x))
+        return [h(z).pow(2).mean() for h in heads]
+
+    params = [*enc.parameters(), *heads.parameters()]
+    auto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), "mgda", shared=enc)
+    with caplog.at_level(logging.WARNING, logger="mtopt"):
+        assert auto.step(closure).gradient_engine == "jacobian"
+    assert "batched Jacobian pass failed" in caplog.text
+    named = MultiTaskOptimizer(
+        torch.optim.SGD(params, lr=0.0), "mgda", shared=enc, engine="batched"
+    )
+    with pytest.raises(RuntimeError):
+        named.step(closure)
+
+
 def test_engine_errors():
     enc, heads = _model(2)
     opt = torch.optim.SGD(list(enc.parameters()) + list(heads.parameters()), lr=0.1)
