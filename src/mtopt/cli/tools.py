@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -94,11 +93,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in (args.methods or ",".join(toy.DEFAULT_METHODS)).split(",")]
     if not all(specs):
         raise ConfigError(f"--methods {args.methods!r} has an empty entry (e.g. unitary,mgda)")
-    if steps < 1:
-        raise ConfigError(f"--steps must be ≥ 1, got {steps}")
-    for flag, value in (("--lr", args.lr), ("--scale", scale)):
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+    toy.check_settings(steps, args.lr, scale, toy.BETAS, prefix="--")  # before the output checks
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out {args.out}: the figure is a PNG file (NAME.png)")
     check_output_file("--out", args.out)

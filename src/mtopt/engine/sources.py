@@ -138,9 +138,12 @@ class JacobianSource(GradientSource):
         self.shared = shared
         self.batched = batched
         self.fallback = fallback
-        self.label = "batched" if batched else "jacobian"
         self.sync = sync
         self.writes_global = sync is not None
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return "batched" if self.batched else "jacobian"
 
     def _jacobian(self, losses: list[Tensor]) -> Tensor:
         if not self.batched:
@@ -150,14 +153,15 @@ class JacobianSource(GradientSource):
         except RuntimeError as err:
             if not self.fallback:
                 raise
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = str(err).strip()
+            reason = text.splitlines()[0] if text else type(err).__name__
             logger.warning(
                 "engine='auto': the batched Jacobian pass failed (%s); the Jacobian is taken by "
                 "%d backward passes from now on (engine='jacobian' chooses them from the start)",
                 reason,
                 len(losses),
             )
-            self.batched, self.label = False, "jacobian"
+            self.batched = False
             return jacobian(losses, self.shared)
 
     def compute(self, step: Unpacked) -> PerTask:

@@ -323,14 +323,17 @@ def effective_spec(text: str, scale: float = SCALE) -> MethodSpec:
     return MethodSpec(method, spec.name, hparams)
 
 
-def _check_settings(steps: int, lr: float, scale: float, betas: tuple[float, float]) -> None:
-    """The run's settings, or a one-line ``ValueError``."""
+def check_settings(
+    steps: int, lr: float, scale: float, betas: tuple[float, float], prefix: str = ""
+) -> None:
+    """The run's settings, or a one-line ``ValueError`` naming the setting as ``prefix`` + its
+    name (``prefix="--"``: the command line's option)."""
     if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
+        raise ValueError(f"{prefix}steps must be ≥ 1, got {steps}")
     if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        raise ValueError(f"{prefix}lr must be a finite number > 0, got {lr}")
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+        raise ValueError(f"{prefix}scale must be a finite number > 0, got {scale}")
     if not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"Adam's betas must be in [0, 1), got {betas}")
 
@@ -349,7 +352,7 @@ def run_method(
     start)."""
     import mtopt
 
-    _check_settings(steps, lr, scale, betas)
+    check_settings(steps, lr, scale, betas)
     spec = effective_spec(text, scale)
     reason = skip_reason(mtopt.make(spec.name, **spec.hparams))
     if reason is not None:
@@ -410,7 +413,7 @@ def run_toy(
 ) -> list[ToyResult]:
     """:func:`run_method` for every spec (the settings checked and all specs parsed before
     anything runs: a spec's defaults depend on ``scale``)."""
-    _check_settings(steps, lr, scale, betas)
+    check_settings(steps, lr, scale, betas)
     for text in specs:
         effective_spec(text, scale)
     return [run_method(text, starts, steps, lr, scale, progress, betas) for text in specs]
