@@ -275,16 +275,21 @@ class _ReadsItem(torch.autograd.Function):
         return g * (1.0 + 0.0 * float(g.abs().max()))
 
 
-def test_a_failed_batched_pass_falls_back_to_k_passes_once_and_says_so(caplog):
+def _unbatchable(k: int):
+    """An encoder, k heads and their losses through :class:`_ReadsItem`."""
     torch.manual_seed(0)
-    enc = nn.Linear(3, 4)
-    heads = [nn.Linear(4, 1) for _ in range(3)]
+    enc, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(k))
     x = torch.randn(8, 3)
 
     def losses():
         z = _ReadsItem.apply(enc(x))
         return [h(z).pow(2).mean() for h in heads]
 
+    return enc, heads, losses
+
+
+def test_a_failed_batched_pass_falls_back_to_k_passes_once_and_says_so(caplog):
+    enc, _, losses = _unbatchable(3)
     shared = list(enc.parameters())
     expected = jacobian(losses(), shared)
     with pytest.raises(RuntimeError):  # engine="batched" by name: the error is the user's
@@ -305,14 +310,7 @@ def test_auto_wires_the_fall_back_and_batched_by_name_does_not(monkeypatch, capl
     import mtopt.engine.setup as setup
 
     monkeypatch.setattr(setup, "batched_pass", lambda engine, devices: engine != "jacobian")
-    torch.manual_seed(0)
-    enc, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
-    x = torch.randn(8, 3)
-
-    def closure():
-        z = _ReadsItem.apply(enc(x))
-        return [h(z).pow(2).mean() for h in heads]
-
+    enc, heads, closure = _unbatchable(2)
     params = [*enc.parameters(), *heads.parameters()]
     auto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), "mgda", shared=enc)
     with caplog.at_level(logging.WARNING, logger="mtopt"):
