@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import mtopt
+from _unbatchable import unbatchable
 from mtopt import MultiTaskOptimizer
 from mtopt.core.gradients import batched_jacobian, jacobian
 from mtopt.core.gramian import GramianEngine
@@ -263,33 +264,8 @@ def test_auto_takes_one_batched_pass_on_one_cuda_device_only():
     assert not any(batched_pass(e, {d}) for e in ("jacobian", "gramian") for d in (cpu, gpu0))
 
 
-class _ReadsItem(torch.autograd.Function):
-    """Identity whose backward reads a value on the host: no batching rule under vmap."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * (1.0 + 0.0 * float(g.abs().max()))
-
-
-def _unbatchable(k: int):
-    """An encoder, k heads and their losses through :class:`_ReadsItem`."""
-    torch.manual_seed(0)
-    enc, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(k))
-    x = torch.randn(8, 3)
-
-    def losses():
-        z = _ReadsItem.apply(enc(x))
-        return [h(z).pow(2).mean() for h in heads]
-
-    return enc, heads, losses
-
-
 def test_a_failed_batched_pass_falls_back_to_k_passes_once_and_says_so(caplog):
-    enc, _, losses = _unbatchable(3)
+    enc, _, losses = unbatchable(3)
     shared = list(enc.parameters())
     expected = jacobian(losses(), shared)
     with pytest.raises(RuntimeError):  # engine="batched" by name: the error is the user's
@@ -310,7 +286,7 @@ def test_auto_wires_the_fall_back_and_batched_by_name_does_not(monkeypatch, capl
     import mtopt.engine.setup as setup
 
     monkeypatch.setattr(setup, "batched_pass", lambda engine, devices: engine != "jacobian")
-    enc, heads, closure = _unbatchable(2)
+    enc, heads, closure = unbatchable(2)
     params = [*enc.parameters(), *heads.parameters()]
     auto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), "mgda", shared=enc)
     with caplog.at_level(logging.WARNING, logger="mtopt"):

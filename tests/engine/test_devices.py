@@ -3,10 +3,13 @@ otherwise); `make gpu-check` runs these on a GPU."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from _unbatchable import unbatchable
 from mtopt import Losses, MultiTaskOptimizer
 
 TASKS = ("a", "b", "c")
@@ -78,6 +81,38 @@ def test_float16_autocast_with_a_grad_scaler(name, hps, device):
     assert not any(i.skipped for i in infos)
     for a, b in zip(got, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)  # float16 matmuls
+
+
+@pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
+def test_bfloat16_autocast(name, hps, device):
+    # bfloat16 keeps 8 bits of mantissa (unit roundoff 2^-8 ≈ 0.004): the 3 steps move a weight
+    # by at most lr · (1 + 1.9 + 2.71) · |g| · w ≈ 0.05 · 5.6 · 1 · 3 ≈ 0.84 with |g| ≤ 1 and the
+    # methods' weights w ≤ 3, so the rounding moves it by ≈ 0.84 · 2^-8 ≈ 3.3e-3 at most.
+    reference, _ = run(name, hps, torch.device("cpu"), torch.float64)
+    got, infos = run(name, hps, device, autocast=torch.bfloat16)
+    assert all(v == v for i in infos for v in i.losses.values())  # no NaN
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)
+
+
+@CUDA
+def test_an_unbatchable_backward_falls_back_to_k_passes_on_cuda(caplog):
+    # engine="auto" takes the batched pass on one CUDA device; a backward that reads a value on
+    # the host has no batching rule, so the step falls back to K passes once, with a warning
+    # (tests/core/test_gramian.py covers the same on the CPU by a monkeypatched batched_pass)
+    cuda = torch.device("cuda")
+    steps = {}
+    for device in (torch.device("cpu"), cuda):
+        enc, heads, closure = unbatchable(3, device)
+        opt = torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1)
+        mto = MultiTaskOptimizer(opt, "mgda", shared=enc)
+        with caplog.at_level(logging.WARNING, logger="mtopt"):
+            infos = [mto.step(closure) for _ in range(2)]
+        steps[device.type] = [p.detach().cpu() for p in enc.parameters()], infos
+    assert [i.gradient_engine for i in steps["cuda"][1]] == ["jacobian", "jacobian"]
+    assert caplog.text.count("batched Jacobian pass failed") == 1
+    for a, b in zip(steps["cuda"][0], steps["cpu"][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @CUDA
