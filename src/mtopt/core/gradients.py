@@ -105,9 +105,17 @@ def gram_matrix(rows: Tensor) -> Tensor:
     matrix. The result is symmetrised (a matrix product need not round ``(i, j)`` and
     ``(j, i)`` alike). Non-finite rows give a non-finite Gramian (the caller reports it)."""
     gram = gram_product(rows)
-    if rows.dtype != torch.float64 and bool(torch.isfinite(gram).all()) and not well_resolved(gram):
+    if rows.dtype != torch.float64 and needs_float64(gram):
         return float64_gram(rows)
     return gram
+
+
+def needs_float64(gram: Tensor) -> bool:
+    """Whether a Gramian formed in float32 must be formed again in float64: finite, and not
+    :func:`well_resolved`. Both tests run on one host copy of the ``K × K`` matrix (one wait
+    for the device on a GPU, not two)."""
+    host = gram.detach().cpu()
+    return bool(torch.isfinite(host).all()) and not well_resolved(host)
 
 
 def gram_product(rows: Tensor) -> Tensor:
@@ -117,12 +125,14 @@ def gram_product(rows: Tensor) -> Tensor:
     work = torch.float64 if rows.dtype == torch.float64 else torch.float32
     r = rows.reshape(rows.shape[0], -1).to(work)
     direct = (r @ r.T).to(torch.float64)
-    diag = torch.diagonal(direct)
-    fine = (diag >= 2.0**-60) & (diag <= 2.0**100)
-    zero = diag == 0  # an exactly zero row, or one whose squares underflowed
-    if bool(zero.any()):
-        fine = fine | (zero & (r.abs().amax(dim=1) == 0))
-    if bool(fine.all()) or not bool(torch.isfinite(r.sum(dim=1)).all()):
+    # the K squared norms are read on the host once (on a GPU each test of a device tensor
+    # would wait for the device): NaN fails both comparisons, as it did on the device
+    diag = torch.diagonal(direct).tolist()
+    fine = [2.0**-60 <= d <= 2.0**100 for d in diag]
+    if 0.0 in diag:  # an exactly zero row, or one whose squares underflowed
+        empty = (r.abs().amax(dim=1) == 0).tolist()
+        fine = [f or (d == 0 and e) for f, d, e in zip(fine, diag, empty, strict=True)]
+    if all(fine) or not bool(torch.isfinite(r.sum(dim=1)).all()):
         return _symmetric(direct)
     amax = r.abs().amax(dim=1)
     _, exponent = torch.frexp(amax)

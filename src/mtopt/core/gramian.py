@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from mtopt.core.gradients import batched_grads, float64_gram, gram_product, well_resolved
+from mtopt.core.gradients import batched_grads, float64_gram, gram_product, needs_float64
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Given the weights ``w``, the ``(parameter, Σ_k w_k ∂ℓ_k/∂parameter)`` pairs of one module call.
@@ -243,11 +243,7 @@ class GramianEngine:
             self._pending.append(self._keep(owned, jac, _chain(pendings)))
             precise.append(_precise_rows(module_rows))
         self._calls = []
-        if (
-            ref.dtype != torch.float64
-            and bool(torch.isfinite(gram).all())
-            and not well_resolved(gram)
-        ):
+        if ref.dtype != torch.float64 and needs_float64(gram):
             gram = torch.zeros_like(gram)
             for thunk in precise:
                 gram += thunk()
@@ -448,7 +444,8 @@ def _kernel_gram(x: Tensor, c: Tensor, with_bias: bool, precise: bool = False) -
     _, e_x = torch.frexp(x.abs().amax().reshape(1))
     e_c = torch.where(c_max > 0, e_c, torch.zeros_like(e_c))
     e_x = torch.where(x.abs().amax().reshape(1) > 0, e_x, torch.zeros_like(e_x))
-    scaled = bool(((e_c < -30) | (e_c > 30)).any() or ((e_x < -30) | (e_x > 30)).any())
+    exps = torch.cat([e_c, e_x])
+    scaled = bool(((exps < -30) | (exps > 30)).any())  # one wait for the device, not two
     if scaled:
         c = torch.ldexp(c, -e_c.to(work)[:, None, None])
         x = torch.ldexp(x, -e_x.to(work))
