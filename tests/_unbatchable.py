@@ -28,7 +28,7 @@ def unbatchable(
     """An encoder, k heads and their losses through :class:`ReadsItem`, on ``device``."""
     torch.manual_seed(0)
     enc, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(k))
-    x = torch.randn(8, 3, device=device)
+    x = torch.randn(8, 3).to(device)  # drawn on the CPU: the same batch on every device
     enc.to(device), heads.to(device)
 
     def losses():
