@@ -391,8 +391,9 @@ def combine(agg: Aggregation, grads: Tensor) -> Tensor:
 
 
 def weighted_sum(losses: list[Tensor], coeffs: Tensor) -> Tensor:
-    """``Σ_k c_k ℓ_k`` (the coefficients detached, in the losses' dtype)."""
-    c = coeffs.detach().to(device=losses[0].device, dtype=losses[0].dtype)
+    """``Σ_k c_k ℓ_k`` (the coefficients detached, in the losses' dtype; copied from the host
+    without waiting for the device, as :func:`~mtopt.core.method.as_weights` does)."""
+    c = coeffs.detach().to(device=losses[0].device, dtype=losses[0].dtype, non_blocking=True)
     return (torch.stack(losses) * c).sum()
 
 
