@@ -14,7 +14,9 @@ from mtopt import Losses, MultiTaskOptimizer
 
 TASKS = ("a", "b", "c")
 METHODS = [("unitary", {}), ("mgda", {}), ("upgrad", {"engine": "gramian"}), ("mgda_ub", {}),
-           ("cagrad", {}), ("nash_mtl", {}), ("famo", {}), ("pcgrad", {"seed": 1})]  # fmt: skip
+           ("cagrad", {}), ("nash_mtl", {}), ("famo", {}), ("pcgrad", {"seed": 1}),
+           ("upgrad", {"engine": "batched"})]  # fmt: skip
+IDS = [f"{n}#{h['engine']}" if "engine" in h else n for n, h in METHODS]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
@@ -58,17 +60,18 @@ def run(name, hps, device, dtype=torch.float32, steps=3, autocast=None, scaler=N
     return [p.detach().cpu().double() for p in model.parameters()], infos
 
 
-@pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
+@pytest.mark.parametrize(("name", "hps"), METHODS, ids=IDS)
 def test_a_step_on_the_device_matches_float64_on_the_cpu(name, hps, device):
     reference, _ = run(name, hps, torch.device("cpu"), torch.float64)
     got, infos = run(name, hps, device)
     by_auto = "batched" if device.type == "cuda" else "jacobian"  # engine="auto": batched_pass
-    assert infos[-1].gradient_engine in (None, by_auto, "gramian", "representation")
+    expected = hps.get("engine", by_auto)
+    assert infos[-1].gradient_engine in (None, expected, "representation")
     for a, b in zip(got, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
+@pytest.mark.parametrize(("name", "hps"), METHODS, ids=IDS)
 def test_float16_autocast_with_a_grad_scaler(name, hps, device):
     # 2^10 leaves float16 (largest 65504) room for these gradients (|g| ≤ 1 here) times the
     # methods' weights (≤ 3). At torch's default 2^16 a step whose weights exceed 1 overflows
@@ -83,7 +86,7 @@ def test_float16_autocast_with_a_grad_scaler(name, hps, device):
         torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)  # float16 matmuls
 
 
-@pytest.mark.parametrize(("name", "hps"), METHODS, ids=[n for n, _ in METHODS])
+@pytest.mark.parametrize(("name", "hps"), METHODS, ids=IDS)
 def test_bfloat16_autocast(name, hps, device):
     # bfloat16 keeps 8 bits of mantissa (unit roundoff 2^-8 ≈ 0.004): the 3 steps move a weight
     # by at most lr · (1 + 1.9 + 2.71) · |g| · w ≈ 0.05 · 5.6 · 1 · 3 ≈ 0.84 with |g| ≤ 1 and the
@@ -123,7 +126,7 @@ def test_nccl_group_of_one_process(tmp_path):
     try:
         cuda = torch.device("cuda")
         for name, hps in METHODS:
-            if name == "upgrad":  # the Gramian engine is refused in a process group
+            if hps.get("engine") == "gramian":  # refused in a process group
                 continue
             alone, _ = run(name, hps, cuda)
             grouped, infos = run(name, hps, cuda, group=dist.group.WORLD)

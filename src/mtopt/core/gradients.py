@@ -4,6 +4,8 @@
 backward pass) return one row per loss, the gradient with respect to ``inputs``
 (shared parameters for ``Need.PARAM_GRADS``, the representation for ``Need.REP_GRADS``) flattened
 and concatenated. Inputs that a loss does not reach get zeros in its row.
+``batched_jacobian_through`` gives the same matrix with the batched pass through the encoder
+only, when the losses reach the inputs only through the features ``z`` (``only_through``).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ def batched_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tens
     without a batching rule fall back to a loop inside PyTorch)."""
     if not inputs:
         raise ValueError("no inputs to differentiate with respect to")
-    grads = batched_grads(losses, inputs)
-    k = len(losses)
+    return _flat_rows(batched_grads(losses, inputs), inputs, len(losses))
+
+
+def _flat_rows(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], k: int) -> Tensor:
+    """``(K, *x.shape)`` gradients (``None``: zero) as one ``K × Σ numel`` matrix."""
     rows = [
         torch.zeros(k, t.numel(), dtype=t.dtype, device=t.device)
         if g is None
@@ -64,6 +69,54 @@ def batched_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tens
         for g, t in zip(grads, inputs, strict=True)
     ]
     return torch.cat(rows, dim=1)
+
+
+def only_through(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor]) -> bool:
+    """Whether every path of the autograd graph from the losses to ``inputs`` passes through
+    ``features`` (the edge ``(features.grad_fn, features.output_nr)``): then, by the chain rule,
+    ``∂ℓ_k/∂θ = (∂ℓ_k/∂z)(∂z/∂θ)`` for every input θ. Walks the graph from the losses without
+    entering ``features``; any path that reaches an input otherwise (a loss that reads an
+    encoder weight directly, another output of the node that made ``z``) says no. A ``z``
+    outside the graph (no ``grad_fn``) says no."""
+    stop = features.grad_fn
+    if stop is None:
+        return False
+    targets = {id(t) for t in inputs}
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(loss.grad_fn, 0) for loss in losses]
+    while todo:
+        node, nr = todo.pop()
+        if node is None or (node is stop and nr == features.output_nr) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
+        if variable is not None and id(variable) in targets:
+            return False
+        todo.extend(node.next_functions)
+    return True
+
+
+def batched_jacobian_through(
+    losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor]
+) -> Tensor:
+    """The matrix of :func:`batched_jacobian` in two stages, when :func:`only_through` holds:
+    the K rows ``∂ℓ_k/∂z`` by K ``autograd.grad`` calls (each through its own loss's part of
+    the graph: the heads, and the loss functions, are differentiated once per task, not K
+    times), then one backward pass through the encoder with those K rows batched as ``z``'s
+    cotangents. Batching the losses' own backward too (:func:`batched_jacobian`) sends K
+    cotangents, K − 1 of them zero, through every head, and a loss whose backward has no
+    batching rule (``mse_loss_backward``) then runs K times per head."""
+    rows = jacobian(losses, [features])
+    k = len(losses)
+    grads = torch.autograd.grad(
+        features,
+        list(inputs),
+        grad_outputs=rows.view(k, *features.shape),
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return _flat_rows(grads, inputs, k)
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

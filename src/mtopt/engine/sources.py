@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtopt.core.gradients import batched_jacobian, gram_matrix, jacobian, write_flat_grad
+from mtopt.core.gradients import (
+    batched_jacobian,
+    batched_jacobian_through,
+    gram_matrix,
+    jacobian,
+    only_through,
+    write_flat_grad,
+)
 from mtopt.core.gramian import GramianEngine
 from mtopt.core.method import Aggregation
 from mtopt.engine.closure import Unpacked
@@ -121,6 +128,13 @@ class JacobianSource(GradientSource):
     """The ``K × D`` Jacobian of the shared parameters, by K backward passes (``"jacobian"``)
     or one batched pass (``"batched"``); the update ``Gᵀw`` is summed in float32 at least.
 
+    The batched pass, when the closure returns the features ``z`` and the losses reach the
+    shared parameters only through them (checked on the graph at every step,
+    :func:`~mtopt.core.gradients.only_through`), runs batched through the encoder alone: the
+    rows ``∂ℓ_k/∂z`` first, one task's part of the graph at a time, then ``z``'s backward with
+    the K rows as cotangents (:func:`~mtopt.core.gradients.batched_jacobian_through`).
+    Otherwise it is batched through the whole graph.
+
     ``fallback`` (the batched pass chosen by ``engine="auto"``): a batched pass that fails (an
     op in the backward graph without a batching rule, such as a custom ``autograd.Function``
     that reads a value with ``.item()``) is replaced by K passes for that step and every later
@@ -145,10 +159,12 @@ class JacobianSource(GradientSource):
     def label(self) -> str:  # type: ignore[override]
         return "batched" if self.batched else "jacobian"
 
-    def _jacobian(self, losses: list[Tensor]) -> Tensor:
+    def _jacobian(self, losses: list[Tensor], features: Tensor | None) -> Tensor:
         if not self.batched:
             return jacobian(losses, self.shared)
         try:
+            if features is not None and only_through(losses, features, self.shared):
+                return batched_jacobian_through(losses, features, self.shared)
             return batched_jacobian(losses, self.shared)
         except RuntimeError as err:
             if not self.fallback:
@@ -165,7 +181,7 @@ class JacobianSource(GradientSource):
             return jacobian(losses, self.shared)
 
     def compute(self, step: Unpacked) -> PerTask:
-        grads = self._jacobian(step.losses)
+        grads = self._jacobian(step.losses, step.features)
         if self.sync is not None:  # the full batch's Jacobian: the mean of the ranks'
             grads = self.sync.mean(grads)  # (reduced first: a non-finite row stops every rank)
         check_finite(step.names, grads=grads)

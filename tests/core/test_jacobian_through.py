@@ -1,0 +1,136 @@
+"""The batched Jacobian through the features only (``only_through``,
+``batched_jacobian_through``): the same matrix as K backward passes whenever the losses reach the
+shared parameters only through ``z``, refused on the graph whenever they do not, and each head's
+backward run once per task rather than K times."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from mtopt import Losses, MultiTaskOptimizer
+from mtopt.core.gradients import batched_jacobian_through, jacobian, only_through
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _encoder(dtype):
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).to(dtype)
+
+
+@settings(max_examples=25)
+@given(
+    k=st.integers(1, 6),
+    batch=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_two_stages_give_the_jacobian_of_k_passes(k, batch, dtype, seed):
+    torch.manual_seed(seed)
+    enc = _encoder(dtype)
+    heads = [nn.Linear(6, 2).to(dtype) for _ in range(k)]
+    unused = nn.Parameter(torch.ones(3, dtype=dtype))
+    z = enc(torch.randn(batch, 5, dtype=dtype))
+    losses = [nn.functional.mse_loss(h(z), torch.randn(batch, 2, dtype=dtype)) for h in heads]
+    losses[0] = losses[0] + heads[0].bias.sum() ** 2  # a head-only term: no path to the encoder
+    shared = [*enc.parameters(), unused]
+    assert only_through(losses, z, shared)
+    got = batched_jacobian_through(losses, z, shared)
+    want = jacobian(losses, shared)
+    assert got.shape == want.shape
+    assert torch.equal(got[:, -3:], torch.zeros(k, 3, dtype=dtype))  # unreached: zero columns
+    assert _relative(got, want) < TOL[dtype]
+
+
+def _detours():
+    """(name, closure builder) pairs whose losses reach the encoder other than through z."""
+    torch.manual_seed(0)
+
+    def weight_decay(enc, heads, x):
+        z = enc(x)
+        first = heads[0](z).pow(2).mean() + 1e-2 * enc[0].weight.pow(2).sum()
+        return [first, heads[1](z).abs().mean()], z
+
+    def inner_layer(enc, heads, x):
+        hidden = enc[1](enc[0](x))  # a loss on the encoder's hidden layer, beside z
+        z = enc[2](hidden)
+        return [heads[0](z).pow(2).mean(), hidden.pow(2).mean()], z
+
+    def other_output(enc, heads, x):
+        z, w = enc(x).split(3, dim=1)  # z and w: two outputs of one node
+        return [heads[0](torch.cat([z, z], 1)).pow(2).mean(), w.pow(2).mean()], z
+
+    return [("weight_decay", weight_decay), ("inner_layer", inner_layer),
+            ("other_output", other_output)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "build"), _detours(), ids=[n for n, _ in _detours()])
+def test_a_detour_around_z_is_seen_and_the_pass_is_batched_through_everything(name, build):
+    torch.manual_seed(0)
+    enc = _encoder(torch.float64)
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    losses, z = build(enc, heads, x)
+    assert not only_through(losses, z, list(enc.parameters()))
+    out = {}
+    for engine in ("jacobian", "batched"):
+        e, h = copy.deepcopy(enc), copy.deepcopy(heads)
+        params = [*e.parameters(), *h.parameters()]
+        mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "mgda", shared=e, engine=engine)
+
+        def closure(e=e, h=h):
+            found, feats = build(e, h, x)
+            return Losses(dict(zip("ab", found, strict=True)), features=feats)
+
+        mto.step(closure)
+        out[engine] = torch.cat([p.detach().reshape(-1) for p in params])
+    assert _relative(out["batched"], out["jacobian"]) < 1e-12
+
+
+def test_features_outside_the_graph_are_refused():
+    enc = _encoder(torch.float64)
+    z = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)  # a leaf: no grad_fn
+    assert not only_through([z.sum()], z, list(enc.parameters()))
+
+
+def test_in_the_optimizer_each_head_is_differentiated_once_per_task():
+    """K = 6 MSE heads: the batched pass through the whole graph runs ``mse_loss_backward``
+    (which has no batching rule) once per cotangent row of each head, K² times at least;
+    through z, as often as the K-pass engine. The update equals the K-pass engine's."""
+    torch.manual_seed(0)
+    k = 6
+    enc = _encoder(torch.float64)
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(k)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, k, dtype=torch.float64)
+    out, calls = {}, {}
+    for engine, features in (("jacobian", True), ("batched", True), ("batched", False)):
+        e, h = copy.deepcopy(enc), copy.deepcopy(heads)
+        params = [*e.parameters(), *h.parameters()]
+        mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "upgrad", shared=e, engine=engine)
+
+        def closure(e=e, h=h, features=features):
+            z = e(x)
+            losses = {str(i): nn.functional.mse_loss(h[i](z)[:, 0], y[:, i]) for i in range(k)}
+            return Losses(losses, features=z if features else None)
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            mto.step(closure)
+        label = f"{engine}{'' if features else ' without z'}"
+        calls[label] = sum(
+            e.count for e in prof.key_averages() if e.key == "aten::mse_loss_backward"
+        )
+        out[label] = torch.cat([p.detach().reshape(-1) for p in params])
+    assert calls["batched"] == calls["jacobian"], calls  # the K-pass engine's count
+    assert calls["batched without z"] >= k * k, calls
+    for label in ("batched", "batched without z"):
+        assert _relative(out[label], out["jacobian"]) < 1e-12
