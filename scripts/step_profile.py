@@ -1,0 +1,118 @@
+"""What a multi-task step launches: torch.profiler over a few steps of `mtopt bench` contenders.
+
+On a GPU a small model's step is bound by the host: the device is busy for a fraction of the
+step, and the time goes to launching kernels. This script reports, per contender, the step's
+wall time (profiled), the device's busy time, the events on the device, the kernel launches,
+the copies and stream synchronisations, how often each named op ran (``--count``), and the top
+ops by host time.
+
+    python scripts/step_profile.py --workload mlp11 --out profile.md
+    python scripts/step_profile.py --device cpu --contenders upgrad,upgrad#jacobian
+
+Contenders are `mtopt bench` labels: ``plain``, an mtopt method spec (``upgrad``,
+``upgrad#gramian``) or ``torchjd:NAME`` (needs TorchJD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mtopt.bench.contenders.base import Contender
+from mtopt.bench.contenders.methods import MtoptContender
+from mtopt.bench.contenders.plain import PlainContender
+from mtopt.bench.workloads import Workload, get_workload
+
+DEFAULT = "plain,unitary,upgrad,torchjd:UPGrad,mgda,torchjd:MGDA"
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def contender(label: str, model: Any, workload: Workload) -> Contender:
+    if label == "plain":
+        return PlainContender(model, workload)
+    if label.startswith("torchjd:"):
+        from mtopt.bench.contenders.torchjd import TorchJDContender
+
+        return TorchJDContender(model, workload, label.split(":", 1)[1])
+    return MtoptContender(model, workload, label)
+
+
+def profile_steps(
+    label: str, workload: str, device: str, steps: int, warmup: int, counted: tuple[str, ...]
+) -> tuple[dict[str, float], str]:
+    """Per-step figures of one contender, and its table of the top ops by host time."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    w = get_workload(workload)
+    batch = {k: v.to(dev) for k, v in w.make_batch(torch.Generator().manual_seed(0)).items()}
+    torch.manual_seed(0)
+    c = contender(label, w.build().to(dev), w)
+    for _ in range(warmup):
+        c.step(batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            c.step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    figures = {
+        "wall ms": 1e3 * wall,
+        "device busy ms": sum(e.self_device_time_total for e in events) / steps / 1e3,
+        "device events": sum(e.count for e in events if e.self_device_time_total > 0) / steps,
+        "launches": sum(e.count for e in events if e.key in LAUNCHES) / steps,
+        "copies": sum(e.count for e in events if "Memcpy" in e.key and e.self_device_time_total > 0)
+        / steps,
+        "stream syncs": sum(e.count for e in events if e.key in SYNCS) / steps,
+        "aten ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
+    }
+    for name in counted:
+        figures[name] = sum(e.count for e in events if e.key == name) / steps
+    table = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
+    return figures, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", default="mlp11")
+    parser.add_argument("--contenders", default=DEFAULT)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--count", default="aten::mse_loss_backward", help="ops to count, a,b")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("step_profile: no CUDA device (use --device cpu to profile on the CPU)")
+        return 2
+    counted = tuple(n for n in args.count.split(",") if n)
+    head = f"# Step profile ({args.workload}, {args.device}, torch {torch.__version__})"
+    summary, tables = [], []
+    for label in args.contenders.split(","):
+        figures, table = profile_steps(
+            label, args.workload, args.device, args.steps, args.warmup, counted
+        )
+        cells = ", ".join(
+            f"{k} {v:.2f}" if "ms" in k else f"{k} {v:.0f}" for k, v in figures.items()
+        )
+        summary.append(f"- `{label}`: {cells} (per step, mean of {args.steps})")
+        print(summary[-1], flush=True)
+        tables.append(f"## {label}\n\n```\n{table}\n```\n")
+    if args.out:
+        args.out.write_text("\n\n".join([head, "\n".join(summary), *tables]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
