@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mtopt import Losses, MultiTaskOptimizer
 from mtopt.core.gradients import batched_jacobian_through, jacobian, only_through
+from mtopt.core.gramian import GramianEngine
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -70,8 +71,19 @@ def _detours():
         z, w = enc(x).split(3, dim=1)  # z and w: two outputs of one node
         return [heads[0](torch.cat([z, z], 1)).pow(2).mean(), w.pow(2).mean()], z
 
+    def hooked(enc, heads, x):
+        z = enc(x)
+        z.register_hook(lambda g: -0.5 * g)  # gradient reversal: it would run twice
+        return [heads[0](z).pow(2).mean(), heads[1](z).abs().mean()], z
+
+    def retained(enc, heads, x):
+        z = enc(x)
+        z.retain_grad()
+        return [heads[0](z).pow(2).mean(), heads[1](z).abs().mean()], z
+
     return [("weight_decay", weight_decay), ("inner_layer", inner_layer),
-            ("other_output", other_output)]  # fmt: skip
+            ("other_output", other_output), ("hooked", hooked),
+            ("retained", retained)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "build"), _detours(), ids=[n for n, _ in _detours()])
@@ -95,6 +107,20 @@ def test_a_detour_around_z_is_seen_and_the_pass_is_batched_through_everything(na
         mto.step(closure)
         out[engine] = torch.cat([p.detach().reshape(-1) for p in params])
     assert _relative(out["batched"], out["jacobian"]) < 1e-12
+
+
+def test_a_loss_that_is_another_output_of_zs_node_or_an_input_is_refused():
+    # (found by review: the walk started every loss at output 0 of its node, and skipped a
+    # loss without a node)
+    enc = _encoder(torch.float64)
+    shared = list(enc.parameters())
+    h = enc(torch.randn(4, 5, dtype=torch.float64))
+    z, aux = torch.stack([h.sum(), h.pow(2).sum()]).unbind()  # z: output 0, aux: output 1
+    losses = [(3 * z).sin(), aux]
+    assert not only_through(losses, z, shared)
+    scale = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))  # a loss that is an input
+    z = enc(torch.randn(4, 5, dtype=torch.float64))
+    assert not only_through([z.pow(2).mean(), scale], z, [*shared, scale])
 
 
 def test_features_outside_the_graph_are_refused():
@@ -134,3 +160,56 @@ def test_in_the_optimizer_each_head_is_differentiated_once_per_task():
     assert calls["batched without z"] >= k * k, calls
     for label in ("batched", "batched without z"):
         assert _relative(out[label], out["jacobian"]) < 1e-12
+
+
+@settings(max_examples=15)
+@given(k=st.integers(1, 5), seed=st.integers(0, 2**16), keep=st.sampled_from([0, 2**30]))
+def test_the_gramian_engine_from_z_gives_the_gramian_and_the_update_of_the_jacobian(k, seed, keep):
+    """The Gramian engine's cotangents started at z (features given, only_through holds):
+    ``M = JJᵀ`` and ``Jᵀw`` as from the K-pass Jacobian (keep_bytes 0: the update recomputed
+    from the kept cotangents; 2^30: from the kept rows)."""
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).double()
+    heads = [nn.Linear(6, 1).double() for _ in range(k)]
+    x = torch.randn(4, 5, dtype=torch.float64)
+    params = list(enc.parameters())
+    engine = GramianEngine([enc], params, keep_bytes=keep)
+    with engine.record():
+        z = enc(x)
+        losses = [nn.functional.mse_loss(h(z)[:, 0], torch.ones(4, dtype=z.dtype)) for h in heads]
+    gram = engine.gramian(losses, z)
+    jac = jacobian(losses, params)
+    assert _relative(gram, jac @ jac.T) < 1e-12
+    w = torch.randn(k, dtype=torch.float64)
+    engine.write_grads(w)
+    got = torch.cat([p.grad.reshape(-1) for p in params])
+    assert _relative(got, w @ jac) < 1e-12
+
+
+def test_the_gramian_engine_in_the_optimizer_differentiates_each_head_once_per_task():
+    torch.manual_seed(0)
+    k = 6
+    enc = _encoder(torch.float64)
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(k)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, k, dtype=torch.float64)
+    out, calls = {}, {}
+    for engine in ("jacobian", "gramian"):
+        e, h = copy.deepcopy(enc), copy.deepcopy(heads)
+        params = [*e.parameters(), *h.parameters()]
+        mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "upgrad", shared=e, engine=engine)
+
+        def closure(e=e, h=h):
+            z = e(x)
+            losses = {str(i): nn.functional.mse_loss(h[i](z)[:, 0], y[:, i]) for i in range(k)}
+            return Losses(losses, features=z)
+
+        mto.step(closure)  # the first step also verifies the Gramian against autograd
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            mto.step(closure)
+        calls[engine] = sum(
+            e.count for e in prof.key_averages() if e.key == "aten::mse_loss_backward"
+        )
+        out[engine] = torch.cat([p.detach().reshape(-1) for p in params])
+    # as many as the K-pass engine (through every head it was at least K², once per row)
+    assert calls["gramian"] == calls["jacobian"], calls
+    assert _relative(out["gramian"], out["jacobian"]) < 1e-10

@@ -76,14 +76,18 @@ def only_through(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Te
     ``features`` (the edge ``(features.grad_fn, features.output_nr)``): then, by the chain rule,
     ``∂ℓ_k/∂θ = (∂ℓ_k/∂z)(∂z/∂θ)`` for every input θ. Walks the graph from the losses without
     entering ``features``; any path that reaches an input otherwise (a loss that reads an
-    encoder weight directly, another output of the node that made ``z``) says no. A ``z``
-    outside the graph (no ``grad_fn``) says no."""
+    encoder weight directly, another output of the node that made ``z``, a loss that is an
+    input itself) says no. A ``z`` outside the graph (no ``grad_fn``) says no, and so does a
+    ``z`` with tensor hooks or ``retain_grad``: they would run twice, when ``∂ℓ_k/∂z`` is
+    captured and again when ``z``'s backward starts (hooks on ``z``'s node run once)."""
     stop = features.grad_fn
-    if stop is None:
+    if stop is None or features._backward_hooks or features.retains_grad:
         return False
     targets = {id(t) for t in inputs}
+    if any(loss.grad_fn is None and id(loss) in targets for loss in losses):
+        return False
     seen: set[int] = set()
-    todo: list[tuple[Any, int]] = [(loss.grad_fn, 0) for loss in losses]
+    todo: list[tuple[Any, int]] = [(loss.grad_fn, loss.output_nr) for loss in losses]
     while todo:
         node, nr = todo.pop()
         if node is None or (node is stop and nr == features.output_nr) or id(node) in seen:
@@ -106,17 +110,24 @@ def batched_jacobian_through(
     cotangents. Batching the losses' own backward too (:func:`batched_jacobian`) sends K
     cotangents, K − 1 of them zero, through every head, and a loss whose backward has no
     batching rule (``mse_loss_backward``) then runs K times per head."""
+    return _flat_rows(batched_grads_through(losses, features, inputs), inputs, len(losses))
+
+
+def batched_grads_through(
+    losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Any]
+) -> tuple[Tensor | None, ...]:
+    """What :func:`batched_grads` returns, ``(K, *x.shape)`` per input (a tensor or a
+    ``GradientEdge``), in the two stages of :func:`batched_jacobian_through` (valid when
+    :func:`only_through` holds for the inputs' parameters)."""
     rows = jacobian(losses, [features])
-    k = len(losses)
-    grads = torch.autograd.grad(
+    return torch.autograd.grad(
         features,
         list(inputs),
-        grad_outputs=rows.view(k, *features.shape),
+        grad_outputs=rows.view(len(losses), *features.shape),
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
     )
-    return _flat_rows(grads, inputs, k)
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

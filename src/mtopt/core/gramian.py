@@ -16,7 +16,10 @@ here for K scalar task losses):
    every call: its inputs and the autograd edge of each output ``y``.
 2. One backward pass with K batched cotangents (``autograd.grad(..., is_grads_batched=True)``,
    seeded with the identity) gives ``C = ∂ℓ/∂y ∈ ℝ^{K × shape(y)}`` at every recorded output. It
-   computes activation gradients only; no parameter gradient is formed.
+   computes activation gradients only; no parameter gradient is formed. Given the features
+   ``z`` through which alone the losses reach the shared parameters, the pass starts at ``z``
+   with the K rows ``∂ℓ_k/∂z`` (taken one task at a time), so that the heads and losses are not
+   differentiated once per cotangent row (:func:`~mtopt.core.gradients.only_through`).
 3. Per module, ``J_p`` of its own parameters follows from its inputs and ``C``:
 
    * ``nn.Linear``, ``y = x Wᵀ + b`` with the rows of every call stacked into ``X ∈ ℝ^{N×i}``
@@ -63,7 +66,14 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from mtopt.core.gradients import batched_grads, float64_gram, gram_product, needs_float64
+from mtopt.core.gradients import (
+    batched_grads,
+    batched_grads_through,
+    float64_gram,
+    gram_product,
+    needs_float64,
+    only_through,
+)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Given the weights ``w``, the ``(parameter, Σ_k w_k ∂ℓ_k/∂parameter)`` pairs of one module call.
@@ -166,12 +176,16 @@ class GramianEngine:
         )
 
     # -- the Gramian -------------------------------------------------------------------------
-    def gramian(self, losses: Sequence[Tensor]) -> Tensor:
+    def gramian(self, losses: Sequence[Tensor], features: Tensor | None = None) -> Tensor:
         """``M = J Jᵀ`` (``K × K``, float64) for the losses of the recorded forward: each
         module's contribution is formed in float32 at least, with power-of-two scaling where
         its rows would overflow or underflow (:func:`~mtopt.core.gradients.gram_matrix`), and
         accumulated in float64. Keeps the cotangents until :meth:`write_grads` (or
-        :meth:`clear`); the autograd graph is retained."""
+        :meth:`clear`); the autograd graph is retained. With ``features`` (the shared
+        representation ``z``) through which alone the losses reach the shared parameters
+        (:func:`~mtopt.core.gradients.only_through`), the K cotangents start at ``z``
+        (``∂ℓ_k/∂z``, one task at a time) rather than at the losses, so that the heads and the
+        losses are not differentiated once per cotangent row."""
         num_tasks = len(losses)
         ref = self.params[0]
         gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=ref.device)
@@ -181,7 +195,7 @@ class GramianEngine:
         edges = [e for call in calls for e in call.edges]
         if not edges and not self.unowned:
             return gram
-        cotangents = self._cotangents(losses, edges + self.unowned)
+        cotangents = self._cotangents(losses, edges + self.unowned, features)
         # the coarsest float the forward and backward ran in (bfloat16 under autocast, say)
         floats = [c.dtype for c in cotangents if c is not None] + [
             a.dtype for call in calls for a in call.args if isinstance(a, Tensor)
@@ -282,9 +296,13 @@ class GramianEngine:
             g = torch.zeros_like(p) if entry is None else entry[1].reshape(p.shape).to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
 
-    def _cotangents(self, losses: Sequence[Tensor], inputs: list[Any]) -> list[Tensor | None]:
+    def _cotangents(
+        self, losses: Sequence[Tensor], inputs: list[Any], features: Tensor | None = None
+    ) -> list[Tensor | None]:
         if self._batched:
             try:
+                if features is not None and only_through(losses, features, self.params):
+                    return list(batched_grads_through(losses, features, inputs))
                 return list(batched_grads(losses, inputs))
             except RuntimeError:  # an op without a batching rule: K plain passes from now on
                 self._batched = False

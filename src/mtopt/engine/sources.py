@@ -207,7 +207,7 @@ class GramianSource(GradientSource):
         return self.engine.record()
 
     def compute(self, step: Unpacked) -> PerTask:
-        gram = self.engine.gramian(step.losses)
+        gram = self.engine.gramian(step.losses, step.features)
         if not self._verified:
             self.engine.verify(step.losses, gram)
             self._verified = True
