@@ -24,18 +24,23 @@ from pathlib import Path
 
 import torch
 
-from mtopt.bench.contenders.methods import MtoptContender
+import mtopt
+from mtopt.bench.contenders import one_contender
 from mtopt.bench.workloads import get_workload
 
 DEFAULT_METHODS = "unitary,famo,mgda,mgda_ub,upgrad,upgrad#gramian,cagrad,nash_mtl,pcgrad"
 
 
+#: the folder that holds the mtopt package: frames under it are named from ``mtopt/`` on
+_PACKAGE_ROOT = str(Path(mtopt.__file__).parent.parent)
+
+
 def _short(frame: traceback.FrameSummary) -> str:
     name = frame.filename
-    for root in ("/mtopt/", "site-packages/"):
-        if root in name:
-            name = ("mtopt/" if root == "/mtopt/" else "") + name.split(root, 1)[1]
-            break
+    if name.startswith(_PACKAGE_ROOT + "/"):
+        name = name[len(_PACKAGE_ROOT) + 1 :]
+    elif "site-packages/" in name:
+        name = name.rsplit("site-packages/", 1)[1]
     return f"{name}:{frame.lineno}"
 
 
@@ -43,7 +48,7 @@ def _origin(stack: list[traceback.FrameSummary]) -> str:
     """The innermost frame, and the innermost line of mtopt's sources that led to it."""
     while len(stack) > 1 and stack[-1].filename.endswith("warnings.py"):
         stack = stack[:-1]  # the warnings machinery that called record()
-    ours = [f for f in stack if "/mtopt/" in f.filename and "gpu_syncs" not in f.filename]
+    ours = [f for f in stack if f.filename.startswith(_PACKAGE_ROOT + "/mtopt/")]
     inner = stack[-1]
     if not ours or ours[-1] is inner:
         return f"{_short(inner)} ({inner.line})"
@@ -54,12 +59,7 @@ def count_syncs(
     spec: str, workload: str, steps: int, warmup: int, device: str = "cuda"
 ) -> tuple[float, float, dict[str, int]]:
     """(syncs per step, milliseconds per step, {origin: count over the steps}) of one spec."""
-    w = get_workload(workload)
-    torch.manual_seed(0)
-    model = w.build().to(device)
-    gen = torch.Generator().manual_seed(0)
-    batch = {k: v.to(device) for k, v in w.make_batch(gen).items()}
-    contender = MtoptContender(model, w, spec)
+    contender, batch = one_contender(spec, get_workload(workload), torch.device(device))
     for _ in range(warmup):
         contender.step(batch)
     torch.cuda.synchronize()

@@ -2,9 +2,9 @@
 
 On a GPU a small model's step is bound by the host: the device is busy for a fraction of the
 step, and the time goes to launching kernels. This script reports, per contender, the step's
-wall time (profiled), the device's busy time, the events on the device, the kernel launches,
-the copies and stream synchronisations, how often each named op ran (``--count``), and the top
-ops by host time.
+wall time (profiled), the device's busy time (its kernels and copies) and their number, the
+launches, the copies and stream synchronisations, how often each named op ran (``--count``),
+the aten ops, and the top ops by host time.
 
     python scripts/step_profile.py --workload mlp11 --out profile.md
     python scripts/step_profile.py --device cpu --contenders upgrad,upgrad#jacobian
@@ -19,29 +19,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from mtopt.bench.contenders.base import Contender
-from mtopt.bench.contenders.methods import MtoptContender
-from mtopt.bench.contenders.plain import PlainContender
-from mtopt.bench.workloads import Workload, get_workload
+from mtopt.bench.contenders import one_contender
+from mtopt.bench.workloads import get_workload
 
 DEFAULT = "plain,unitary,upgrad,torchjd:UPGrad,mgda,torchjd:MGDA"
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
-
-
-def contender(label: str, model: Any, workload: Workload) -> Contender:
-    if label == "plain":
-        return PlainContender(model, workload)
-    if label.startswith("torchjd:"):
-        from mtopt.bench.contenders.torchjd import TorchJDContender
-
-        return TorchJDContender(model, workload, label.split(":", 1)[1])
-    return MtoptContender(model, workload, label)
 
 
 def profile_steps(
@@ -50,10 +38,7 @@ def profile_steps(
     """Per-step figures of one contender, and its table of the top ops by host time."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    w = get_workload(workload)
-    batch = {k: v.to(dev) for k, v in w.make_batch(torch.Generator().manual_seed(0)).items()}
-    torch.manual_seed(0)
-    c = contender(label, w.build().to(dev), w)
+    c, batch = one_contender(label, get_workload(workload), dev)
     for _ in range(warmup):
         c.step(batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -67,13 +52,14 @@ def profile_steps(
             torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
     events = prof.key_averages()
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA]
     figures = {
         "wall ms": 1e3 * wall,
-        "device busy ms": sum(e.self_device_time_total for e in events) / steps / 1e3,
-        "device events": sum(e.count for e in events if e.self_device_time_total > 0) / steps,
+        # the kernels and copies themselves (CPU ops also carry their kernels' device time)
+        "device busy ms": sum(e.self_device_time_total for e in on_device) / steps / 1e3,
+        "device events": sum(e.count for e in on_device) / steps,
         "launches": sum(e.count for e in events if e.key in LAUNCHES) / steps,
-        "copies": sum(e.count for e in events if "Memcpy" in e.key and e.self_device_time_total > 0)
-        / steps,
+        "copies": sum(e.count for e in on_device if "Memcpy" in e.key) / steps,
         "stream syncs": sum(e.count for e in events if e.key in SYNCS) / steps,
         "aten ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
     }
@@ -104,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             label, args.workload, args.device, args.steps, args.warmup, counted
         )
         cells = ", ".join(
-            f"{k} {v:.2f}" if "ms" in k else f"{k} {v:.0f}" for k, v in figures.items()
+            f"{k} {v:.2f}" if k.endswith(" ms") else f"{k} {v:.0f}" for k, v in figures.items()
         )
         summary.append(f"- `{label}`: {cells} (per step, mean of {args.steps})")
         print(summary[-1], flush=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from mtopt import Losses, MultiTaskOptimizer
@@ -54,8 +54,7 @@ def test_two_stages_give_the_jacobian_of_k_passes(k, batch, dtype, seed):
 
 
 def _detours():
-    """(name, closure builder) pairs whose losses reach the encoder other than through z."""
-    torch.manual_seed(0)
+    """Closure builders whose losses reach the encoder other than through z (pytest params)."""
 
     def weight_decay(enc, heads, x):
         z = enc(x)
@@ -81,13 +80,12 @@ def _detours():
         z.retain_grad()
         return [heads[0](z).pow(2).mean(), heads[1](z).abs().mean()], z
 
-    return [("weight_decay", weight_decay), ("inner_layer", inner_layer),
-            ("other_output", other_output), ("hooked", hooked),
-            ("retained", retained)]  # fmt: skip
+    builders = (weight_decay, inner_layer, other_output, hooked, retained)
+    return [pytest.param(b, id=b.__name__) for b in builders]
 
 
-@pytest.mark.parametrize(("name", "build"), _detours(), ids=[n for n, _ in _detours()])
-def test_a_detour_around_z_is_seen_and_the_pass_is_batched_through_everything(name, build):
+@pytest.mark.parametrize("build", _detours())
+def test_a_detour_around_z_is_seen_and_the_pass_is_batched_through_everything(build):
     torch.manual_seed(0)
     enc = _encoder(torch.float64)
     heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2)).double()
@@ -129,37 +127,42 @@ def test_features_outside_the_graph_are_refused():
     assert not only_through([z.sum()], z, list(enc.parameters()))
 
 
-def test_in_the_optimizer_each_head_is_differentiated_once_per_task():
-    """K = 6 MSE heads: the batched pass through the whole graph runs ``mse_loss_backward``
-    (which has no batching rule) once per cotangent row of each head, K² times at least;
-    through z, as often as the K-pass engine. The update equals the K-pass engine's."""
+def _steps(engine: str, features: bool, k: int = 6) -> tuple[int, Tensor]:
+    """``mse_loss_backward`` profiler events in the second of two upgrad steps (the first also
+    verifies a Gramian against autograd) on K MSE heads, and the parameters after them."""
     torch.manual_seed(0)
-    k = 6
-    enc = _encoder(torch.float64)
-    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(k)).double()
+    e = _encoder(torch.float64)
+    h = nn.ModuleList(nn.Linear(6, 1) for _ in range(k)).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, k, dtype=torch.float64)
-    out, calls = {}, {}
-    for engine, features in (("jacobian", True), ("batched", True), ("batched", False)):
-        e, h = copy.deepcopy(enc), copy.deepcopy(heads)
-        params = [*e.parameters(), *h.parameters()]
-        mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "upgrad", shared=e, engine=engine)
+    params = [*e.parameters(), *h.parameters()]
+    mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "upgrad", shared=e, engine=engine)
 
-        def closure(e=e, h=h, features=features):
-            z = e(x)
-            losses = {str(i): nn.functional.mse_loss(h[i](z)[:, 0], y[:, i]) for i in range(k)}
-            return Losses(losses, features=z if features else None)
+    def closure():
+        z = e(x)
+        losses = {str(i): nn.functional.mse_loss(h[i](z)[:, 0], y[:, i]) for i in range(k)}
+        return Losses(losses, features=z if features else None)
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            mto.step(closure)
-        label = f"{engine}{'' if features else ' without z'}"
-        calls[label] = sum(
-            e.count for e in prof.key_averages() if e.key == "aten::mse_loss_backward"
-        )
-        out[label] = torch.cat([p.detach().reshape(-1) for p in params])
-    assert calls["batched"] == calls["jacobian"], calls  # the K-pass engine's count
-    assert calls["batched without z"] >= k * k, calls
-    for label in ("batched", "batched without z"):
-        assert _relative(out[label], out["jacobian"]) < 1e-12
+    mto.step(closure)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mto.step(closure)
+    calls = sum(ev.count for ev in prof.key_averages() if ev.key == "aten::mse_loss_backward")
+    return calls, torch.cat([p.detach().reshape(-1) for p in params])
+
+
+@pytest.mark.parametrize("engine", ["batched", "gramian"])
+def test_in_the_optimizer_each_head_is_differentiated_once_per_task(engine):
+    """K = 6 MSE heads: a pass batched through the whole graph runs ``mse_loss_backward``
+    (which has no batching rule) once per cotangent row of each head, K² times at least;
+    started at z, as often as the K-pass engine. The update equals the K-pass engine's."""
+    k = 6
+    reference, expected = _steps("jacobian", True, k)
+    calls, got = _steps(engine, True, k)
+    assert calls == reference
+    assert _relative(got, expected) < 1e-10
+    if engine == "batched":  # without the features: through everything, as before
+        calls, got = _steps(engine, False, k)
+        assert calls >= k * k
+        assert _relative(got, expected) < 1e-10
 
 
 @settings(max_examples=15)
@@ -184,32 +187,3 @@ def test_the_gramian_engine_from_z_gives_the_gramian_and_the_update_of_the_jacob
     engine.write_grads(w)
     got = torch.cat([p.grad.reshape(-1) for p in params])
     assert _relative(got, w @ jac) < 1e-12
-
-
-def test_the_gramian_engine_in_the_optimizer_differentiates_each_head_once_per_task():
-    torch.manual_seed(0)
-    k = 6
-    enc = _encoder(torch.float64)
-    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(k)).double()
-    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, k, dtype=torch.float64)
-    out, calls = {}, {}
-    for engine in ("jacobian", "gramian"):
-        e, h = copy.deepcopy(enc), copy.deepcopy(heads)
-        params = [*e.parameters(), *h.parameters()]
-        mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "upgrad", shared=e, engine=engine)
-
-        def closure(e=e, h=h):
-            z = e(x)
-            losses = {str(i): nn.functional.mse_loss(h[i](z)[:, 0], y[:, i]) for i in range(k)}
-            return Losses(losses, features=z)
-
-        mto.step(closure)  # the first step also verifies the Gramian against autograd
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            mto.step(closure)
-        calls[engine] = sum(
-            e.count for e in prof.key_averages() if e.key == "aten::mse_loss_backward"
-        )
-        out[engine] = torch.cat([p.detach().reshape(-1) for p in params])
-    # as many as the K-pass engine (through every head it was at least K², once per row)
-    assert calls["gramian"] == calls["jacobian"], calls
-    assert _relative(out["gramian"], out["jacobian"]) < 1e-10

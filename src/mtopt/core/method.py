@@ -290,9 +290,12 @@ def _plain(value: Any) -> Any:
 def as_weights(values: Any, inputs: MethodInput) -> Tensor:
     """``values`` (array or tensor) as weights on the device of the method's gradient inputs (of
     the losses for loss-only methods), in their dtype or float32, whichever is wider: weights of
-    a float16 model may exceed float16's range while ``Gᵀw`` does not. A host-to-device copy
-    does not wait for the device (``non_blocking``: the K values are staged at once, so the
-    source may go; a blocking copy would wait for every kernel queued before it)."""
+    a float16 model may exceed float16's range while ``Gᵀw`` does not. On CUDA the copy from
+    the host does not wait for the device (``non_blocking``: CUDA stages the K values from
+    ordinary host memory before the call returns, so the temporary source may go; a blocking
+    copy would wait for every kernel queued before it). Elsewhere it blocks: on MPS a
+    non-blocking copy may read its source after it is freed."""
     ref = inputs.grads if inputs.grads is not None else inputs.losses
     dtype = torch.promote_types(ref.dtype, torch.float32)
-    return torch.as_tensor(values).to(dtype=dtype, device=ref.device, non_blocking=True)
+    async_copy = ref.device.type == "cuda"
+    return torch.as_tensor(values).to(dtype=dtype, device=ref.device, non_blocking=async_copy)

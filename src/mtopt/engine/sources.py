@@ -407,9 +407,10 @@ def combine(agg: Aggregation, grads: Tensor) -> Tensor:
 
 
 def weighted_sum(losses: list[Tensor], coeffs: Tensor) -> Tensor:
-    """``Σ_k c_k ℓ_k`` (the coefficients detached, in the losses' dtype; copied from the host
-    without waiting for the device, as :func:`~mtopt.core.method.as_weights` does)."""
-    c = coeffs.detach().to(device=losses[0].device, dtype=losses[0].dtype, non_blocking=True)
+    """``Σ_k c_k ℓ_k`` (the coefficients detached, in the losses' dtype; on CUDA copied from
+    the host without waiting for the device, as :func:`~mtopt.core.method.as_weights` does)."""
+    device = losses[0].device
+    c = coeffs.detach().to(device=device, dtype=losses[0].dtype, non_blocking=device.type == "cuda")
     return (torch.stack(losses) * c).sum()
 
 

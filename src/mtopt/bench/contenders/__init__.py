@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 import mtopt
 from mtopt.bench.contenders.base import LR, Contender, SolverSamples, StepOutcome
@@ -73,6 +74,7 @@ __all__ = [
     "libmtl_available",
     "make_aggregator",
     "method_category",
+    "one_contender",
     "required_hyperparameters",
     "select_torchjd",
     "torchjd_available",
@@ -121,6 +123,23 @@ def select_torchjd(options: BenchOptions, specs: Sequence[str]) -> list[str]:
         if label is not None and label.removeprefix(TORCHJD_PREFIX) not in names:
             names.append(label.removeprefix(TORCHJD_PREFIX))
     return names
+
+
+def one_contender(
+    label: str, workload: Workload, device: torch.device, seed: int = 0
+) -> tuple[Contender, dict[str, Tensor]]:
+    """One contender by its report label (``plain``, an mtopt spec, ``torchjd:NAME``) on a
+    model built from ``seed`` on ``device``, and a batch there: what the diagnostic scripts
+    (``scripts/gpu_syncs.py``, ``scripts/step_profile.py``) step."""
+    torch.manual_seed(seed)
+    model = workload.build().to(device)
+    gen = torch.Generator().manual_seed(seed)
+    batch = {k: v.to(device) for k, v in workload.make_batch(gen).items()}
+    if label == PLAIN:
+        return PlainContender(model, workload), batch
+    if label.startswith(TORCHJD_PREFIX):
+        return TorchJDContender(model, workload, label.removeprefix(TORCHJD_PREFIX)), batch
+    return MtoptContender(model, workload, label), batch
 
 
 def build_contenders(

@@ -1,6 +1,6 @@
-"""scripts/gpu_syncs.py on the CPU: torch's sync debug mode is CUDA's, so a synchronising call is
-simulated by a warning from ``Tensor.tolist`` (what the mode emits on a GPU), and the script must
-count it once per call and name the line of mtopt that made it."""
+"""The GPU diagnostic scripts on the CPU: ``scripts/gpu_syncs.py`` (torch's sync debug mode is
+CUDA's, so a synchronising call is simulated by the warning that mode emits, from
+``Tensor.tolist``) and ``scripts/step_profile.py`` (op counts from the CPU profiler)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import gpu_syncs
+import step_profile
 
 
 @pytest.mark.filterwarnings("ignore:called a synchronizing")  # the warm-up steps'
@@ -26,10 +27,9 @@ def test_each_wait_is_counted_and_named_by_the_line_of_mtopt(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", warning_tolist)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda *a: None)
-    per_step, ms, origins = gpu_syncs.count_syncs(
+    per_step, _, origins = gpu_syncs.count_syncs(
         "unitary", "lenet", steps=2, warmup=1, device="cpu"
     )
-    assert ms > 0
     # the losses read for StepInfo, once per step, attributed to the engine's closure module
     # (on a GPU the innermost frame is that line itself; here it is the simulated tolist)
     closure = [o for o in origins if " via mtopt/engine/closure.py:" in o]
@@ -39,7 +39,20 @@ def test_each_wait_is_counted_and_named_by_the_line_of_mtopt(monkeypatch):
     assert not any("warnings.py" in o for o in origins)
 
 
-def test_no_cuda_device_is_one_line_and_exit_2(monkeypatch, capsys):
+def test_the_profile_counts_each_contenders_ops(tmp_path):
+    out = tmp_path / "profile.md"
+    args = "--device cpu --workload mlp11 --contenders plain,upgrad#batched --steps 2 --warmup 1"
+    assert step_profile.main([*args.split(), "--out", str(out)]) == 0
+    lines = [line for line in out.read_text().splitlines() if line.startswith("- `")]
+    assert [line.split("`")[1] for line in lines] == ["plain", "upgrad#batched"]
+    counts = [float(line.split("aten::mse_loss_backward ")[1].split(" ")[0]) for line in lines]
+    # the batched pass runs through the encoder only (mlp11 returns its features), so each MSE
+    # head is differentiated twice per step (its row, its own gradient), not once per row of K
+    assert 0 < counts[0] < counts[1] <= 2 * counts[0]
+
+
+@pytest.mark.parametrize("script", [gpu_syncs, step_profile], ids=["gpu_syncs", "step_profile"])
+def test_no_cuda_device_is_one_line_and_exit_2(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_syncs.main([]) == 2
+    assert script.main([]) == 2
     assert capsys.readouterr().out.count("\n") == 1
