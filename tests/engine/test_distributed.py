@@ -34,11 +34,15 @@ EXTRA: dict[str, dict[str, Any]] = {
     "rlw": {"seed": 3},
     "selective_groups": {"seed": 3, "warmup_steps": 1},
 }
-#: every registered method, and the representation-level variants of the two-level ones
+#: every registered method, the representation-level variants of the two-level ones, and the
+#: batched Jacobian pass
 SPECS = [(name, {}) for name in mtopt.available_methods()] + [
     ("mgda", {"level": "rep"}),
     ("imtl_g", {"level": "rep"}),
     ("aligned_mtl", {"level": "rep"}),
+    # the batched pass, started at the features z (the losses reach the encoder only through z)
+    ("upgrad", {"engine": "batched"}),
+    ("cagrad", {"engine": "batched"}),
 ]
 
 
