@@ -56,8 +56,10 @@ class MultiTaskOptimizer:
         max_grad_norm: if set, clip the norm of the shared parameters' gradient to it before the
             optimizer step.
         engine: for parameter-level methods, how the per-task gradients are obtained:
-            ``"jacobian"`` (K backward passes), ``"batched"`` (one batched pass), ``"gramian"``
-            (only the ``K × K`` Gramian, module by module; needs a method with
+            ``"jacobian"`` (K backward passes), ``"batched"`` (one batched pass; through the
+            encoder only when the closure returns ``features`` through which alone the losses
+            reach the shared parameters, :class:`~mtopt.engine.sources.JacobianSource`),
+            ``"gramian"`` (only the ``K × K`` Gramian, module by module; needs a method with
             ``gramian_only`` and ``shared`` given as module(s)) or ``"auto"`` (the Jacobian,
             unless it would exceed ``max_jacobian_bytes`` and the Gramian engine applies; by
             K passes, or by one batched pass when the shared parameters are on one CUDA device
