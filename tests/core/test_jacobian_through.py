@@ -1,7 +1,7 @@
-"""The batched Jacobian through the features only (``only_through``,
-``batched_jacobian_through``): the same matrix as K backward passes whenever the losses reach the
-shared parameters only through ``z``, refused on the graph whenever they do not, and each head's
-backward run once per task rather than K times."""
+"""The batched Jacobian through the features only (``only_through``; ``batched_jacobian`` and
+``batched_grads`` given the features): the same matrix as K backward passes whenever the losses
+reach the shared parameters only through ``z``, refused on the graph whenever they do not, and
+each head's backward run once per task rather than K times."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from mtopt import Losses, MultiTaskOptimizer
-from mtopt.core.gradients import batched_jacobian_through, jacobian, only_through
+from mtopt.core.gradients import batched_jacobian, jacobian, only_through
 from mtopt.core.gramian import GramianEngine
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -46,7 +46,7 @@ def test_two_stages_give_the_jacobian_of_k_passes(k, batch, dtype, seed):
     losses[0] = losses[0] + heads[0].bias.sum() ** 2  # a head-only term: no path to the encoder
     shared = [*enc.parameters(), unused]
     assert only_through(losses, z, shared)
-    got = batched_jacobian_through(losses, z, shared)
+    got = batched_jacobian(losses, shared, features=z)
     want = jacobian(losses, shared)
     assert got.shape == want.shape
     assert torch.equal(got[:, -3:], torch.zeros(k, 3, dtype=dtype))  # unreached: zero columns

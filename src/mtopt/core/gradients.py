@@ -4,8 +4,8 @@
 backward pass) return one row per loss, the gradient with respect to ``inputs``
 (shared parameters for ``Need.PARAM_GRADS``, the representation for ``Need.REP_GRADS``) flattened
 and concatenated. Inputs that a loss does not reach get zeros in its row.
-``batched_jacobian_through`` gives the same matrix with the batched pass through the encoder
-only, when the losses reach the inputs only through the features ``z`` (``only_through``).
+Given the features ``z`` through which alone the losses reach the inputs (``only_through``),
+the batched pass runs through the encoder only.
 """
 
 from __future__ import annotations
@@ -35,33 +35,52 @@ def jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def batched_grads(losses: Sequence[Tensor], inputs: Sequence[Any]) -> tuple[Tensor | None, ...]:
+def batched_grads(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Any],
+    features: Tensor | None = None,
+    params: Sequence[Tensor] | None = None,
+) -> tuple[Tensor | None, ...]:
     """``∂ℓ_k/∂x`` for every input ``x`` (a tensor or an autograd ``GradientEdge``), stacked over
     the K losses: ``(K, *x.shape)``, ``None`` where no loss reaches ``x``. One backward pass with
-    the K unit cotangents batched (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap``
-    over the backward graph; graph retained)."""
-    stacked = torch.stack([loss.reshape(()) for loss in losses])
-    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    the K cotangents batched (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over
+    the backward graph; graph retained).
+
+    By default the pass starts at the losses with the K unit cotangents. Given the features
+    ``z`` through which alone the losses reach ``params`` (the parameters behind ``inputs``;
+    default: ``inputs`` themselves), checked by :func:`only_through`, it runs in two stages:
+    the K rows ``∂ℓ_k/∂z`` by K ``autograd.grad`` calls, each through its own loss's part of
+    the graph, then ``z``'s backward with those rows batched as cotangents. Starting at the
+    losses sends K cotangents, K − 1 of them zero, through every head, and a loss whose
+    backward has no batching rule (``mse_loss_backward``) then runs K times per head; from
+    ``z`` the heads and losses are differentiated once per task."""
+    reached = inputs if params is None else params
+    if features is not None and only_through(losses, features, reached):
+        rows = jacobian(losses, [features])
+        root, cotangents = features, rows.view(len(losses), *features.shape)
+    else:
+        root = torch.stack([loss.reshape(()) for loss in losses])
+        cotangents = torch.eye(len(losses), dtype=root.dtype, device=root.device)
     return torch.autograd.grad(
-        stacked,
+        root,
         list(inputs),
-        grad_outputs=eye,
+        grad_outputs=cotangents,
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
     )
 
 
-def batched_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+def batched_jacobian(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], features: Tensor | None = None
+) -> Tensor:
     """The same ``K × Σ numel`` matrix as :func:`jacobian` from :func:`batched_grads` (ops
-    without a batching rule fall back to a loop inside PyTorch)."""
+    without a batching rule fall back to a loop inside PyTorch; with ``features``, from ``z``
+    when the losses reach ``inputs`` only through it)."""
     if not inputs:
         raise ValueError("no inputs to differentiate with respect to")
-    return _flat_rows(batched_grads(losses, inputs), inputs, len(losses))
-
-
-def _flat_rows(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], k: int) -> Tensor:
-    """``(K, *x.shape)`` gradients (``None``: zero) as one ``K × Σ numel`` matrix."""
+    grads = batched_grads(losses, inputs, features)
+    k = len(losses)
     rows = [
         torch.zeros(k, t.numel(), dtype=t.dtype, device=t.device)
         if g is None
@@ -98,36 +117,6 @@ def only_through(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Te
             return False
         todo.extend(node.next_functions)
     return True
-
-
-def batched_jacobian_through(
-    losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor]
-) -> Tensor:
-    """The matrix of :func:`batched_jacobian` in two stages, when :func:`only_through` holds:
-    the K rows ``∂ℓ_k/∂z`` by K ``autograd.grad`` calls (each through its own loss's part of
-    the graph: the heads, and the loss functions, are differentiated once per task, not K
-    times), then one backward pass through the encoder with those K rows batched as ``z``'s
-    cotangents. Batching the losses' own backward too (:func:`batched_jacobian`) sends K
-    cotangents, K − 1 of them zero, through every head, and a loss whose backward has no
-    batching rule (``mse_loss_backward``) then runs K times per head."""
-    return _flat_rows(batched_grads_through(losses, features, inputs), inputs, len(losses))
-
-
-def batched_grads_through(
-    losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Any]
-) -> tuple[Tensor | None, ...]:
-    """What :func:`batched_grads` returns, ``(K, *x.shape)`` per input (a tensor or a
-    ``GradientEdge``), in the two stages of :func:`batched_jacobian_through` (valid when
-    :func:`only_through` holds for the inputs' parameters)."""
-    rows = jacobian(losses, [features])
-    return torch.autograd.grad(
-        features,
-        list(inputs),
-        grad_outputs=rows.view(len(losses), *features.shape),
-        is_grads_batched=True,
-        retain_graph=True,
-        allow_unused=True,
-    )
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

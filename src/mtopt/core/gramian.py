@@ -68,11 +68,9 @@ from torch.utils._pytree import tree_flatten
 
 from mtopt.core.gradients import (
     batched_grads,
-    batched_grads_through,
     float64_gram,
     gram_product,
     needs_float64,
-    only_through,
 )
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -301,9 +299,7 @@ class GramianEngine:
     ) -> list[Tensor | None]:
         if self._batched:
             try:
-                if features is not None and only_through(losses, features, self.params):
-                    return list(batched_grads_through(losses, features, inputs))
-                return list(batched_grads(losses, inputs))
+                return list(batched_grads(losses, inputs, features, self.params))
             except RuntimeError:  # an op without a batching rule: K plain passes from now on
                 self._batched = False
         rows = [

@@ -32,10 +32,8 @@ from torch import Tensor
 
 from mtopt.core.gradients import (
     batched_jacobian,
-    batched_jacobian_through,
     gram_matrix,
     jacobian,
-    only_through,
     write_flat_grad,
 )
 from mtopt.core.gramian import GramianEngine
@@ -132,7 +130,7 @@ class JacobianSource(GradientSource):
     shared parameters only through them (checked on the graph at every step,
     :func:`~mtopt.core.gradients.only_through`), runs batched through the encoder alone: the
     rows ``∂ℓ_k/∂z`` first, one task's part of the graph at a time, then ``z``'s backward with
-    the K rows as cotangents (:func:`~mtopt.core.gradients.batched_jacobian_through`).
+    the K rows as cotangents (:func:`~mtopt.core.gradients.batched_grads`).
     Otherwise it is batched through the whole graph.
 
     ``fallback`` (the batched pass chosen by ``engine="auto"``): a batched pass that fails (an
@@ -163,9 +161,7 @@ class JacobianSource(GradientSource):
         if not self.batched:
             return jacobian(losses, self.shared)
         try:
-            if features is not None and only_through(losses, features, self.shared):
-                return batched_jacobian_through(losses, features, self.shared)
-            return batched_jacobian(losses, self.shared)
+            return batched_jacobian(losses, self.shared, features)
         except RuntimeError as err:
             if not self.fallback:
                 raise
