@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        print(f"gpu_syncs: --steps must be ≥ 1 and --warmup ≥ 0, got {args.steps}, {args.warmup}")
+        return 2
     if not torch.cuda.is_available():
         print("gpu_syncs: no CUDA device (this script counts host synchronisations on a GPU)")
         return 2
@@ -108,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---|",
     ]
     for spec in args.methods.split(","):
-        per_step, ms, origins = count_syncs(spec, args.workload, args.steps, args.warmup)
+        try:
+            per_step, ms, origins = count_syncs(spec, args.workload, args.steps, args.warmup)
+        except ValueError as err:  # an unknown workload or method, a bad hyperparameter
+            print(f"gpu_syncs: {err}")
+            return 2
         where = "<br>".join(f"{n} × `{o}`" for o, n in sorted(origins.items(), key=lambda x: -x[1]))
         lines.append(f"| {spec} | {per_step:.1f} | {ms:.2f} | {where} |")
         print(lines[-1], flush=True)

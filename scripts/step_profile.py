@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", default="aten::mse_loss_backward", help="ops to count, a,b")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        print(
+            f"step_profile: --steps must be ≥ 1 and --warmup ≥ 0, got {args.steps}, {args.warmup}"
+        )
+        return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("step_profile: no CUDA device (use --device cpu to profile on the CPU)")
         return 2
@@ -86,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     head = f"# Step profile ({args.workload}, {args.device}, torch {torch.__version__})"
     summary, tables = [], []
     for label in args.contenders.split(","):
-        figures, table = profile_steps(
-            label, args.workload, args.device, args.steps, args.warmup, counted
-        )
+        try:
+            figures, table = profile_steps(
+                label, args.workload, args.device, args.steps, args.warmup, counted
+            )
+        except ValueError as err:  # an unknown workload or contender, a bad hyperparameter
+            print(f"step_profile: {err}")
+            return 2
         cells = ", ".join(
             f"{k} {v:.2f}" if k.endswith(" ms") else f"{k} {v:.0f}" for k, v in figures.items()
         )

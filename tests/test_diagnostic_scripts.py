@@ -56,3 +56,27 @@ def test_no_cuda_device_is_one_line_and_exit_2(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.main([]) == 2
     assert capsys.readouterr().out.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--steps", "0"],
+        ["--warmup", "-1"],
+        ["--workload", "nope"],
+        ["--contenders", "nope"],
+        ["--contenders", "upgrad:c=1"],
+        ["--contenders", "torchjd:Nope"],
+    ],
+)
+def test_a_bad_input_is_one_line_and_exit_2(args, capsys):
+    assert step_profile.main(["--device", "cpu", "--steps", "1", "--warmup", "0", *args]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert out.startswith("step_profile: ")
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--warmup", "-1"]])
+def test_gpu_syncs_refuses_bad_counts_before_looking_for_a_device(args, capsys):
+    assert gpu_syncs.main(args) == 2
+    assert capsys.readouterr().out.startswith("gpu_syncs: --steps must be ≥ 1")
