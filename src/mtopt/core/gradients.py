@@ -18,20 +18,73 @@ import torch
 from torch import Tensor
 
 
-def jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
-    """Stack ``∇_{inputs} ℓ_k`` for each loss into a ``K × Σ numel`` matrix (graph retained)."""
+class HeadGrads:
+    """Each loss's own gradients of the task-specific parameters (the heads), taken in the
+    per-task backward passes that give its row of the Jacobian, so that the heads' gradient
+    ``Σ_k c_k ∇_h ℓ_k`` needs no backward pass of its own once the coefficients ``c`` are
+    known. Each pass already runs through its own loss and head; asking it for the head's
+    parameters too adds their weight products only, where a separate backward of
+    ``Σ_k c_k ℓ_k`` would run every loss and head once more.
+
+    ``per_loss`` is filled by :func:`jacobian`, :func:`batched_grads` and the Gramian engine
+    when they take the rows task by task, and stays ``None`` otherwise (a batched pass from
+    the losses): the caller then back-propagates ``Σ_k c_k ℓ_k`` into the heads. What is kept
+    is one gradient per loss and head it reaches (``None`` elsewhere): for disjoint heads, the
+    memory of one gradient of the heads."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.per_loss: list[tuple[Tensor | None, ...]] | None = None
+
+    def write(self, coeffs: Tensor) -> None:
+        """``p.grad += Σ_k c_k ∂ℓ_k/∂p`` for every head parameter ``p`` that some loss reaches
+        (summed in float32 at least, then in ``p``'s dtype; a parameter no loss reaches keeps
+        its ``.grad``, as a backward pass would leave it)."""
+        assert self.per_loss is not None
+        copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        for j, p in enumerate(self.params):
+            work = torch.promote_types(p.dtype, torch.float32)
+            key = (p.device, work)
+            if key not in copies:  # on CUDA without waiting, as weighted_sum copies them
+                copies[key] = coeffs.detach().to(
+                    device=p.device, dtype=work, non_blocking=p.device.type == "cuda"
+                )
+            c = copies[key]
+            total: Tensor | None = None
+            for k, grads in enumerate(self.per_loss):
+                g = grads[j]
+                if g is None:
+                    continue
+                term = (g if g.dtype == work else g.to(work)) * c[k]
+                total = term if total is None else total + term
+            if total is None:
+                continue
+            g = total if total.dtype == p.dtype else total.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+
+
+def jacobian(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], heads: HeadGrads | None = None
+) -> Tensor:
+    """Stack ``∇_{inputs} ℓ_k`` for each loss into a ``K × Σ numel`` matrix (graph retained);
+    with ``heads``, each pass also takes its loss's gradient of the heads (:class:`HeadGrads`)."""
     if not inputs:
         raise ValueError("no inputs to differentiate with respect to")
     dtype, device = inputs[0].dtype, inputs[0].device
     sizes = [t.numel() for t in inputs]
+    extra = [] if heads is None else heads.params
     out = torch.zeros(len(losses), sum(sizes), dtype=dtype, device=device)
+    own: list[tuple[Tensor | None, ...]] = []
     for k, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, [*inputs, *extra], retain_graph=True, allow_unused=True)
         offset = 0
-        for g, n in zip(grads, sizes, strict=True):
+        for g, n in zip(grads[: len(sizes)], sizes, strict=True):
             if g is not None:
                 out[k, offset : offset + n] = g.reshape(-1)
             offset += n
+        own.append(tuple(grads[len(sizes) :]))
+    if heads is not None:
+        heads.per_loss = own
     return out
 
 
@@ -40,6 +93,7 @@ def batched_grads(
     inputs: Sequence[Any],
     features: Tensor | None = None,
     params: Sequence[Tensor] | None = None,
+    heads: HeadGrads | None = None,
 ) -> tuple[Tensor | None, ...]:
     """``∂ℓ_k/∂x`` for every input ``x`` (a tensor or an autograd ``GradientEdge``), stacked over
     the K losses: ``(K, *x.shape)``, ``None`` where no loss reaches ``x``. One backward pass with
@@ -53,10 +107,11 @@ def batched_grads(
     the graph, then ``z``'s backward with those rows batched as cotangents. Starting at the
     losses sends K cotangents, K − 1 of them zero, through every head, and a loss whose
     backward has no batching rule (``mse_loss_backward``) then runs K times per head; from
-    ``z`` the heads and losses are differentiated once per task."""
+    ``z`` the heads and losses are differentiated once per task, and those K calls also take
+    each loss's gradient of ``heads`` (:class:`HeadGrads`; left unfilled from the losses)."""
     reached = inputs if params is None else params
     if features is not None and only_through(losses, features, reached):
-        rows = jacobian(losses, [features])
+        rows = jacobian(losses, [features], heads)
         root, cotangents = features, rows.view(len(losses), *features.shape)
     else:
         root = torch.stack([loss.reshape(()) for loss in losses])
@@ -72,14 +127,17 @@ def batched_grads(
 
 
 def batched_jacobian(
-    losses: Sequence[Tensor], inputs: Sequence[Tensor], features: Tensor | None = None
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    features: Tensor | None = None,
+    heads: HeadGrads | None = None,
 ) -> Tensor:
     """The same ``K × Σ numel`` matrix as :func:`jacobian` from :func:`batched_grads` (ops
     without a batching rule fall back to a loop inside PyTorch; with ``features``, from ``z``
-    when the losses reach ``inputs`` only through it)."""
+    when the losses reach ``inputs`` only through it, the heads' gradients taken on the way)."""
     if not inputs:
         raise ValueError("no inputs to differentiate with respect to")
-    grads = batched_grads(losses, inputs, features)
+    grads = batched_grads(losses, inputs, features, heads=heads)
     k = len(losses)
     rows = [
         torch.zeros(k, t.numel(), dtype=t.dtype, device=t.device)

@@ -67,6 +67,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from mtopt.core.gradients import (
+    HeadGrads,
     batched_grads,
     float64_gram,
     gram_product,
@@ -174,7 +175,12 @@ class GramianEngine:
         )
 
     # -- the Gramian -------------------------------------------------------------------------
-    def gramian(self, losses: Sequence[Tensor], features: Tensor | None = None) -> Tensor:
+    def gramian(
+        self,
+        losses: Sequence[Tensor],
+        features: Tensor | None = None,
+        heads: HeadGrads | None = None,
+    ) -> Tensor:
         """``M = J Jᵀ`` (``K × K``, float64) for the losses of the recorded forward: each
         module's contribution is formed in float32 at least, with power-of-two scaling where
         its rows would overflow or underflow (:func:`~mtopt.core.gradients.gram_matrix`), and
@@ -183,7 +189,9 @@ class GramianEngine:
         representation ``z``) through which alone the losses reach the shared parameters
         (:func:`~mtopt.core.gradients.only_through`), the K cotangents start at ``z``
         (``∂ℓ_k/∂z``, one task at a time) rather than at the losses, so that the heads and the
-        losses are not differentiated once per cotangent row."""
+        losses are not differentiated once per cotangent row. Where the cotangents are taken
+        task by task (from ``z``, or by K passes), those passes also fill ``heads``
+        (:class:`~mtopt.core.gradients.HeadGrads`)."""
         num_tasks = len(losses)
         ref = self.params[0]
         gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=ref.device)
@@ -193,7 +201,7 @@ class GramianEngine:
         edges = [e for call in calls for e in call.edges]
         if not edges and not self.unowned:
             return gram
-        cotangents = self._cotangents(losses, edges + self.unowned, features)
+        cotangents = self._cotangents(losses, edges + self.unowned, features, heads)
         # the coarsest float the forward and backward ran in (bfloat16 under autocast, say)
         floats = [c.dtype for c in cotangents if c is not None] + [
             a.dtype for call in calls for a in call.args if isinstance(a, Tensor)
@@ -295,17 +303,25 @@ class GramianEngine:
             p.grad = g if p.grad is None else p.grad + g
 
     def _cotangents(
-        self, losses: Sequence[Tensor], inputs: list[Any], features: Tensor | None = None
+        self,
+        losses: Sequence[Tensor],
+        inputs: list[Any],
+        features: Tensor | None = None,
+        heads: HeadGrads | None = None,
     ) -> list[Tensor | None]:
         if self._batched:
             try:
-                return list(batched_grads(losses, inputs, features, self.params))
+                return list(batched_grads(losses, inputs, features, self.params, heads))
             except RuntimeError:  # an op without a batching rule: K plain passes from now on
                 self._batched = False
-        rows = [
-            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        extra = [] if heads is None else heads.params
+        both = [
+            torch.autograd.grad(loss, [*inputs, *extra], retain_graph=True, allow_unused=True)
             for loss in losses
         ]
+        rows = [r[: len(inputs)] for r in both]
+        if heads is not None:
+            heads.per_loss = [tuple(r[len(inputs) :]) for r in both]
         out: list[Tensor | None] = []
         for j, template in enumerate(inputs):
             per_task = [r[j] for r in rows]

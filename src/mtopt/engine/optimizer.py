@@ -150,7 +150,14 @@ class MultiTaskOptimizer:
         self.sync = make_sync(process_group)
         self.scaling = Scaling.make(grad_scaler, self.method)
         self.source = choose_source(
-            self.method, engine, self.shared, modules, self.max_jacobian_bytes, self.sync
+            self.method,
+            engine,
+            self.shared,
+            modules,
+            self.max_jacobian_bytes,
+            self.sync,
+            # a sequential method back-propagates its groups itself: no heads' gradients
+            heads=[] if isinstance(self.method, SequentialMethod) else self.task_params,
         )
         if self.sync is not None:
             self.sync.check_method(self.method, self.shared[0].device)

@@ -93,14 +93,17 @@ def choose_source(
     modules: list[nn.Module] | None,
     max_jacobian_bytes: int,
     sync: ProcessGroupSync | None = None,
+    heads: list[Tensor] | None = None,
 ) -> GradientSource:
     """The gradient source for the method's level and the requested engine; in a process group
-    (``sync``) the source reduces what it computes (:mod:`mtopt.engine.distributed`)."""
+    (``sync``) the source reduces what it computes (:mod:`mtopt.engine.distributed`).
+    ``heads``: the task-specific parameters, whose per-task gradients the parameter-level
+    sources take in their per-task passes (:class:`~mtopt.core.gradients.HeadGrads`)."""
     level = method.level
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if sync is not None:
-        return _data_parallel_source(method, engine, shared, sync)
+        return _data_parallel_source(method, engine, shared, sync, heads)
     if engine == "gramian" and level != "param":
         raise ValueError(
             f"engine='gramian' is not possible: method {method.name!r} does not use parameter "
@@ -119,12 +122,12 @@ def choose_source(
         reasons.append("shared was given as parameters; pass the shared module(s) instead")
     if engine == "gramian" and reasons:
         raise ValueError("engine='gramian' is not possible: " + "; ".join(reasons))
-    jac = _jacobian_source(engine, shared)
+    jac = _jacobian_source(engine, shared, heads=heads)
     if reasons or engine in ("jacobian", "batched"):
         return jac
     assert modules is not None
     # rows that fit the Jacobian budget are kept: Jᵀw is then a product, not a pass
-    gram = GramianSource(GramianEngine(modules, shared, keep_bytes=max_jacobian_bytes))
+    gram = GramianSource(GramianEngine(modules, shared, keep_bytes=max_jacobian_bytes), heads=heads)
     if engine == "gramian":
         return gram
     row_bytes = sum(p.numel() for p in shared) * shared[0].element_size()
@@ -132,7 +135,11 @@ def choose_source(
 
 
 def _data_parallel_source(
-    method: Method, engine: str, shared: list[Tensor], sync: ProcessGroupSync
+    method: Method,
+    engine: str,
+    shared: list[Tensor],
+    sync: ProcessGroupSync,
+    heads: list[Tensor] | None = None,
 ) -> GradientSource:
     """The source in a process group: the Jacobian at the parameter level ("auto" included),
     never the Gramian engine, whose full-batch Gramian needs every rank's rows."""
@@ -149,13 +156,18 @@ def _data_parallel_source(
     if method.level == "rep":
         split = not isinstance(method, ClosureMethod)
         return RepresentationSource(shared, split, sync=sync, gramian_only=method.gramian_only)
-    return _jacobian_source(engine, shared, sync)
+    return _jacobian_source(engine, shared, sync, heads)
 
 
 def _jacobian_source(
-    engine: str, shared: list[Tensor], sync: ProcessGroupSync | None = None
+    engine: str,
+    shared: list[Tensor],
+    sync: ProcessGroupSync | None = None,
+    heads: list[Tensor] | None = None,
 ) -> JacobianSource:
     """The Jacobian source for ``engine``; a batched pass chosen by ``"auto"`` may fall back to
     K passes (:class:`~mtopt.engine.sources.JacobianSource`)."""
     batched = batched_pass(engine, {p.device for p in shared})
-    return JacobianSource(shared, batched=batched, sync=sync, fallback=engine == "auto")
+    return JacobianSource(
+        shared, batched=batched, sync=sync, fallback=engine == "auto", heads=heads
+    )

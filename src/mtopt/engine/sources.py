@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mtopt.core.gradients import (
+    HeadGrads,
     batched_jacobian,
     gram_matrix,
     jacobian,
@@ -58,6 +59,9 @@ class PerTask:
     local: Tensor | None = None
     span: tuple[int, int] | None = None
     features: Tensor | None = None
+    #: each loss's gradients of the task-specific parameters, when the source took them in its
+    #: per-task passes (then the heads need no backward pass of their own)
+    heads: HeadGrads | None = None
 
 
 class GradientSource:
@@ -89,9 +93,14 @@ class GradientSource:
         head_coeffs: Tensor | None,
     ) -> None:
         """``.grad`` of the shared parameters (the method's update) and of the task-specific
-        ones (``Σ_k c_k ∇ℓ_k``, ``c = head_coeffs``; ``None`` when there are none)."""
+        ones (``Σ_k c_k ∇ℓ_k``, ``c = head_coeffs``; ``None`` when there are none): from the
+        per-task gradients the source kept (``per_task.heads``), else by a backward pass."""
         self.write_shared(agg, step, per_task)
-        if head_coeffs is not None and task_params:
+        if head_coeffs is None or not task_params:
+            return
+        if per_task.heads is not None and per_task.heads.per_loss is not None:
+            per_task.heads.write(head_coeffs)
+        else:
             torch.autograd.backward(weighted_sum(step.losses, head_coeffs), inputs=task_params)
 
 
@@ -138,7 +147,12 @@ class JacobianSource(GradientSource):
     that reads a value with ``.item()``) is replaced by K passes for that step and every later
     one, with one warning on the ``mtopt`` logger; the step's ``gradient_engine`` says
     ``"jacobian"`` from then on. Asked for by name (``engine="batched"``), the error is
-    raised."""
+    raised.
+
+    ``heads`` (the task-specific parameters): the per-task passes (the K passes, or the rows
+    ``∂ℓ_k/∂z`` of the batched pass from ``z``) also take each loss's gradient of the heads
+    (:class:`~mtopt.core.gradients.HeadGrads`), and the heads' ``Σ_k c_k ∇ℓ_k`` is written
+    from them without a backward pass of its own."""
 
     def __init__(
         self,
@@ -146,8 +160,10 @@ class JacobianSource(GradientSource):
         batched: bool = False,
         sync: ProcessGroupSync | None = None,
         fallback: bool = False,
+        heads: list[Tensor] | None = None,
     ) -> None:
         self.shared = shared
+        self.heads = heads or []
         self.batched = batched
         self.fallback = fallback
         self.sync = sync
@@ -157,11 +173,13 @@ class JacobianSource(GradientSource):
     def label(self) -> str:  # type: ignore[override]
         return "batched" if self.batched else "jacobian"
 
-    def _jacobian(self, losses: list[Tensor], features: Tensor | None) -> Tensor:
+    def _jacobian(
+        self, losses: list[Tensor], features: Tensor | None, heads: HeadGrads | None
+    ) -> Tensor:
         if not self.batched:
-            return jacobian(losses, self.shared)
+            return jacobian(losses, self.shared, heads)
         try:
-            return batched_jacobian(losses, self.shared, features)
+            return batched_jacobian(losses, self.shared, features, heads)
         except RuntimeError as err:
             if not self.fallback:
                 raise
@@ -174,14 +192,15 @@ class JacobianSource(GradientSource):
                 len(losses),
             )
             self.batched = False
-            return jacobian(losses, self.shared)
+            return jacobian(losses, self.shared, heads)
 
     def compute(self, step: Unpacked) -> PerTask:
-        grads = self._jacobian(step.losses, step.features)
+        heads = HeadGrads(self.heads) if self.heads else None
+        grads = self._jacobian(step.losses, step.features, heads)
         if self.sync is not None:  # the full batch's Jacobian: the mean of the ranks'
             grads = self.sync.mean(grads)  # (reduced first: a non-finite row stops every rank)
         check_finite(step.names, grads=grads)
-        return PerTask(grads=grads)
+        return PerTask(grads=grads, heads=heads)
 
     def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
         assert per_task.grads is not None
@@ -191,24 +210,28 @@ class JacobianSource(GradientSource):
 class GramianSource(GradientSource):
     """Only the Gramian, accumulated module by module
     (:class:`~mtopt.core.gramian.GramianEngine`), checked against autograd at the first step;
-    the update ``Jᵀw`` is written from what the engine kept."""
+    the update ``Jᵀw`` is written from what the engine kept. Where the engine takes its
+    cotangents task by task, it also takes the ``heads``' per-task gradients (as
+    :class:`JacobianSource` does)."""
 
     label = "gramian"
 
-    def __init__(self, engine: GramianEngine) -> None:
+    def __init__(self, engine: GramianEngine, heads: list[Tensor] | None = None) -> None:
         self.engine = engine
+        self.heads = heads or []
         self._verified = False
 
     def recording(self, num_tasks: int | None) -> contextlib.AbstractContextManager[None]:
         return self.engine.record()
 
     def compute(self, step: Unpacked) -> PerTask:
-        gram = self.engine.gramian(step.losses, step.features)
+        heads = HeadGrads(self.heads) if self.heads else None
+        gram = self.engine.gramian(step.losses, step.features, heads)
         if not self._verified:
             self.engine.verify(step.losses, gram)
             self._verified = True
         check_finite(step.names, gram=gram)
-        return PerTask(gramian=gram)
+        return PerTask(gramian=gram, heads=heads)
 
     def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
         if agg.weights is None:

@@ -1,0 +1,229 @@
+"""The heads' gradient ``Σ_k c_k ∇_h ℓ_k`` taken in the per-task passes (``HeadGrads``): the
+same ``.grad`` as a backward pass of ``Σ_k c_k ℓ_k`` into the heads, on every engine, for heads
+shared by two tasks, heads no loss reaches and head-only loss terms, and each loss and head
+differentiated once per task instead of twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+from mtopt import Losses, MultiTaskOptimizer
+from mtopt.core.gradients import HeadGrads, jacobian
+from mtopt.engine.closure import unpack
+from mtopt.engine.sources import AutoSource, GramianSource, JacobianSource
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+class Model(nn.Module):
+    """An encoder and K heads; optionally one head parameter read by two tasks (``tied``),
+    one no loss reads (``idle``), and a head-only term in the first loss (no path to z)."""
+
+    def __init__(self, k: int, dtype: torch.dtype, tied: bool, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).to(dtype)
+        self.heads = nn.ModuleList(nn.Linear(6, 2) for _ in range(k)).to(dtype)
+        self.tie = nn.Parameter(torch.randn(2, dtype=dtype)) if tied else None
+        self.idle = nn.Parameter(torch.ones(3, dtype=dtype))
+        self.x = torch.randn(4, 5, dtype=dtype)
+        self.y = (
+            torch.randn(k, 4, 2, dtype=dtype) * torch.logspace(0, 2, k, dtype=dtype)[:, None, None]
+        )
+        self.k = k
+
+    def closure(self, features: bool = True) -> Losses:
+        z = self.encoder(self.x)
+        losses = []
+        for i, head in enumerate(self.heads):
+            out = head(z)
+            if self.tie is not None and i < 2:
+                out = out * self.tie
+            losses.append(nn.functional.mse_loss(out, self.y[i]))
+        losses[0] = losses[0] + 0.1 * self.heads[0].bias.pow(2).sum()
+        return Losses(losses, features=z if features else None)
+
+    def head_params(self) -> list[Tensor]:
+        return [p for n, p in self.named_parameters() if not n.startswith("encoder")]
+
+
+def _unfuse(mto: MultiTaskOptimizer) -> None:
+    """The reference: the heads' gradient by its own backward pass, as before the fusion."""
+    source = mto.source
+    for part in (source, getattr(source, "jacobian", None), getattr(source, "gramian", None)):
+        if isinstance(part, (JacobianSource, GramianSource)):
+            part.heads = []
+
+
+def _step(model: Model, engine: str, method: str, policy: str, fused: bool, features: bool):
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),  # .grad after the step: what was written
+        method,
+        shared=model.encoder,
+        engine=engine,
+        head_policy=policy,
+    )
+    if not fused:
+        _unfuse(mto)
+    mto.step(lambda: model.closure(features))
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@settings(max_examples=20)
+@given(
+    k=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    tied=st.booleans(),
+    engine=st.sampled_from(["auto", "jacobian", "batched", "gramian"]),
+    features=st.booleans(),
+    method=st.sampled_from(["upgrad", "mgda", "imtl_g"]),
+    policy=st.sampled_from(["raw", "weighted"]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_heads_gradient_from_the_per_task_passes_equals_its_own_backward(
+    k, dtype, tied, engine, features, method, policy, seed
+):
+    if tied and k < 2:
+        k = 2
+    got = _step(Model(k, dtype, tied, seed), engine, method, policy, True, features)
+    want = _step(Model(k, dtype, tied, seed), engine, method, policy, False, features)
+    for g, w in zip(got, want, strict=True):
+        if w is None:  # no loss reaches it: left alone by both
+            assert g is None
+            continue
+        assert g is not None
+        assert g.dtype == w.dtype
+        assert (g - w).norm() <= TOL[dtype] * w.norm()  # both zero where c_k is 0
+    names = [n for n, _ in Model(k, dtype, tied, seed).named_parameters()]
+    assert got[names.index("idle")] is None  # no loss reaches it
+
+
+def test_against_an_independent_reference_with_tied_and_head_only_terms():
+    """c_k from the method's weights (policy "weighted"): every head parameter's gradient is
+    ``Σ_k c_k ∂ℓ_k/∂p`` computed loss by loss with autograd, in float64 to 1e-12."""
+    model = Model(4, torch.float64, True, 3)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), "mgda", shared=model.encoder,
+        head_policy="weighted",
+    )  # fmt: skip
+    info = mto.step(model.closure)
+    c = info.weights.to(torch.float64)
+    losses = model.closure().losses
+    heads = model.head_params()
+    want = [torch.zeros_like(p) for p in heads]
+    for ck, loss in zip(c, losses, strict=True):
+        for acc, g in zip(
+            want,
+            torch.autograd.grad(loss, heads, retain_graph=True, allow_unused=True),
+            strict=True,
+        ):
+            if g is not None:
+                acc += ck * g
+    for p, w in zip(heads, want, strict=True):
+        if p is model.idle:
+            assert p.grad is None
+        else:
+            assert _relative(p.grad, w) < 1e-12
+
+
+def _mse_backwards(engine: str, features: bool, fused: bool, k: int = 5) -> int:
+    """Runs of the MSE's backward node in the second step (the first verifies a Gramian)."""
+    model = Model(k, torch.float64, False, 0)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), "upgrad", shared=model.encoder,
+        engine=engine,
+    )  # fmt: skip
+    if not fused:
+        _unfuse(mto)
+    mto.step(lambda: model.closure(features))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mto.step(lambda: model.closure(features))
+    return sum(ev.count for ev in prof.key_averages() if ev.key == "MseLossBackward0")
+
+
+@pytest.mark.parametrize("engine", ["jacobian", "batched", "gramian"])
+def test_each_loss_is_differentiated_once_per_step(engine):
+    """K passes (or the rows ∂ℓ_k/∂z) take the heads' gradients too: each loss's backward
+    runs once per step (K in all), where the heads' own backward pass made it 2K."""
+    k = 5
+    assert _mse_backwards(engine, True, True, k) == k
+    assert _mse_backwards(engine, True, False, k) == 2 * k
+
+
+def test_a_pass_batched_from_the_losses_leaves_the_heads_to_their_own_backward():
+    """Without the features the batched pass is taken from the losses: ``HeadGrads`` stays
+    unfilled and the heads get their backward pass (same gradients, tested above)."""
+    model = Model(3, torch.float64, False, 1)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), "upgrad", shared=model.encoder,
+        engine="batched",
+    )  # fmt: skip
+    per_task = mto.source.compute(unpack(model.closure(features=False), None))
+    assert per_task.heads is not None
+    assert per_task.heads.per_loss is None
+    per_task = mto.source.compute(unpack(model.closure(features=True), None))
+    assert per_task.heads is not None
+    assert per_task.heads.per_loss is not None
+
+
+def test_auto_and_the_gramian_engine_pass_the_heads_on():
+    model = Model(2, torch.float64, False, 2)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), "upgrad", shared=model.encoder,
+        engine="auto", max_jacobian_bytes=0,  # the Gramian
+    )  # fmt: skip
+    assert isinstance(mto.source, AutoSource)
+    info = mto.step(model.closure)
+    assert info.gradient_engine == "gramian"
+    assert all(p.grad is not None for p in model.head_params() if p is not model.idle)
+
+
+def test_write_accumulates_sums_in_float32_and_leaves_unreached_parameters():
+    """Half-precision heads: the sum is formed in float32 and rounded once to float16; an
+    existing ``.grad`` is added to; a parameter no loss reaches keeps ``None``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.zeros(64, dtype=torch.float16, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    idle = torch.zeros(2, requires_grad=True)
+    ga = [torch.randn(64, generator=gen).half() for _ in range(3)]
+    gb = torch.randn(3, generator=gen)
+    heads = HeadGrads([a, b, idle])
+    heads.per_loss = [(ga[0], gb, None), (ga[1], None, None), (ga[2], None, None)]
+    b.grad = torch.ones(3)
+    c = torch.tensor([0.1, 300.0, -7.25], dtype=torch.float64)
+    heads.write(c)
+    exact = sum(ck * g.double() for ck, g in zip(c, ga, strict=True))
+    assert a.grad.dtype == torch.float16
+    # one float16 rounding of a float32 sum (2⁻¹¹ relative) and float32's own (a few 2⁻²⁴)
+    assert torch.all((a.grad.double() - exact).abs() <= 2.0**-10 * exact.abs() + 2.0**-24)
+    torch.testing.assert_close(b.grad, 1.0 + 0.1 * gb, rtol=1e-6, atol=1e-7)
+    assert idle.grad is None
+
+
+def test_jacobian_fills_the_heads_and_keeps_its_rows():
+    """``jacobian(losses, inputs, heads)``: the same rows as without heads, and each loss's
+    own gradients of the heads (``None`` for a head it does not reach)."""
+    torch.manual_seed(0)
+    enc, h0, h1 = nn.Linear(3, 4).double(), nn.Linear(4, 1).double(), nn.Linear(4, 1).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    z = enc(x)
+    losses = [h0(z).pow(2).mean(), h1(z).abs().mean()]
+    shared = list(enc.parameters())
+    heads = HeadGrads([*h0.parameters(), *h1.parameters()])
+    rows = jacobian(losses, shared, heads)
+    assert torch.equal(rows, jacobian(losses, shared))
+    assert heads.per_loss is not None
+    assert heads.per_loss[0][2:] == (None, None)
+    assert heads.per_loss[1][:2] == (None, None)
+    want = torch.autograd.grad(losses[1], list(h1.parameters()), retain_graph=True)
+    for g, w in zip(heads.per_loss[1][2:], want, strict=True):
+        assert torch.equal(g, w)
