@@ -1,7 +1,8 @@
 """The heads' gradient ``Σ_k c_k ∇_h ℓ_k`` taken in the per-task passes (``HeadGrads``): the
 same ``.grad`` as a backward pass of ``Σ_k c_k ℓ_k`` into the heads, on every engine, for heads
-shared by two tasks, heads no loss reaches and head-only loss terms, and each loss and head
-differentiated once per task instead of twice."""
+shared by two tasks, heads no loss reaches, head-only loss terms, a stem upstream of the encoder
+and a weight tied between the input and a head; taken only when every head is reached before
+``z`` and none has hooks; each loss and head differentiated once per task instead of twice."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from mtopt import Losses, MultiTaskOptimizer
-from mtopt.core.gradients import HeadGrads, jacobian
+from mtopt.core.gradients import HeadGrads, head_grads, jacobian
 from mtopt.engine.closure import unpack
 from mtopt.engine.sources import AutoSource, GramianSource, JacobianSource
 
@@ -21,16 +22,29 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 class Model(nn.Module):
-    """An encoder and K heads; optionally one head parameter read by two tasks (``tied``),
-    one no loss reads (``idle``), and a head-only term in the first loss (no path to z)."""
+    """An encoder and K heads; optionally one head parameter read by two tasks (``tied``), a
+    stem before the encoder that is not shared (``stem``), and a gain that scales both the input
+    and the first head's output (``gain``: a head reached before z and behind it), and a
+    parameter no loss reads (``idle``); always a head-only term in the first loss."""
 
-    def __init__(self, k: int, dtype: torch.dtype, tied: bool, seed: int) -> None:
+    def __init__(
+        self,
+        k: int,
+        dtype: torch.dtype,
+        tied: bool,
+        seed: int,
+        stem: bool = False,
+        gain: bool = False,
+        idle: bool = False,
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
+        self.stem = nn.Linear(5, 5).to(dtype) if stem else None
+        self.gain = nn.Parameter(torch.tensor(1.3, dtype=dtype)) if gain else None
         self.encoder = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).to(dtype)
         self.heads = nn.ModuleList(nn.Linear(6, 2) for _ in range(k)).to(dtype)
         self.tie = nn.Parameter(torch.randn(2, dtype=dtype)) if tied else None
-        self.idle = nn.Parameter(torch.ones(3, dtype=dtype))
+        self.idle = nn.Parameter(torch.ones(3, dtype=dtype)) if idle else None
         self.x = torch.randn(4, 5, dtype=dtype)
         self.y = (
             torch.randn(k, 4, 2, dtype=dtype) * torch.logspace(0, 2, k, dtype=dtype)[:, None, None]
@@ -38,12 +52,16 @@ class Model(nn.Module):
         self.k = k
 
     def closure(self, features: bool = True) -> Losses:
-        z = self.encoder(self.x)
+        x = self.x if self.stem is None else torch.tanh(self.stem(self.x))
+        x = x if self.gain is None else x * self.gain
+        z = self.encoder(x)
         losses = []
         for i, head in enumerate(self.heads):
             out = head(z)
             if self.tie is not None and i < 2:
                 out = out * self.tie
+            if self.gain is not None and i == 0:
+                out = out * self.gain
             losses.append(nn.functional.mse_loss(out, self.y[i]))
         losses[0] = losses[0] + 0.1 * self.heads[0].bias.pow(2).sum()
         return Losses(losses, features=z if features else None)
@@ -60,7 +78,9 @@ def _unfuse(mto: MultiTaskOptimizer) -> None:
             part.heads = []
 
 
-def _step(model: Model, engine: str, method: str, policy: str, fused: bool, features: bool):
+def _step(
+    model: Model, engine: str, method: str, policy: str, fused: bool, features: bool
+) -> list[Tensor | None]:
     mto = MultiTaskOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0),  # .grad after the step: what was written
         method,
@@ -78,11 +98,14 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@settings(max_examples=20)
+@settings(max_examples=40)
 @given(
     k=st.integers(1, 5),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     tied=st.booleans(),
+    stem=st.booleans(),
+    gain=st.booleans(),
+    idle=st.booleans(),
     engine=st.sampled_from(["auto", "jacobian", "batched", "gramian"]),
     features=st.booleans(),
     method=st.sampled_from(["upgrad", "mgda", "imtl_g"]),
@@ -90,12 +113,13 @@ def _relative(a: Tensor, b: Tensor) -> float:
     seed=st.integers(0, 2**16),
 )
 def test_the_heads_gradient_from_the_per_task_passes_equals_its_own_backward(
-    k, dtype, tied, engine, features, method, policy, seed
+    k, dtype, tied, stem, gain, idle, engine, features, method, policy, seed
 ):
     if tied and k < 2:
         k = 2
-    got = _step(Model(k, dtype, tied, seed), engine, method, policy, True, features)
-    want = _step(Model(k, dtype, tied, seed), engine, method, policy, False, features)
+    flags = (k, dtype, tied, seed, stem, gain, idle)
+    got = _step(Model(*flags), engine, method, policy, True, features)
+    want = _step(Model(*flags), engine, method, policy, False, features)
     for g, w in zip(got, want, strict=True):
         if w is None:  # no loss reaches it: left alone by both
             assert g is None
@@ -103,17 +127,21 @@ def test_the_heads_gradient_from_the_per_task_passes_equals_its_own_backward(
         assert g is not None
         assert g.dtype == w.dtype
         assert (g - w).norm() <= TOL[dtype] * w.norm()  # both zero where c_k is 0
-    names = [n for n, _ in Model(k, dtype, tied, seed).named_parameters()]
-    assert got[names.index("idle")] is None  # no loss reaches it
+    names = [n for n, _ in Model(*flags).named_parameters()]
+    if idle:
+        assert got[names.index("idle")] is None  # no loss reaches it
 
 
-def test_against_an_independent_reference_with_tied_and_head_only_terms():
+@pytest.mark.parametrize("engine", ["jacobian", "batched", "gramian"])
+def test_against_an_independent_reference_with_tied_and_head_only_terms(engine):
     """c_k from the method's weights (policy "weighted"): every head parameter's gradient is
-    ``Σ_k c_k ∂ℓ_k/∂p`` computed loss by loss with autograd, in float64 to 1e-12."""
-    model = Model(4, torch.float64, True, 3)
+    ``Σ_k c_k ∂ℓ_k/∂p`` computed loss by loss with autograd, in float64 to 1e-12, with a
+    parameter read by two heads and a gain read before z and behind it (taken in every pass,
+    through the encoder)."""
+    model = Model(4, torch.float64, True, 3, gain=True)
     mto = MultiTaskOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), "mgda", shared=model.encoder,
-        head_policy="weighted",
+        head_policy="weighted", engine=engine,
     )  # fmt: skip
     info = mto.step(model.closure)
     c = info.weights.to(torch.float64)
@@ -129,10 +157,7 @@ def test_against_an_independent_reference_with_tied_and_head_only_terms():
             if g is not None:
                 acc += ck * g
     for p, w in zip(heads, want, strict=True):
-        if p is model.idle:
-            assert p.grad is None
-        else:
-            assert _relative(p.grad, w) < 1e-12
+        assert _relative(p.grad, w) < 1e-12
 
 
 def _mse_backwards(engine: str, features: bool, fused: bool, k: int = 5) -> int:
@@ -159,20 +184,75 @@ def test_each_loss_is_differentiated_once_per_step(engine):
     assert _mse_backwards(engine, True, False, k) == 2 * k
 
 
-def test_a_pass_batched_from_the_losses_leaves_the_heads_to_their_own_backward():
-    """Without the features the batched pass is taken from the losses: ``HeadGrads`` stays
-    unfilled and the heads get their backward pass (same gradients, tested above)."""
-    model = Model(3, torch.float64, False, 1)
+def _taken(model: Model, closure, engine: str = "batched"):
+    closure = closure or model.closure
     mto = MultiTaskOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), "upgrad", shared=model.encoder,
-        engine="batched",
+        engine=engine,
     )  # fmt: skip
-    per_task = mto.source.compute(unpack(model.closure(features=False), None))
-    assert per_task.heads is not None
-    assert per_task.heads.per_loss is None
-    per_task = mto.source.compute(unpack(model.closure(features=True), None))
-    assert per_task.heads is not None
-    assert per_task.heads.per_loss is not None
+    with mto.source.recording(None):  # the Gramian engine records the forward
+        step = unpack(closure(), None)
+    return mto.source.compute(step).heads
+
+
+def _names(model: nn.Module, params) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("engine", ["jacobian", "batched", "gramian"])
+def test_the_heads_are_taken_only_when_all_are_reached_before_z_without_hooks(engine):
+    """Taken: every head before z (a gain also behind it is fine). Left to the backward pass
+    (``None``): a stem, a parameter no loss reaches, a hooked head, no z, a loss that reads
+    an encoder weight beside z."""
+    assert _taken(Model(3, torch.float64, True, 1, gain=True), None, engine) is not None
+    assert _taken(Model(3, torch.float64, False, 1, stem=True), None, engine) is None
+    assert _taken(Model(3, torch.float64, False, 1, idle=True), None, engine) is None
+    hooked = Model(3, torch.float64, False, 1)
+    hooked.heads[1].weight.register_hook(lambda g: g)
+    assert _taken(hooked, None, engine) is None
+    plain = Model(3, torch.float64, False, 1)
+    assert _taken(plain, lambda: plain.closure(features=False), engine) is None
+    out = plain.closure()
+    losses = list(out.losses)
+    encoder = list(plain.encoder.parameters())
+    assert head_grads(losses, out.features, encoder, plain.head_params()) is not None
+    losses[1] = losses[1] + plain.encoder[0].weight.pow(2).sum()  # beside z
+    assert head_grads(losses, out.features, encoder, plain.head_params()) is None
+
+
+def test_a_hooked_head_sees_the_weighted_gradient_once():
+    """A tensor hook on a head weight runs once per step on ``Σ_k c_k ∂ℓ_k/∂p``, as before;
+    a post-accumulate-grad hook runs once too (both by the backward pass, which a hooked head
+    keeps). Unhooked, the per-loss gradients are released once written."""
+    model = Model(3, torch.float64, False, 4)
+    seen, after = [], []
+    model.heads[2].weight.register_hook(lambda g: seen.append(g.clone()))
+    model.heads[0].bias.register_post_accumulate_grad_hook(lambda p: after.append(1))
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), "mgda", shared=model.encoder,
+        head_policy="weighted",
+    )  # fmt: skip
+    kept = []
+    compute = mto.source.compute
+    mto.source.compute = lambda step: kept.append(compute(step)) or kept[-1]
+    info = mto.step(model.closure)
+    assert len(seen) == 1
+    assert len(after) == 1
+    loss = model.closure().losses[2]
+    want = float(info.weights[2]) * torch.autograd.grad(loss, model.heads[2].weight)[0]
+    assert _relative(seen[0], want) < 1e-12
+    assert kept[0].heads is None
+    plain = Model(3, torch.float64, False, 4)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(plain.parameters(), lr=0.0), "mgda", shared=plain.encoder
+    )
+    kept = []
+    compute = mto.source.compute
+    mto.source.compute = lambda step: kept.append(compute(step)) or kept[-1]
+    mto.step(plain.closure)
+    assert kept[0].heads is not None
+    assert kept[0].heads.per_loss is None  # written, then released
 
 
 def test_auto_and_the_gramian_engine_pass_the_heads_on():

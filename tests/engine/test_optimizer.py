@@ -274,7 +274,12 @@ def test_closure_return_types(kind, name):
             _mto(model, name, **hp).step(_variants(model)[kind])
         return
     ref_model = Net(k=3, seed=7)
-    ref_info = _mto(ref_model, name, **hp).step(ref_model.closure)
+    # with the features or without, as the variant (with them the heads' gradient is taken in
+    # the per-task passes, without them by a backward pass: the same up to rounding)
+    with_z = kind.startswith("Losses")
+    ref_info = _mto(ref_model, name, **hp).step(
+        ref_model.closure if with_z else lambda: Losses(ref_model()[0])
+    )
     model = Net(k=3, seed=7)
     info = _mto(model, name, **hp).step(_variants(model)[kind])
     named = "dict" in kind

@@ -19,18 +19,30 @@ from torch import Tensor
 
 
 class HeadGrads:
-    """Each loss's own gradients of the task-specific parameters (the heads), taken in the
-    per-task backward passes that give its row of the Jacobian, so that the heads' gradient
+    """Each loss's own gradients of task-specific parameters (the heads), taken in the per-task
+    backward passes that give its row of the Jacobian, so that the heads' gradient
     ``Σ_k c_k ∇_h ℓ_k`` needs no backward pass of its own once the coefficients ``c`` are
     known. Each pass already runs through its own loss and head; asking it for the head's
     parameters too adds their weight products only, where a separate backward of
     ``Σ_k c_k ℓ_k`` would run every loss and head once more.
 
+    When (:func:`head_grads`): the closure gave the features ``z`` through which alone the
+    losses reach the shared parameters, and the losses reach every head before ``z``, none
+    with tensor hooks or post-accumulate-grad hooks. Otherwise all heads get a backward pass of
+    ``Σ_k c_k ℓ_k``, as before: a stem upstream of the encoder that is not shared would take
+    each pass through the encoder again (K times its gradient's memory, several times the
+    step, found by review), a parameter no loss reaches or one behind ``z`` needs that backward
+    pass anyway (then taking the others in the passes saves nothing), and hooks would run in
+    each pass on ``∂ℓ_k/∂p`` instead of once on ``Σ_k c_k ∇ℓ_k`` (and ``.grad`` is written
+    here, not accumulated by autograd).
+
     ``per_loss`` is filled by :func:`jacobian`, :func:`batched_grads` and the Gramian engine
     when they take the rows task by task, and stays ``None`` otherwise (a batched pass from
-    the losses): the caller then back-propagates ``Σ_k c_k ℓ_k`` into the heads. What is kept
-    is one gradient per loss and head it reaches (``None`` elsewhere): for disjoint heads, the
-    memory of one gradient of the heads."""
+    the losses): then the heads get the backward pass. Kept: one gradient per loss and head
+    parameter the loss reaches (``None`` elsewhere), released once written; for heads of one
+    task each, the memory of one gradient of the heads. Under a grad scaler each ``∂ℓ_k/∂p``
+    is taken at the full scale, as the shared rows are (the backward pass took ``c_k`` times
+    it)."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
@@ -61,6 +73,26 @@ class HeadGrads:
                 continue
             g = total if total.dtype == p.dtype else total.to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
+        self.per_loss = None  # not kept beside the written gradients through the step
+
+
+def head_grads(
+    losses: Sequence[Tensor],
+    features: Tensor | None,
+    shared: Sequence[Tensor],
+    heads: Sequence[Tensor],
+) -> HeadGrads | None:
+    """The step's :class:`HeadGrads`, or ``None`` (the heads get the backward pass): without
+    ``z``, when the losses reach ``shared`` other than through ``z``, when a head is not
+    reached before ``z``, or when one has hooks."""
+    if not heads or features is None:
+        return None
+    if any(p._backward_hooks or p._post_accumulate_grad_hooks for p in heads):
+        return None
+    before = heads_before(losses, features, shared, heads)
+    if before is None or len(before) != len(heads):
+        return None
+    return HeadGrads(heads)
 
 
 def jacobian(
@@ -157,12 +189,37 @@ def only_through(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Te
     input itself) says no. A ``z`` outside the graph (no ``grad_fn``) says no, and so does a
     ``z`` with tensor hooks or ``retain_grad``: they would run twice, when ``∂ℓ_k/∂z`` is
     captured and again when ``z``'s backward starts (hooks on ``z``'s node run once)."""
+    return _walk(losses, features, inputs, ())[0]
+
+
+def heads_before(
+    losses: Sequence[Tensor], features: Tensor, shared: Sequence[Tensor], heads: Sequence[Tensor]
+) -> list[Tensor] | None:
+    """The parameters of ``heads`` that the losses reach before ``z`` (the walk of
+    :func:`only_through`, which stops at ``z``), in their order; ``None`` when
+    :func:`only_through` says no for ``shared``. A head reached before ``z`` by one loss may
+    also lie behind ``z`` (an input embedding tied to an output layer): the per-task passes
+    then take its whole gradient, through the encoder."""
+    through, found = _walk(losses, features, shared, heads)
+    if not through:
+        return None
+    return [p for p in heads if id(p) in found]
+
+
+def _walk(
+    losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor], heads: Sequence[Tensor]
+) -> tuple[bool, set[int]]:
+    """One walk from the losses that stops at ``z``: whether no input was reached (with the
+    conditions of :func:`only_through`), and the ids of the ``heads`` that were."""
     stop = features.grad_fn
     if stop is None or features._backward_hooks or features.retains_grad:
-        return False
+        return False, set()
     targets = {id(t) for t in inputs}
+    wanted = {id(t) for t in heads}
+    found: set[int] = set()
     if any(loss.grad_fn is None and id(loss) in targets for loss in losses):
-        return False
+        return False, found
+    found.update(id(loss) for loss in losses if loss.grad_fn is None and id(loss) in wanted)
     seen: set[int] = set()
     todo: list[tuple[Any, int]] = [(loss.grad_fn, loss.output_nr) for loss in losses]
     while todo:
@@ -171,10 +228,13 @@ def only_through(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Te
             continue
         seen.add(id(node))
         variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
-        if variable is not None and id(variable) in targets:
-            return False
+        if variable is not None:
+            if id(variable) in targets:
+                return False, found
+            if id(variable) in wanted:
+                found.add(id(variable))
         todo.extend(node.next_functions)
-    return True
+    return True, found
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

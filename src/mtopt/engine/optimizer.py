@@ -156,8 +156,7 @@ class MultiTaskOptimizer:
             modules,
             self.max_jacobian_bytes,
             self.sync,
-            # a sequential method back-propagates its groups itself: no heads' gradients
-            heads=[] if isinstance(self.method, SequentialMethod) else self.task_params,
+            heads=self.task_params,
         )
         if self.sync is not None:
             self.sync.check_method(self.method, self.shared[0].device)

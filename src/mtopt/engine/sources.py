@@ -34,6 +34,7 @@ from mtopt.core.gradients import (
     HeadGrads,
     batched_jacobian,
     gram_matrix,
+    head_grads,
     jacobian,
     write_flat_grad,
 )
@@ -94,7 +95,8 @@ class GradientSource:
     ) -> None:
         """``.grad`` of the shared parameters (the method's update) and of the task-specific
         ones (``Σ_k c_k ∇ℓ_k``, ``c = head_coeffs``; ``None`` when there are none): from the
-        per-task gradients the source kept (``per_task.heads``), else by a backward pass."""
+        per-task gradients the source took (``per_task.heads``), else by a backward pass of
+        ``Σ_k c_k ℓ_k``."""
         self.write_shared(agg, step, per_task)
         if head_coeffs is None or not task_params:
             return
@@ -149,10 +151,11 @@ class JacobianSource(GradientSource):
     ``"jacobian"`` from then on. Asked for by name (``engine="batched"``), the error is
     raised.
 
-    ``heads`` (the task-specific parameters): the per-task passes (the K passes, or the rows
-    ``∂ℓ_k/∂z`` of the batched pass from ``z``) also take each loss's gradient of the heads
-    (:class:`~mtopt.core.gradients.HeadGrads`), and the heads' ``Σ_k c_k ∇ℓ_k`` is written
-    from them without a backward pass of its own."""
+    ``heads`` (the task-specific parameters): when the closure returns ``z``, the per-task
+    passes (the K passes, or the rows ``∂ℓ_k/∂z`` of the batched pass from ``z``) also take
+    each loss's gradient of the heads, when the losses reach them all before ``z``
+    (:class:`~mtopt.core.gradients.HeadGrads`), and their ``Σ_k c_k ∇ℓ_k`` is written from them
+    without a backward pass of its own."""
 
     def __init__(
         self,
@@ -195,7 +198,7 @@ class JacobianSource(GradientSource):
             return jacobian(losses, self.shared, heads)
 
     def compute(self, step: Unpacked) -> PerTask:
-        heads = HeadGrads(self.heads) if self.heads else None
+        heads = head_grads(step.losses, step.features, self.shared, self.heads)
         grads = self._jacobian(step.losses, step.features, heads)
         if self.sync is not None:  # the full batch's Jacobian: the mean of the ranks'
             grads = self.sync.mean(grads)  # (reduced first: a non-finite row stops every rank)
@@ -225,7 +228,7 @@ class GramianSource(GradientSource):
         return self.engine.record()
 
     def compute(self, step: Unpacked) -> PerTask:
-        heads = HeadGrads(self.heads) if self.heads else None
+        heads = head_grads(step.losses, step.features, self.engine.params, self.heads)
         gram = self.engine.gramian(step.losses, step.features, heads)
         if not self._verified:
             self.engine.verify(step.losses, gram)
