@@ -24,14 +24,14 @@ import torch
 
 from mtopt.bench.contenders import one_contender
 from mtopt.bench.workloads import get_workload
-from mtopt.engine.sources import GramianSource, JacobianSource
+from mtopt.engine.sources import GramianSource, JacobianSource, RepresentationSource
 
 
 def unfuse(mto: object) -> None:
     """Empty the head list of the optimizer's parameter-level gradient source(s)."""
     source = getattr(mto, "source", None)
     for part in (source, getattr(source, "jacobian", None), getattr(source, "gramian", None)):
-        if isinstance(part, (JacobianSource, GramianSource)):
+        if isinstance(part, (JacobianSource, GramianSource, RepresentationSource)):
             part.heads = []
 
 

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from mtopt import Losses, MultiTaskOptimizer
 from mtopt.core.gradients import HeadGrads, head_grads, jacobian
 from mtopt.engine.closure import unpack
-from mtopt.engine.sources import AutoSource, GramianSource, JacobianSource
+from mtopt.engine.sources import AutoSource, GramianSource, JacobianSource, RepresentationSource
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -74,7 +74,7 @@ def _unfuse(mto: MultiTaskOptimizer) -> None:
     """The reference: the heads' gradient by its own backward pass, as before the fusion."""
     source = mto.source
     for part in (source, getattr(source, "jacobian", None), getattr(source, "gramian", None)):
-        if isinstance(part, (JacobianSource, GramianSource)):
+        if isinstance(part, (JacobianSource, GramianSource, RepresentationSource)):
             part.heads = []
 
 
@@ -307,3 +307,126 @@ def test_jacobian_fills_the_heads_and_keeps_its_rows():
     want = torch.autograd.grad(losses[1], list(h1.parameters()), retain_graph=True)
     for g, w in zip(heads.per_loss[1][2:], want, strict=True):
         assert torch.equal(g, w)
+
+
+# -- the representation level: the heads' gradients from the one pass into the heads' copies ---
+
+
+class RepModel(nn.Module):
+    """An encoder and K heads that read ``z`` through ``mto.task_input``; optionally a head
+    parameter two heads read (``tied``), one no loss reads (``idle``), a hook on a head
+    weight (``hooked``), or a loss that also reads ``z`` itself (``direct``)."""
+
+    def __init__(self, k: int, seed: int, tied=False, idle=False, hooked=False, direct=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).double()
+        self.heads = nn.ModuleList(nn.Linear(6, 2) for _ in range(k)).double()
+        self.tie = nn.Parameter(torch.randn(2, dtype=torch.float64)) if tied else None
+        self.idle = nn.Parameter(torch.ones(3, dtype=torch.float64)) if idle else None
+        if hooked:
+            self.heads[0].weight.register_hook(lambda g: g)
+        self.direct = direct
+        self.x = torch.randn(6, 5, dtype=torch.float64)
+        self.y = torch.randn(k, 6, 2, dtype=torch.float64)
+
+    def closure(self, mto: MultiTaskOptimizer):
+        def run() -> Losses:
+            z = self.encoder(self.x)
+            losses = []
+            for i, head in enumerate(self.heads):
+                out = head(mto.task_input(z, i))
+                if self.tie is not None and i < 2:
+                    out = out * self.tie
+                losses.append(nn.functional.mse_loss(out, self.y[i]))
+            if self.direct:
+                losses[-1] = losses[-1] + 0.1 * z.pow(2).mean()
+            return Losses(losses, features=z)
+
+        return run
+
+
+def _rep_step(flags: dict, method: str, policy: str, fused: bool, k: int = 3):
+    model = RepModel(k, **flags)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), method, shared=model.encoder,
+        head_policy=policy,
+    )  # fmt: skip
+    assert isinstance(mto.source, RepresentationSource)
+    if not fused:
+        _unfuse(mto)
+    kept = []
+    compute = mto.source.compute
+    mto.source.compute = lambda step: kept.append(compute(step)) or kept[-1]
+    mto.step(model.closure(mto))
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return grads, kept[0].heads is not None
+
+
+@settings(max_examples=30)
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(2, 4),
+    odd=st.sampled_from(["", "tied", "idle", "hooked", "direct"]),
+    method=st.sampled_from(["mgda_ub", "imtl", "rotograd"]),
+    policy=st.sampled_from(["raw", "weighted"]),
+)
+def test_at_the_representation_level_the_one_pass_gives_the_heads_gradient(
+    seed, k, odd, method, policy
+):
+    """The same ``.grad`` as the heads' own backward pass; taken only when every head
+    parameter is reached by one loss alone through its copy, with no hook and no loss reading
+    ``z`` itself."""
+    flags = {"seed": seed, **({odd: True} if odd else {})}
+    got, taken = _rep_step(flags, method, policy, True, k)
+    want, _ = _rep_step(flags, method, policy, False, k)
+    assert taken == (odd == "")
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert (g - w).norm() <= 1e-12 * w.norm()
+
+
+def test_at_the_representation_level_each_loss_is_differentiated_once():
+    def count(fused: bool) -> int:
+        model = RepModel(4, 0)
+        mto = MultiTaskOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.01), "mgda_ub", shared=model.encoder
+        )
+        if not fused:
+            _unfuse(mto)
+        mto.step(model.closure(mto))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            mto.step(model.closure(mto))
+        return sum(ev.count for ev in prof.key_averages() if ev.key == "MseLossBackward0")
+
+    assert count(True) == 4
+    assert count(False) == 8
+
+
+def test_a_stem_left_out_of_shared_is_refused_at_the_representation_level():
+    """A task-specific parameter before z would get no gradient at the representation level
+    (the update reaches the encoder side only through ``backward(z, d, inputs=shared)``):
+    one line naming the fix, at the first step. At the parameter level it gets the heads'
+    gradient, as before."""
+    torch.manual_seed(0)
+    stem, enc = nn.Linear(4, 4), nn.Linear(4, 3)
+    heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    params = [*stem.parameters(), *enc.parameters(), *heads.parameters()]
+    for method in ("imtl", "upgrad"):
+        mto = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), method, shared=enc)
+
+        def closure(mto=mto):
+            z = enc(torch.tanh(stem(x)))
+            outs = [h(mto.task_input(z, i))[:, 0] for i, h in enumerate(heads)]
+            return Losses([(o - y[:, i]).pow(2).mean() for i, o in enumerate(outs)], features=z)
+
+        if method == "imtl":
+            with pytest.raises(ValueError, match=r"2 parameter\(s\) not in shared feed") as err:
+                mto.step(closure)
+            assert "\n" not in str(err.value)
+            assert "(4, 4), (4,)" in str(err.value)
+        else:
+            mto.step(closure)
+            assert stem.weight.grad is not None

@@ -114,7 +114,7 @@ def choose_source(
     if level == "rep":
         # heads read per-task copies of z (one backward pass for all K rows), unless the
         # method re-runs the closure itself
-        return RepresentationSource(shared, not isinstance(method, ClosureMethod))
+        return RepresentationSource(shared, not isinstance(method, ClosureMethod), heads=heads)
     reasons = []
     if not method.gramian_only:
         reasons.append(f"method {method.name!r} needs the gradients, not only their Gramian")
@@ -155,7 +155,9 @@ def _data_parallel_source(
         return source
     if method.level == "rep":
         split = not isinstance(method, ClosureMethod)
-        return RepresentationSource(shared, split, sync=sync, gramian_only=method.gramian_only)
+        return RepresentationSource(
+            shared, split, sync=sync, gramian_only=method.gramian_only, heads=heads
+        )
     return _jacobian_source(engine, shared, sync, heads)
 
 

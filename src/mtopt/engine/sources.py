@@ -287,7 +287,11 @@ class RepresentationSource(GradientSource):
 
     While a step runs, :meth:`task_input` hands each head a detached copy of ``z`` (through the
     method's transform, if it has one), so that one backward pass of ``Σ_k ℓ_k`` gives every row;
-    when some loss also reads ``z`` directly, or the copies are not used, K backward passes do."""
+    when some loss also reads ``z`` directly, or the copies are not used, K backward passes do.
+    In that one pass each head's graph ends at its copy, so a head parameter that one loss
+    alone reaches gets ``∂ℓ_k/∂p`` from it: when every head is such (none with hooks), the pass
+    also takes the heads' gradients (:func:`split_head_grads`), and the heads need no backward
+    pass of their own."""
 
     label = "representation"
 
@@ -297,8 +301,11 @@ class RepresentationSource(GradientSource):
         split_heads: bool,
         sync: ProcessGroupSync | None = None,
         gramian_only: bool = False,
+        heads: list[Tensor] | None = None,
     ) -> None:
         self.shared = shared
+        self.heads = heads or []
+        self._checked_upstream = False
         self.split_heads = split_heads
         self.sync = sync
         #: in a process group: reduce only the K × K Gramian (the method reads nothing else)
@@ -335,16 +342,26 @@ class RepresentationSource(GradientSource):
             )
         if not features.requires_grad:
             raise ValueError("features must be part of the autograd graph (requires_grad)")
-        rows = representation_rows(self.taken, step.names, step.losses, features)
+        if not self._checked_upstream:
+            check_upstream(features, self.heads)
+            self._checked_upstream = True
+        heads = None
+        if self.heads and not any(
+            p._backward_hooks or p._post_accumulate_grad_hooks for p in self.heads
+        ):
+            heads = HeadGrads(self.heads)
+        rows = representation_rows(self.taken, step.names, step.losses, features, heads)
+        if heads is not None and heads.per_loss is None:
+            heads = None
         if self.sync is None:
             check_finite(step.names, grads=rows)
-            return PerTask(grads=rows)
+            return PerTask(grads=rows, heads=heads)
         # reduced before the check, so that a non-finite row stops every rank alike
         world = self.sync.world
         if self.gramian_only:  # M = Σ_r J_r J_rᵀ / W²: a K × K all-reduce
             gram = self.sync.sum_(gram_matrix(rows).clone()) / world**2
             check_finite(step.names, gram=gram)
-            return PerTask(gramian=gram, local=rows)
+            return PerTask(gramian=gram, local=rows, heads=heads)
         gathered, start, end = self.sync.gather_rows(rows / world)
         check_finite(step.names, grads=gathered)
         return PerTask(
@@ -352,6 +369,7 @@ class RepresentationSource(GradientSource):
             local=rows,
             span=(start, end),
             features=self.sync.gather_batch(features),
+            heads=heads,
         )
 
     def write_shared(self, agg: Aggregation, step: Unpacked, per_task: PerTask) -> None:
@@ -374,11 +392,17 @@ class RepresentationSource(GradientSource):
 
 
 def representation_rows(
-    split: list[SplitEntry], names: tuple[str, ...], losses: list[Tensor], features: Tensor
+    split: list[SplitEntry],
+    names: tuple[str, ...],
+    losses: list[Tensor],
+    features: Tensor,
+    heads: HeadGrads | None = None,
 ) -> Tensor:
     """Rows ``∂ℓ_k/∂z`` (``K × numel(z)``): one backward pass into the heads' copies when every
     loss reads ``z`` only through its own copy, else K ``autograd.grad`` calls (through the
-    copies, whose gradients add to ``z``'s)."""
+    copies, whose gradients add to ``z``'s). With ``heads``, the one pass also takes the heads'
+    gradients and fills ``heads`` when each head parameter is reached by one loss alone
+    (:func:`split_head_grads`)."""
     index_of = {name: i for i, name in enumerate(names)}
     usable = bool(split) and all(src is features for src, _, _ in split)
     tasks: list[int] = []
@@ -390,10 +414,14 @@ def representation_rows(
         tasks.append(index)
     if usable and len(set(tasks)) == len(losses):
         leaves = [leaf for _, _, leaf in split]
+        extra = [] if heads is None else heads.params
         total = torch.stack(losses).sum()
-        direct, *per_leaf = torch.autograd.grad(
-            total, [features, *leaves], retain_graph=True, allow_unused=True
+        direct, *rest = torch.autograd.grad(
+            total, [features, *leaves, *extra], retain_graph=True, allow_unused=True
         )
+        per_leaf = rest[: len(leaves)]
+        if direct is None and heads is not None:
+            split_head_grads(losses, heads, rest[len(leaves) :])
         if direct is None:  # no loss reads z except through its head's copy
             rows = torch.zeros(
                 len(losses), features.numel(), dtype=features.dtype, device=features.device
@@ -415,6 +443,68 @@ def representation_rows(
             out += rows[:, n * (j + 1) : n * (j + 2)]
         return out
     return jacobian(losses, [features])
+
+
+def check_upstream(features: Tensor, heads: list[Tensor]) -> None:
+    """Raise a one-line ``ValueError`` when a task-specific parameter feeds ``z`` (a stem
+    before the encoder left out of ``shared``): at the representation level the update reaches
+    the parameters behind ``z`` only through ``backward(z, d, inputs=shared)``, so such a
+    parameter would silently get no gradient. Walks ``z``'s graph once (at the first step)."""
+    wanted = {id(p): p for p in heads}
+    found: list[Tensor] = []
+    seen: set[int] = set()
+    todo = [features.grad_fn]
+    while todo and wanted:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in wanted:
+            found.append(wanted.pop(id(variable)))
+        todo.extend(fn for fn, _ in node.next_functions)
+    if found:
+        shapes = ", ".join(str(tuple(p.shape)) for p in found)
+        raise ValueError(
+            f"{len(found)} parameter(s) not in shared feed the features z (shapes {shapes}): "
+            "at the representation level they would get no gradient; pass them in shared= "
+            "(the encoder and everything before z)"
+        )
+
+
+def split_head_grads(losses: list[Tensor], heads: HeadGrads, grads: list[Tensor | None]) -> None:
+    """Fill ``heads.per_loss`` from the gradients of ``Σ_k ℓ_k`` when every head parameter is
+    reached by exactly one loss (then that gradient is ``∂ℓ_k/∂p``); leave it ``None``
+    otherwise (a parameter two heads share, or one no loss reaches: the heads then get their
+    backward pass). Walks each loss's graph, which ends at the head's copy of ``z`` (the caller
+    has checked that no loss reads ``z`` itself)."""
+    owner: dict[int, int] = {}
+    wanted = {id(p) for p in heads.params}
+    for k, loss in enumerate(losses):
+        reached: set[int] = set()
+        if loss.grad_fn is None and id(loss) in wanted:
+            reached.add(id(loss))
+        seen: set[int] = set()
+        todo = [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in wanted:
+                reached.add(id(variable))
+            todo.extend(fn for fn, _ in node.next_functions)
+        for key in reached:
+            if key in owner:
+                return  # reached by two losses
+            owner[key] = k
+    if len(owner) != len(wanted):
+        return  # some parameter no loss reaches
+    per_loss: list[list[Tensor | None]] = [[None] * len(heads.params) for _ in losses]
+    for j, (p, g) in enumerate(zip(heads.params, grads, strict=True)):
+        per_loss[owner[id(p)]][j] = g
+    heads.per_loss = [tuple(row) for row in per_loss]
 
 
 def combine(agg: Aggregation, grads: Tensor) -> Tensor:
