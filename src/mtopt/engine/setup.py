@@ -97,8 +97,9 @@ def choose_source(
 ) -> GradientSource:
     """The gradient source for the method's level and the requested engine; in a process group
     (``sync``) the source reduces what it computes (:mod:`mtopt.engine.distributed`).
-    ``heads``: the task-specific parameters, whose per-task gradients the parameter-level
-    sources take in their per-task passes (:class:`~mtopt.core.gradients.HeadGrads`)."""
+    ``heads``: the task-specific parameters, whose per-task gradients the parameter- and
+    representation-level sources take in their passes where they can
+    (:class:`~mtopt.core.gradients.HeadGrads`)."""
     level = method.level
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
