@@ -211,6 +211,9 @@ def test_the_heads_are_taken_only_when_all_are_reached_before_z_without_hooks(en
     hooked = Model(3, torch.float64, False, 1)
     hooked.heads[1].weight.register_hook(lambda g: g)
     assert _taken(hooked, None, engine) is None
+    module_hook = Model(3, torch.float64, False, 1)
+    module_hook.heads[2].register_full_backward_hook(lambda *args: None)
+    assert _taken(module_hook, None, engine) is None
     plain = Model(3, torch.float64, False, 1)
     assert _taken(plain, lambda: plain.closure(features=False), engine) is None
     out = plain.closure()
@@ -317,7 +320,9 @@ class RepModel(nn.Module):
     parameter two heads read (``tied``), one no loss reads (``idle``), a hook on a head
     weight (``hooked``), or a loss that also reads ``z`` itself (``direct``)."""
 
-    def __init__(self, k: int, seed: int, tied=False, idle=False, hooked=False, direct=False):
+    def __init__(
+        self, k: int, seed: int, tied=False, idle=False, hooked=False, direct=False, module=False
+    ):
         super().__init__()
         torch.manual_seed(seed)
         self.encoder = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).double()
@@ -326,6 +331,12 @@ class RepModel(nn.Module):
         self.idle = nn.Parameter(torch.ones(3, dtype=torch.float64)) if idle else None
         if hooked:
             self.heads[0].weight.register_hook(lambda g: g)
+        if module:  # a non-linear module hook: it must see the c-weighted gradient, once
+            self.heads[1].register_full_backward_hook(
+                lambda mod, gin, gout: tuple(
+                    None if g is None else g.clamp(-1e-3, 1e-3) for g in gin
+                )
+            )
         self.direct = direct
         self.x = torch.randn(6, 5, dtype=torch.float64)
         self.y = torch.randn(k, 6, 2, dtype=torch.float64)
@@ -367,7 +378,7 @@ def _rep_step(flags: dict, method: str, policy: str, fused: bool, k: int = 3):
 @given(
     seed=st.integers(0, 2**16),
     k=st.integers(2, 4),
-    odd=st.sampled_from(["", "tied", "idle", "hooked", "direct"]),
+    odd=st.sampled_from(["", "tied", "idle", "hooked", "direct", "module"]),
     method=st.sampled_from(["mgda_ub", "imtl", "rotograd"]),
     policy=st.sampled_from(["raw", "weighted"]),
 )

@@ -27,14 +27,17 @@ class HeadGrads:
     ``Σ_k c_k ℓ_k`` would run every loss and head once more.
 
     When (:func:`head_grads`): the closure gave the features ``z`` through which alone the
-    losses reach the shared parameters, and the losses reach every head before ``z``, none
-    with tensor hooks or post-accumulate-grad hooks. Otherwise all heads get a backward pass of
-    ``Σ_k c_k ℓ_k``, as before: a stem upstream of the encoder that is not shared would take
-    each pass through the encoder again (K times its gradient's memory, several times the
-    step, found by review), a parameter no loss reaches or one behind ``z`` needs that backward
-    pass anyway (then taking the others in the passes saves nothing), and hooks would run in
-    each pass on ``∂ℓ_k/∂p`` instead of once on ``Σ_k c_k ∇ℓ_k`` (and ``.grad`` is written
-    here, not accumulated by autograd).
+    losses reach the shared parameters, the losses reach every head before ``z``, and no head
+    parameter has tensor or post-accumulate-grad hooks and no head module a backward hook.
+    Otherwise all heads get a backward pass of ``Σ_k c_k ℓ_k``, as before: a stem upstream of
+    the encoder that is not shared would take each pass through the encoder again (K times its
+    gradient's memory, several times the step, found by review); a parameter no loss reaches,
+    or one behind ``z``, needs that backward pass anyway (then taking the others in the passes
+    saves nothing); and such hooks would run in each pass on ``∂ℓ_k`` instead of once on
+    ``Σ_k c_k ∇ℓ_k`` (and ``.grad`` is written here, not accumulated by autograd). Hooks on a
+    head's intermediate tensors cannot be seen from the graph: they run in each pass on
+    ``∂ℓ_k`` (as they already did in the passes that give the shared rows), so a non-linear
+    one (a clamp) acts before ``c_k`` is applied, not after.
 
     ``per_loss`` is filled by :func:`jacobian`, :func:`batched_grads` and the Gramian engine
     when they take the rows task by task, and stays ``None`` otherwise (a batched pass from
@@ -53,27 +56,34 @@ class HeadGrads:
         (summed in float32 at least, then in ``p``'s dtype; a parameter no loss reaches keeps
         its ``.grad``, as a backward pass would leave it)."""
         assert self.per_loss is not None
-        copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        for j, p in enumerate(self.params):
-            work = torch.promote_types(p.dtype, torch.float32)
-            key = (p.device, work)
-            if key not in copies:  # on CUDA without waiting, as weighted_sum copies them
-                copies[key] = coeffs.detach().to(
-                    device=p.device, dtype=work, non_blocking=p.device.type == "cuda"
-                )
-            c = copies[key]
-            total: Tensor | None = None
-            for k, grads in enumerate(self.per_loss):
-                g = grads[j]
-                if g is None:
-                    continue
-                term = (g if g.dtype == work else g.to(work)) * c[k]
-                total = term if total is None else total + term
+        host = coeffs.device.type == "cpu"  # then plain numbers, read without a device wait
+        numbers = coeffs.detach().to(torch.float64).tolist() if host else []
+        totals: list[Tensor | None] = [None] * len(self.params)
+        for k, grads in enumerate(self.per_loss):
+            idx = [j for j, g in enumerate(grads) if g is not None]
+            if not idx:
+                continue
+            work = [_at_least_float32(grads[j]) for j in idx]  # type: ignore[arg-type]
+            scaled: Sequence[Tensor]
+            if host:
+                scaled = torch._foreach_mul(work, numbers[k])  # one op for the loss's heads
+            else:  # on CUDA without waiting, as weighted_sum copies them
+                scaled = [
+                    g * coeffs.detach()[k].to(g.device, g.dtype, non_blocking=True) for g in work
+                ]
+            for j, t in zip(idx, scaled, strict=True):
+                prev = totals[j]
+                totals[j] = t if prev is None else prev + t
+        for p, total in zip(self.params, totals, strict=True):
             if total is None:
                 continue
             g = total if total.dtype == p.dtype else total.to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
         self.per_loss = None  # not kept beside the written gradients through the step
+
+
+def _at_least_float32(g: Tensor) -> Tensor:
+    return g if g.dtype in (torch.float32, torch.float64) else g.to(torch.float32)
 
 
 def head_grads(
@@ -84,7 +94,7 @@ def head_grads(
 ) -> HeadGrads | None:
     """The step's :class:`HeadGrads`, or ``None`` (the heads get the backward pass): without
     ``z``, when the losses reach ``shared`` other than through ``z``, when a head is not
-    reached before ``z``, or when one has hooks."""
+    reached before ``z``, or when a head parameter or module has hooks."""
     if not heads or features is None:
         return None
     if any(p._backward_hooks or p._post_accumulate_grad_hooks for p in heads):
@@ -199,26 +209,29 @@ def heads_before(
     :func:`only_through`, which stops at ``z``), in their order; ``None`` when
     :func:`only_through` says no for ``shared``. A head reached before ``z`` by one loss may
     also lie behind ``z`` (an input embedding tied to an output layer): the per-task passes
-    then take its whole gradient, through the encoder."""
-    through, found = _walk(losses, features, shared, heads)
-    if not through:
+    then take its whole gradient, through the encoder. ``None`` too when a module backward
+    hook lies before ``z`` (it would see each ``∂ℓ_k`` alone)."""
+    through, found, hooked = _walk(losses, features, shared, heads)
+    if not through or hooked:
         return None
     return [p for p in heads if id(p) in found]
 
 
 def _walk(
     losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor], heads: Sequence[Tensor]
-) -> tuple[bool, set[int]]:
+) -> tuple[bool, set[int], bool]:
     """One walk from the losses that stops at ``z``: whether no input was reached (with the
-    conditions of :func:`only_through`), and the ids of the ``heads`` that were."""
+    conditions of :func:`only_through`), the ids of the ``heads`` that were, and whether a
+    module backward hook (``register_full_backward_hook``) was passed."""
     stop = features.grad_fn
+    hooked = False
     if stop is None or features._backward_hooks or features.retains_grad:
-        return False, set()
+        return False, set(), hooked
     targets = {id(t) for t in inputs}
     wanted = {id(t) for t in heads}
     found: set[int] = set()
     if any(loss.grad_fn is None and id(loss) in targets for loss in losses):
-        return False, found
+        return False, found, hooked
     found.update(id(loss) for loss in losses if loss.grad_fn is None and id(loss) in wanted)
     seen: set[int] = set()
     todo: list[tuple[Any, int]] = [(loss.grad_fn, loss.output_nr) for loss in losses]
@@ -227,14 +240,15 @@ def _walk(
         if node is None or (node is stop and nr == features.output_nr) or id(node) in seen:
             continue
         seen.add(id(node))
+        hooked = hooked or type(node).__name__ == "BackwardHookFunctionBackward"
         variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
         if variable is not None:
             if id(variable) in targets:
-                return False, found
+                return False, found, hooked
             if id(variable) in wanted:
                 found.add(id(variable))
         todo.extend(node.next_functions)
-    return True, found
+    return True, found, hooked
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -401,8 +402,8 @@ def representation_rows(
     """Rows ``∂ℓ_k/∂z`` (``K × numel(z)``): one backward pass into the heads' copies when every
     loss reads ``z`` only through its own copy, else K ``autograd.grad`` calls (through the
     copies, whose gradients add to ``z``'s). With ``heads``, the one pass also takes the heads'
-    gradients and fills ``heads`` when each head parameter is reached by one loss alone
-    (:func:`split_head_grads`)."""
+    gradients and fills ``heads`` when each head parameter is reached by one loss alone and no
+    loss reads ``z`` itself (:func:`head_owners`, checked before the pass)."""
     index_of = {name: i for i, name in enumerate(names)}
     usable = bool(split) and all(src is features for src, _, _ in split)
     tasks: list[int] = []
@@ -414,14 +415,21 @@ def representation_rows(
         tasks.append(index)
     if usable and len(set(tasks)) == len(losses):
         leaves = [leaf for _, _, leaf in split]
-        extra = [] if heads is None else heads.params
+        owners = None if heads is None else head_owners(losses, heads.params, features)
+        extra = [] if heads is None or owners is None else heads.params
         total = torch.stack(losses).sum()
         direct, *rest = torch.autograd.grad(
             total, [features, *leaves, *extra], retain_graph=True, allow_unused=True
         )
         per_leaf = rest[: len(leaves)]
-        if direct is None and heads is not None:
-            split_head_grads(losses, heads, rest[len(leaves) :])
+        if direct is None and heads is not None and owners is not None:
+            heads.per_loss = [
+                tuple(
+                    g if owner == k else None
+                    for g, owner in zip(rest[len(leaves) :], owners, strict=True)
+                )
+                for k in range(len(losses))
+            ]
         if direct is None:  # no loss reads z except through its head's copy
             rows = torch.zeros(
                 len(losses), features.numel(), dtype=features.dtype, device=features.device
@@ -447,9 +455,11 @@ def representation_rows(
 
 def check_upstream(features: Tensor, heads: list[Tensor]) -> None:
     """Raise a one-line ``ValueError`` when a task-specific parameter feeds ``z`` (a stem
-    before the encoder left out of ``shared``): at the representation level the update reaches
-    the parameters behind ``z`` only through ``backward(z, d, inputs=shared)``, so such a
-    parameter would silently get no gradient. Walks ``z``'s graph once (at the first step)."""
+    before the encoder left out of ``shared``): at the representation level the method's update
+    reaches what lies before ``z`` only through ``backward(z, d, inputs=shared)``, so such a
+    parameter would miss it (with the heads reading copies of ``z`` it got no gradient at all;
+    with heads reading ``z`` itself, only the heads' ``Σ_k c_k ∇ℓ_k``). Walks ``z``'s graph
+    once, at the first step."""
     wanted = {id(p): p for p in heads}
     found: list[Tensor] = []
     seen: set[int] = set()
@@ -467,44 +477,45 @@ def check_upstream(features: Tensor, heads: list[Tensor]) -> None:
         shapes = ", ".join(str(tuple(p.shape)) for p in found)
         raise ValueError(
             f"{len(found)} parameter(s) not in shared feed the features z (shapes {shapes}): "
-            "at the representation level they would get no gradient; pass them in shared= "
-            "(the encoder and everything before z)"
+            "at the representation level the method's update reaches what lies before z only "
+            "through shared, so they would miss it; pass them in shared= (the encoder and "
+            "everything before z)"
         )
 
 
-def split_head_grads(losses: list[Tensor], heads: HeadGrads, grads: list[Tensor | None]) -> None:
-    """Fill ``heads.per_loss`` from the gradients of ``Σ_k ℓ_k`` when every head parameter is
-    reached by exactly one loss (then that gradient is ``∂ℓ_k/∂p``); leave it ``None``
-    otherwise (a parameter two heads share, or one no loss reaches: the heads then get their
-    backward pass). Walks each loss's graph, which ends at the head's copy of ``z`` (the caller
-    has checked that no loss reads ``z`` itself)."""
-    owner: dict[int, int] = {}
-    wanted = {id(p) for p in heads.params}
+def head_owners(losses: list[Tensor], heads: list[Tensor], features: Tensor) -> list[int] | None:
+    """For each head parameter, the one loss that reaches it, when every head parameter is
+    reached by exactly one loss, no loss reaches ``z``'s node (each head's graph ends at its
+    copy) and no head module has a backward hook; else ``None`` (a parameter two heads share,
+    one no loss reaches: the heads get their backward pass). Then the gradient of ``Σ_k ℓ_k``
+    is ``∂ℓ_k/∂p`` for the owner ``k``. Walks each loss's graph up to the copies."""
+    index = {id(p): j for j, p in enumerate(heads)}
+    owners: list[int | None] = [None] * len(heads)
+    stop = features.grad_fn
     for k, loss in enumerate(losses):
-        reached: set[int] = set()
-        if loss.grad_fn is None and id(loss) in wanted:
-            reached.add(id(loss))
+        if loss.grad_fn is None:
+            if id(loss) in index:
+                return None  # a loss that is a head parameter: leave it to the backward
+            continue
         seen: set[int] = set()
-        todo = [loss.grad_fn]
+        todo: list[Any] = [loss.grad_fn]
         while todo:
             node = todo.pop()
             if node is None or id(node) in seen:
                 continue
+            if node is stop or type(node).__name__ == "BackwardHookFunctionBackward":
+                return None  # a loss reads z itself, or a module hook would see ∂ℓ_k
             seen.add(id(node))
             variable = getattr(node, "variable", None)
-            if variable is not None and id(variable) in wanted:
-                reached.add(id(variable))
+            j = None if variable is None else index.get(id(variable))
+            if j is not None:
+                if owners[j] is not None and owners[j] != k:
+                    return None  # reached by two losses
+                owners[j] = k
             todo.extend(fn for fn, _ in node.next_functions)
-        for key in reached:
-            if key in owner:
-                return  # reached by two losses
-            owner[key] = k
-    if len(owner) != len(wanted):
-        return  # some parameter no loss reaches
-    per_loss: list[list[Tensor | None]] = [[None] * len(heads.params) for _ in losses]
-    for j, (p, g) in enumerate(zip(heads.params, grads, strict=True)):
-        per_loss[owner[id(p)]][j] = g
-    heads.per_loss = [tuple(row) for row in per_loss]
+    if any(owner is None for owner in owners):
+        return None  # some parameter no loss reaches
+    return [owner for owner in owners if owner is not None]
 
 
 def combine(agg: Aggregation, grads: Tensor) -> Tensor:
