@@ -290,9 +290,10 @@ class RepresentationSource(GradientSource):
     method's transform, if it has one), so that one backward pass of ``Σ_k ℓ_k`` gives every row;
     when some loss also reads ``z`` directly, or the copies are not used, K backward passes do.
     In that one pass each head's graph ends at its copy, so a head parameter that one loss
-    alone reaches gets ``∂ℓ_k/∂p`` from it: when every head is such (none with hooks), the pass
-    also takes the heads' gradients (:func:`split_head_grads`), and the heads need no backward
-    pass of their own."""
+    alone reaches gets ``∂ℓ_k/∂p`` from it: when every head is such, no loss reads ``z`` itself
+    and no head has hooks (:func:`head_owners`), the pass also takes the heads' gradients, and
+    the heads need no backward pass of their own. At the first step a task-specific parameter
+    that feeds ``z`` is refused (:func:`check_upstream`)."""
 
     label = "representation"
 
