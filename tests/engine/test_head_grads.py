@@ -16,7 +16,13 @@ from torch.profiler import ProfilerActivity, profile
 from mtopt import Losses, MultiTaskOptimizer
 from mtopt.core.gradients import HeadGrads, head_grads, jacobian
 from mtopt.engine.closure import unpack
-from mtopt.engine.sources import AutoSource, GramianSource, JacobianSource, RepresentationSource
+from mtopt.engine.sources import (
+    AutoSource,
+    GramianSource,
+    JacobianSource,
+    RepresentationSource,
+    representation_rows,
+)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -441,3 +447,23 @@ def test_a_stem_left_out_of_shared_is_refused_at_the_representation_level():
         else:
             mto.step(closure)
             assert stem.weight.grad is not None
+
+
+@pytest.mark.parametrize("with_heads", [True, False])
+def test_a_loss_reading_another_tasks_copy_gets_its_own_row(with_heads):
+    """The one pass credits a copy's gradient to the copy's task; when loss 0 also reads task
+    1's copy, the walk sends the rows to K passes (each row then holds all of its loss's
+    reads), with or without heads to take."""
+    torch.manual_seed(0)
+    z = torch.randn(3, dtype=torch.float64, requires_grad=True) * 1.0
+    c0, c1 = z.detach().requires_grad_(), z.detach().requires_grad_()
+    w0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    l0 = (c0 * w0).sum() + 2 * c1.sum()
+    l1 = (c1 * w1).sum()
+    heads = HeadGrads([w0, w1]) if with_heads else None
+    rows = representation_rows([(z, 0, c0), (z, 1, c1)], ("a", "b"), [l0, l1], z, heads)
+    torch.testing.assert_close(rows[0], (w0 + 2).detach(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(rows[1], w1.detach(), rtol=0, atol=0)
+    if heads is not None:
+        assert heads.per_loss is None

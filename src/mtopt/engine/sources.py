@@ -402,9 +402,10 @@ def representation_rows(
 ) -> Tensor:
     """Rows ``∂ℓ_k/∂z`` (``K × numel(z)``): one backward pass into the heads' copies when every
     loss reads ``z`` only through its own copy, else K ``autograd.grad`` calls (through the
-    copies, whose gradients add to ``z``'s). With ``heads``, the one pass also takes the heads'
-    gradients and fills ``heads`` when each head parameter is reached by one loss alone and no
-    loss reads ``z`` itself (:func:`head_owners`, checked before the pass)."""
+    copies, whose gradients add to ``z``'s; also when a loss reads another task's copy, which
+    the one pass would credit to that task's row). With ``heads``, the one pass also takes the
+    heads' gradients and fills ``heads`` when each head parameter is reached by one loss alone
+    and no loss reads ``z`` itself (:func:`head_owners`, one walk before the pass)."""
     index_of = {name: i for i, name in enumerate(names)}
     usable = bool(split) and all(src is features for src, _, _ in split)
     tasks: list[int] = []
@@ -416,7 +417,10 @@ def representation_rows(
         tasks.append(index)
     if usable and len(set(tasks)) == len(losses):
         leaves = [leaf for _, _, leaf in split]
-        owners = None if heads is None else head_owners(losses, heads.params, features)
+        params = [] if heads is None else heads.params
+        copies = {id(leaf): t for leaf, t in zip(leaves, tasks, strict=True)}
+        owners, usable = head_owners(losses, params, features, copies)
+    if usable and len(set(tasks)) == len(losses):  # and each loss reads its own copies only
         extra = [] if heads is None or owners is None else heads.params
         total = torch.stack(losses).sum()
         direct, *rest = torch.autograd.grad(
@@ -484,19 +488,24 @@ def check_upstream(features: Tensor, heads: list[Tensor]) -> None:
         )
 
 
-def head_owners(losses: list[Tensor], heads: list[Tensor], features: Tensor) -> list[int] | None:
-    """For each head parameter, the one loss that reaches it, when every head parameter is
-    reached by exactly one loss, no loss reaches ``z``'s node (each head's graph ends at its
-    copy) and no head module has a backward hook; else ``None`` (a parameter two heads share,
-    one no loss reaches: the heads get their backward pass). Then the gradient of ``Σ_k ℓ_k``
-    is ``∂ℓ_k/∂p`` for the owner ``k``. Walks each loss's graph up to the copies."""
+def head_owners(
+    losses: list[Tensor], heads: list[Tensor], features: Tensor, copies: dict[int, int]
+) -> tuple[list[int] | None, bool]:
+    """One walk of each loss's graph up to the copies of ``z``: for each head parameter the one
+    loss that reaches it (``None`` unless every head parameter is reached by exactly one loss
+    and no head module has a backward hook: a parameter two heads share or one no loss reaches
+    leaves the heads to their backward pass), and whether every loss reaches only its own
+    task's copies (``copies``: a copy's id → its task). Then the gradient of ``Σ_k ℓ_k`` is
+    ``∂ℓ_k/∂p`` for the owner ``k``, and each copy's gradient is its own task's row. A loss that
+    reaches ``z``'s node reads ``z`` itself: ``(None, True)`` (the pass sees it and K passes
+    follow)."""
     index = {id(p): j for j, p in enumerate(heads)}
     owners: list[int | None] = [None] * len(heads)
     stop = features.grad_fn
+    usable, own_copies = True, True
     for k, loss in enumerate(losses):
         if loss.grad_fn is None:
-            if id(loss) in index:
-                return None  # a loss that is a head parameter: leave it to the backward
+            usable = usable and id(loss) not in index  # a loss that is a head parameter
             continue
         seen: set[int] = set()
         todo: list[Any] = [loss.grad_fn]
@@ -504,19 +513,23 @@ def head_owners(losses: list[Tensor], heads: list[Tensor], features: Tensor) -> 
             node = todo.pop()
             if node is None or id(node) in seen:
                 continue
-            if node is stop or type(node).__name__ == "BackwardHookFunctionBackward":
-                return None  # a loss reads z itself, or a module hook would see ∂ℓ_k
+            if node is stop:
+                return None, True  # a loss reads z itself
             seen.add(id(node))
+            if type(node).__name__ == "BackwardHookFunctionBackward":
+                usable = False  # a module hook would see ∂ℓ_k alone
             variable = getattr(node, "variable", None)
-            j = None if variable is None else index.get(id(variable))
-            if j is not None:
-                if owners[j] is not None and owners[j] != k:
-                    return None  # reached by two losses
-                owners[j] = k
+            if variable is not None:
+                j = index.get(id(variable))
+                if j is not None:
+                    usable = usable and owners[j] in (None, k)  # not reached by two losses
+                    owners[j] = k
+                task = copies.get(id(variable))
+                own_copies = own_copies and task in (None, k)
             todo.extend(fn for fn, _ in node.next_functions)
-    if any(owner is None for owner in owners):
-        return None  # some parameter no loss reaches
-    return [owner for owner in owners if owner is not None]
+    if not usable or any(owner is None for owner in owners):
+        return None, own_copies
+    return [owner for owner in owners if owner is not None], own_copies
 
 
 def combine(agg: Aggregation, grads: Tensor) -> Tensor:
