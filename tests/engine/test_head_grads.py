@@ -467,3 +467,37 @@ def test_a_loss_reading_another_tasks_copy_gets_its_own_row(with_heads):
     torch.testing.assert_close(rows[1], w1.detach(), rtol=0, atol=0)
     if heads is not None:
         assert heads.per_loss is None
+
+
+@pytest.mark.parametrize("case", ["penalty", "second_forward", "fine"])
+def test_a_loss_reaching_shared_parameters_beside_z_is_refused_at_the_representation_level(case):
+    """At the representation level the shared parameters get only ``backward(z, d)``: a loss
+    that reaches them otherwise (a penalty on an encoder weight, heads reading a second forward
+    instead of the ``z`` returned) would lose that gradient; one line at the first step."""
+    torch.manual_seed(0)
+    enc, heads = nn.Linear(4, 3), nn.ModuleList(nn.Linear(3, 1) for _ in range(2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    mto = MultiTaskOptimizer(
+        torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1), "imtl", shared=enc
+    )
+
+    def closure() -> Losses:
+        z = enc(x)
+        read = enc(x)  # a second forward, read without task_input (a copy would cut it off)
+        losses = [
+            (h(read if case == "second_forward" else mto.task_input(z, i))[:, 0] - y[:, i])
+            .pow(2)
+            .mean()
+            for i, h in enumerate(heads)
+        ]
+        if case == "penalty":
+            losses[0] = losses[0] + 1e-3 * enc.weight.pow(2).sum()
+        return Losses(losses, features=z)
+
+    if case == "fine":
+        mto.step(closure)
+        assert enc.weight.grad is not None
+        return
+    with pytest.raises(ValueError, match="reaches shared parameters other than through") as err:
+        mto.step(closure)
+    assert "\n" not in str(err.value)

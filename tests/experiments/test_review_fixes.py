@@ -115,11 +115,12 @@ def test_muon_with_dense_heads_and_with_rotograd():
     )
     mto = mtopt.MultiTaskOptimizer(muon, "rotograd", shared=enc.parameters())
     x, ys = torch.randn(16, 5), [torch.randn(16, 1) for _ in range(2)]
-    mto.step(
-        lambda: mtopt.Losses(
-            [((heads[k](enc(x)) - ys[k]) ** 2).mean() for k in range(2)], features=enc(x)
-        )
-    )
+
+    def closure():
+        z = enc(x)  # once: the heads must read the features the closure returns
+        return mtopt.Losses([((heads[k](z) - ys[k]) ** 2).mean() for k in range(2)], features=z)
+
+    mto.step(closure)
     group = muon.param_groups[-1]
     assert group["params"][0] is mto.method.generator
     assert group["use_muon"] is False

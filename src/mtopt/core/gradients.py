@@ -217,15 +217,29 @@ def heads_before(
     return [p for p in heads if id(p) in found]
 
 
+def reached_beside(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor]) -> bool:
+    """Whether some path from the losses reaches ``inputs`` other than through ``z`` (the walk
+    of :func:`only_through` without its conditions on ``z``'s hooks); ``False`` for a ``z``
+    outside the graph."""
+    if features.grad_fn is None:
+        return False
+    return not _walk(losses, features, inputs, (), check_z=False)[0]
+
+
 def _walk(
-    losses: Sequence[Tensor], features: Tensor, inputs: Sequence[Tensor], heads: Sequence[Tensor]
+    losses: Sequence[Tensor],
+    features: Tensor,
+    inputs: Sequence[Tensor],
+    heads: Sequence[Tensor],
+    check_z: bool = True,
 ) -> tuple[bool, set[int], bool]:
     """One walk from the losses that stops at ``z``: whether no input was reached (with the
-    conditions of :func:`only_through`), the ids of the ``heads`` that were, and whether a
-    module backward hook (``register_full_backward_hook``) was passed."""
+    conditions of :func:`only_through` unless ``check_z`` is false), the ids of the ``heads``
+    that were, and whether a module backward hook (``register_full_backward_hook``) was
+    passed."""
     stop = features.grad_fn
     hooked = False
-    if stop is None or features._backward_hooks or features.retains_grad:
+    if stop is None or (check_z and (features._backward_hooks or features.retains_grad)):
         return False, set(), hooked
     targets = {id(t) for t in inputs}
     wanted = {id(t) for t in heads}

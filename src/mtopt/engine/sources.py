@@ -37,6 +37,7 @@ from mtopt.core.gradients import (
     gram_matrix,
     head_grads,
     jacobian,
+    reached_beside,
     write_flat_grad,
 )
 from mtopt.core.gramian import GramianEngine
@@ -346,6 +347,7 @@ class RepresentationSource(GradientSource):
             raise ValueError("features must be part of the autograd graph (requires_grad)")
         if not self._checked_upstream:
             check_upstream(features, self.heads)
+            check_beside(step.losses, features, self.shared)
             self._checked_upstream = True
         heads = None
         if self.heads and not any(
@@ -485,6 +487,21 @@ def check_upstream(features: Tensor, heads: list[Tensor]) -> None:
             "at the representation level the method's update reaches what lies before z only "
             "through shared, so they would miss it; pass them in shared= (the encoder and "
             "everything before z)"
+        )
+
+
+def check_beside(losses: list[Tensor], features: Tensor, shared: list[Tensor]) -> None:
+    """Raise a one-line ``ValueError`` when a loss reaches a shared parameter other than
+    through ``z`` (a head that reads an encoder weight, a penalty on one, a loss on another
+    output of ``z``'s node): at the representation level the update reaches the shared
+    parameters only through ``backward(z, d, inputs=shared)``, so that part of their gradient
+    would be lost. Checked at the first step (a walk of the losses' graphs up to ``z``)."""
+    if reached_beside(losses, features, shared):
+        raise ValueError(
+            "a loss reaches shared parameters other than through the features z (a head "
+            "reading an encoder weight, a penalty on one): at the representation level that "
+            "part of their gradient would be lost; keep such terms out of the closure's losses, "
+            "or use a parameter-level method"
         )
 
 
