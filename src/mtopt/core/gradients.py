@@ -10,7 +10,7 @@ the batched pass runs through the encoder only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,10 @@ class HeadGrads:
             idx = [j for j, g in enumerate(grads) if g is not None]
             if not idx:
                 continue
-            work = [_at_least_float32(grads[j]) for j in idx]  # type: ignore[arg-type]
+            # in float32 at least (a no-op copy for float32 and float64 gradients)
+            work = [
+                g.to(torch.promote_types(g.dtype, torch.float32)) for g in grads if g is not None
+            ]
             scaled: Sequence[Tensor]
             if host:
                 scaled = torch._foreach_mul(work, numbers[k])  # one op for the loss's heads
@@ -82,10 +85,6 @@ class HeadGrads:
         self.per_loss = None  # not kept beside the written gradients through the step
 
 
-def _at_least_float32(g: Tensor) -> Tensor:
-    return g if g.dtype in (torch.float32, torch.float64) else g.to(torch.float32)
-
-
 def head_grads(
     losses: Sequence[Tensor],
     features: Tensor | None,
@@ -97,7 +96,7 @@ def head_grads(
     reached before ``z``, or when a head parameter or module has hooks."""
     if not heads or features is None:
         return None
-    if any(p._backward_hooks or p._post_accumulate_grad_hooks for p in heads):
+    if hooked(heads):
         return None
     before = heads_before(losses, features, shared, heads)
     if before is None or len(before) != len(heads):
@@ -211,8 +210,8 @@ def heads_before(
     also lie behind ``z`` (an input embedding tied to an output layer): the per-task passes
     then take its whole gradient, through the encoder. ``None`` too when a module backward
     hook lies before ``z`` (it would see each ``∂ℓ_k`` alone)."""
-    through, found, hooked = _walk(losses, features, shared, heads)
-    if not through or hooked:
+    through, found, hook = _walk(losses, features, shared, heads)
+    if not through or hook:
         return None
     return [p for p in heads if id(p) in found]
 
@@ -224,6 +223,40 @@ def reached_beside(losses: Sequence[Tensor], features: Tensor, inputs: Sequence[
     if features.grad_fn is None:
         return False
     return not _walk(losses, features, inputs, (), check_z=False)[0]
+
+
+def graph_nodes(
+    starts: Iterable[tuple[Any, int]], stop: tuple[Any, int] | None = None
+) -> Iterator[Any]:
+    """Each autograd node reachable from the edges ``starts`` (``(node, output_nr)``), once,
+    depth first, without entering the edge ``stop`` (``z``'s ``(grad_fn, output_nr)``); a
+    caller that stops at a node stops iterating."""
+    seen: set[int] = set()
+    todo = list(starts)
+    while todo:
+        node, nr = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        if stop is not None and node is stop[0] and nr == stop[1]:
+            continue
+        seen.add(id(node))
+        yield node
+        todo.extend(node.next_functions)
+
+
+def leaf_of(node: Any) -> Tensor | None:
+    """The leaf whose gradient an ``AccumulateGrad`` node accumulates, else ``None``."""
+    return getattr(node, "variable", None)
+
+
+def module_hook(node: Any) -> bool:
+    """Whether ``node`` runs a module's backward hook (``register_full_backward_hook``)."""
+    return type(node).__name__ == "BackwardHookFunctionBackward"
+
+
+def hooked(params: Sequence[Tensor]) -> bool:
+    """Whether a parameter has tensor hooks or post-accumulate-grad hooks."""
+    return any(p._backward_hooks or p._post_accumulate_grad_hooks for p in params)
 
 
 def _walk(
@@ -238,31 +271,25 @@ def _walk(
     that were, and whether a module backward hook (``register_full_backward_hook``) was
     passed."""
     stop = features.grad_fn
-    hooked = False
+    hook = False
     if stop is None or (check_z and (features._backward_hooks or features.retains_grad)):
-        return False, set(), hooked
+        return False, set(), hook
     targets = {id(t) for t in inputs}
     wanted = {id(t) for t in heads}
     found: set[int] = set()
     if any(loss.grad_fn is None and id(loss) in targets for loss in losses):
-        return False, found, hooked
+        return False, found, hook
     found.update(id(loss) for loss in losses if loss.grad_fn is None and id(loss) in wanted)
-    seen: set[int] = set()
-    todo: list[tuple[Any, int]] = [(loss.grad_fn, loss.output_nr) for loss in losses]
-    while todo:
-        node, nr = todo.pop()
-        if node is None or (node is stop and nr == features.output_nr) or id(node) in seen:
-            continue
-        seen.add(id(node))
-        hooked = hooked or type(node).__name__ == "BackwardHookFunctionBackward"
-        variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
+    starts = [(loss.grad_fn, loss.output_nr) for loss in losses]
+    for node in graph_nodes(starts, (stop, features.output_nr)):
+        hook = hook or module_hook(node)
+        variable = leaf_of(node)
         if variable is not None:
             if id(variable) in targets:
-                return False, found, hooked
+                return False, found, hook
             if id(variable) in wanted:
                 found.add(id(variable))
-        todo.extend(node.next_functions)
-    return True, found, hooked
+    return True, found, hook
 
 
 def write_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

@@ -26,7 +26,6 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,8 +34,12 @@ from mtopt.core.gradients import (
     HeadGrads,
     batched_jacobian,
     gram_matrix,
+    graph_nodes,
     head_grads,
+    hooked,
     jacobian,
+    leaf_of,
+    module_hook,
     reached_beside,
     write_flat_grad,
 )
@@ -350,9 +353,7 @@ class RepresentationSource(GradientSource):
             check_beside(step.losses, features, self.shared)
             self._checked_upstream = True
         heads = None
-        if self.heads and not any(
-            p._backward_hooks or p._post_accumulate_grad_hooks for p in self.heads
-        ):
+        if self.heads and not hooked(self.heads):
             heads = HeadGrads(self.heads)
         rows = representation_rows(self.taken, step.names, step.losses, features, heads)
         if heads is not None and heads.per_loss is None:
@@ -469,17 +470,12 @@ def check_upstream(features: Tensor, heads: list[Tensor]) -> None:
     once, at the first step."""
     wanted = {id(p): p for p in heads}
     found: list[Tensor] = []
-    seen: set[int] = set()
-    todo = [features.grad_fn]
-    while todo and wanted:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
+    for node in graph_nodes([(features.grad_fn, features.output_nr)]) if wanted else ():
+        variable = leaf_of(node)
         if variable is not None and id(variable) in wanted:
             found.append(wanted.pop(id(variable)))
-        todo.extend(fn for fn, _ in node.next_functions)
+            if not wanted:
+                break
     if found:
         shapes = ", ".join(str(tuple(p.shape)) for p in found)
         raise ValueError(
@@ -524,18 +520,12 @@ def head_owners(
         if loss.grad_fn is None:
             usable = usable and id(loss) not in index  # a loss that is a head parameter
             continue
-        seen: set[int] = set()
-        todo: list[Any] = [loss.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or id(node) in seen:
-                continue
+        for node in graph_nodes([(loss.grad_fn, loss.output_nr)]):
             if node is stop:
                 return None, True  # a loss reads z itself
-            seen.add(id(node))
-            if type(node).__name__ == "BackwardHookFunctionBackward":
+            if module_hook(node):
                 usable = False  # a module hook would see ∂ℓ_k alone
-            variable = getattr(node, "variable", None)
+            variable = leaf_of(node)
             if variable is not None:
                 j = index.get(id(variable))
                 if j is not None:
@@ -543,7 +533,6 @@ def head_owners(
                     owners[j] = k
                 task = copies.get(id(variable))
                 own_copies = own_copies and task in (None, k)
-            todo.extend(fn for fn, _ in node.next_functions)
     if not usable or any(owner is None for owner in owners):
         return None, own_copies
     return [owner for owner in owners if owner is not None], own_copies
