@@ -5,14 +5,22 @@ written in one transaction once the run has finished: a process killed at any mo
 included) leaves every finished run in place, and nothing half-written.
 
 **Several processes on one store.** Before a process trains a run it *claims* it: a row in
-``claims`` with its owner id (host, pid, a random tag) and a heartbeat that a background thread
-renews every ``lease / 4`` seconds while the run trains. A run claimed by a live owner is
-skipped by everyone else (their runner waits for it and reads its record when it lands); a
-claim whose heartbeat is older than ``lease`` seconds (its owner died, or its machine stopped)
-is taken over, at once if its owner was a process of this machine that no longer exists.
-Claiming is one ``BEGIN IMMEDIATE`` transaction, so two processes never both
-win the same run; finished records have the key as primary key, so nothing is ever stored
-twice.
+``claims`` with its owner id (host, boot and process namespace, pid, a random tag) and a
+heartbeat that a background thread renews every ``lease / 4`` seconds while the run trains. A run
+claimed by a live owner is skipped by everyone else (their runner waits for it and reads its
+record when it lands); a claim whose heartbeat is older than ``lease`` seconds (its owner died,
+or its machine stopped) is taken over, at once if its owner was a process of this machine and
+process namespace that no longer exists (a container with its own pids, or another machine of
+the same host name, waits for the lease). Claiming is one ``BEGIN IMMEDIATE`` transaction, so two
+processes never both win the same run; finished records have the key as primary key, so nothing
+is ever stored twice.
+
+**A claim taken over from a live owner** (one stalled past the lease: stopped, swapped out, a
+network store that hung) is lost to it: its heartbeat finds the row gone or another owner's and
+:meth:`RunDatabase.holds` answers ``False`` from then on, the training loop stops at its next
+epoch without writing its checkpoint (:class:`ClaimLostError`), and :meth:`RunDatabase.put` refuses
+the record of a run another process holds or has stored, so the new owner's checkpoint and
+record are never overwritten.
 
 **Damage.** A record that does not parse is moved to ``quarantine`` (with the reason), logged
 once with its key, and treated as not finished (the run is redone); everything else goes on. A
@@ -118,16 +126,36 @@ def code_version() -> str:
     return f"{version} ({commit}{'+dirty' if dirty else ''})"
 
 
+class ClaimLostError(RuntimeError):
+    """This process's claim on a run was taken over by another (it stalled past the lease):
+    the run stops and stores nothing; the new owner finishes it."""
+
+
+@lru_cache(maxsize=1)
+def _machine() -> str:
+    """Where a pid means this process table: the host name, the boot id and the pid
+    namespace (Linux; the host name alone elsewhere). Two containers of one host, or two
+    machines of one name, differ in it."""
+    parts = [socket.gethostname().replace(":", "_")]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+    return "/".join(parts)
+
+
 def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{_machine()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _dead_here(owner: str) -> bool:
-    """Whether ``owner`` (``host:pid:tag``) was a process of this host that no longer exists:
-    its claim need not wait for the lease (a restarted sweep takes its runs over at once)."""
-    host, _, rest = owner.partition(":")
+    """Whether ``owner`` (``machine:pid:tag``) was a process of this machine and pid namespace
+    that no longer exists: its claim need not wait for the lease (a restarted sweep takes its
+    runs over at once). An owner id of an earlier version (the host name alone) cannot tell
+    namespaces apart and waits for the lease."""
+    machine, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if machine != _machine() or not pid_text.isdigit():
         return False
     try:
         os.kill(int(pid_text), 0)
@@ -153,6 +181,7 @@ class RunDatabase:
         self.owner = _owner_id()
         self.readonly = readonly
         self._held: set[str] = set()
+        self._lost: set[str] = set()  # claimed here, then taken over by another process
         self._lock = threading.Lock()
         self._beating: threading.Thread | None = None
         self._warned: set[str] = set()
@@ -286,7 +315,9 @@ class RunDatabase:
             db.execute("DELETE FROM runs WHERE key = ?", (key,))
 
     def put(self, record: dict[str, Any]) -> None:
-        """Store a finished run (one transaction) and release its claim."""
+        """Store a finished run (one transaction) and release its claim. Refused
+        (:class:`ClaimLostError`, nothing written) when another process holds the run's claim, or
+        when this process had claimed it and the run has been stored by another since."""
         config = record["config"]
         selection = record.get("selection") or {}
         best = selection.get("delta_m", next(iter(selection.values()), {}))
@@ -305,11 +336,38 @@ class RunDatabase:
             record.get("code_version", code_version()),
             time.time(),
         )
-        with self._write() as db:
-            db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
-            db.execute("DELETE FROM claims WHERE key = ?", (record["key"],))
+        key = record["key"]
         with self._lock:
-            self._held.discard(record["key"])
+            claimed_here = key in self._held or key in self._lost
+        with self._write() as db:
+            holder = db.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchone()
+            stored = db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone()
+            if (holder is not None and holder[0] != self.owner) or (
+                claimed_here and holder is None and stored is not None
+            ):
+                self._drop(key, lost=True)
+                raise ClaimLostError(
+                    f"run {key}: another process took it over (this one stalled past the "
+                    f"{self.lease:g} s lease) and "
+                    + ("holds it" if holder is not None else "stored it")
+                    + "; this record is not stored"
+                )
+            db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+            db.execute("DELETE FROM claims WHERE key = ?", (key,))
+        self._drop(key)
+
+    def _drop(self, key: str, lost: bool = False) -> None:
+        with self._lock:
+            self._held.discard(key)
+            if lost:
+                self._lost.add(key)
+            else:
+                self._lost.discard(key)
+
+    def holds(self, key: str) -> bool:
+        """Whether this process still holds its claim on ``key`` (as of the last heartbeat)."""
+        with self._lock:
+            return key in self._held and key not in self._lost
 
     def records(self, problem: str | None = None) -> Iterator[dict[str, Any]]:
         """Every finished run record (optionally of one problem), oldest first; damaged ones
@@ -362,18 +420,18 @@ class RunDatabase:
             db.execute(
                 "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (key, self.owner, now, now)
             )
-            db.execute(
-                "INSERT OR REPLACE INTO started VALUES (?, ?, ?)", (key, code_version(), now)
+            db.execute(  # the first start's version and time stay (a resume adds none)
+                "INSERT OR IGNORE INTO started VALUES (?, ?, ?)", (key, code_version(), now)
             )
         with self._lock:
             self._held.add(key)
+            self._lost.discard(key)
         self._start_heartbeat()
         return CLAIMED
 
     def release(self, key: str) -> None:
         """Give a claim up without a record (the run failed to start or was interrupted)."""
-        with self._lock:
-            self._held.discard(key)
+        self._drop(key)
         if self.readonly:
             return
         with self._write() as db:
@@ -383,7 +441,7 @@ class RunDatabase:
         """Record that a run began (for the report of unfinished runs)."""
         with self._write() as db:
             db.execute(
-                "INSERT OR REPLACE INTO started VALUES (?, ?, ?)",
+                "INSERT OR IGNORE INTO started VALUES (?, ?, ?)",
                 (key, code_version(), time.time()),
             )
 
@@ -398,17 +456,31 @@ class RunDatabase:
         while True:
             time.sleep(interval)
             with self._lock:
-                held = sorted(self._held)
+                held = sorted(self._held - self._lost)
             if not held:
                 continue
+            lost = []
             try:
                 with self._write() as db:
-                    db.executemany(
-                        "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
-                        [(time.time(), key, self.owner) for key in held],
-                    )
+                    for key in held:
+                        beat = db.execute(
+                            "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
+                            (time.time(), key, self.owner),
+                        )
+                        if beat.rowcount == 0:  # the row is gone or another owner's
+                            lost.append(key)
             except StoreError:  # a busy moment: the next beat comes well within the lease
                 continue
+            with self._lock:
+                lost = [key for key in lost if key in self._held]  # not stored meanwhile
+                self._lost.update(lost)
+            for key in lost:
+                logger.warning(
+                    "run %s: another process took its claim over (this one stalled past the "
+                    "%g s lease); this process stops it at its next epoch",
+                    key,
+                    self.lease,
+                )
 
     # -- legacy JSON run folders -------------------------------------------------------------
     def import_json_runs(self, folder: str | Path) -> int:

@@ -29,9 +29,11 @@ from typing import Any
 
 from mtopt.errors import ConfigError
 from mtopt.experiments import checkpoint as checkpoints
-from mtopt.experiments.database import CLAIMED, RunDatabase
+from mtopt.experiments.database import BUSY, CLAIMED, ClaimLostError, RunDatabase
 from mtopt.experiments.runner import Job, train_job
 from mtopt.experiments.train import RunConfig, run_key
+
+logger = logging.getLogger("mtopt")
 
 #: the one line a missing Ray gives
 RAY_MISSING = "the ray executor needs Ray: pip install 'mtopt[ray]' (or 'ray>=2.9')"
@@ -215,7 +217,12 @@ class RayExecutor:
                     record = _result(ray, ref)
                     if record.get("key") != flying[ref]:
                         raise RuntimeError(f"run {flying[ref]} came back as {record.get('key')}")
-                    db.put(record)  # the record lands and the claim ends, in one transaction
+                    try:  # the record lands and the claim ends, in one transaction
+                        db.put(record)
+                    except ClaimLostError as exc:  # the driver stalled past the lease: theirs now
+                        logger.warning("%s", exc)
+                        out[flying.pop(ref)] = BUSY
+                        continue
                     checkpoints.remove(db.checkpoint_path(record["key"]))
                     out[flying.pop(ref)] = "ran"
         except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -21,12 +22,14 @@ from typing import Any, Protocol
 
 from mtopt.errors import MtoptError
 from mtopt.experiments import checkpoint as checkpoints
-from mtopt.experiments.database import CLAIMED, RunDatabase, code_version
+from mtopt.experiments.database import BUSY, CLAIMED, ClaimLostError, RunDatabase, code_version
 from mtopt.experiments.train import References, RunConfig, run_key, train_run
 from mtopt.specs import format_spec
 
 #: a progress line's sink (``mtopt sweep`` prints them)
 Progress = Callable[[str], None]
+
+logger = logging.getLogger("mtopt")
 
 _PROBLEMS: dict[str, Any] = {}
 _STORES: dict[tuple[str, float | None], RunDatabase] = {}
@@ -47,6 +50,7 @@ def train_job(
     references: References | None,
     threads: int,
     checkpoint: str | None = None,
+    holds: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train one configuration in this process and return its record, ready to store (with the
     ``code_version`` that trained it). A configuration that diverges gives a failed record
@@ -74,17 +78,32 @@ def train_job(
             references=references,
             problem=_PROBLEMS[config.problem],
             checkpoint=checkpoint,
+            holds=holds,
         )
     except MtoptError:
         raise  # the user's to fix (data missing on this machine, a device it lacks): no result
-    except (torch.OutOfMemoryError, torch.distributed.DistError):
+    except (torch.OutOfMemoryError, torch.distributed.DistError, ClaimLostError):
         raise  # the machine's, not the configuration's: nothing stored, the run is redone
     except (ValueError, FloatingPointError, RuntimeError) as exc:
+        if out_of_memory(exc):
+            raise  # the CPU allocator's out-of-memory is a plain RuntimeError
         # a diverging configuration (non-finite loss, solver blow-up) is a result, not a
         # crash: stored as failed, it scores -inf in the selection and is not run again
         record = failed_record(config, references, exc)
     record["code_version"] = code_version()
     return record
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed for want of memory: torch's CPU allocator
+    raises a plain ``RuntimeError`` for it (``DefaultCPUAllocator: can't allocate memory``), and
+    some CUDA paths one that names it; the run is then the machine's to redo, not a result."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
 
 
 def _execute(
@@ -95,7 +114,9 @@ def _execute(
     lease: float | None = None,
 ) -> str:
     """Claim and run one configuration (in a worker or in-process): ``"ran"``, or ``"done"``
-    (stored already) or ``"busy"`` (another process holds it)."""
+    (stored already) or ``"busy"`` (another process holds it, or took it over from this one
+    while it trained: :class:`~mtopt.experiments.database.ClaimLostError`; the run is then left to
+    that process, its checkpoint included)."""
     db = _store(db_path, lease)
     key = run_key(config, references)
     status = db.claim(key)
@@ -103,11 +124,15 @@ def _execute(
         return status
     checkpoint = db.checkpoint_path(key)
     try:
-        record = train_job(config, references, threads, str(checkpoint))
+        record = train_job(config, references, threads, str(checkpoint), lambda: db.holds(key))
+        db.put(record)
+    except ClaimLostError as exc:
+        logger.warning("%s", exc)
+        db.release(key)  # nothing to delete: the claim is the other process's
+        return BUSY
     except BaseException:
         db.release(key)
         raise
-    db.put(record)
     checkpoints.remove(checkpoint)
     return "ran"
 

@@ -43,7 +43,7 @@ from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m
 from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments import data_parallel
-from mtopt.experiments.database import code_version
+from mtopt.experiments.database import ClaimLostError, code_version
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
 from mtopt.problems.base import Batch
 
@@ -226,6 +226,7 @@ def train_run(
     problem: Problem | None = None,
     callback: Callback | None = None,
     checkpoint: str | Path | None = None,
+    holds: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train, select the best validation epoch(s), evaluate on test; return a JSON-able record.
 
@@ -235,7 +236,10 @@ def train_run(
     are measured), with ``resumed`` listing each resumption. The caller deletes the file once the
     record is stored (:func:`mtopt.experiments.checkpoint.remove`), so that a kill between the
     last epoch and the store loses nothing either. One process per run: a run under torchrun
-    (several ranks) takes no checkpoint."""
+    (several ranks) takes no checkpoint. ``holds``: whether this process still holds the run's
+    claim in its store (:meth:`~mtopt.experiments.database.RunDatabase.holds`), asked after each
+    epoch; when it answers ``False`` the run stops there without writing its checkpoint
+    (:class:`~mtopt.experiments.database.ClaimLostError`): the process that took it over owns it."""
     run = _Run(config, references, problem, callback)
     path = None if checkpoint is None else Path(checkpoint)
     if path is not None and run.world > 1:
@@ -253,6 +257,12 @@ def train_run(
                 run = _Run(config, references, run.problem, callback)
     for epoch in range(start, config.epochs):
         run.train_epoch(epoch)
+        if holds is not None and not holds():
+            raise ClaimLostError(
+                f"run {run_key(config, references)}: another process took its claim over "
+                f"(this one stalled past the lease); stopped after epoch {epoch + 1}, "
+                "its checkpoint left to the new owner"
+            )
         if path is not None and not checkpoints.save(path, run.state(epoch + 1)):
             path = None  # warned once; the run goes on without
     return run.result()
