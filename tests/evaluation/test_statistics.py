@@ -120,3 +120,12 @@ def test_a_nan_ranks_last_and_leaves_the_order_of_the_others(values, holes, lowe
     nans = [r for v, r in zip(with_nan, ranks, strict=True) if math.isnan(v)]
     if nans:  # tied behind every number
         assert nans == [len(finite) + (len(nans) + 1) / 2] * len(nans)
+
+
+def test_a_cell_with_a_value_that_is_not_finite_has_no_spread_rather_than_a_crash():
+    from mtopt.evaluation.statistics import sample_std
+
+    assert sample_std([1.0]) == 0.0
+    assert sample_std([1.0, 3.0]) == pytest.approx(math.sqrt(2))
+    assert math.isnan(sample_std([1.0, math.nan]))
+    assert math.isnan(sample_std([1.0, -math.inf]))

@@ -340,3 +340,42 @@ def test_without_a_baseline_the_note_names_no_differences():
     text = markdown(compare(result, records, baseline=None))
     assert "Differences to" not in text
     assert "None" not in text
+
+
+def _two_rows(unitary: list[tuple[int, float]], cagrad: list[tuple[int, float]]):
+    """Rows on task B alone (task A at its reference): ``(seed, mse)`` per run."""
+    records, rows = {}, []
+    for label, runs in (("unitary:reduction=mean", unitary), ("cagrad", cagrad)):
+        keys = []
+        for seed, mse in runs:
+            records[f"{label}-{seed}"] = _record(seed, 0.9, mse)
+            keys.append(f"{label}-{seed}")
+        rows.append({"label": label, "keys": keys})
+    result = {"problem": "p", "directions": DIRECTIONS, "references": REFS, "rows": rows}
+    return result, records
+
+
+def test_the_mr_column_ranks_the_seed_means_as_the_study_table_does():
+    """One good and two bad seeds against three middling ones: ranked on the means (the spec's
+    MR, the study table's) cagrad is first; ranked seed by seed, unitary wins two seeds of
+    three. Both are printed, each named."""
+    result, records = _two_rows([(1, 0.1), (2, 0.1), (3, 1.0)], [(1, 0.2), (2, 0.2), (3, 0.2)])
+    comp = compare(result, records, baseline="unitary")
+    rows = {r.label: r for r in comp.rows}
+    assert rows["cagrad"].rank_of_means == pytest.approx(1.25)  # ½(1.5) + ½(1): task A ties
+    assert rows["unitary:reduction=mean"].rank_of_means == pytest.approx(1.75)
+    assert rows["cagrad"].mean_rank.mean == pytest.approx((1.75 + 1.75 + 1.25) / 3)
+    text = markdown(comp)
+    assert "| MR | MR per seed (mean ± sd) |" in text
+    assert "| 1.25 | 1.58 ± 0.29 |" in text
+
+
+def test_a_difference_says_over_how_many_shared_seeds_it_is_paired():
+    result, records = _two_rows([(1, 0.2), (2, 0.21), (3, 0.22)], [(1, 0.18), (2, 0.2), (4, 0.1)])
+    comp = compare(result, records, baseline="unitary")
+    text = markdown(comp)
+    assert "paired, 2 seeds" in text  # seeds 1 and 2; seed 3 and 4 ran on one side only
+    result, records = _two_rows([(1, 0.2), (2, 0.21)], [(3, 0.18)])
+    assert "(unpaired, no interval)" in markdown(compare(result, records, baseline="unitary"))
+    result, records = _two_rows([(1, 0.2), (2, 0.21)], [(3, 0.18), (4, 0.19)])
+    assert "] Welch |" in markdown(compare(result, records, baseline="unitary"))

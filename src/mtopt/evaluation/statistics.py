@@ -14,7 +14,11 @@ run-to-run noise and the usual choice for the handful of seeds a training study 
   one was used and over how many seeds.
 * :func:`verdict`: ``better`` when the whole interval of (method − baseline) lies above 0,
   ``worse`` when it lies below, else ``not distinguishable`` at that level. With one seed there
-  is no interval and the verdict is ``one seed``.
+  is no interval and the verdict is ``one seed``. When every seed gives the same difference
+  (runs that do not depend on their seed) the interval is the point itself, and a nonzero point is
+  a verdict: the difference is then deterministic, not noise.
+* :func:`sample_std`: the sample standard deviation of a table's cell, NaN when a value is not
+  finite (where :func:`statistics.stdev` raises).
 
 Every value must be finite (a ``ValueError`` otherwise): a diverged run's Δm has no place in a
 mean, and the caller decides what to show instead (:func:`mtopt.report.comparison.compare` leaves
@@ -37,6 +41,7 @@ __all__ = [
     "difference_interval",
     "mean_interval",
     "rank_correlation",
+    "sample_std",
     "verdict",
 ]
 
@@ -109,6 +114,17 @@ def difference_interval(
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = _t(level, dof) * se
     return Difference(mean, se, min(len(a), len(b)), mean - half, mean + half, level, "welch")
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n − 1) of ``values``; 0 for fewer than two, NaN when
+    one is not finite (a diverged run's metric in a table cell)."""
+    values = list(values)
+    if len(values) < 2:
+        return 0.0
+    if not all(math.isfinite(v) for v in values):
+        return math.nan
+    return statistics.stdev(values)
 
 
 def verdict(diff: Interval) -> str:

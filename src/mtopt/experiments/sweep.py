@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtopt.core.hparams import PositiveInt, SeedCount, StudySeed, describe_fields
 from mtopt.errors import ConfigError
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
+from mtopt.evaluation.statistics import sample_std
 from mtopt.experiments.database import RunDatabase, code_version
 from mtopt.experiments.runner import Executor, Progress, Runner
 from mtopt.experiments.train import (
@@ -640,11 +641,7 @@ class _Selector:
             point, hparams = points[best]
             tests = [r["test"] for r in final]
             spread = {
-                t: {
-                    m: statistics.stdev(x[t][m] for x in tests) if len(tests) > 1 else 0.0
-                    for m in tests[0][t]
-                }
-                for t in tests[0]
+                t: {m: sample_std([x[t][m] for x in tests]) for m in tests[0][t]} for t in tests[0]
             }
             rows.append(
                 MethodResult(

@@ -43,6 +43,9 @@ class MethodStats:
     by_seed: dict[int, float]
     versus: Difference | None = None
     verdict: str = ""
+    #: the spec's MR: the rank of the row's metrics averaged over the rank seeds (as the study
+    #: table ranks its means), and beside it the MR of each seed, mean ± sd over the seeds
+    rank_of_means: float | None = None
     mean_rank: Interval | None = None
     published: float | None = None
     #: the row's base optimizer, and for another one than the sweep's: Δm against single-task
@@ -231,10 +234,11 @@ def _ranks(
     directions: Mapping[str, Mapping[str, bool]],
     level: float,
 ) -> list[int]:
-    """Mean rank per seed, then its mean and spread. Ranks compare rows on the same seeds: the
-    seeds every row ran (all of them in a finished study). When no seed is common to all rows
-    there is no mean rank (each seed would rank a different set of rows, and a rank among two is
-    not a rank among ten). Returns the seeds used."""
+    """Mean rank of the metrics averaged over seeds (the spec's MR, the study table's), and
+    beside it the mean rank of each seed, its mean and spread. Ranks compare rows on the same
+    seeds: the seeds every row ran (all of them in a finished study). When no seed is common to
+    all rows there is no mean rank (each seed would rank a different set of rows, and a rank
+    among two is not a rank among ten). Returns the seeds used."""
     present = [set(tests) for tests in per_seed.values() if tests]
     seeds = sorted(set.intersection(*present)) if len(present) > 1 else []
     ranks: dict[str, list[float]] = {row.label: [] for row in rows}
@@ -242,9 +246,23 @@ def _ranks(
         tables = {label: tests[seed] for label, tests in per_seed.items() if seed in tests}
         for label, value in mean_rank(tables, directions).items():
             ranks[label].append(value)
+    if seeds:
+        means = {
+            label: {
+                task: {
+                    metric: statistics.fmean(tests[seed][task][metric] for seed in seeds)
+                    for metric in metrics
+                }
+                for task, metrics in directions.items()
+            }
+            for label, tests in per_seed.items()
+            if tests
+        }
+        of_means = mean_rank(means, directions)
     for row in rows:
         if ranks[row.label]:
             row.mean_rank = mean_interval(ranks[row.label], level)
+            row.rank_of_means = of_means[row.label]
     return seeds
 
 
@@ -373,6 +391,15 @@ def _attach_published(out: Comparison, published: Mapping[str, Any], sweep_optim
         out.published_cosine = None if key is None else float(cos[key])
 
 
+def _difference(v: Difference) -> str:
+    """A difference cell: the value, its interval, and how it was taken: paired over how many
+    shared seeds, or unpaired (Welch)."""
+    how = f"paired, {v.n} seeds" if v.kind == "paired" else "Welch"
+    if math.isnan(v.lo):
+        return f"{v.mean:+.2f} (unpaired, no interval)"
+    return f"{v.mean:+.2f} {_ci(v)} {how}"
+
+
 def markdown(comparison: Comparison) -> str:
     """The statistics table, with a note on how every column was computed."""
     pct = f"{round(100 * comparison.level, 6):g} %"
@@ -380,7 +407,7 @@ def markdown(comparison: Comparison) -> str:
     header = ["method", "seeds", "Δm % (mean ± sd)", f"Δm {pct} CI"]
     if base is not None:
         header += [f"− {base} ({pct} CI)", "verdict"]
-    header += ["MR (mean ± sd over seeds)"]
+    header += ["MR", "MR per seed (mean ± sd)"]
     others = any(r.own is not None for r in comparison.rows)
     if others:
         header += ["optimizer", "Δm vs own-optimizer refs", "− baseline on that optimizer"]
@@ -394,20 +421,15 @@ def markdown(comparison: Comparison) -> str:
             if row.versus is None:
                 cells += ["(baseline)", ""]
             else:
-                v = row.versus
-                shown = f"{v.mean:+.2f}" if math.isnan(v.lo) else f"{v.mean:+.2f} {_ci(v)} {v.kind}"
-                cells += [shown, row.verdict]
+                cells += [_difference(row.versus), row.verdict]
         mr = row.mean_rank
+        cells.append("—" if row.rank_of_means is None else f"{row.rank_of_means:.2f}")
         cells.append("—" if mr is None else mean_sd(mr.mean, mr.std, mr.n))
         if others:
             cells.append(row.optimizer)
             cells.append("—" if row.own is None else f"{row.own.mean:+.2f} {_ci(row.own)}")
             same = row.versus_same
-            cells.append(
-                "—"
-                if same is None
-                else f"{same.mean:+.2f} {_ci(same)} {same.kind} {row.verdict_same}"
-            )
+            cells.append("—" if same is None else f"{_difference(same)} {row.verdict_same}")
         if comparison.published_title:
             cells.append("—" if row.published is None else f"{row.published:+.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -427,8 +449,10 @@ def markdown(comparison: Comparison) -> str:
     notes = [
         "",
         f"Δm: Gama & Grassi's Δm against this study's single-task references (%, higher is "
-        f"better); {pct} t intervals over seeds.{differences} MR: mean rank among the rows, "
-        "per seed, then mean ± sd over seeds (lower is better).",
+        f"better); {pct} t intervals over seeds.{differences} MR: mean rank among the rows of "
+        "their metrics averaged over the seeds (the study table's); MR per seed: the mean rank "
+        "on each seed, mean ± sd over seeds (lower is better for both; the two can order rows "
+        "differently when a row's seeds disagree).",
     ]
     if any(r.own is not None for r in comparison.rows):
         notes.append(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from mtopt.evaluation.statistics import sample_std
+
 NOTE = (
     "Test metrics: mean (± std) over the best configuration's runs (a single run: no std). Δm: "
     "Gama & Grassi's per-task relative change against the single-task references, in %, higher "
@@ -58,7 +60,7 @@ def rows_for_table(result: dict[str, Any]) -> list[list[str]]:
     for row in result["rows"]:
         values = row["delta_m"]
         runs = len(values)
-        std = statistics.stdev(values) if runs > 1 else 0.0
+        std = sample_std(values)
         failed = row.get("failed_runs", 0)
         cells = [row["label"] + (f" ({failed} run(s) failed, left out)" if failed else "")]
         for t, m, _ in columns:
