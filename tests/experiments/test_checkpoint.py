@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mtopt
+import mtopt.experiments.database
 from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import RunDatabase
 from mtopt.experiments.train import RunConfig, run_key, train_run
@@ -140,6 +141,66 @@ def test_a_checkpoint_this_code_cannot_load_is_set_aside(cl_rr, tmp_path, caplog
     assert "resumed" not in again
     assert "not this code's" in caplog.text
     assert (tmp_path / "run.pt.unusable").is_file()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_data_is_set_aside_and_another_version_is_named(
+    cl_rr, tmp_path, caplog
+):
+    """A run resumed on other data (another data folder, say) would mix two data sets in one
+    record: its checkpoint is set aside. One resumed under another code version or thread count
+    is kept, with one warning line, and its record names the version it began with."""
+    config = _config("famo", {}, epochs=2)
+    straight = train_run(config, references=REFS, problem=cl_rr)
+    assert straight["began_with"] == mtopt.experiments.database.code_version()
+    assert straight["threads"] == torch.get_num_threads()
+    assert len(straight["data_digest"]) == 16
+    path = tmp_path / "run.pt"
+    with pytest.raises(KilledError):
+        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 0), checkpoint=path)
+    state = checkpoints.load(path, run_key(config, REFS))
+    state["began"] = {**state["began"], "code_version": "mtopt 0.0.9 (abc)", "threads": 99}
+    checkpoints.save(path, state)
+    resumed = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    began = {"began_with": "mtopt 0.0.9 (abc)", "threads": 99}  # each resume's: in ``resumed``
+    assert _computed(resumed) == {**_computed(straight), **began}
+    assert resumed["resumed"][0]["threads"] == torch.get_num_threads()
+    assert "resumes under another setting: code_version mtopt 0.0.9 (abc) then" in caplog.text
+    assert "threads 99 then" in caplog.text
+
+    checkpoints.remove(path)  # as a store does once the record is in
+    with pytest.raises(KilledError):
+        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 0), checkpoint=path)
+    state = checkpoints.load(path, run_key(config, REFS))
+    state["began"] = {**state["began"], "data_digest": "0123456789abcdef"}
+    checkpoints.save(path, state)
+    again = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+    assert _computed(again) == _computed(straight)
+    assert "resumed" not in again
+    assert "of other data (digest 0123456789abcdef" in caplog.text
+    assert (tmp_path / "run.pt.unusable").is_file()
+
+
+def test_a_temporary_file_a_kill_left_is_deleted(tmp_path):
+    path = tmp_path / "k.pt"
+    checkpoints.save(path, {"key": "k", "epochs_done": 1})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = tmp_path / f"k.pt.{dead.pid}.tmp"  # killed between its write and its rename
+    torn.write_bytes(b"a whole checkpoint, never renamed")
+    live = tmp_path / f"k.pt.{os.getpid()}.tmp"  # being written by a live process now
+    live.write_bytes(b"half")
+    other = tmp_path / f"j.pt.{dead.pid}.tmp"  # another run's: not this one's to delete
+    other.write_bytes(b"")
+    assert checkpoints.load(path, "k")["epochs_done"] == 1
+    assert not torn.exists()
+    assert live.exists()  # a reader (``sweep --stored``, a new owner) leaves it
+    torn.write_bytes(b"again")
+    checkpoints.remove(path)  # the record is stored: whoever still writes has lost the run
+    assert not torn.exists()
+    assert not live.exists()
+    assert not path.exists()
+    assert other.exists()
 
 
 def test_an_unwritable_checkpoint_folder_costs_resumability_not_the_run(tmp_path, caplog):

@@ -12,7 +12,12 @@ one. The file is a pickle (``torch.save``): it is read only from the folder its 
 
 What a resumed run cannot reproduce is the wall time of the steps the kill lost: ``seconds``
 adds up the time of the epochs that were kept; the record lists the resumptions (``resumed``:
-the epoch and the code version of each), so that a run finished by another version says so.
+the epoch, the code version and torch's thread count of each) and the version it began with
+(``began_with``), so that a run finished by another version says so, and a resume under another
+version or thread count is one warning line. A checkpoint of a run on other data (a digest of
+the arrays of its splits, ``data_digest`` in the record) is set aside and the run starts over.
+A temporary file that a kill left between the write and the rename is deleted when the run is
+next loaded (if its process is gone) or finished.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def load(path: Path, key: str) -> dict[str, Any] | None:
     """The checkpoint of run ``key`` at ``path``; ``None`` when there is none. A file that cannot
     be read, or holds another run or format, is set aside (renamed ``*.unusable``, with a
     warning) and the run starts from its first epoch."""
+    _remove_torn(path, only_dead=True)
     if not path.is_file():
         return None
     try:
@@ -119,6 +125,31 @@ def set_aside(path: Path, why: str) -> None:
 
 
 def remove(path: Path | None) -> None:
-    """Delete a finished run's checkpoint (its record is stored)."""
+    """Delete a finished run's checkpoint (its record is stored), and any temporary file a
+    kill left beside it."""
     if path is not None:
         path.unlink(missing_ok=True)
+        _remove_torn(path)
+
+
+def _remove_torn(path: Path, only_dead: bool = False) -> None:
+    """Delete the temporary files (``<name>.<pid>.tmp``) that a kill between a write and its
+    rename left for ``path``. ``only_dead``: only those of a process no longer running here
+    (a run being loaded: another process may be writing one now); once the record is stored,
+    all of them."""
+    with contextlib.suppress(OSError):
+        for torn in path.parent.glob(f"{path.name}.*.tmp"):
+            pid = torn.name[len(path.name) + 1 : -len(".tmp")]
+            if only_dead and (not pid.isdigit() or _running(int(pid))):
+                continue
+            torn.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's, or not ours to signal: running
+        return True
+    return True

@@ -45,6 +45,7 @@ mean weights, timings), ``best_epoch``, ``val_delta_m``, ``test_delta_m``, ``sec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -106,24 +107,27 @@ CLAIMED, DONE, BUSY = "claimed", "done", "busy"
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """``mtopt <version>`` plus the git commit (and ``+dirty``) when run from a checkout."""
+    """``mtopt <version>`` plus the git commit when run from a checkout, and ``+dirty.<hash>``
+    with a hash of the uncommitted changes to tracked files (two different edits of one commit
+    read as two versions)."""
     from mtopt import __version__
 
     version = f"mtopt {__version__}"
     root = Path(__file__).resolve().parents[3]
 
-    def git(*args: str) -> str:
+    def git(*args: str) -> bytes:
         run = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(root), *args], capture_output=True, timeout=10, check=True
         )
         return run.stdout.strip()
 
     try:
-        commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        commit = git("rev-parse", "--short=12", "HEAD").decode()
+        diff = git("diff", "HEAD", "--no-ext-diff", "--binary")
     except (OSError, subprocess.SubprocessError):
         return version
-    return f"{version} ({commit}{'+dirty' if dirty else ''})"
+    dirty = f"+dirty.{hashlib.blake2b(diff, digest_size=4).hexdigest()}" if diff else ""
+    return f"{version} ({commit}{dirty})"
 
 
 class ClaimLostError(RuntimeError):

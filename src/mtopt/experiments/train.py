@@ -13,6 +13,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import math
 import random
 import statistics
@@ -46,6 +47,8 @@ from mtopt.experiments import data_parallel
 from mtopt.experiments.database import ClaimLostError, code_version
 from mtopt.problems import MultiTaskModel, Problem, evaluate, get_problem
 from mtopt.problems.base import Batch
+
+logger = logging.getLogger("mtopt")
 
 References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {"val"|"test": {task: {metric}}}
 Callback = Callable[[str, dict[str, Any]], None]
@@ -249,7 +252,14 @@ def train_run(
     start = 0
     if path is not None:
         saved = checkpoints.load(path, run_key(config, references))
-        if saved is not None:
+        began = {} if saved is None else saved.get("began") or {}
+        data = began.get("data_digest", run.began["data_digest"])
+        if saved is not None and data != run.began["data_digest"]:
+            checkpoints.set_aside(
+                path, f"of other data (digest {data}; the data here: {run.began['data_digest']})"
+            )
+        elif saved is not None:
+            _warn_if_changed(run_key(config, references), began, run.began)
             try:
                 start = run.restore(saved)
             except Exception as exc:  # written by code whose state no longer fits: start over
@@ -266,6 +276,19 @@ def train_run(
         if path is not None and not checkpoints.save(path, run.state(epoch + 1)):
             path = None  # warned once; the run goes on without
     return run.result()
+
+
+def _warn_if_changed(key: str, began: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """A run resumed under another code version or thread count than it began with: one
+    warning line (its numbers may then differ in the last bits from an uninterrupted run's, and
+    its record lists each version in ``resumed`` and the first in ``began_with``)."""
+    changed = [
+        f"{what} {began[what]} then, {now[what]} now"
+        for what in ("code_version", "threads")
+        if began.get(what) is not None and began[what] != now[what]
+    ]
+    if changed:
+        logger.warning("run %s resumes under another setting: %s", key, "; ".join(changed))
 
 
 class _Run:
@@ -299,9 +322,24 @@ class _Run:
         self.rank, self.world = data_parallel.rank_and_world()
         device = _device(config.device)
         splits = problem.splits()
-        self.train = splits["train"].subset(config.train_subset).to(device)
-        self.val = splits["val"].subset(config.eval_subset).to(device)
-        self.test = splits["test"].subset(config.eval_subset).to(device)
+        parts = {
+            "train": splits["train"].subset(config.train_subset),
+            "val": splits["val"].subset(config.eval_subset),
+            "test": splits["test"].subset(config.eval_subset),
+        }
+        digest = hashlib.blake2b(digest_size=8)
+        for name, part in parts.items():
+            digest.update(f"{name};".encode())
+            part.digest(digest)
+        #: what the run trains on and where: kept in the checkpoint, checked when it resumes
+        self.began = {
+            "code_version": code_version(),
+            "threads": torch.get_num_threads(),
+            "data_digest": digest.hexdigest(),
+        }
+        self.train = parts["train"].to(device)
+        self.val = parts["val"].to(device)
+        self.test = parts["test"].to(device)
         self.model = problem.make_model(tasks, dropout=config.dropout).to(device)
         self.eval_batch = getattr(problem, "eval_batch_size", 1000)  # dense maps: smaller
         self.optimizer = build_optimizer(config, self.model)
@@ -359,6 +397,7 @@ class _Run:
             "solver_failures": self.solver_failures,
             "seconds": self.earlier_seconds + time.perf_counter() - self.started,
             "resumed": self.resumed,
+            "began": self.began,
         }
 
     def restore(self, state: dict[str, Any]) -> int:
@@ -378,7 +417,9 @@ class _Run:
         self.earlier_seconds = state["seconds"]
         self.started = time.perf_counter()
         epochs_done = int(state["epochs_done"])
-        self.resumed = [*state["resumed"], {"epoch": epochs_done, "code_version": code_version()}]
+        now = {"code_version": code_version(), "threads": torch.get_num_threads()}
+        self.resumed = [*state["resumed"], {"epoch": epochs_done, **now}]
+        self.began = state.get("began", {**self.began, "code_version": None, "threads": None})
         return epochs_done
 
     def _criteria(self) -> dict[str, Callable[[dict], float]]:
@@ -501,7 +542,10 @@ class _Run:
             "step_seconds_median": statistics.median(self.step_times),
             "mtopt_version": mtopt.__version__,
             "torch_version": torch.__version__,
+            "threads": self.began["threads"],
+            "data_digest": self.began["data_digest"],
         }
+        result["began_with"] = self.began["code_version"]  # ``code_version``: who finished it
         if self.resumed:
             result["resumed"] = self.resumed
         if len(tasks) > 1 and references is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,15 @@ class Split:
         if n <= 0:
             raise ValueError(f"subset size must be positive, got {n}")
         return Split({k: v[:n] for k, v in self.arrays.items()}, self.prepare)
+
+    def digest(self, into: Any) -> None:
+        """Feed the split's arrays (names, dtypes, shapes and bytes) to the hash ``into``
+        (:mod:`hashlib`): what a run trained on, so that a run resumed or reused on other data
+        can tell (:func:`mtopt.experiments.train.train_run`)."""
+        for name, array in sorted(self.arrays.items()):
+            into.update(f"{name}:{array.dtype}:{tuple(array.shape)};".encode())
+            flat = array.detach().cpu().contiguous().reshape(-1)
+            into.update(memoryview(flat.view(torch.uint8).numpy()))
 
     def to(self, device: torch.device | str) -> Split:
         """The split with its arrays on ``device`` (itself when they are there already)."""
