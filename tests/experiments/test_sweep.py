@@ -43,7 +43,9 @@ def fake_value(config, task: str, split: str) -> float:
     return value + (0.01 if split == "test" else 0.0)
 
 
-def fake_train_run(config, references=None, problem=None, callback=None, checkpoint=None):
+def fake_train_run(
+    config, references=None, problem=None, callback=None, checkpoint=None, holds=None
+):
     if config.lr > 1.0:
         raise ValueError("non-finite loss(es): a=nan")  # a diverging configuration
     tasks = config.tasks or FakeProblem.task_names
@@ -319,7 +321,9 @@ def test_per_method_and_per_task_shared_settings_override_the_grid(fake, tmp_pat
 def test_rows_on_another_base_optimizer_get_references_trained_with_it(fake, tmp_path, monkeypatch):
     """A Muon row's Δm is also measured against single-task runs trained with Muon."""
 
-    def with_optimizer_bonus(config, references=None, problem=None, callback=None, checkpoint=None):
+    def with_optimizer_bonus(
+        config, references=None, problem=None, callback=None, checkpoint=None, holds=None
+    ):
         record = fake_train_run(config, references, problem, callback)
         if config.optimizer == "muon":  # Muon trains every run better, single-task ones too
             for split in ("val", "test"):
@@ -457,7 +461,7 @@ def test_a_study_in_progress_names_the_runs_in_flight(fake, tmp_path, monkeypatc
 def test_a_method_with_no_configuration_that_trained_is_reported_failed_and_the_study_goes_on(
     fake, monkeypatch, tmp_path
 ):
-    def train(config, references=None, problem=None, callback=None, checkpoint=None):
+    def train(config, references=None, problem=None, callback=None, checkpoint=None, holds=None):
         if config.method == "fixed" and config.seed == 2:
             raise FloatingPointError("non-finite gradient: shared parameter 0")
         return fake_train_run(config, references, problem, callback, checkpoint)
@@ -493,7 +497,7 @@ def test_a_reference_s_failed_runs_are_counted_and_named(fake, monkeypatch, tmp_
     from mtopt.experiments.sweep import records_of
     from mtopt.report import comparison, tables
 
-    def train(config, references=None, problem=None, callback=None, checkpoint=None):
+    def train(config, references=None, problem=None, callback=None, checkpoint=None, holds=None):
         if config.tasks == ("a",) and config.seed == 2:
             raise FloatingPointError("non-finite loss(es): a=nan")
         return fake_train_run(config, references, problem, callback, checkpoint)
