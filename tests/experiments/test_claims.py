@@ -161,3 +161,15 @@ def test_execute_leaves_a_lost_run_to_its_new_owner(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "train_job", lose)
     config = RunConfig(problem="multi_mnist/cl_rr", method="unitary")
     assert runner._execute(path, config, None, 0) == BUSY
+
+
+def test_a_sweep_warns_when_its_stored_runs_were_trained_on_different_data(tmp_path, caplog):
+    db = RunDatabase(tmp_path / "s.sqlite")
+    configs = [RunConfig(problem="multi_mnist/cl_rr", method="unitary", seed=s) for s in (1, 2, 3)]
+    for config, digest in zip(configs, ["aaaa", "aaaa", "bbbb"], strict=True):
+        db.put({**_record(run_key(config), "x"), "config": config.to_dict(), "data_digest": digest})
+    records = runner.Runner(db, workers=1).stored([(c, None) for c in configs[:2]], "same")
+    assert all(r is not None for r in records)
+    assert "different data" not in caplog.text
+    runner.Runner(db, workers=1).stored([(c, None) for c in configs], "mixed")
+    assert caplog.text.count("were trained on different data (digests aaaa, bbbb)") == 1

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Protocol
 
@@ -218,6 +218,35 @@ class Runner:
         #: ``stored_only``: runs not stored yet whose epoch checkpoint exists → "method seed s,
         #: epoch e of n" (a run in flight, or cut short and resumable)
         self.in_flight: dict[str, str] = {}
+        #: (problem, train subset, eval subset) → data digest → a run key trained on it
+        self._digests: dict[tuple[Any, ...], dict[str, str]] = {}
+
+    def _check_data(self, records: Mapping[str, Mapping[str, Any] | None]) -> None:
+        """Warn (once per pair) when stored runs of one problem and subset sizes were trained
+        on different data (their records' ``data_digest``: another data folder, a changed
+        download), since a study would then mix them: single-task references of one data set
+        against methods of another. Records of earlier versions carry no digest."""
+        for key, record in records.items():
+            digest = None if record is None else record.get("data_digest")
+            if digest is None:
+                continue
+            c = record["config"]  # type: ignore[index]
+            seen = self._digests.setdefault(
+                (c["problem"], c.get("train_subset"), c.get("eval_subset")), {}
+            )
+            if digest not in seen:
+                if seen:
+                    other, first = next(iter(seen.items()))
+                    logger.warning(
+                        "runs %s and %s of %s were trained on different data (digests %s, %s): "
+                        "a study would mix them; keep one store (run dir) per data set",
+                        first,
+                        key,
+                        c["problem"],
+                        other,
+                        digest,
+                    )
+                seen[digest] = key
 
     def run(
         self, jobs: Sequence[tuple[RunConfig, References | None]], label: str
@@ -235,6 +264,7 @@ class Runner:
         keys = [run_key(c, r) for c, r in jobs]
         by_key = dict(zip(keys, jobs, strict=True))
         found = {k: self.db.get(k) for k in by_key}  # each record read (and parsed) once
+        self._check_data(found)
         todo = [k for k, record in found.items() if record is None]
         done = len(found) - len(todo)
         if self.stored_only:
@@ -265,7 +295,9 @@ class Runner:
                     )
                     waited = True
                 time.sleep(WAIT_SECONDS)
-        return [self.db.get(k) for k in keys]
+        trained = {k: self.db.get(k) for k in by_key}
+        self._check_data(trained)
+        return [trained[k] for k in keys]
 
     def _execute_all(self, jobs: Sequence[tuple[RunConfig, References | None]]) -> dict[str, str]:
         if self.executor is not None:
