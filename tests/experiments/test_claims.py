@@ -173,3 +173,56 @@ def test_a_sweep_warns_when_its_stored_runs_were_trained_on_different_data(tmp_p
     assert "different data" not in caplog.text
     runner.Runner(db, workers=1).stored([(c, None) for c in configs], "mixed")
     assert caplog.text.count("were trained on different data (digests aaaa, bbbb)") == 1
+
+
+def test_a_record_this_process_never_claimed_is_stored_whatever_the_claims_say(tmp_path):
+    """An import of earlier runs, or ``train``, stores without a claim; a leftover claim of a
+    killed sweep on the same key does not turn that into an error."""
+    path = tmp_path / "s.sqlite"
+    other = RunDatabase(path, lease_seconds=600)
+    assert other.claim("k") == CLAIMED
+    other._held.clear()  # it "dies": its claim row stays
+    mine = RunDatabase(path)
+    mine.put(_record("k", "imported"))
+    assert mine.get("k")["tag"] == "imported"
+    assert not mine._lost
+
+
+def test_a_claim_not_renewed_for_half_a_lease_is_asked_of_the_store(tmp_path):
+    """A process that was stopped, or whose heartbeat could not write, does not go on from
+    its memory: ``holds`` asks the store, renewing the claim when it is still its own."""
+    path = tmp_path / "s.sqlite"
+    a = RunDatabase(path, lease_seconds=600)  # beats every 150 s: none in this test
+    assert a.claim("k") == CLAIMED
+    assert a.claim("j") == CLAIMED
+    a._beats["k"] = a._beats["j"] = 0.0  # as after a long stop
+    assert a.holds("k")  # still its own: renewed
+    assert a._beats["k"] > 0.0
+    b = RunDatabase(path, lease_seconds=1e-3)
+    assert _until(lambda: b.claim("j") == CLAIMED)
+    assert not a.holds("j")  # another process has it now
+    assert "j" in a._lost
+
+
+def test_compare_waits_for_the_new_owners_record_after_losing_its_claim(monkeypatch, tmp_path):
+    from mtopt.experiments import compare as compare_module
+
+    path = tmp_path / "s.sqlite"
+    store = RunDatabase(path, lease_seconds=600)
+    config = RunConfig(problem="multi_mnist/cl_rr", method="unitary")
+    key = run_key(config)
+    calls = []
+
+    def train(config, references=None, problem=None, callback=None, checkpoint=None, holds=None):
+        calls.append(1)
+        other = RunDatabase(path, lease_seconds=1e-3)  # takes it over, and finishes it
+        assert _until(lambda: other.claim(key) == CLAIMED)
+        other.put({**_record(key, "the other's"), "config": config.to_dict()})
+        store._beats[key] = 0.0  # this process stalled: no heartbeat for the whole lease
+        assert not holds()
+        raise ClaimLostError(f"run {key}: lost")
+
+    monkeypatch.setattr(compare_module, "train_run", train)
+    record = compare_module.run_or_load(store, config, None, None, None, "unitary")
+    assert record["tag"] == "the other's"
+    assert calls == [1]

@@ -19,7 +19,7 @@ from typing import Any
 
 from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
 from mtopt.experiments import checkpoint as checkpoints
-from mtopt.experiments.database import BUSY, CLAIMED, RunDatabase
+from mtopt.experiments.database import BUSY, CLAIMED, ClaimLostError, RunDatabase
 from mtopt.experiments.train import (
     Callback,
     RunConfig,
@@ -69,36 +69,45 @@ def run_or_load(
     process on the same store waits for it instead of training it too)."""
     key = run_key(config, references)
     announced = False
-    while True:
+    while True:  # once more when this process's claim was taken over while it trained
         cached = store.get(key)
         if cached is not None:
             if hook:
                 hook(label, config, True)
             return cached
         status = store.claim(key)
-        if status == CLAIMED:
-            break
-        if status == BUSY:
-            if not announced:
-                logger.warning(
-                    "%s (seed %d): another process is training this run; waiting for it",
-                    label,
-                    config.seed,
-                )
-                announced = True
-            time.sleep(2.0)
-    callback = hook(label, config, False) if hook else None
-    checkpoint = store.checkpoint_path(key)
-    try:
-        result = train_run(
-            config, references=references, problem=problem, callback=callback, checkpoint=checkpoint
-        )
-    except BaseException:
-        store.release(key)
-        raise
-    store.put(result)
-    checkpoints.remove(checkpoint)
-    return result
+        if status != CLAIMED:
+            if status == BUSY:
+                if not announced:
+                    logger.warning(
+                        "%s (seed %d): another process is training this run; waiting for it",
+                        label,
+                        config.seed,
+                    )
+                    announced = True
+                time.sleep(2.0)
+            continue
+        callback = hook(label, config, False) if hook else None
+        checkpoint = store.checkpoint_path(key)
+        try:
+            result = train_run(
+                config,
+                references=references,
+                problem=problem,
+                callback=callback,
+                checkpoint=checkpoint,
+                holds=lambda: store.holds(key),
+            )
+            store.put(result)
+        except ClaimLostError as exc:  # the other process finishes it: wait for its record
+            logger.warning("%s", exc)
+            store.release(key)
+            continue
+        except BaseException:
+            store.release(key)
+            raise
+        checkpoints.remove(checkpoint)
+        return result
 
 
 def single_task_references(

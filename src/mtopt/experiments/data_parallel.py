@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mtopt.experiments.database import ClaimLostError
+
 
 def launched() -> bool:
     """Started by ``torchrun`` (or another launcher that sets ``WORLD_SIZE``) with > 1 rank."""
@@ -78,8 +80,21 @@ class RankZeroStore:
         return _broadcast(self.store.claim(key) if self.store is not None else None)
 
     def put(self, result: dict[str, Any]) -> None:
+        """Rank 0 stores; a record its store refuses (the claim was lost,
+        :class:`~mtopt.experiments.database.ClaimLostError`) is refused on every rank, so that
+        all go on waiting for the new owner's record together."""
+        lost = None
         if self.store is not None:
-            self.store.put(result)
+            try:
+                self.store.put(result)
+            except ClaimLostError as exc:
+                lost = str(exc)
+        lost = _broadcast(lost)
+        if lost is not None:
+            raise ClaimLostError(lost)
+
+    def holds(self, key: str) -> Any:
+        return _broadcast(self.store.holds(key) if self.store is not None else None)
 
     def release(self, key: str) -> None:
         if self.store is not None:

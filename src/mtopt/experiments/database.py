@@ -16,11 +16,13 @@ processes never both win the same run; finished records have the key as primary 
 is ever stored twice.
 
 **A claim taken over from a live owner** (one stalled past the lease: stopped, swapped out, a
-network store that hung) is lost to it: its heartbeat finds the row gone or another owner's and
-:meth:`RunDatabase.holds` answers ``False`` from then on, the training loop stops at its next
-epoch without writing its checkpoint (:class:`ClaimLostError`), and :meth:`RunDatabase.put` refuses
-the record of a run another process holds or has stored, so the new owner's checkpoint and
-record are never overwritten.
+network store that hung) is lost to it: its heartbeat finds the row gone or another owner's, or
+:meth:`RunDatabase.holds` (asked after every epoch), finding no renewal for half a lease, asks
+the store itself; from then on it answers ``False``, the training loop stops at its next epoch
+without writing its checkpoint (:class:`ClaimLostError`; a Ray driver cancels the task), and
+:meth:`RunDatabase.put` refuses the record of a run this process claimed and another has since
+taken or stored, so the new owner's checkpoint and record are never overwritten. A record this
+process never claimed (``train``'s, an import) is stored as before.
 
 **Damage.** A record that does not parse is moved to ``quarantine`` (with the reason), logged
 once with its key, and treated as not finished (the run is redone); everything else goes on. A
@@ -186,6 +188,8 @@ class RunDatabase:
         self.readonly = readonly
         self._held: set[str] = set()
         self._lost: set[str] = set()  # claimed here, then taken over by another process
+        self._storing: set[str] = set()  # being stored by put: its claim row goes any moment
+        self._beats: dict[str, float] = {}  # when each held claim was last renewed
         self._lock = threading.Lock()
         self._beating: threading.Thread | None = None
         self._warned: set[str] = set()
@@ -343,35 +347,66 @@ class RunDatabase:
         key = record["key"]
         with self._lock:
             claimed_here = key in self._held or key in self._lost
-        with self._write() as db:
-            holder = db.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchone()
-            stored = db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone()
-            if (holder is not None and holder[0] != self.owner) or (
-                claimed_here and holder is None and stored is not None
-            ):
-                self._drop(key, lost=True)
-                raise ClaimLostError(
-                    f"run {key}: another process took it over (this one stalled past the "
-                    f"{self.lease:g} s lease) and "
-                    + ("holds it" if holder is not None else "stored it")
-                    + "; this record is not stored"
-                )
-            db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
-            db.execute("DELETE FROM claims WHERE key = ?", (key,))
-        self._drop(key)
+            self._storing.add(key)
+        try:
+            with self._write() as db:
+                holder = db.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchone()
+                stored = db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone()
+                # a record this process never claimed (``train``, an import) is stored as before
+                if claimed_here and (
+                    (holder is not None and holder[0] != self.owner)
+                    or (holder is None and stored is not None)
+                ):
+                    self._drop(key, lost=True)
+                    raise ClaimLostError(
+                        f"run {key}: another process took it over (this one stalled past the "
+                        f"{self.lease:g} s lease) and "
+                        + ("holds it" if holder is not None else "stored it")
+                        + "; this record is not stored"
+                    )
+                db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+                db.execute("DELETE FROM claims WHERE key = ?", (key,))
+            self._drop(key)
+        finally:
+            with self._lock:
+                self._storing.discard(key)
 
     def _drop(self, key: str, lost: bool = False) -> None:
         with self._lock:
             self._held.discard(key)
+            self._beats.pop(key, None)
             if lost:
                 self._lost.add(key)
             else:
                 self._lost.discard(key)
 
     def holds(self, key: str) -> bool:
-        """Whether this process still holds its claim on ``key`` (as of the last heartbeat)."""
+        """Whether this process still holds its claim on ``key``: as of the last heartbeat
+        when that renewed the claims less than half a lease ago, else asked of the store now
+        (and renewed if it is still ours): a process that was stopped, or whose heartbeat could
+        not write, does not go on as if nothing happened. ``False`` when the store cannot
+        answer."""
         with self._lock:
-            return key in self._held and key not in self._lost
+            if key not in self._held or key in self._lost:
+                return False
+            fresh = time.time() - self._beats.get(key, 0.0) < self.lease / 2
+        if fresh:
+            return True
+        try:
+            with self._write() as db:
+                beat = db.execute(
+                    "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
+                    (time.time(), key, self.owner),
+                )
+                ours = beat.rowcount == 1
+        except StoreError:
+            return False
+        with self._lock:
+            if ours:
+                self._beats[key] = time.time()
+            else:
+                self._lost.add(key)
+        return ours
 
     def records(self, problem: str | None = None) -> Iterator[dict[str, Any]]:
         """Every finished run record (optionally of one problem), oldest first; damaged ones
@@ -430,6 +465,7 @@ class RunDatabase:
         with self._lock:
             self._held.add(key)
             self._lost.discard(key)
+            self._beats[key] = now
         self._start_heartbeat()
         return CLAIMED
 
@@ -460,10 +496,11 @@ class RunDatabase:
         while True:
             time.sleep(interval)
             with self._lock:
-                held = sorted(self._held - self._lost)
+                held = sorted(self._held - self._lost - self._storing)
             if not held:
                 continue
             lost = []
+            started = time.time()
             try:
                 with self._write() as db:
                     for key in held:
@@ -476,8 +513,11 @@ class RunDatabase:
             except StoreError:  # a busy moment: the next beat comes well within the lease
                 continue
             with self._lock:
-                lost = [key for key in lost if key in self._held]  # not stored meanwhile
+                lost = [k for k in lost if k in self._held and k not in self._storing]
                 self._lost.update(lost)
+                for key in held:
+                    if key in self._held and key not in self._lost:
+                        self._beats[key] = started
             for key in lost:
                 logger.warning(
                     "run %s: another process took its claim over (this one stalled past the "

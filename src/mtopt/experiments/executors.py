@@ -212,7 +212,13 @@ class RayExecutor:
                     flying[task.remote(config, references, self.threads, checkpoint)] = key
                 if not flying:
                     continue
-                ready, _ = ray.wait(list(flying), num_returns=1)
+                ready, _ = ray.wait(list(flying), num_returns=1, timeout=max(db.lease / 4, 1.0))
+                for ref, key in list(flying.items()):
+                    if ref not in ready and not db.holds(key):  # taken over: theirs to finish
+                        logger.warning("run %s: this driver lost its claim; cancelling it", key)
+                        with contextlib.suppress(Exception):
+                            ray.cancel(ref, force=True)
+                        out[flying.pop(ref)] = BUSY
                 for ref in ready:
                     record = _result(ray, ref)
                     if record.get("key") != flying[ref]:

@@ -269,9 +269,9 @@ def train_run(
         run.train_epoch(epoch)
         if holds is not None and not holds():
             raise ClaimLostError(
-                f"run {run_key(config, references)}: another process took its claim over "
-                f"(this one stalled past the lease); stopped after epoch {epoch + 1}, "
-                "its checkpoint left to the new owner"
+                f"run {run_key(config, references)}: this process no longer holds its claim "
+                "(taken over after it stalled past the lease, or the store could not renew "
+                f"it); stopped after epoch {epoch + 1}, its checkpoint left to the claim's holder"
             )
         if path is not None and not checkpoints.save(path, run.state(epoch + 1)):
             path = None  # warned once; the run goes on without
