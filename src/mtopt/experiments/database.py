@@ -133,8 +133,9 @@ def code_version() -> str:
 
 
 class ClaimLostError(RuntimeError):
-    """This process's claim on a run was taken over by another (it stalled past the lease):
-    the run stops and stores nothing; the new owner finishes it."""
+    """This process no longer holds its claim on a run (another took it over after this one
+    stalled past the lease, or the store could not renew it): the run stops and stores nothing,
+    and the claim's holder finishes it."""
 
 
 @lru_cache(maxsize=1)
@@ -324,8 +325,9 @@ class RunDatabase:
 
     def put(self, record: dict[str, Any]) -> None:
         """Store a finished run (one transaction) and release its claim. Refused
-        (:class:`ClaimLostError`, nothing written) when another process holds the run's claim, or
-        when this process had claimed it and the run has been stored by another since."""
+        (:class:`ClaimLostError`, nothing written) when this process claimed the run and another
+        has since taken the claim over or stored the run; a record this process never claimed is
+        stored whatever the claims say."""
         config = record["config"]
         selection = record.get("selection") or {}
         best = selection.get("delta_m", next(iter(selection.values()), {}))

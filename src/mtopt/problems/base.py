@@ -81,7 +81,7 @@ class Split:
         for name, array in sorted(self.arrays.items()):
             into.update(f"{name}:{array.dtype}:{tuple(array.shape)};".encode())
             flat = array.detach().cpu().contiguous().reshape(-1)
-            into.update(memoryview(flat.view(torch.uint8).numpy()))
+            into.update(flat.view(torch.uint8).numpy())  # a buffer: hashed without a copy
 
     def to(self, device: torch.device | str) -> Split:
         """The split with its arrays on ``device`` (itself when they are there already)."""
