@@ -65,6 +65,20 @@ def _kill_at(epoch: int, batch: int):
     return callback
 
 
+def _resumed_after(config: RunConfig, problem, path, change) -> dict:
+    """Kill ``config``'s run in its second epoch, apply ``change`` to the checkpoint its first
+    epoch left (as another version, machine or data would have written it), and resume."""
+    with pytest.raises(KilledError):
+        train_run(
+            config, references=REFS, problem=problem, callback=_kill_at(1, 0), checkpoint=path
+        )
+    state = checkpoints.load(path, run_key(config, REFS))
+    assert state is not None
+    change(state)
+    checkpoints.save(path, state)
+    return train_run(config, references=REFS, problem=problem, checkpoint=path)
+
+
 def _computed(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in MEASURED}
 
@@ -129,14 +143,11 @@ def test_a_checkpoint_this_code_cannot_load_is_set_aside(cl_rr, tmp_path, caplog
     another shape), is not a failed run: it is set aside and the run starts over."""
     config = _config("cagrad", {}, epochs=2)
     straight = train_run(config, references=REFS, problem=cl_rr)
-    path = tmp_path / "run.pt"
-    with pytest.raises(KilledError):
-        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 0), checkpoint=path)
-    state = checkpoints.load(path, run_key(config, REFS))
-    assert state is not None
-    state["model"] = {k: torch.zeros(3) for k in state["model"]}
-    checkpoints.save(path, state)
-    again = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+
+    def reshape(state: dict) -> None:
+        state["model"] = {k: torch.zeros(3) for k in state["model"]}
+
+    again = _resumed_after(config, cl_rr, tmp_path / "run.pt", reshape)
     assert _computed(again) == _computed(straight)
     assert "resumed" not in again
     assert "not this code's" in caplog.text
@@ -156,12 +167,11 @@ def test_a_checkpoint_of_other_data_is_set_aside_and_another_version_is_named(
     assert straight["threads"] == torch.get_num_threads()
     assert len(straight["data_digest"]) == 16
     path = tmp_path / "run.pt"
-    with pytest.raises(KilledError):
-        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 0), checkpoint=path)
-    state = checkpoints.load(path, run_key(config, REFS))
-    state["began"] = {**state["began"], "code_version": "mtopt 0.0.9 (abc)", "threads": 99}
-    checkpoints.save(path, state)
-    resumed = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+
+    def older(state: dict) -> None:
+        state["began"] = {**state["began"], "code_version": "mtopt 0.0.9 (abc)", "threads": 99}
+
+    resumed = _resumed_after(config, cl_rr, path, older)
     began = {"began_with": "mtopt 0.0.9 (abc)", "threads": 99}  # each resume's: in ``resumed``
     assert _computed(resumed) == {**_computed(straight), **began}
     assert resumed["resumed"][0]["threads"] == torch.get_num_threads()
@@ -169,12 +179,11 @@ def test_a_checkpoint_of_other_data_is_set_aside_and_another_version_is_named(
     assert "threads 99 then" in caplog.text
 
     checkpoints.remove(path)  # as a store does once the record is in
-    with pytest.raises(KilledError):
-        train_run(config, references=REFS, problem=cl_rr, callback=_kill_at(1, 0), checkpoint=path)
-    state = checkpoints.load(path, run_key(config, REFS))
-    state["began"] = {**state["began"], "data_digest": "0123456789abcdef"}
-    checkpoints.save(path, state)
-    again = train_run(config, references=REFS, problem=cl_rr, checkpoint=path)
+
+    def other_data(state: dict) -> None:
+        state["began"] = {**state["began"], "data_digest": "0123456789abcdef"}
+
+    again = _resumed_after(config, cl_rr, path, other_data)
     assert _computed(again) == _computed(straight)
     assert "resumed" not in again
     assert "of other data (digest 0123456789abcdef" in caplog.text
