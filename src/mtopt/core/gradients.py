@@ -58,6 +58,7 @@ class HeadGrads:
         assert self.per_loss is not None
         host = coeffs.device.type == "cpu"  # then plain numbers, read without a device wait
         numbers = coeffs.detach().to(torch.float64).tolist() if host else []
+        copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # coeffs where the heads are
         totals: list[Tensor | None] = [None] * len(self.params)
         for k, grads in enumerate(self.per_loss):
             idx = [j for j, g in enumerate(grads) if g is not None]
@@ -70,10 +71,13 @@ class HeadGrads:
             scaled: Sequence[Tensor]
             if host:
                 scaled = torch._foreach_mul(work, numbers[k])  # one op for the loss's heads
-            else:  # on CUDA without waiting, as weighted_sum copies them
-                scaled = [
-                    g * coeffs.detach()[k].to(g.device, g.dtype, non_blocking=True) for g in work
-                ]
+            else:  # copied once per device and dtype, on CUDA without waiting (weighted_sum)
+                for g in work:
+                    if (g.device, g.dtype) not in copies:
+                        copies[g.device, g.dtype] = coeffs.detach().to(
+                            g.device, g.dtype, non_blocking=True
+                        )
+                scaled = [g * copies[g.device, g.dtype][k] for g in work]
             for j, t in zip(idx, scaled, strict=True):
                 prev = totals[j]
                 totals[j] = t if prev is None else prev + t
