@@ -418,13 +418,14 @@ def representation_rows(
             usable = False
             break
         tasks.append(index)
-    if usable and len(set(tasks)) == len(losses):
+    one_pass = usable and len(set(tasks)) == len(losses)
+    if one_pass:
         leaves = [leaf for _, _, leaf in split]
         params = [] if heads is None else heads.params
         copies = {id(leaf): t for leaf, t in zip(leaves, tasks, strict=True)}
-        owners, usable = head_owners(losses, params, features, copies)
-    if usable and len(set(tasks)) == len(losses):  # and each loss reads its own copies only
-        extra = [] if heads is None or owners is None else heads.params
+        owners, one_pass = head_owners(losses, params, features, copies)
+    if one_pass:  # and each loss reads its own copies only
+        extra = [] if owners is None else params
         total = torch.stack(losses).sum()
         direct, *rest = torch.autograd.grad(
             total, [features, *leaves, *extra], retain_graph=True, allow_unused=True
