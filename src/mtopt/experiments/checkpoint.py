@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtopt.experiments.database import pid_running
+
 logger = logging.getLogger(__name__)
 
 #: the layout of a checkpoint file; a file of another format is not resumed from
@@ -140,16 +142,6 @@ def _remove_torn(path: Path, only_dead: bool = False) -> None:
     with contextlib.suppress(OSError):
         for torn in path.parent.glob(f"{path.name}.*.tmp"):
             pid = torn.name[len(path.name) + 1 : -len(".tmp")]
-            if only_dead and (not pid.isdigit() or _running(int(pid))):
+            if only_dead and (not pid.isdigit() or pid_running(int(pid))):
                 continue
             torn.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's, or not ours to signal: running
-        return True
-    return True

@@ -164,17 +164,23 @@ def _dead_here(owner: str) -> bool:
     pid_text = rest.partition(":")[0]
     if machine != _machine() or not pid_text.isdigit():
         return False
+    return not pid_running(int(pid_text))
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running: it exists (another user's counts)
+    and is not a zombie (one that has exited but has not been reaped)."""
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:  # alive, another user's
-        return False
-    try:  # a zombie has exited but has not been reaped: dead for our purpose
-        stat = Path(f"/proc/{pid_text}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] == "Z"
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
-        return False
+        return True
 
 
 class RunDatabase:
@@ -396,11 +402,7 @@ class RunDatabase:
             return True
         try:
             with self._write() as db:
-                beat = db.execute(
-                    "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
-                    (time.time(), key, self.owner),
-                )
-                ours = beat.rowcount == 1
+                ours = self._renew(db, key)
         except StoreError:
             return False
         with self._lock:
@@ -487,6 +489,15 @@ class RunDatabase:
                 (key, code_version(), time.time()),
             )
 
+    def _renew(self, db: sqlite3.Connection, key: str) -> bool:
+        """Renew this process's claim on ``key`` in the transaction ``db``; ``False`` when the
+        row is gone or another owner's (the claim was lost)."""
+        beat = db.execute(
+            "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
+            (time.time(), key, self.owner),
+        )
+        return beat.rowcount == 1
+
     def _start_heartbeat(self) -> None:
         if self._beating is not None and self._beating.is_alive():
             return
@@ -501,17 +512,10 @@ class RunDatabase:
                 held = sorted(self._held - self._lost - self._storing)
             if not held:
                 continue
-            lost = []
             started = time.time()
             try:
                 with self._write() as db:
-                    for key in held:
-                        beat = db.execute(
-                            "UPDATE claims SET heartbeat = ? WHERE key = ? AND owner = ?",
-                            (time.time(), key, self.owner),
-                        )
-                        if beat.rowcount == 0:  # the row is gone or another owner's
-                            lost.append(key)
+                    lost = [key for key in held if not self._renew(db, key)]
             except StoreError:  # a busy moment: the next beat comes well within the lease
                 continue
             with self._lock:
