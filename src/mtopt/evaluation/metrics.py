@@ -17,7 +17,8 @@ shape with booleans.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 
 Table = Mapping[str, Mapping[str, float]]
 Directions = Mapping[str, Mapping[str, bool]]
@@ -61,6 +62,16 @@ def delta_m_flat(values: Table, reference: Table, lower_is_better: Directions) -
     if not flat:
         raise ValueError("Δm needs at least one metric")
     return 100.0 * sum(flat) / len(flat)
+
+
+def mean_table(tables: Sequence[Table]) -> dict[str, dict[str, float]]:
+    """Element-wise mean of ``{task: {metric: value}}`` tables (a method's seeds).
+
+    >>> mean_table([{"cl": {"acc": 0.75}}, {"cl": {"acc": 0.25}}])
+    {'cl': {'acc': 0.5}}
+    """
+    first = tables[0]
+    return {t: {m: statistics.fmean(tab[t][m] for tab in tables) for m in first[t]} for t in first}
 
 
 def average_ranks(values: list[float], lower_is_better: bool) -> list[float]:

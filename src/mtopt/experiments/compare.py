@@ -17,13 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
+from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank, mean_table
 from mtopt.experiments import checkpoint as checkpoints
 from mtopt.experiments.database import BUSY, CLAIMED, ClaimLostError, RunDatabase
 from mtopt.experiments.train import (
     Callback,
     RunConfig,
-    mean_table,
     run_key,
     train_run,
 )

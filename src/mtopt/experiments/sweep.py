@@ -49,14 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtopt.core.hparams import PositiveInt, SeedCount, StudySeed, describe_fields
 from mtopt.errors import ConfigError
-from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank
+from mtopt.evaluation.metrics import delta_m, delta_m_flat, mean_rank, mean_table
 from mtopt.evaluation.statistics import sample_std
 from mtopt.experiments.database import RunDatabase, code_version
 from mtopt.experiments.runner import Executor, Progress, Runner
 from mtopt.experiments.train import (
     References,
     RunConfig,
-    mean_table,
     run_key,
 )
 from mtopt.specs import format_spec, optimizer_label, parse_spec, parse_value, run_options

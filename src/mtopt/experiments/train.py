@@ -664,9 +664,3 @@ class _Endless:
         self._new_pass()
         for _ in range(int(state["taken"])):
             next(self)
-
-
-def mean_table(tables: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """Element-wise mean of ``{task: {metric: value}}`` tables."""
-    first = tables[0]
-    return {t: {m: statistics.fmean(tab[t][m] for tab in tables) for m in first[t]} for t in first}

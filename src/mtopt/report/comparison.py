@@ -18,7 +18,7 @@ from typing import Any
 
 from mtopt.core.registry import method_class
 from mtopt.errors import ConfigError
-from mtopt.evaluation.metrics import delta_m, mean_rank
+from mtopt.evaluation.metrics import delta_m, mean_rank, mean_table
 from mtopt.evaluation.statistics import (
     Difference,
     Interval,
@@ -248,13 +248,7 @@ def _ranks(
             ranks[label].append(value)
     if seeds:
         means = {
-            label: {
-                task: {
-                    metric: statistics.fmean(tests[seed][task][metric] for seed in seeds)
-                    for metric in metrics
-                }
-                for task, metrics in directions.items()
-            }
+            label: mean_table([tests[seed] for seed in seeds])
             for label, tests in per_seed.items()
             if tests
         }
