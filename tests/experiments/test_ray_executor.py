@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -191,6 +192,57 @@ def test_a_run_another_process_holds_is_left_to_it(cluster, local, sweep_file, t
     assert db.get(held) is None
     assert stable(db) == {free: stable(local[0])[free]}
     assert claims(db.path) == 1  # the other driver's claim is untouched
+
+
+def test_a_task_whose_claim_is_taken_over_is_cancelled_and_left_to_the_new_owner(
+    cluster, sweep_file, tmp_path
+):
+    """The driver stalls past the lease (here: another process is simply let take the claim
+    over); between results it finds the claim lost, cancels the task and stores nothing."""
+    from mtopt.experiments.executors import RayExecutor
+    from mtopt.problems import get_problem
+
+    config = SweepConfig.from_toml(sweep_file)
+    task = get_problem(config.problem).task_names[0]
+    # a single-task run of 100,000 epochs of 256 images: hours, were it not cancelled
+    long_run = replace(
+        config.base_config(), method="unitary", hparams={}, tasks=(task,), epochs=100_000
+    )
+    key = run_key(long_run, None)
+    db = RunDatabase(tmp_path / "mtopt.sqlite", lease_seconds=2.0)
+    thief = RunDatabase(db.path, lease_seconds=1e-3)  # calls any claim stale at once
+    checkpoint = db.checkpoint_path(key)
+    taken = threading.Event()
+
+    def take_over() -> None:
+        # once the task trains (its first epoch checkpointed), between two of the driver's beats
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not checkpoint.exists():
+            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            if thief.claim(key) == "claimed":
+                taken.set()
+                return
+            time.sleep(0.01)
+
+    helper = threading.Thread(target=take_over, daemon=True)
+    helper.start()
+    started = time.monotonic()
+    with RayExecutor() as executor:
+        assert executor.run(db, [(long_run, None)]) == {key: "busy"}
+    helper.join()
+    assert taken.is_set()
+    assert time.monotonic() - started < 120
+    assert db.get(key) is None
+    with sqlite3.connect(db.path) as con:
+        owners = con.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchall()
+    assert owners == [(thief.owner,)]  # the new owner's claim stands
+    # the task is gone: its checkpoint no longer changes (it was written every epoch)
+    time.sleep(1.0)
+    seen = checkpoint.stat().st_mtime_ns
+    time.sleep(1.5)
+    assert checkpoint.stat().st_mtime_ns == seen
+    thief.release(key)
 
 
 def test_an_error_in_a_task_is_raised_as_itself_and_frees_its_claim(cluster, tmp_path):

@@ -9,8 +9,10 @@ from dataclasses import replace
 import pytest
 
 from mtopt.cli import main
+from mtopt.errors import ConfigError
 from mtopt.experiments.compare import compare, format_table
 from mtopt.experiments.database import RunDatabase
+from mtopt.experiments.runner import _execute
 from mtopt.experiments.train import RunConfig, train_run
 from mtopt.problems.multi_mnist import MultiMNIST
 from mtopt.specs import parse_spec
@@ -32,9 +34,17 @@ def test_run_config_validates_and_hashes():
 
 
 @pytest.mark.slow
-def test_multitask_run_needs_references(problems):
-    with pytest.raises(ValueError, match="single-task"):
-        train_run(RunConfig(problem="multi_mnist/cl_rr", **TINY), problem=problems["cl_rr"])
+def test_multitask_run_needs_references(problems, tmp_path):
+    config = RunConfig(problem="multi_mnist/cl_rr", **TINY)
+    with pytest.raises(ConfigError, match="single-task"):
+        train_run(config, problem=problems["cl_rr"])
+    # the caller's mistake, raised by every executor, not stored as a diverged configuration
+    db = tmp_path / "s.sqlite"
+    with pytest.raises(ConfigError, match="single-task"):
+        _execute(str(db), config, None, 0)
+    with pytest.raises(ConfigError, match="has no task 'nope'"):
+        _execute(str(db), replace(config, tasks=("nope",)), None, 0)
+    assert RunDatabase(db).count() == 0
 
 
 @pytest.mark.slow

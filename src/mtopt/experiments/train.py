@@ -307,7 +307,8 @@ class _Run:
             problem.task(t)  # validates the name
         self.directions = {t: problem.lower_is_better()[t] for t in tasks}
         if len(tasks) > 1 and (references is None or "val" not in references):
-            raise ValueError(
+            # the caller's mistake, raised (a ValueError would be stored as a diverged run)
+            raise ConfigError(
                 "a multi-task run selects its best-validation-Δm epoch and needs single-task "
                 "references (run the single-task runs first, e.g. with `mtopt compare`)"
             )

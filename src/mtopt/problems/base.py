@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtopt.errors import ConfigError
+
 Batch = dict[str, Tensor]
 #: ``(z, task name) -> the head's input``; see :meth:`mtopt.MultiTaskOptimizer.task_input`.
 TaskInput = Callable[[Tensor, str], Tensor]
@@ -111,7 +113,7 @@ class Problem:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise ValueError(f"{self.name} has no task {name!r}; tasks: {self.task_names}")
+        raise ConfigError(f"{self.name} has no task {name!r}; tasks: {self.task_names}")
 
     @property
     def task_names(self) -> tuple[str, ...]:
