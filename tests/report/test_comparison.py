@@ -204,6 +204,7 @@ def test_rows_with_fewer_seeds_are_ranked_on_the_seeds_all_rows_ran():
     expected = mean_rank(seed1, DIRECTIONS)
     assert {r.label: r.mean_rank.mean for r in part.rows} == pytest.approx(expected)
     assert "MR over seed(s) 1 only" in markdown(part)
+    assert "not the study table's" in markdown(part)
 
 
 def test_a_run_whose_delta_m_is_not_finite_is_left_out_and_named():

@@ -234,7 +234,8 @@ def _ranks(
     directions: Mapping[str, Mapping[str, bool]],
     level: float,
 ) -> list[int]:
-    """Mean rank of the metrics averaged over seeds (the spec's MR, the study table's), and
+    """Mean rank of the metrics averaged over seeds (the spec's MR, and the study table's when
+    every row ran the same seeds; that table ranks each row's mean over all its seeds), and
     beside it the mean rank of each seed, its mean and spread. Ranks compare rows on the same
     seeds: the seeds every row ran (all of them in a finished study). When no seed is common to
     all rows there is no mean rank (each seed would rank a different set of rows, and a rank
@@ -444,7 +445,8 @@ def markdown(comparison: Comparison) -> str:
         "",
         f"Δm: Gama & Grassi's Δm against this study's single-task references (%, higher is "
         f"better); {pct} t intervals over seeds.{differences} MR: mean rank among the rows of "
-        "their metrics averaged over the seeds (the study table's); MR per seed: the mean rank "
+        "their metrics averaged over the seeds (the study table's, when the rows ran the same "
+        "seeds); MR per seed: the mean rank "
         "on each seed, mean ± sd over seeds (lower is better for both; the two can order rows "
         "differently when a row's seeds disagree).",
     ]
@@ -493,7 +495,8 @@ def markdown(comparison: Comparison) -> str:
         shown = ", ".join(str(s) for s in comparison.rank_seeds)
         notes.append(
             f"MR over seed(s) {shown} only: the rows ran different seeds, and ranks compare rows "
-            "on the same seed."
+            "on the same seeds (so MR here is not the study table's, which ranks each row's mean "
+            "over all its seeds)."
         )
     if comparison.pending:
         waiting = "; ".join(f"{k} (waits for {v})" for k, v in comparison.pending.items())
