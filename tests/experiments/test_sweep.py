@@ -60,7 +60,7 @@ def fake_train_run(
         "selection": {},
         "val": val,
         "test": test,
-        "seconds": 0.0,
+        "seconds": 10.0 * config.seed + len(tasks),  # a run's wall time, made up
         "step_seconds_median": 0.001,
     }
     if len(tasks) > 1:
@@ -133,10 +133,23 @@ def test_selection_follows_the_protocol(fake, tmp_path):
     assert len(seed3) == 1
     assert seed3[0]["config"]["hparams"] == {"c": best[1]}
     assert result.runs == db.count()
+    # the cost: every stored run once (a grid point's first seed is the grid phase's), with
+    # the sum of the records' wall times
+    assert sum(p["runs"] for p in result.cost.values()) == db.count()
+    seconds = sum(r.get("seconds") or 0.0 for r in db.records())
+    assert sum(p["seconds"] for p in result.cost.values()) == pytest.approx(seconds)
+    assert list(result.cost) == [
+        "single-task grid",
+        "single-task selected configurations",
+        "grids",
+        "selected configurations",
+    ]
+    assert result.cost["selected configurations"]["runs"] == 2  # seed 3 of cagrad and unitary
     # a second sweep reuses every stored run
     again = run_sweep(config, db, workers=1)
     assert again.runs == 0
     assert [r.delta_m for r in again.rows] == [r.delta_m for r in result.rows]
+    assert again.cost == result.cost
 
 
 def test_fixed_weights_follow_the_hand_computed_ema():

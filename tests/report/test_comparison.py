@@ -205,6 +205,11 @@ def test_rows_with_fewer_seeds_are_ranked_on_the_seeds_all_rows_ran():
     assert {r.label: r.mean_rank.mean for r in part.rows} == pytest.approx(expected)
     assert "MR over seed(s) 1 only" in markdown(part)
     assert "not the study table's" in markdown(part)
+    assert "Cost:" not in markdown(part)  # a result of an earlier version: no cost
+    result["cost"] = {"grids": {"runs": 3, "seconds": 1800.0}}
+    assert "Cost: 3 stored run(s) of this study, 0.5 h of training in all (grids 3 in 0.5 h)." in (
+        markdown(compare(result, records, baseline="unitary"))
+    )
 
 
 def test_a_run_whose_delta_m_is_not_finite_is_left_out_and_named():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtopt.report.tables import latex_table, markdown_table, rows_for_table
+from mtopt.report.tables import format_cost, latex_table, markdown_table, rows_for_table
 
 
 def _row(label: str, delta_m: list[float]) -> dict:
@@ -47,3 +47,17 @@ def test_the_single_task_row_names_its_own_references_failed_runs_only():
     assert refs[0] == "single-task (1 run(s) of A/acc failed, left out)"
     del result["reference_failed_runs"]  # a result written before the field existed
     assert rows_for_table(result)[1][0] == "single-task"
+
+
+def test_the_cost_line_sums_the_phases_and_names_each():
+    assert format_cost({}) == ""
+    assert format_cost({"grids": {"runs": 0, "seconds": 0.0}}) == ""
+    cost = {
+        "single-task grid": {"runs": 4, "seconds": 3600.0},
+        "grids": {"runs": 2, "seconds": 5400.0},
+        "fixed": {"runs": 0, "seconds": 0.0},  # nothing stored yet: not named
+    }
+    assert format_cost(cost) == (
+        "6 stored run(s) of this study, 2.5 h of training in all "
+        "(single-task grid 4 in 1.0 h; grids 2 in 1.5 h)"
+    )

@@ -254,7 +254,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from mtopt.errors import ConfigError
     from mtopt.experiments.database import RunDatabase
     from mtopt.experiments.sweep import SweepConfig, run_sweep
-    from mtopt.report.tables import markdown_table
+    from mtopt.report.tables import format_cost, markdown_table
 
     started = time.perf_counter()
     config = SweepConfig.from_toml(args.config, args.set)
@@ -309,6 +309,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"in flight: {run}")
     for label, why in result.failed.items():
         print(f"failed: {label} ({why})")
+    if cost := format_cost(result.cost):
+        print(f"cost: {cost}")
     print(
         f"{result.runs} run(s) executed in {time.perf_counter() - started:.0f} s; "
         f"result in {out} (render it with `mtopt report {out}`)"

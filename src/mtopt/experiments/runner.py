@@ -220,6 +220,21 @@ class Runner:
         self.in_flight: dict[str, str] = {}
         #: (problem, train subset, eval subset) → data digest → a run key trained on it
         self._digests: dict[tuple[Any, ...], dict[str, str]] = {}
+        #: what the stored runs cost, by the phase (label) that first asked for each run:
+        #: label → ``{"runs": n, "seconds": sum of the runs' wall times}``
+        self.cost: dict[str, dict[str, float]] = {}
+        self._costed: set[str] = set()
+
+    def _count(self, records: Mapping[str, Mapping[str, Any] | None], label: str) -> None:
+        """Add the stored runs of ``records`` not counted yet to ``label``'s cost (a run two
+        phases share, such as a grid point's first seed, counts once, for the first)."""
+        for key, record in records.items():
+            if record is None or key in self._costed:
+                continue
+            self._costed.add(key)
+            phase = self.cost.setdefault(label, {"runs": 0, "seconds": 0.0})
+            phase["runs"] += 1
+            phase["seconds"] += float(record.get("seconds") or 0.0)  # a failed run: none
 
     def _check_data(self, records: Mapping[str, Mapping[str, Any] | None]) -> None:
         """Warn (once per pair) when stored runs of one problem and subset sizes were trained
@@ -268,6 +283,7 @@ class Runner:
         todo = [k for k, record in found.items() if record is None]
         done = len(found) - len(todo)
         if self.stored_only:
+            self._count(found, label)
             self.progress(f"{label}: {len(found)} runs, {done} stored, {len(todo)} not yet")
             for k, record in found.items():
                 epochs = None if record else checkpoints.epochs_done(self.db.checkpoint_path(k), k)
@@ -297,6 +313,7 @@ class Runner:
                 time.sleep(WAIT_SECONDS)
         trained = {k: self.db.get(k) for k in by_key}
         self._check_data(trained)
+        self._count(trained, label)
         return [trained[k] for k in keys]
 
     def _execute_all(self, jobs: Sequence[tuple[RunConfig, References | None]]) -> dict[str, str]:

@@ -298,6 +298,9 @@ class SweepResult:
     #: single-task references whose selected configuration had failed runs: ``task/metric``
     #: (with `` (optimizer)`` when not the sweep's Adam) → how many, left out of its mean
     reference_failed_runs: dict[str, int] = field(default_factory=dict)
+    #: the study's stored runs by phase (``Runner.cost``): label → runs and the sum of their
+    #: wall times in seconds (each run counted once)
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -327,6 +330,7 @@ class SweepResult:
             "in_flight": self.in_flight,
             "failed": self.failed,
             "reference_failed_runs": self.reference_failed_runs,
+            "cost": self.cost,
         }
 
 
@@ -477,6 +481,7 @@ def run_sweep(
         list(runner.in_flight.values()),
         selector.failed,
         reference_failed,
+        runner.cost,
     )
 
 

@@ -27,7 +27,7 @@ from mtopt.evaluation.statistics import (
     rank_correlation,
     verdict,
 )
-from mtopt.report.tables import mean_sd
+from mtopt.report.tables import format_cost, mean_sd
 from mtopt.specs import format_spec, optimizer_label, parse_spec
 
 #: Published results shipped with mtopt (``--paper NAME``), in ``mtopt/report/published``.
@@ -85,6 +85,8 @@ class Comparison:
     baseline_pending: str | None = None
     #: single-task references with failed runs left out of their mean: ``task/metric`` → count
     reference_failed_runs: dict[str, int] = field(default_factory=dict)
+    #: the study's stored runs by phase (``SweepResult.cost``): runs and seconds of training
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def load_published(name_or_path: str) -> dict[str, Any]:
@@ -215,6 +217,7 @@ def compare(
     out.pending = pending
     out.baseline_pending = waiting
     out.in_flight = list(result.get("in_flight") or [])
+    out.cost = dict(result.get("cost") or {})
     out.failed = dict(result.get("failed") or {})
     out.reference_failed_runs = dict(result.get("reference_failed_runs") or {})
     all_seeds = sorted({s for row in rows for s in row.by_seed})
@@ -508,6 +511,8 @@ def markdown(comparison: Comparison) -> str:
         notes.append(
             f"Runs in flight (from their epoch checkpoints): {'; '.join(comparison.in_flight)}."
         )
+    if cost := format_cost(comparison.cost):
+        notes.append(f"Cost: {cost}.")
     return "\n".join(lines + notes) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from mtopt.evaluation.statistics import sample_std
@@ -109,3 +110,19 @@ def latex_table(result: dict[str, Any]) -> str:
     out += [" & ".join(tex(c) for c in cells) + " \\\\" for cells in lines[1:]]
     out += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(out) + "\n"
+
+
+def format_cost(cost: Mapping[str, Mapping[str, float]]) -> str:
+    """One line: how many of the study's runs are stored and the sum of their wall times,
+    in all and by phase (``SweepResult.cost``); empty when none is stored. A run's wall time
+    is on the threads it had (``threads`` in its record): one core's hours at ``--threads 1``."""
+    runs = int(sum(p["runs"] for p in cost.values()))
+    if not runs:
+        return ""
+    hours = sum(p["seconds"] for p in cost.values()) / 3600
+    parts = "; ".join(
+        f"{label} {int(p['runs'])} in {p['seconds'] / 3600:.1f} h"
+        for label, p in cost.items()
+        if p["runs"]
+    )
+    return f"{runs} stored run(s) of this study, {hours:.1f} h of training in all ({parts})"
