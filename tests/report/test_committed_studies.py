@@ -17,14 +17,20 @@ from mtopt.experiments.sweep import records_of, run_keys
 from mtopt.report import comparison
 
 ROOT = Path(__file__).resolve().parents[2]
-CL_RR = ROOT / "docs" / "results" / "mnist_cl_rr"
-STORE = CL_RR / "mnist_cl_rr.sqlite"
-#: the folder of each table, and the sweep result it was made from
-STUDIES = [
-    "report/selected.json",  # stage A
-    "report_optimizers/optimizers.json",  # stage C
-    "report_grid/grid.json",  # stage B: the study's table
-]
+RESULTS = ROOT / "docs" / "results"
+CL_RR = RESULTS / "mnist_cl_rr"
+QM9 = RESULTS / "qm9_mlp"
+#: each table's sweep result (its folder holds the table), the run store and published numbers
+STUDIES = {
+    "cl_rr/selected": (CL_RR / "report/selected.json", CL_RR / "mnist_cl_rr.sqlite", None),
+    "cl_rr/optimizers": (
+        CL_RR / "report_optimizers/optimizers.json",
+        CL_RR / "mnist_cl_rr.sqlite",
+        None,
+    ),
+    "cl_rr/grid": (CL_RR / "report_grid/grid.json", CL_RR / "mnist_cl_rr.sqlite", None),
+    "qm9_mlp": (QM9 / "report/study.json", QM9 / "qm9_mlp.sqlite", QM9 / "published_gnn.toml"),
+}
 NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
 
@@ -35,15 +41,15 @@ def _same_up_to_last_digit(committed: str, recomputed: str) -> None:
         assert abs(float(a) - float(b)) <= 1.5 * step, (a, b)
 
 
-@pytest.mark.parametrize("sweep", STUDIES)
-def test_committed_statistics_are_the_store_s(sweep: str) -> None:
-    path = CL_RR / sweep
+@pytest.mark.parametrize("study", sorted(STUDIES))
+def test_committed_statistics_are_the_store_s(study: str) -> None:
+    path, store, paper = STUDIES[study]
     result = json.loads(path.read_text())
-    db = RunDatabase(STORE, readonly=True)
+    db = RunDatabase(store, readonly=True)
     records = records_of(result, db)
     keys = run_keys(result)
     assert set(records) == keys  # every run the table was made from is in the committed store
-    published = comparison.load_published("gama_grassi_2025")
+    published = comparison.load_published(str(paper) if paper else "gama_grassi_2025")
     stats = comparison.compare(result, records, "unitary", 0.95, published)
     committed = (path.parent / "statistics.md").read_text()
     _same_up_to_last_digit(committed, comparison.markdown(stats))
@@ -63,7 +69,7 @@ def test_records_of_leaves_out_a_run_the_store_lacks() -> None:
     missing = "0" * 16
     assert missing not in keys
     result["rows"][0]["keys"].append(missing)
-    records = records_of(result, RunDatabase(STORE, readonly=True))
+    records = records_of(result, RunDatabase(CL_RR / "mnist_cl_rr.sqlite", readonly=True))
     assert set(records) == keys  # the unknown key is left out, every stored one is there
     assert list(records) == sorted(records)  # in key order, whatever the hash seed
     assert all(records[k]["key"] == k for k in records)
