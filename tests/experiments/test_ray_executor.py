@@ -227,26 +227,37 @@ def test_a_task_whose_claim_is_taken_over_is_cancelled_and_left_to_the_new_owner
 
     helper = threading.Thread(target=take_over, daemon=True)
     helper.start()
-    started = time.monotonic()
-    with RayExecutor() as executor:
-        assert executor.run(db, [(long_run, None)]) == {key: "busy"}
-    helper.join()
-    assert taken.is_set()
-    assert time.monotonic() - started < 120
-    assert db.get(key) is None
-    with sqlite3.connect(db.path) as con:
-        owners = con.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchall()
-    assert owners == [(thief.owner,)]  # the new owner's claim stands
-    # the task is gone: its checkpoint, written every epoch (a fraction of a second), stops
-    # changing (the kill lands within moments; a loaded machine is given 30 s)
-    deadline = time.monotonic() + 30
-    while True:
-        seen = checkpoint.stat().st_mtime_ns
-        time.sleep(2.0)
-        if checkpoint.stat().st_mtime_ns == seen:
-            break
-        assert time.monotonic() < deadline, "the cancelled task still trains"
-    thief.release(key)
+    outcome: dict = {}
+
+    def drive() -> None:
+        with RayExecutor() as executor:
+            outcome.update(executor.run(db, [(long_run, None)]))
+
+    driver = threading.Thread(target=drive, daemon=True)
+    try:
+        driver.start()
+        driver.join(timeout=150)  # a driver that never notices would wait hours: fail instead
+        assert not driver.is_alive(), "the driver did not notice its lost claim"
+    finally:
+        helper.join()
+    try:
+        assert taken.is_set()
+        assert outcome == {key: "busy"}
+        assert db.get(key) is None
+        with sqlite3.connect(db.path) as con:
+            owners = con.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchall()
+        assert owners == [(thief.owner,)]  # the new owner's claim stands
+        # the task is gone: its checkpoint, written every epoch (a fraction of a second), stops
+        # changing (the kill lands within moments; a loaded machine is given 30 s)
+        deadline = time.monotonic() + 30
+        while True:
+            seen = checkpoint.stat().st_mtime_ns
+            time.sleep(2.0)
+            if checkpoint.stat().st_mtime_ns == seen:
+                break
+            assert time.monotonic() < deadline, "the cancelled task still trains"
+    finally:
+        thief.release(key)
 
 
 def test_an_error_in_a_task_is_raised_as_itself_and_frees_its_claim(cluster, tmp_path):

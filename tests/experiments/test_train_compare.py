@@ -44,6 +44,9 @@ def test_multitask_run_needs_references(problems, tmp_path):
         _execute(str(db), config, None, 0)
     with pytest.raises(ConfigError, match="has no task 'nope'"):
         _execute(str(db), replace(config, tasks=("nope",)), None, 0)
+    single = replace(config, tasks=("CL",), method="famo", engine="gramian")
+    with pytest.raises(ConfigError, match="engine='gramian' is not possible"):
+        _execute(str(db), single, None, 0)  # an engine the method cannot use
     assert RunDatabase(db).count() == 0
 
 

@@ -354,15 +354,20 @@ class _Run:
                 self.optimizer, gamma=config.lr_decay
             )
         self.specs = [problem.task(t) for t in tasks]
-        self.mto = MultiTaskOptimizer(
-            self.optimizer,
-            config.method,
-            shared=self.model.encoder,
-            tasks=tasks,
-            loss_types=[s.loss_type for s in self.specs],
-            engine=config.engine,
-            **config.hparams,
-        )
+        try:
+            self.mto = MultiTaskOptimizer(
+                self.optimizer,
+                config.method,
+                shared=self.model.encoder,
+                tasks=tasks,
+                loss_types=[s.loss_type for s in self.specs],
+                engine=config.engine,
+                **config.hparams,
+            )
+        except (ValueError, TypeError) as exc:  # nothing trained yet: the configuration's
+            # mistake (an engine the method cannot use, a bad hyperparameter), raised rather
+            # than stored as a diverged run
+            raise ConfigError(f"{config.method}: {exc}") from None
         if self.rank:  # independent dropout masks per rank (data_parallel)
             torch.manual_seed(config.seed + self.rank)
         self.criteria = self._criteria()
