@@ -335,6 +335,34 @@ def test_declared_task_count_is_enforced_on_the_first_step():
         mto.step(lambda: list(model()[0].values()))
 
 
+PER_TASK = [
+    ("fixed", {"weights": [0.5, 0.5]}, "weights"),
+    ("famo", {"min_losses": [0.0, 0.0]}, "min_losses"),
+    ("upgrad", {"pref_vector": [0.5, 0.5]}, "pref_vector"),
+    ("uw", {"variant": "typed", "loss_types": ["regression"] * 2}, "loss_types"),
+]
+
+
+@pytest.mark.parametrize(("name", "hparams", "label"), PER_TASK)
+def test_a_per_task_hyperparameter_of_the_wrong_length_is_refused_when_the_tasks_are_known(
+    name, hparams, label
+):
+    model = Net(k=3, seed=12)
+    # an instance: uw's loss_types would otherwise be the optimizer's own keyword
+    with pytest.raises(ValueError, match=rf"{name}: {label} has 2 values for 3 tasks"):
+        _mto(model, mtopt.make(name, **hparams), tasks=3)
+    _mto(model, mtopt.make(name, **hparams), tasks=2)  # the right length: built
+    mto = _mto(model, mtopt.make(name, **hparams))  # tasks unknown: the first step says it
+    with pytest.raises(ValueError, match=rf"{label} has 2 values for 3 tasks"):
+        mto.step(model.closure)
+
+
+def test_loss_types_must_have_one_entry_per_declared_task():
+    model = Net(k=3, seed=13)
+    with pytest.raises(ValueError, match=r"2 loss_types for 3 tasks"):
+        _mto(model, tasks=3, loss_types=["regression"] * 2)
+
+
 def test_non_scalar_loss():
     model = Net(k=2, seed=11)
     mto = _mto(model)

@@ -47,6 +47,9 @@ def test_multitask_run_needs_references(problems, tmp_path):
     single = replace(config, tasks=("CL",), method="famo", engine="gramian")
     with pytest.raises(ConfigError, match="engine='gramian' is not possible"):
         _execute(str(db), single, None, 0)  # an engine the method cannot use
+    short = replace(config, tasks=("CL",), method="fixed", hparams={"weights": (0.5, 0.5)})
+    with pytest.raises(ConfigError, match="fixed: weights has 2 values for 1 tasks"):
+        _execute(str(db), short, None, 0)  # a per-task hyperparameter of the wrong length
     assert RunDatabase(db).count() == 0
 
 

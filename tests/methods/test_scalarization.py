@@ -69,7 +69,7 @@ def test_fixed_weights_are_returned_verbatim(weights, step):
 def test_fixed_weights_length_is_checked_at_aggregate_time(k):
     method = mtopt.make("fixed", weights=[0.5, 0.5])  # fine until it meets K tasks
     assert method.aggregate(_inputs([1.0, 1.0])).weights.tolist() == [0.5, 0.5]
-    with pytest.raises(ValueError, match=rf"2 weights given for {k} tasks"):
+    with pytest.raises(ValueError, match=rf"weights has 2 values for {k} tasks"):
         method.aggregate(_inputs([1.0] * k))
 
 

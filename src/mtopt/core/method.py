@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -245,6 +246,23 @@ class Method:
     @property
     def hparams(self) -> dict[str, Any]:
         return {k: _plain(getattr(self, k)) for k in self.hyperparameters()}
+
+    # -- per-task hyperparameters ----------------------------------------------------------------
+    def per_task(self) -> dict[str, Sequence[Any]]:
+        """The hyperparameters given as one value per task (``fixed``'s ``weights``), by name;
+        none by default. Their lengths are checked against the number of tasks by
+        :meth:`check_tasks`."""
+        return {}
+
+    def check_tasks(self, num_tasks: int) -> None:
+        """Raise ``ValueError`` if a per-task hyperparameter does not have ``num_tasks``
+        values. ``MultiTaskOptimizer`` calls it when it is built with its ``tasks``, so that the
+        mistake is reported before training rather than at the first step."""
+        for label, values in self.per_task().items():
+            if len(values) != num_tasks:
+                raise ValueError(
+                    f"{self.name}: {label} has {len(values)} values for {num_tasks} tasks"
+                )
 
     # -- the step ----------------------------------------------------------------------------
     def aggregate(self, inputs: MethodInput) -> Aggregation:  # pragma: no cover - abstract

@@ -146,6 +146,13 @@ class MultiTaskOptimizer:
             tasks = [str(i) for i in range(tasks)]
         self.task_names: tuple[str, ...] | None = tuple(tasks) if tasks is not None else None
         self.loss_types = None if loss_types is None else tuple(loss_types)
+        if self.task_names is not None:  # a per-task hyperparameter of the wrong length: now
+            self.method.check_tasks(len(self.task_names))
+            if self.loss_types is not None and len(self.loss_types) != len(self.task_names):
+                raise ValueError(
+                    f"{len(self.loss_types)} loss_types for {len(self.task_names)} tasks "
+                    f"{list(self.task_names)}"
+                )
         self.shared, self.task_params, modules = split_parameters(optimizer, shared, self.method)
         self.sync = make_sync(process_group)
         self.scaling = Scaling.make(grad_scaler, self.method)

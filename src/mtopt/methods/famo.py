@@ -71,8 +71,10 @@ class FAMO(Method, ClosureMethod):
 
     def _ensure(self, k: int) -> None:
         self._vector.ensure(k)
-        if self.min_losses is not None and len(self.min_losses) != k:
-            raise ValueError(f"famo: {len(self.min_losses)} min_losses for {k} tasks")
+        self.check_tasks(k)
+
+    def per_task(self) -> dict[str, tuple[float, ...]]:
+        return {} if self.min_losses is None else {"min_losses": self.min_losses}
 
     def _shifted(self, losses: Tensor, names: tuple[str, ...]) -> Tensor:
         losses = losses.detach().to(torch.float64).cpu()

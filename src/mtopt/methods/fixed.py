@@ -20,7 +20,8 @@ class Fixed(Method):
 
     Gama & Grassi train with weights extracted from an SMTO's run (the mean of its weights, which
     sum to 1; see ``docs/protocol.md``).
-    ``weights`` is required; its length must equal the number of tasks, entries must be finite;
+    ``weights`` is required; its length must equal the number of tasks (checked when the
+    optimizer is built with its ``tasks``, else at the first step), entries must be finite;
     a negative entry is allowed but warned about (it *ascends* that task's loss); all zero is
     refused (no step would move).
     """
@@ -43,10 +44,9 @@ class Fixed(Method):
             warnings.warn(f"fixed: negative weights {values} ascend those tasks", stacklevel=5)
         self.weights = tuple(values)
 
+    def per_task(self) -> dict[str, tuple[float, ...]]:
+        return {"weights": self.weights}
+
     def aggregate(self, inputs: MethodInput) -> Aggregation:
-        if len(self.weights) != inputs.num_tasks:
-            raise ValueError(
-                f"fixed: {len(self.weights)} weights given for {inputs.num_tasks} tasks "
-                f"{list(inputs.task_names)}"
-            )
+        self.check_tasks(inputs.num_tasks)
         return Aggregation(torch.tensor(self.weights, dtype=inputs.losses.dtype))

@@ -81,11 +81,13 @@ class UPGrad(Method):
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
 
+    def per_task(self) -> dict[str, tuple[float, ...]]:
+        return {} if self.pref_vector is None else {"pref_vector": self.pref_vector}
+
     def aggregate(self, inputs: MethodInput) -> Aggregation:
         k = inputs.num_tasks
+        self.check_tasks(k)
         pref = np.full(k, 1.0 / k) if self.pref_vector is None else np.array(self.pref_vector)
-        if pref.shape != (k,):
-            raise ValueError(f"upgrad: pref_vector has {pref.size} entries for {k} tasks")
         gram = inputs.gramian().detach().cpu().double().numpy()
         w, result = upgrad_solve(gram, pref, self.norm_eps, self.reg_eps)
         ok = result.all_converged

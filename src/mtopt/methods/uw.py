@@ -59,8 +59,12 @@ class UW(LearnedScales):
         # the loss types of the last step and their (p, f)
         self._typed: tuple[tuple[str, ...], list[float], list[float]] | None = None
 
+    def per_task(self) -> dict[str, tuple[str, ...]]:
+        return {} if self.loss_types is None else {"loss_types": self.loss_types}
+
     def _typed_constants(self, inputs: MethodInput) -> tuple[list[float], list[float]]:
         """``(p, f)`` of each task's loss type, rebuilt only when the types change."""
+        self.check_tasks(inputs.num_tasks)
         types = self.loss_types or inputs.loss_types
         if self._typed is not None and types == self._typed[0]:
             return self._typed[1], self._typed[2]
@@ -69,7 +73,7 @@ class UW(LearnedScales):
                 "uw: variant='typed' needs each task's loss type (regression, classification, "
                 "l1): pass loss_types=... or MultiTaskOptimizer(..., loss_types=...)"
             )
-        if len(types) != inputs.num_tasks:
+        if len(types) != inputs.num_tasks:  # the optimizer's loss_types (its own: check_tasks)
             raise ValueError(f"uw: {len(types)} loss types for {inputs.num_tasks} tasks")
         for t in types:
             check_choice(self.name, "loss type", t, tuple(UW_TYPED_CONSTANTS))
