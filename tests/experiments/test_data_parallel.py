@@ -97,4 +97,9 @@ def test_under_torchrun_a_numbered_gpu_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"'cuda:0' under torchrun: pass --device cuda"):
         train._device("cuda:0")
     monkeypatch.setattr(data_parallel, "rank_and_world", lambda: (0, 1))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert train._device("cuda:0") == torch.device("cuda", 0)  # one process: as given
+    assert train._device("cuda:1") == torch.device("cuda", 1)
+    # a GPU the machine lacks: the caller's mistake before training, not a failed run
+    with pytest.raises(ConfigError, match=r"'cuda:2': this machine has 2 CUDA device\(s\)"):
+        train._device("cuda:2")

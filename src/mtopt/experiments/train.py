@@ -622,6 +622,13 @@ def _device(name: str) -> torch.device:
                     "its LOCAL_RANK GPU; choose the GPUs with CUDA_VISIBLE_DEVICES)"
                 )
             return torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(name)  # RunConfig's pattern: cuda or cuda:N
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device {name!r}: this machine has {count} CUDA device(s), numbered from 0"
+            )
+        return device
     return torch.device(name)
 
 
