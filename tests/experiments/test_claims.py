@@ -120,12 +120,14 @@ def test_a_failed_allocation_is_redone_not_stored_as_diverged(monkeypatch, error
 
 def test_a_diverging_configuration_is_still_a_stored_failure(monkeypatch):
     def fail(*args, **kwargs):
+        time.sleep(0.05)  # some training before it diverged
         raise RuntimeError("the solver returned NaN weights")
 
     monkeypatch.setattr(runner, "train_run", fail)
     config = RunConfig(problem="multi_mnist/cl_rr", method="unitary")
     record = runner.train_job(config, None, 0)
     assert record["failed"].startswith("RuntimeError: the solver returned NaN")
+    assert record["seconds"] >= 0.05  # its time, counted in the study's cost
 
 
 def test_training_stops_at_the_epoch_its_claim_is_lost_without_a_checkpoint(mnist, tmp_path):

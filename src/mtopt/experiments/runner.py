@@ -72,6 +72,7 @@ def train_job(
         torch.set_num_threads(threads)
     if config.problem not in _PROBLEMS:
         _PROBLEMS[config.problem] = get_problem(config.problem)
+    started = time.perf_counter()
     try:
         record = train_run(
             config,
@@ -90,6 +91,9 @@ def train_job(
         # a diverging configuration (non-finite loss, solver blow-up) is a result, not a
         # crash: stored as failed, it scores -inf in the selection and is not run again
         record = failed_record(config, references, exc)
+        # its cost (the study's): this process's time, before the error (not a resumed run's
+        # earlier sessions, which its checkpoint held)
+        record["seconds"] = time.perf_counter() - started
     record["code_version"] = code_version()
     return record
 
@@ -234,7 +238,7 @@ class Runner:
             self._costed.add(key)
             phase = self.cost.setdefault(label, {"runs": 0, "seconds": 0.0})
             phase["runs"] += 1
-            phase["seconds"] += float(record.get("seconds") or 0.0)  # a failed run: none
+            phase["seconds"] += float(record.get("seconds") or 0.0)  # older failed runs: none
 
     def _check_data(self, records: Mapping[str, Mapping[str, Any] | None]) -> None:
         """Warn (once per pair) when stored runs of one problem and subset sizes were trained
