@@ -411,6 +411,10 @@ def test_a_study_in_progress_reports_what_is_stored(fake, tmp_path, monkeypatch)
         run_sweep(config, db, workers=1, stored_only=True)
     full = run_sweep(config, db, workers=1)
     rows = {r.label: r for r in full.rows}
+    # the fixed row's runs are a phase of their own in the study's cost
+    assert full.cost["fixed weights: grids"]["runs"] == 1
+    assert full.cost["fixed weights: selected configurations"]["runs"] == 2
+    assert full.cost["selected configurations"]["runs"] == 4  # seeds 2, 3 of cagrad, unitary
 
     monkeypatch.setattr(runner_module, "train_run", _never)
     _drop(db, rows["cagrad"].keys[1:] + rows["fixed from cagrad"].keys)

@@ -455,7 +455,7 @@ def run_sweep(
             (f"fixed from {smto}", "fixed", [(row.shared, {"weights": weights})])
         )
         fixed_weights[f"fixed from {smto}"] = weights
-    for fixed_row in selector.select(fixed_candidates, None, set()):
+    for fixed_row in selector.select(fixed_candidates, None, set(), "fixed weights: "):
         fixed_row.weights = fixed_weights[fixed_row.label]
         rows.append(fixed_row)
 
@@ -590,8 +590,16 @@ class _Selector:
         self.failed: dict[str, str] = {}
 
     def select(
-        self, candidates: Sequence[Candidate], cosine_every: int | None, cosine_methods: set[str]
+        self,
+        candidates: Sequence[Candidate],
+        cosine_every: int | None,
+        cosine_methods: set[str],
+        phase: str = "",
     ) -> list[MethodResult]:
+        """The rows of ``candidates``: each one's grid on the validation seeds, then its best
+        point on the test seeds; ``phase`` prefixes the two phases' names in the study's cost
+        (the fixed-weight rows: "fixed weights: grids")."""
+
         def make(name: str, point: Mapping[str, Any], hparams: Mapping[str, Any], seed: int):
             return replace(
                 self.base,
@@ -609,7 +617,7 @@ class _Selector:
             for p, h in points
             for s in self.val_seeds
         ]
-        records = iter(self.runner.stored(jobs, "grids") if jobs else [])
+        records = iter(self.runner.stored(jobs, phase + "grids") if jobs else [])
         picks = []
         for label, name, points in candidates:
             groups = [[next(records) for _ in range(n_val)] for _ in points]
@@ -633,7 +641,7 @@ class _Selector:
             for _, name, points, _, best in picks
             for s in self.best_seeds
         ]
-        finals = iter(self.runner.stored(jobs, "selected configurations") if jobs else [])
+        finals = iter(self.runner.stored(jobs, phase + "selected configurations") if jobs else [])
         rows = []
         for label, _, points, scores, best in picks:
             final = [r for r in (next(finals) for _ in range(n_best)) if r is not None]
