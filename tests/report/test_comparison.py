@@ -203,7 +203,7 @@ def test_rows_with_fewer_seeds_are_ranked_on_the_seeds_all_rows_ran():
     seed1 = {r["label"]: records[r["keys"][0]]["test"] for r in result["rows"]}
     expected = mean_rank(seed1, DIRECTIONS)
     assert {r.label: r.mean_rank.mean for r in part.rows} == pytest.approx(expected)
-    assert "MR over seed(s) 1 only" in markdown(part)
+    assert "MR over seed(s) 1 only: the rows ran different seeds" in markdown(part)
     assert "not the study table's" in markdown(part)
     assert "Cost:" not in markdown(part)  # a result of an earlier version: no cost
     result["cost"] = {"grids": {"runs": 3, "seconds": 1800.0}}
@@ -224,6 +224,9 @@ def test_a_run_whose_delta_m_is_not_finite_is_left_out_and_named():
     assert comp.left_out == ["cagrad seed 2"]
     assert comp.rank_seeds == [1, 3]  # the ranks compare rows on the seeds all of them have
     assert "Left out (Δm not finite: a metric diverged): cagrad seed 2" in markdown(comp)
+    assert "MR over seed(s) 1, 3 only: the rows' seeds differ (a run left out above" in (
+        markdown(comp)
+    )
 
 
 def test_no_mean_rank_when_no_seed_is_common_to_all_rows():

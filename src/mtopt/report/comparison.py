@@ -496,8 +496,13 @@ def markdown(comparison: Comparison) -> str:
         )
     if comparison.rank_seeds:
         shown = ", ".join(str(s) for s in comparison.rank_seeds)
+        why = (
+            "the rows' seeds differ (a run left out above, or rows that ran different seeds)"
+            if comparison.left_out
+            else "the rows ran different seeds"
+        )
         notes.append(
-            f"MR over seed(s) {shown} only: the rows ran different seeds, and ranks compare rows "
+            f"MR over seed(s) {shown} only: {why}, and ranks compare rows "
             "on the same seeds (so MR here is not the study table's, which ranks each row's mean "
             "over all its seeds)."
         )
