@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -248,7 +248,7 @@ class Method:
         return {k: _plain(getattr(self, k)) for k in self.hyperparameters()}
 
     # -- per-task hyperparameters ----------------------------------------------------------------
-    def per_task(self) -> dict[str, Sequence[Any]]:
+    def per_task(self) -> Mapping[str, Sequence[Any]]:
         """The hyperparameters given as one value per task (``fixed``'s ``weights``), by name;
         none by default. Their lengths are checked against the number of tasks by
         :meth:`check_tasks`."""

@@ -25,6 +25,7 @@ with an error naming the task). Heads: weighted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -73,7 +74,7 @@ class FAMO(Method, ClosureMethod):
         self._vector.ensure(k)
         self.check_tasks(k)
 
-    def per_task(self) -> dict[str, tuple[float, ...]]:
+    def per_task(self) -> Mapping[str, tuple[float, ...]]:
         return {} if self.min_losses is None else {"min_losses": self.min_losses}
 
     def _shifted(self, losses: Tensor, names: tuple[str, ...]) -> Tensor:

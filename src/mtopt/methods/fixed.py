@@ -5,6 +5,7 @@ user gives (Gama & Grassi train with weights extracted from an SMTO's run, summi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -44,7 +45,7 @@ class Fixed(Method):
             warnings.warn(f"fixed: negative weights {values} ascend those tasks", stacklevel=5)
         self.weights = tuple(values)
 
-    def per_task(self) -> dict[str, tuple[float, ...]]:
+    def per_task(self) -> Mapping[str, tuple[float, ...]]:
         return {"weights": self.weights}
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:

@@ -21,6 +21,7 @@ kept so that the two agree): below it :math:`\hat M=0`, every QP is solved by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -81,7 +82,7 @@ class UPGrad(Method):
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
 
-    def per_task(self) -> dict[str, tuple[float, ...]]:
+    def per_task(self) -> Mapping[str, tuple[float, ...]]:
         return {} if self.pref_vector is None else {"pref_vector": self.pref_vector}
 
     def aggregate(self, inputs: MethodInput) -> Aggregation:

@@ -19,7 +19,7 @@ parameter group). Needs non-negative losses. Heads: weighted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -59,7 +59,7 @@ class UW(LearnedScales):
         # the loss types of the last step and their (p, f)
         self._typed: tuple[tuple[str, ...], list[float], list[float]] | None = None
 
-    def per_task(self) -> dict[str, tuple[str, ...]]:
+    def per_task(self) -> Mapping[str, tuple[str, ...]]:
         return {} if self.loss_types is None else {"loss_types": self.loss_types}
 
     def _typed_constants(self, inputs: MethodInput) -> tuple[list[float], list[float]]:
